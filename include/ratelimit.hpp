@@ -1,0 +1,11 @@
+//
+// ratelimit.hpp: the whole public API of asio-ratelimit.
+//
+#ifndef RATELIMIT_HPP
+#define RATELIMIT_HPP
+
+#include <ratelimit/error.hpp>
+#include <ratelimit/rate.hpp>
+#include <ratelimit/token_bucket.hpp>
+
+#endif  // RATELIMIT_HPP

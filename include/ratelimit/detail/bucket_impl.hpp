@@ -1,0 +1,350 @@
+//
+// ratelimit/detail/bucket_impl.hpp: the machinery behind basic_token_bucket.
+//
+// The impl queues, times and completes; every token decision is asked of
+// bucket_state. It is owned by the bucket through a shared_ptr; the timer
+// handler and the cancellation functors hold only weak_ptrs, and lock them for
+// the duration of their work, so a bucket destroyed from inside one of its own
+// completion handlers, or while a timer handler is on its way, is safe.
+//
+// Locking: one mutex guards the state, the queue and the timer object. No
+// handler runs, and nothing is posted, while it is held: waiters leaving the
+// queue are collected in a ready_list and finished after unlocking.
+//
+#ifndef RATELIMIT_DETAIL_BUCKET_IMPL_HPP
+#define RATELIMIT_DETAIL_BUCKET_IMPL_HPP
+
+#include <ratelimit/detail/async_waiter.hpp>
+#include <ratelimit/detail/bucket_state.hpp>
+#include <ratelimit/detail/sync_waiter.hpp>
+#include <ratelimit/detail/waiter_queue.hpp>
+#include <ratelimit/error.hpp>
+
+#include <boost/asio/basic_waitable_timer.hpp>
+#include <boost/asio/bind_executor.hpp>
+#include <boost/asio/detail/bind_handler.hpp>
+#include <boost/asio/error.hpp>
+
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <ratio>
+
+namespace ratelimit::detail {
+
+template <typename Clock, typename WaitTraits, typename Executor>
+class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitTraits, Executor>> {
+  static_assert(std::ratio_greater_equal_v<typename Clock::period, std::nano>,
+                "ratelimit: the clock's tick must be no finer than a nanosecond");
+
+ public:
+  using executor_type = Executor;
+  using clock_type = Clock;
+  using time_point = typename Clock::time_point;
+  using timer_type = boost::asio::basic_waitable_timer<Clock, WaitTraits, Executor>;
+
+  bucket_impl(const Executor& ex, std::uint64_t capacity, const rate& r, std::uint64_t initial)
+      : state_(check_capacity(capacity), reduce(r), now_ns(), check_initial(initial, capacity)),
+        rate_(r),
+        executor_(ex),
+        timer_(ex) {}
+
+  bucket_impl(const bucket_impl&) = delete;
+  bucket_impl& operator=(const bucket_impl&) = delete;
+
+  const executor_type& get_executor() const noexcept { return executor_; }
+
+  // --- time ---------------------------------------------------------------
+
+  static std::int64_t to_ns(time_point t) noexcept {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+  }
+  static std::int64_t now_ns() noexcept { return to_ns(Clock::now()); }
+  static time_point from_ns(std::int64_t t) noexcept {
+    return time_point(std::chrono::ceil<typename Clock::duration>(std::chrono::nanoseconds(t)));
+  }
+  static std::int64_t add_ns(std::int64_t t, std::int64_t d) noexcept {
+    if (d <= 0) return t;
+    return t > max_time - d ? max_time : t + d;
+  }
+
+  // --- requests -----------------------------------------------------------
+
+  bool try_get(std::uint64_t n) {
+    const std::int64_t now = now_ns();
+    std::lock_guard lk(mutex_);
+    if (closed_ || !queue_.empty() || n > state_.capacity()) return false;
+    return state_.try_take(now, n);
+  }
+
+  /// Starts an asynchronous request: grants it at once (completing through
+  /// the handler's executor, never inline), fails it at once, or queues it.
+  template <typename Handler>
+  void async_get(Handler&& handler, std::uint64_t n) {
+    const std::int64_t now = now_ns();
+    boost::system::error_code ec;
+    {
+      std::unique_lock lk(mutex_);
+      if (closed_) {
+        ec = error::bucket_closed;
+      } else if (n > state_.capacity()) {
+        ec = error::exceeds_capacity;
+      } else if (!(queue_.empty() && state_.try_take(now, n))) {
+        using waiter = async_waiter<std::decay_t<Handler>, Executor, bucket_impl>;
+        enqueue(waiter::create(std::forward<Handler>(handler), executor_, n, this), now);
+        return;
+      }
+    }
+    post_result(std::forward<Handler>(handler), ec);
+  }
+
+  /// Blocks until `n` tokens are granted or `deadline` (bucket clock) passes.
+  /// Returns true when granted; false with `ec` clear when the deadline
+  /// passed, or when the request could not be granted by then (known at once).
+  bool get_blocking(std::uint64_t n, std::int64_t deadline, boost::system::error_code& ec) {
+    ec = {};
+    const std::int64_t now = now_ns();
+    sync_waiter w(n);
+    bool may_block_here = true;
+    for (;;) {
+      std::unique_lock lk(mutex_);
+      if (closed_) {
+        ec = error::bucket_closed;
+        return false;
+      }
+      if (n > state_.capacity()) {
+        ec = error::exceeds_capacity;
+        return false;
+      }
+      if (queue_.empty() && state_.try_take(now, n)) return true;
+      state_.refill(now);
+      if (state_.ready_at(queued_tokens_ + n) > deadline) return false;
+      if (may_block_here) {
+        // Checked outside the lock (it may consult thread-local state of the
+        // context), then everything is decided again.
+        lk.unlock();
+        if (context_runs_in_this_thread(executor_)) {
+          ec = error::would_deadlock;
+          return false;
+        }
+        may_block_here = false;
+        continue;
+      }
+      enqueue(&w, now);
+      break;
+    }
+    auto result = w.get_future();
+    if (deadline != max_time) {
+      while (result.wait_for(WaitTraits::to_wait_duration(from_ns(deadline))) !=
+             std::future_status::ready) {
+        if (now_ns() < deadline) continue;
+        if (withdraw(&w)) return false;
+        break;  // granted meanwhile: the result is on its way
+      }
+    }
+    ec = result.get();
+    return !ec;
+  }
+
+  // --- cancellation, close ------------------------------------------------
+
+  /// Removes a waiter still in the queue and completes it with
+  /// operation_aborted; does nothing for one that has already left it.
+  void cancel_waiter(waiter_base* w) {
+    ready_list ready;
+    if (!withdraw(w, ready)) return;
+    ready.push_back(w, boost::asio::error::operation_aborted);
+    // `ready` finishes everything (posting) as it goes out of scope.
+  }
+
+  /// Completes every queued waiter with operation_aborted; returns how many.
+  std::size_t cancel() {
+    ready_list ready;
+    std::lock_guard lk(mutex_);
+    const std::size_t n = queue_.size();
+    drain(ready, boost::asio::error::operation_aborted);
+    return n;
+  }
+
+  /// Closes the bucket: queued and later requests complete with `ec`.
+  void close(boost::system::error_code ec) {
+    ready_list ready;
+    std::lock_guard lk(mutex_);
+    closed_ = true;
+    drain(ready, ec);
+  }
+
+  bool is_open() const {
+    std::lock_guard lk(mutex_);
+    return !closed_;
+  }
+
+  // --- observers and configuration ----------------------------------------
+
+  std::uint64_t available() {
+    const std::int64_t now = now_ns();
+    std::lock_guard lk(mutex_);
+    state_.refill(now);
+    return state_.available();
+  }
+
+  std::size_t waiting() const {
+    std::lock_guard lk(mutex_);
+    return queue_.size();
+  }
+
+  std::uint64_t capacity() const {
+    std::lock_guard lk(mutex_);
+    return state_.capacity();
+  }
+
+  ratelimit::rate get_rate() const {
+    std::lock_guard lk(mutex_);
+    return rate_;
+  }
+
+  void set_rate(const ratelimit::rate& r) {
+    const reduced_rate reduced = reduce(r);
+    const std::int64_t now = now_ns();
+    ready_list ready;
+    std::lock_guard lk(mutex_);
+    state_.refill(now);
+    state_.set_rate(reduced);
+    rate_ = r;
+    if (!closed_) serve(now, ready);
+  }
+
+  void set_capacity(std::uint64_t capacity) {
+    check_capacity(capacity);
+    const std::int64_t now = now_ns();
+    ready_list ready;
+    std::lock_guard lk(mutex_);
+    state_.refill(now);
+    state_.set_capacity(capacity);
+    for (waiter_base* w = queue_.front(); w;) {
+      waiter_base* next = w->next;
+      if (w->tokens > capacity) {
+        dequeue(w);
+        ready.push_back(w, error::exceeds_capacity);
+      }
+      w = next;
+    }
+    if (!closed_) serve(now, ready);
+  }
+
+ private:
+  static std::uint64_t check_initial(std::uint64_t initial, std::uint64_t capacity) {
+    if (initial > capacity)
+      throw std::invalid_argument("ratelimit: initial tokens (" + std::to_string(initial) +
+                                  ") exceed the capacity (" + std::to_string(capacity) + ")");
+    return initial;
+  }
+
+  template <typename Handler>
+  void post_result(Handler&& handler, boost::system::error_code ec) {
+    auto ex = boost::asio::get_associated_executor(handler, executor_);
+    boost::asio::post(std::move(ex),
+                      boost::asio::detail::bind_handler(std::forward<Handler>(handler), ec));
+  }
+
+  void dequeue(waiter_base* w) noexcept {
+    queue_.erase(w);
+    queued_tokens_ -= w->tokens;
+  }
+
+  /// Queues `w`; the caller holds the lock and has refilled to `now`.
+  void enqueue(waiter_base* w, std::int64_t now) {
+    const bool was_empty = queue_.empty();
+    queue_.push_back(w);
+    queued_tokens_ += w->tokens;
+    if (was_empty) {
+      state_.refill(now);
+      arm(state_.ready_at(w->tokens));
+    }
+  }
+
+  /// Grants every head waiter whose tokens are there, then times the next.
+  void serve(std::int64_t now, ready_list& ready) {
+    state_.refill(now);
+    while (waiter_base* w = queue_.front()) {
+      if (!state_.has(w->tokens)) break;
+      state_.take(w->tokens);
+      dequeue(w);
+      ready.push_back(w, {});
+    }
+    if (queue_.empty())
+      disarm();
+    else
+      arm(state_.ready_at(queue_.front()->tokens));
+  }
+
+  void drain(ready_list& ready, boost::system::error_code ec) {
+    ready.take_all(queue_, ec);
+    queued_tokens_ = 0;
+    disarm();
+  }
+
+  /// Takes `w` out of the queue if it is still there, serving the waiters
+  /// behind it as if it had never been; returns false if it had left.
+  bool withdraw(waiter_base* w, ready_list& ready) {
+    const std::int64_t now = now_ns();
+    std::lock_guard lk(mutex_);
+    if (!w->queued) return false;
+    const bool was_head = queue_.front() == w;
+    dequeue(w);
+    if (was_head) serve(now, ready);
+    return true;
+  }
+
+  bool withdraw(waiter_base* w) {
+    ready_list ready;
+    return withdraw(w, ready);
+  }
+
+  void arm(std::int64_t at) {
+    if (armed_ && armed_at_ == at) return;
+    armed_ = true;
+    armed_at_ = at;
+    const std::uint64_t gen = ++timer_gen_;
+    timer_.expires_at(from_ns(at));
+    timer_.async_wait(
+        [weak = this->weak_from_this(), gen](const boost::system::error_code&) {
+          if (auto self = weak.lock()) self->on_timer(gen);
+        });
+  }
+
+  void disarm() {
+    if (!armed_) return;
+    armed_ = false;
+    ++timer_gen_;
+    timer_.cancel();
+  }
+
+  void on_timer(std::uint64_t gen) {
+    ready_list ready;
+    {
+      const std::int64_t now = now_ns();
+      std::lock_guard lk(mutex_);
+      if (gen != timer_gen_) return;  // superseded by a later arm() or disarm()
+      armed_ = false;
+      serve(now, ready);
+    }
+    ready.finish_all(finish_mode::dispatch);
+  }
+
+  mutable std::mutex mutex_;
+  bucket_state state_;
+  ratelimit::rate rate_;
+  waiter_queue queue_;
+  uint128 queued_tokens_ = 0;  // sum of the queued requests
+  Executor executor_;
+  timer_type timer_;
+  std::uint64_t timer_gen_ = 0;
+  std::int64_t armed_at_ = 0;
+  bool armed_ = false;
+  bool closed_ = false;
+};
+
+}  // namespace ratelimit::detail
+
+#endif  // RATELIMIT_DETAIL_BUCKET_IMPL_HPP

@@ -1,0 +1,7 @@
+// Precompiled for every test executable: the heavy, stable headers.
+#include <boost/asio.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/spawn.hpp>
+#include <boost/test/unit_test.hpp>
+
+#include <ratelimit.hpp>
