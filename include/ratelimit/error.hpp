@@ -24,6 +24,19 @@ enum errors {
   /// A blocking call was made on a thread that runs the bucket's execution
   /// context and would have to wait: it could wait forever, so it failed.
   would_deadlock,
+
+  /// A keyed limiter holds its maximum number of keys and none can be
+  /// evicted without handing out extra tokens: the new key was refused.
+  too_many_keys,
+
+  /// Redis could not be reached, or did not answer in time (fail-closed policy).
+  redis_unavailable,
+
+  /// Redis answered with an error (e.g. WRONGTYPE for a key holding another type).
+  redis_error,
+
+  /// Redis answered with a reply of an unexpected shape or size.
+  redis_bad_reply,
 };
 
 namespace detail {
@@ -45,6 +58,14 @@ class category final : public boost::system::error_category {
         return "token bucket closed";
       case would_deadlock:
         return "blocking wait on a thread that runs the bucket's execution context";
+      case too_many_keys:
+        return "keyed limiter is full: no key can be evicted without over-granting";
+      case redis_unavailable:
+        return "redis unavailable";
+      case redis_error:
+        return "redis replied with an error";
+      case redis_bad_reply:
+        return "unexpected reply from redis";
     }
     return "unknown ratelimit error";
   }

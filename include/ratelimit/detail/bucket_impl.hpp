@@ -105,6 +105,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     ec = {};
     const std::int64_t now = now_ns();
     sync_waiter w(n);
+    auto result = w.get_future();  // before the waiter is visible to completers
     bool may_block_here = true;
     for (;;) {
       std::unique_lock lk(mutex_);
@@ -133,7 +134,6 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
       enqueue(&w, now);
       break;
     }
-    auto result = w.get_future();
     if (deadline != max_time) {
       while (result.wait_for(WaitTraits::to_wait_duration(from_ns(deadline))) !=
              std::future_status::ready) {
