@@ -1,2 +1,396 @@
-#include <boost/test/unit_test.hpp>
-BOOST_AUTO_TEST_CASE(placeholder_async) { BOOST_TEST(true); }
+// Asynchronous requests: exact token counts, FIFO order, completion through
+// the handler's executor (never inline), every kind of completion token, and
+// a single timer that runs only while someone waits.
+#include <ratelimit/token_bucket.hpp>
+
+#include "test_support.hpp"
+
+#include <boost/asio/bind_executor.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/deferred.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/spawn.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/use_future.hpp>
+
+#include <future>
+#include <optional>
+
+namespace asio = boost::asio;
+using namespace ratelimit::test;
+using ratelimit::per_second;
+
+BOOST_FIXTURE_TEST_SUITE(exact_counts, clock_fixture)
+
+BOOST_AUTO_TEST_CASE(starts_full_then_one_per_interval) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 5, per_second(1));
+  std::vector<std::shared_ptr<outcome>> r;
+  for (int i = 0; i < 8; ++i) r.push_back(request(bucket));
+  BOOST_TEST(settle(ctx, [&] { return r[4]->done(); }));
+  pump(ctx);
+  for (int i = 0; i < 5; ++i) BOOST_TEST(r[i]->ok());
+  BOOST_TEST(!r[5]->done());
+  BOOST_TEST(bucket.waiting() == 3u);
+
+  manual_clock::advance(999ms);
+  pump(ctx);
+  BOOST_TEST(!r[5]->done());  // one nanosecond short... of a millisecond
+  manual_clock::advance(1ms);
+  BOOST_TEST(settle(ctx, [&] { return r[5]->done(); }));
+  pump(ctx);
+  BOOST_TEST(r[5]->ok());
+  BOOST_TEST(!r[6]->done());
+  manual_clock::advance(2s);
+  BOOST_TEST(settle(ctx, [&] { return r[7]->done(); }));
+  BOOST_TEST(r[6]->ok());
+  BOOST_TEST(r[7]->ok());
+  BOOST_TEST(bucket.waiting() == 0u);
+  BOOST_TEST(bucket.available() == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(grant_is_due_at_the_exact_nanosecond) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 1, ratelimit::rate{3, 1s}, ratelimit::start_empty);
+  auto r = request(bucket);
+  manual_clock::advance(333'333'333ns);
+  pump(ctx);
+  BOOST_TEST(!r->done());
+  manual_clock::advance(1ns);  // 1/3 s, rounded up to the nanosecond
+  BOOST_TEST(settle(ctx, [&] { return r->done(); }));
+  BOOST_TEST(r->ok());
+}
+
+BOOST_AUTO_TEST_CASE(multi_token_requests_take_exactly_n) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 10, per_second(10));
+  auto a = request(bucket, 7);
+  auto b = request(bucket, 3);
+  auto c = request(bucket, 4);
+  BOOST_TEST(settle(ctx, [&] { return b->done(); }));
+  pump(ctx);
+  BOOST_TEST(a->ok());
+  BOOST_TEST(b->ok());
+  BOOST_TEST(!c->done());
+  manual_clock::advance(300ms);
+  pump(ctx);
+  BOOST_TEST(!c->done());
+  manual_clock::advance(100ms);
+  BOOST_TEST(settle(ctx, [&] { return c->done(); }));
+  BOOST_TEST(bucket.available() == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(initial_level_options) {
+  asio::io_context ctx;
+  test_bucket empty(ctx, 4, per_second(1), ratelimit::start_empty);
+  BOOST_TEST(empty.available() == 0u);
+  BOOST_TEST(!empty.try_get_token());
+  test_bucket some(ctx, 4, per_second(1), ratelimit::initial_tokens{2});
+  BOOST_TEST(some.available() == 2u);
+  BOOST_TEST(some.try_get_token(2));
+  BOOST_TEST(!some.try_get_token());
+  test_bucket full(ctx, 4, per_second(1));
+  BOOST_TEST(full.available() == 4u);
+}
+
+BOOST_AUTO_TEST_CASE(zero_tokens_completes_in_its_turn) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 2, per_second(1), ratelimit::start_empty);
+  auto a = request(bucket, 0);  // nobody ahead: at once
+  BOOST_TEST(settle(ctx, [&] { return a->done(); }));
+  BOOST_TEST(a->ok());
+  auto b = request(bucket, 1);
+  auto c = request(bucket, 0);  // behind b
+  pump(ctx);
+  BOOST_TEST(!c->done());
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return c->done(); }));
+  BOOST_TEST(b->ok());
+  BOOST_TEST(c->ok());
+  BOOST_TEST(b->order < c->order);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_FIXTURE_TEST_SUITE(fifo, clock_fixture)
+
+BOOST_AUTO_TEST_CASE(completion_order_is_arrival_order) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 3, per_second(100), ratelimit::start_empty);
+  std::vector<std::shared_ptr<outcome>> r;
+  for (int i = 0; i < 50; ++i) r.push_back(request(bucket, 1 + i % 3));
+  for (int step = 0; step < 200 && !r.back()->done(); ++step) {
+    manual_clock::advance(10ms);
+    pump(ctx, 1ms);
+  }
+  BOOST_TEST(settle(ctx, [&] { return r.back()->done(); }));
+  for (std::size_t i = 1; i < r.size(); ++i) {
+    BOOST_TEST(r[i]->ok());
+    BOOST_TEST(r[i - 1]->order < r[i]->order);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(large_request_at_the_head_holds_back_small_ones) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 5, per_second(1), ratelimit::start_empty);
+  auto big = request(bucket, 3);
+  auto small = request(bucket, 1);
+  manual_clock::advance(2s);  // 2 tokens: enough for small, not for big
+  pump(ctx);
+  BOOST_TEST(!big->done());
+  BOOST_TEST(!small->done());
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return big->done(); }));
+  pump(ctx);
+  BOOST_TEST(!small->done());  // big took all three
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return small->done(); }));
+  BOOST_TEST(big->order < small->order);
+}
+
+BOOST_AUTO_TEST_CASE(try_never_takes_tokens_owed_to_waiters) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 5, per_second(1), ratelimit::start_empty);
+  auto w = request(bucket, 3);
+  manual_clock::advance(2s);  // 2 tokens in the bucket, owed to w
+  BOOST_TEST(bucket.available() == 2u);
+  BOOST_TEST(!bucket.try_get_token(1));
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return w->done(); }));
+  BOOST_TEST(w->ok());
+  BOOST_TEST(bucket.available() == 0u);
+  manual_clock::advance(1s);
+  BOOST_TEST(bucket.try_get_token(1));  // nobody waits now
+}
+
+BOOST_AUTO_TEST_CASE(later_request_waits_even_when_tokens_cover_it) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 5, per_second(1), ratelimit::initial_tokens{2});
+  auto big = request(bucket, 4);
+  auto small = request(bucket, 1);  // 2 tokens there, but big is ahead
+  pump(ctx);
+  BOOST_TEST(!small->done());
+  BOOST_TEST(bucket.waiting() == 2u);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_FIXTURE_TEST_SUITE(completion, clock_fixture)
+
+BOOST_AUTO_TEST_CASE(immediate_grant_is_never_inline) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 5, per_second(1));
+  auto r = request(bucket);
+  BOOST_TEST(!r->done());  // not inside async_get_token
+  BOOST_TEST(bucket.available() == 4u);  // but the token is already taken
+  BOOST_TEST(ctx.poll() == 1u);
+  BOOST_TEST(r->ok());
+}
+
+BOOST_AUTO_TEST_CASE(immediate_errors_are_never_inline) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 5, per_second(1));
+  auto big = request(bucket, 6);
+  BOOST_TEST(!big->done());
+  ctx.poll();
+  BOOST_TEST(big->calls == 1);
+  BOOST_TEST(big->ec == ratelimit::error::exceeds_capacity);
+  BOOST_TEST(bucket.available() == 5u);  // nothing taken
+  bucket.close();
+  auto late = request(bucket);
+  BOOST_TEST(!late->done());
+  ctx.restart();
+  ctx.poll();
+  BOOST_TEST(late->ec == ratelimit::error::bucket_closed);
+}
+
+BOOST_AUTO_TEST_CASE(completes_on_the_handlers_associated_executor) {
+  asio::io_context bucket_ctx;
+  asio::io_context handler_ctx;
+  test_bucket bucket(bucket_ctx, 1, per_second(1));
+  auto now = std::make_shared<outcome>();
+  auto later = std::make_shared<outcome>();
+  bucket.async_get_token(asio::bind_executor(handler_ctx, checked_handler(now)));
+  bucket.async_get_token(asio::bind_executor(handler_ctx, checked_handler(later)));
+  pump(bucket_ctx);
+  BOOST_TEST(!now->done());  // posted to handler_ctx, which has not run
+  handler_ctx.poll();
+  BOOST_TEST(now->ok());
+  manual_clock::advance(1s);
+  pump(bucket_ctx);  // the timer fires on bucket_ctx...
+  BOOST_TEST(!later->done());
+  BOOST_TEST(settle(handler_ctx, [&] { return later->done(); }));  // ...the handler runs here
+  BOOST_TEST(later->ok());
+}
+
+BOOST_AUTO_TEST_CASE(timer_grants_run_through_a_strand) {
+  asio::io_context ctx;
+  auto strand = asio::make_strand(ctx);
+  test_bucket bucket(ctx, 1, per_second(1), ratelimit::start_empty);
+  auto r = std::make_shared<outcome>();
+  bool in_strand = false;
+  bucket.async_get_token(asio::bind_executor(strand, [&, h = checked_handler(r)](auto ec) mutable {
+    in_strand = strand.running_in_this_thread();
+    h(ec);
+  }));
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return r->done(); }));
+  BOOST_TEST(in_strand);
+}
+
+BOOST_AUTO_TEST_CASE(a_waiter_keeps_the_context_running) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 1, per_second(1), ratelimit::start_empty);
+  auto r = request(bucket);
+  std::atomic<bool> returned{false};
+  std::thread runner([&] {
+    ctx.run();
+    returned = true;
+  });
+  std::this_thread::sleep_for(50ms);
+  BOOST_TEST(!returned.load());  // outstanding work: run() keeps going
+  manual_clock::advance(1s);
+  runner.join();  // the grant was the last work
+  BOOST_TEST(returned.load());
+  BOOST_TEST(r->ok());
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_FIXTURE_TEST_SUITE(completion_tokens, clock_fixture)
+
+BOOST_AUTO_TEST_CASE(move_only_callback) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 1, per_second(1));
+  auto p = std::make_unique<int>(42);
+  int seen = 0;
+  bucket.async_get_token([&, p = std::move(p)](boost::system::error_code ec) {
+    if (!ec) seen = *p;
+  });
+  ctx.poll();
+  BOOST_TEST(seen == 42);
+}
+
+BOOST_AUTO_TEST_CASE(use_future) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 1, per_second(1));
+  std::future<void> ok = bucket.async_get_token(asio::use_future);
+  std::future<void> waits = bucket.async_get_token(asio::use_future);
+  std::future<void> fails = bucket.async_get_token(5, asio::use_future);
+  ctx.poll();
+  BOOST_CHECK_NO_THROW(ok.get());
+  BOOST_TEST((fails.wait_for(0s) == std::future_status::ready));
+  try {
+    fails.get();
+    BOOST_FAIL("expected exceeds_capacity");
+  } catch (const boost::system::system_error& e) {
+    BOOST_TEST(e.code() == ratelimit::error::exceeds_capacity);
+  }
+  BOOST_TEST((waits.wait_for(0s) == std::future_status::timeout));
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return waits.wait_for(0s) == std::future_status::ready; }));
+  BOOST_CHECK_NO_THROW(waits.get());
+}
+
+BOOST_AUTO_TEST_CASE(deferred_starts_nothing_until_launched) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 1, per_second(1));
+  auto op = bucket.async_get_token(asio::deferred);
+  BOOST_TEST(bucket.available() == 1u);  // not started
+  auto r = std::make_shared<outcome>();
+  std::move(op)(checked_handler(r));
+  BOOST_TEST(bucket.available() == 0u);
+  ctx.poll();
+  BOOST_TEST(r->ok());
+}
+
+BOOST_AUTO_TEST_CASE(use_awaitable) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 2, per_second(1));
+  std::vector<int> got;
+  std::optional<boost::system::error_code> error;
+  asio::co_spawn(
+      ctx,
+      [&]() -> asio::awaitable<void> {
+        for (int i = 0; i < 3; ++i) {
+          co_await bucket.async_get_token(asio::use_awaitable);
+          got.push_back(i);
+        }
+        try {
+          co_await bucket.async_get_token(3, asio::use_awaitable);
+        } catch (const boost::system::system_error& e) {
+          error = e.code();
+        }
+      },
+      asio::detached);
+  BOOST_TEST(settle(ctx, [&] { return got.size() == 2; }));
+  pump(ctx);
+  BOOST_TEST(got.size() == 2u);
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return error.has_value(); }));
+  BOOST_TEST(got.size() == 3u);
+  BOOST_TEST(*error == ratelimit::error::exceeds_capacity);
+}
+
+BOOST_AUTO_TEST_CASE(yield_context) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 1, per_second(1));
+  int granted = 0;
+  boost::system::error_code last;
+  asio::spawn(
+      ctx,
+      [&](asio::yield_context yield) {
+        bucket.async_get_token(yield);
+        ++granted;
+        bucket.async_get_token(yield[last]);
+        if (!last) ++granted;
+        bucket.async_get_token(2, yield[last]);
+      },
+      asio::detached);
+  BOOST_TEST(settle(ctx, [&] { return granted == 1; }));
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return last == ratelimit::error::exceeds_capacity; }));
+  BOOST_TEST(granted == 2);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_FIXTURE_TEST_SUITE(one_timer_only_while_waiting, clock_fixture)
+
+BOOST_AUTO_TEST_CASE(an_unused_bucket_runs_nothing) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 3, per_second(1000));
+  BOOST_TEST(ctx.poll() == 0u);
+  BOOST_TEST(bucket.try_get_token(3));
+  BOOST_TEST(!bucket.try_get_token());
+  manual_clock::advance(1h);
+  BOOST_TEST(bucket.available() == 3u);
+  BOOST_TEST(ctx.poll() == 0u);
+  BOOST_TEST(ctx.stopped());  // no outstanding work at all
+}
+
+BOOST_AUTO_TEST_CASE(many_waiters_one_wakeup_per_due_head) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 100, per_second(1), ratelimit::start_empty);
+  std::vector<std::shared_ptr<outcome>> r;
+  for (int i = 0; i < 100; ++i) r.push_back(request(bucket));
+  // Everybody is due after 100 s: one jump, and every waiter is served by
+  // a single timer expiry (one handler) plus its own completion.
+  manual_clock::advance(100s);
+  std::size_t handlers = 0;
+  const auto end = std::chrono::steady_clock::now() + 20s;
+  while (!r.back()->done() && std::chrono::steady_clock::now() < end) {
+    ctx.restart();
+    handlers += ctx.poll();
+  }
+  BOOST_TEST(r.back()->ok());
+  // The timer handler dispatches the completions, which run inline on this
+  // executor: one handler in all.
+  BOOST_TEST(handlers == 1u);
+  ctx.restart();
+  BOOST_TEST(ctx.poll() == 0u);
+  BOOST_TEST(ctx.stopped());  // the timer is not re-armed
+}
+
+BOOST_AUTO_TEST_SUITE_END()

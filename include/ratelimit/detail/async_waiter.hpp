@@ -77,6 +77,7 @@ class async_waiter final : public waiter_base {
   template <typename H>
   async_waiter(H&& handler, const IoExecutor& io_ex, std::uint64_t n)
       : waiter_base(n, &async_waiter::do_finish),
+        io_ex_(io_ex),
         handler_(std::forward<H>(handler)),
         work_(boost::asio::prefer(boost::asio::get_associated_executor(handler_, io_ex),
                                   boost::asio::execution::outstanding_work.tracked)) {}
@@ -98,9 +99,15 @@ class async_waiter final : public waiter_base {
   };
 
   /// Runs on the handler's executor; owns the waiter until it is invoked.
+  /// Its associated executor is the handler's, so that posting it to the
+  /// bucket's executor runs it there and then dispatches it to the handler's
+  /// (as Asio's own operations do).
   class completion {
    public:
+    using executor_type = tracked_executor_t<Handler, IoExecutor>;
+
     explicit completion(async_waiter* w) noexcept : w_(w) {}
+    executor_type get_executor() const noexcept { return w_->work_; }
     completion(completion&& o) noexcept : w_(std::exchange(o.w_, nullptr)) {}
     completion& operator=(completion&&) = delete;
     ~completion() {
@@ -128,11 +135,13 @@ class async_waiter final : public waiter_base {
 
   static void do_finish(waiter_base* base, finish_mode mode) {
     auto* w = static_cast<async_waiter*>(base);
-    auto ex = w->work_;
-    if (mode == finish_mode::post)
-      boost::asio::post(std::move(ex), completion(w));
-    else
-      boost::asio::dispatch(std::move(ex), completion(w));
+    if (mode == finish_mode::post) {
+      IoExecutor io_ex = w->io_ex_;
+      boost::asio::post(io_ex, completion(w));
+    } else {
+      auto ex = w->work_;
+      boost::asio::dispatch(ex, completion(w));
+    }
   }
 
   alloc_type allocator() const noexcept {
@@ -151,6 +160,7 @@ class async_waiter final : public waiter_base {
     alloc_traits::deallocate(alloc, this, 1);
   }
 
+  IoExecutor io_ex_;
   Handler handler_;
   tracked_executor_t<Handler, IoExecutor> work_;
 };

@@ -198,6 +198,17 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     return state_.capacity();
   }
 
+  /// The time (bucket clock, ns) at which the bucket will hold `capacity()`
+  /// tokens again if nothing more is requested: after the queued requests
+  /// have been served. Now (or earlier) when it is full and nobody waits.
+  /// Used by keyed_limiter to find buckets it may evict.
+  std::int64_t full_at() {
+    const std::int64_t now = now_ns();
+    std::lock_guard lk(mutex_);
+    state_.refill(now);
+    return state_.ready_at(queued_tokens_ + state_.capacity());
+  }
+
   ratelimit::rate get_rate() const {
     std::lock_guard lk(mutex_);
     return rate_;
@@ -240,10 +251,11 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     return initial;
   }
 
+  /// Completes a request that never waited: posted to the bucket's executor,
+  /// from where Asio dispatches it to the handler's associated executor.
   template <typename Handler>
   void post_result(Handler&& handler, boost::system::error_code ec) {
-    auto ex = boost::asio::get_associated_executor(handler, executor_);
-    boost::asio::post(std::move(ex),
+    boost::asio::post(executor_,
                       boost::asio::detail::bind_handler(std::forward<Handler>(handler), ec));
   }
 

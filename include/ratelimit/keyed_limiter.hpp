@@ -1,0 +1,390 @@
+//
+// ratelimit/keyed_limiter.hpp: one token bucket per key (client address, user id...).
+//
+// Design
+// ------
+// Each key gets the bucket machinery of basic_token_bucket (detail::bucket_impl:
+// the same FIFO waiter queue, timer, cancellation and token arithmetic), created
+// full on the key's first use. Nothing about waiting or tokens is re-implemented
+// here; this class only finds, creates and evicts buckets.
+//
+// Memory is bounded by `max_keys`. A bucket that has refilled to its capacity
+// and that nobody waits on is indistinguishable from the fresh bucket a new use
+// of its key would create, so only such buckets are evicted: eviction can never
+// hand out a token the key would not have had anyway. When the limiter holds
+// `max_keys` keys and none of them is evictable, a new key is refused with
+// `ratelimit::error::too_many_keys` (known keys keep working).
+//
+// Finding an evictable bucket cheaply: every bucket is indexed (an ordered set)
+// by the time it will be full again if nothing more is asked of it
+// (bucket_impl::full_at(), which counts the tokens owed to queued requests).
+// The index is updated after every request on the key, O(log n). To admit a
+// new key at the bound, the limiter walks the index from the earliest time up
+// to now and evicts the first bucket that is, when checked exactly under the
+// lock, full, without waiters and not in use by a blocking caller. Buckets met
+// on the way that are not evictable are re-indexed at their true time, so each
+// walk is short: with 100k keys a new key costs a few set operations.
+//
+// One conservative case: when a queued request is cancelled, its bucket is full
+// earlier than its index entry says, and until that entry's time comes it is
+// not offered for eviction (a new key may then be refused while that bucket is
+// in fact evictable). Eviction is never premature.
+//
+#ifndef RATELIMIT_KEYED_LIMITER_HPP
+#define RATELIMIT_KEYED_LIMITER_HPP
+
+#include <ratelimit/detail/bucket_impl.hpp>
+#include <ratelimit/error.hpp>
+#include <ratelimit/rate.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/detail/bind_handler.hpp>
+#include <boost/asio/error.hpp>
+#include <boost/asio/execution_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/wait_traits.hpp>
+#include <boost/system/system_error.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
+
+namespace ratelimit {
+
+/// A token bucket per key: each key may take `capacity` tokens at once and
+/// then `r` on average, independently of the other keys.
+///
+/// Every key's bucket behaves exactly as a `basic_token_bucket` of the same
+/// capacity and rate that starts full on the key's first use: FIFO among the
+/// requests for that key, completion through the handler's executor (never
+/// inside the initiating function), per-operation cancellation. Requests for
+/// different keys never wait for each other.
+///
+/// @tparam Key, Hash, KeyEqual  The key type, hashed as in std::unordered_map.
+/// @tparam Clock, WaitTraits, Executor  As for basic_token_bucket.
+///
+/// @par Memory
+/// At most `max_keys()` buckets exist. A bucket is evicted only when it is
+/// full and nobody waits on it, since a fresh bucket for that key would then
+/// behave identically. If the limiter is at its bound with nothing evictable,
+/// requests for a new key fail with `ratelimit::error::too_many_keys`.
+///
+/// @par Thread safety
+/// Every member function may be called concurrently from any thread, and the
+/// executor may be run by one thread or many. Construction and destruction
+/// must not overlap any other use. The limiter can be neither copied nor moved
+/// (hold it by `std::unique_ptr` to move it).
+///
+/// @par Lifetime
+/// Destroying the limiter completes every waiter with
+/// `boost::asio::error::operation_aborted`. It must be destroyed before its
+/// execution context.
+template <typename Key, typename Hash = std::hash<Key>, typename KeyEqual = std::equal_to<Key>,
+          typename Clock = std::chrono::steady_clock,
+          typename WaitTraits = boost::asio::wait_traits<Clock>,
+          typename Executor = boost::asio::any_io_executor>
+class basic_keyed_limiter {
+  using impl_type = detail::bucket_impl<Clock, WaitTraits, Executor>;
+
+  struct node;
+  using index_type = std::set<std::pair<std::int64_t, node*>>;
+  struct node {
+    std::shared_ptr<impl_type> bucket;
+    const Key* key = nullptr;               // the map's key (stable: node-based map)
+    typename index_type::iterator pos{};    // (time full again, this) in index_
+    std::size_t pins = 0;                   // blocking callers using the bucket
+  };
+  using map_type = std::unordered_map<Key, node, Hash, KeyEqual>;
+
+ public:
+  using key_type = Key;
+  using executor_type = Executor;
+  using clock_type = Clock;
+
+  /// A limiter giving each key a bucket of `capacity` tokens refilling at `r`,
+  /// holding at most `max_keys` keys.
+  /// @throws std::invalid_argument if `capacity` or `max_keys` is 0 or `r` is
+  /// not a positive rate.
+  basic_keyed_limiter(const executor_type& ex, std::uint64_t capacity, rate r,
+                      std::size_t max_keys)
+      : executor_(ex), capacity_(detail::check_capacity(capacity)), rate_(r), max_keys_(max_keys) {
+    detail::reduce(r);  // validates
+    if (max_keys == 0) throw std::invalid_argument("ratelimit: max_keys must be at least 1");
+  }
+
+  /// The same, on the executor of an execution context (e.g. an io_context).
+  template <typename ExecutionContext>
+    requires std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&>
+  basic_keyed_limiter(ExecutionContext& ctx, std::uint64_t capacity, rate r, std::size_t max_keys)
+      : basic_keyed_limiter(executor_type(ctx.get_executor()), capacity, r, max_keys) {}
+
+  basic_keyed_limiter(const basic_keyed_limiter&) = delete;
+  basic_keyed_limiter& operator=(const basic_keyed_limiter&) = delete;
+
+  /// Completes every waiter with `operation_aborted`.
+  ~basic_keyed_limiter() {
+    for (auto& [key, n] : map_) n.bucket->close(boost::asio::error::operation_aborted);
+  }
+
+  executor_type get_executor() const noexcept { return executor_; }
+
+  /// Asynchronously waits for one token of `key`'s bucket.
+  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(void(boost::system::error_code))
+                Token = boost::asio::default_completion_token_t<executor_type>>
+    requires(!std::is_integral_v<std::remove_cvref_t<Token>>)
+  auto async_get_token(const Key& key,
+                       Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
+    return async_get_token(key, 1, std::forward<Token>(token));
+  }
+
+  /// Asynchronously waits until `n` tokens of `key`'s bucket are granted.
+  ///
+  /// @par Completion Signature
+  /// `void(boost::system::error_code ec)`: as basic_token_bucket::async_get_token
+  /// (`exceeds_capacity`, `bucket_closed`, `operation_aborted`), plus
+  /// `ratelimit::error::too_many_keys` at once when `key` is new and the
+  /// limiter is full with nothing evictable. The handler is never invoked
+  /// inside this function.
+  ///
+  /// @par Per-Operation Cancellation
+  /// As basic_token_bucket: `terminal`, `partial` and `total`; the request
+  /// leaves its key's queue and takes no token.
+  ///
+  /// @par Thread safety
+  /// May be called from any thread.
+  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(void(boost::system::error_code))
+                Token = boost::asio::default_completion_token_t<executor_type>>
+  auto async_get_token(const Key& key, std::uint64_t n,
+                       Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
+    return boost::asio::async_initiate<Token, void(boost::system::error_code)>(
+        initiate_get_token(this), token, std::cref(key), n);
+  }
+
+  /// Takes `n` of `key`'s tokens if they are there now and no request for
+  /// `key` is queued; never waits. False also when `n > capacity()`, when the
+  /// limiter is closed, and when `key` is new and cannot be admitted.
+  /// @par Thread safety May be called from any thread.
+  bool try_get_token(const Key& key, std::uint64_t n = 1) {
+    const std::int64_t now = impl_type::now_ns();
+    std::lock_guard lk(mutex_);
+    boost::system::error_code ec;
+    node* nd = acquire(key, n, now, ec);
+    if (!nd) return false;
+    const bool granted = nd->bucket->try_get(n);
+    reindex(nd);
+    return granted;
+  }
+
+  /// Blocks until `n` of `key`'s tokens are granted, FIFO with the
+  /// asynchronous requests for `key`. Must not be called on a thread that
+  /// runs the limiter's execution context (see basic_token_bucket::get_token).
+  /// @throws boost::system::system_error with `exceeds_capacity`,
+  /// `bucket_closed`, `too_many_keys`, `operation_aborted` or `would_deadlock`.
+  void get_token(const Key& key, std::uint64_t n = 1) {
+    boost::system::error_code ec;
+    get_token(key, n, ec);
+    if (ec) throw boost::system::system_error(ec, "ratelimit::keyed_limiter::get_token");
+  }
+
+  /// As get_token(key), reporting failure through `ec` instead of throwing.
+  void get_token(const Key& key, boost::system::error_code& ec) { get_token(key, 1, ec); }
+
+  /// As get_token(key, n), reporting failure through `ec` instead of throwing.
+  void get_token(const Key& key, std::uint64_t n, boost::system::error_code& ec) {
+    ec = {};
+    node* nd = nullptr;
+    std::shared_ptr<impl_type> bucket;
+    {
+      std::lock_guard lk(mutex_);
+      nd = acquire(key, n, impl_type::now_ns(), ec);
+      if (!nd) return;
+      ++nd->pins;  // not evictable while we use it outside the lock
+      bucket = nd->bucket;
+    }
+    bucket->get_blocking(n, detail::max_time, ec);
+    std::lock_guard lk(mutex_);
+    --nd->pins;
+    reindex(nd);
+  }
+
+  /// Closes every bucket: queued and later requests complete with
+  /// `ratelimit::error::bucket_closed`; try_get_token returns false. Idempotent.
+  void close() {
+    std::lock_guard lk(mutex_);
+    closed_ = true;
+    for (auto& [key, n] : map_) n.bucket->close(error::bucket_closed);
+  }
+
+  /// Cancels every queued request of every key (`operation_aborted`, no
+  /// token taken); returns how many there were. The limiter stays open.
+  std::size_t cancel() {
+    std::lock_guard lk(mutex_);
+    std::size_t n = 0;
+    for (auto& [key, nd] : map_) n += nd.bucket->cancel();
+    return n;
+  }
+
+  /// Evicts every bucket that can be evicted now (full, nobody waiting);
+  /// returns how many. New keys do this on demand, one at a time; call it to
+  /// give memory back after a burst of keys.
+  std::size_t evict() {
+    const std::int64_t now = impl_type::now_ns();
+    std::lock_guard lk(mutex_);
+    std::size_t n = 0;
+    while (evict_one(now)) ++n;
+    return n;
+  }
+
+  /// False once close() has been called.
+  bool is_open() const {
+    std::lock_guard lk(mutex_);
+    return !closed_;
+  }
+
+  /// Whole tokens `key` could take now (`capacity()` for a key with no bucket).
+  std::uint64_t available(const Key& key) const {
+    std::lock_guard lk(mutex_);
+    auto it = map_.find(key);
+    return it == map_.end() ? capacity_ : it->second.bucket->available();
+  }
+
+  /// True when `key` has a bucket now.
+  bool contains(const Key& key) const {
+    std::lock_guard lk(mutex_);
+    return map_.find(key) != map_.end();
+  }
+
+  /// Keys with a bucket now (at most max_keys()).
+  std::size_t size() const {
+    std::lock_guard lk(mutex_);
+    return map_.size();
+  }
+
+  std::size_t max_keys() const noexcept { return max_keys_; }
+  std::uint64_t capacity() const noexcept { return capacity_; }
+  rate get_rate() const noexcept { return rate_; }
+
+ private:
+  class initiate_get_token {
+   public:
+    using executor_type = Executor;
+
+    explicit initiate_get_token(basic_keyed_limiter* self) noexcept : self_(self) {}
+
+    executor_type get_executor() const noexcept { return self_->executor_; }
+
+    template <typename Handler>
+    void operator()(Handler&& handler, const Key& key, std::uint64_t n) const {
+      static_assert(std::is_invocable_v<std::decay_t<Handler>&&, boost::system::error_code>,
+                    "ratelimit: handler must be callable as void(boost::system::error_code)");
+      self_->async_get(std::forward<Handler>(handler), key, n);
+    }
+
+   private:
+    basic_keyed_limiter* self_;
+  };
+
+  template <typename Handler>
+  void async_get(Handler&& handler, const Key& key, std::uint64_t n) {
+    const std::int64_t now = impl_type::now_ns();
+    boost::system::error_code ec;
+    {
+      std::lock_guard lk(mutex_);
+      if (node* nd = acquire(key, n, now, ec)) {
+        // Grants are posted, never run here, so holding our lock is safe.
+        nd->bucket->async_get(std::forward<Handler>(handler), n);
+        reindex(nd);
+        return;
+      }
+    }
+    auto ex = boost::asio::get_associated_executor(handler, executor_);
+    boost::asio::post(std::move(ex),
+                      boost::asio::detail::bind_handler(std::forward<Handler>(handler), ec));
+  }
+
+  /// The node for `key`, created if needed; null with `ec` set when the
+  /// request must fail at once. Caller holds the lock.
+  node* acquire(const Key& key, std::uint64_t n, std::int64_t now, boost::system::error_code& ec) {
+    if (closed_) {
+      ec = error::bucket_closed;
+      return nullptr;
+    }
+    if (n > capacity_) {
+      ec = error::exceeds_capacity;
+      return nullptr;
+    }
+    if (auto it = map_.find(key); it != map_.end()) return &it->second;
+    if (map_.size() >= max_keys_ && !evict_one(now)) {
+      ec = error::too_many_keys;
+      return nullptr;
+    }
+    auto bucket = std::make_shared<impl_type>(executor_, capacity_, rate_, capacity_);
+    auto it = map_.try_emplace(key).first;
+    node& nd = it->second;
+    nd.bucket = std::move(bucket);
+    nd.key = &it->first;
+    try {
+      nd.pos = index_.emplace(now, &nd).first;
+    } catch (...) {
+      map_.erase(it);
+      throw;
+    }
+    return &nd;
+  }
+
+  /// Moves `nd` to the time its bucket will be full again.
+  void reindex(node* nd) {
+    const std::int64_t t = nd->bucket->full_at();
+    if (t == nd->pos->first) return;
+    auto hint = index_.erase(nd->pos);
+    nd->pos = index_.emplace_hint(hint, t, nd);
+  }
+
+  /// Evicts one bucket that is full, unused and unwaited-for; false if none.
+  bool evict_one(std::int64_t now) {
+    for (auto it = index_.begin(); it != index_.end() && it->first <= now;) {
+      node* nd = it->second;
+      ++it;
+      impl_type& b = *nd->bucket;
+      if (nd->pins == 0 && b.waiting() == 0 && b.available() == capacity_) {
+        // Nobody else can reach this bucket now: every path to it takes our
+        // lock, and it has no waiter for its timer or a cancellation to serve.
+        index_.erase(nd->pos);
+        map_.erase(*nd->key);
+        return true;
+      }
+      const std::int64_t t = b.full_at();
+      if (t > nd->pos->first) {  // later than indexed (e.g. a blocking caller took tokens)
+        index_.erase(nd->pos);
+        nd->pos = index_.emplace(t, nd).first;
+      }
+    }
+    return false;
+  }
+
+  mutable std::mutex mutex_;
+  Executor executor_;
+  std::uint64_t capacity_;
+  rate rate_;
+  std::size_t max_keys_;
+  bool closed_ = false;
+  map_type map_;
+  index_type index_;
+};
+
+/// The limiter most programs want: steady_clock time, any I/O executor.
+template <typename Key, typename Hash = std::hash<Key>, typename KeyEqual = std::equal_to<Key>>
+using keyed_limiter = basic_keyed_limiter<Key, Hash, KeyEqual, std::chrono::steady_clock>;
+
+}  // namespace ratelimit
+
+#endif  // RATELIMIT_KEYED_LIMITER_HPP

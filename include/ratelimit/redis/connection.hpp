@@ -1,0 +1,158 @@
+//
+// ratelimit/redis/connection.hpp: an asynchronous Redis connection on Boost.Asio.
+//
+// hiredis does the protocol (command formatting, reply parsing); Asio does
+// the I/O. One connection pipelines the requests of any number of callers:
+// requests are written in batches as they arrive and their replies matched in
+// order. Every request has a deadline; a connection that breaks is
+// re-established with exponential backoff; AUTH and SELECT are sent first on
+// every new connection.
+//
+#ifndef RATELIMIT_REDIS_CONNECTION_HPP
+#define RATELIMIT_REDIS_CONNECTION_HPP
+
+#include <ratelimit/error.hpp>
+
+#include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/execution_context.hpp>
+#include <boost/system/error_code.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace ratelimit {
+
+/// Where and how to connect.
+struct redis_config {
+  std::string host = "127.0.0.1";
+  std::uint16_t port = 6379;
+  /// AUTH is sent when `password` is not empty: `AUTH password`, or
+  /// `AUTH username password` (Redis 6 ACL users) when `username` is not empty.
+  std::string username;
+  std::string password;
+  /// SELECT is sent when not 0.
+  int database = 0;
+  /// Resolve + TCP connect, bounded.
+  std::chrono::milliseconds connect_timeout{1000};
+  /// Every request completes within this time of being started: with its
+  /// reply, or with `redis_unavailable`. A request already written that times
+  /// out means the server is stuck: the connection is dropped and re-made.
+  std::chrono::milliseconds request_timeout{1000};
+  /// Backoff between failed connection attempts: doubles from min to max.
+  std::chrono::milliseconds reconnect_min{20};
+  std::chrono::milliseconds reconnect_max{1000};
+  /// A reply larger than this (bytes buffered without a complete reply) is a
+  /// protocol error: the request fails with `redis_bad_reply` and the
+  /// connection is re-made.
+  std::size_t max_reply_bytes = 16 * 1024 * 1024;
+};
+
+/// A parsed reply (RESP2).
+struct redis_reply {
+  enum class kind { nil, integer, string, status, error, array };
+  kind type = kind::nil;
+  long long integer = 0;
+  std::string str;  // string, status and error replies
+  std::vector<redis_reply> elements;
+};
+
+/// Counters, for tests and monitoring.
+struct redis_connection_stats {
+  std::uint64_t connects = 0;          // connections established
+  std::uint64_t failed_connects = 0;   // attempts that failed (refused, timeout, AUTH/SELECT)
+  std::uint64_t requests = 0;          // requests written
+  std::uint64_t timeouts = 0;          // requests that timed out
+  std::uint64_t writes = 0;            // socket writes (a write carries a pipelined batch)
+};
+
+/// One Redis connection shared by many callers.
+///
+/// @par Thread safety
+/// Every member function may be called concurrently from any thread, except
+/// the special members. Internally the connection runs on a strand of its
+/// executor, which may be run by one thread or many.
+///
+/// @par Lifetime
+/// The constructor starts connecting (on the executor). Destruction, or
+/// close(), fails every outstanding request with `operation_aborted`. The
+/// connection must be destroyed before its execution context, and outlive
+/// the buckets built on it.
+class redis_connection {
+ public:
+  using executor_type = boost::asio::any_io_executor;
+  using signature = void(boost::system::error_code, redis_reply);
+
+  redis_connection(const executor_type& ex, redis_config config);
+
+  template <typename ExecutionContext>
+    requires std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&>
+  redis_connection(ExecutionContext& ctx, redis_config config)
+      : redis_connection(executor_type(ctx.get_executor()), std::move(config)) {}
+
+  redis_connection(const redis_connection&) = delete;
+  redis_connection& operator=(const redis_connection&) = delete;
+  ~redis_connection();
+
+  executor_type get_executor() const noexcept;
+  const redis_config& config() const noexcept;
+
+  /// Sends one command (`args[0]` is the command name) and completes with its reply.
+  ///
+  /// @par Completion Signature
+  /// `void(boost::system::error_code ec, ratelimit::redis_reply reply)`:
+  /// success with the reply; `ratelimit::error::redis_error` with the
+  /// message in `reply.str` when Redis answered with an error;
+  /// `ratelimit::error::redis_unavailable` when the server cannot be reached
+  /// (immediately while reconnecting after a failed attempt) or did not answer
+  /// within `request_timeout`; `ratelimit::error::redis_bad_reply` when the
+  /// reply was malformed or larger than `max_reply_bytes`;
+  /// `boost::asio::error::operation_aborted` after close().
+  /// The handler is never invoked inside this function; it runs on its
+  /// associated executor (the connection's executor by default).
+  ///
+  /// @par Per-Operation Cancellation
+  /// Not supported: every request is bounded by `request_timeout` instead.
+  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(signature) Token =
+                boost::asio::default_completion_token_t<executor_type>>
+  auto async_exec(std::vector<std::string> args,
+                  Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
+    return boost::asio::async_initiate<Token, signature>(
+        [this](auto handler, std::vector<std::string> a) {
+          exec(std::move(a), boost::asio::any_completion_handler<signature>(std::move(handler)));
+        },
+        token, std::move(args));
+  }
+
+  /// True while a connection to the server is established (and AUTH/SELECT sent).
+  bool is_connected() const;
+
+  /// The last error the server gave to AUTH or SELECT, or the last connection
+  /// failure, for diagnostics ("" when none).
+  std::string last_error() const;
+
+  redis_connection_stats stats() const;
+
+  /// Fails every outstanding request with `operation_aborted`, closes the
+  /// socket and stops reconnecting; later requests fail the same way. Idempotent.
+  void close();
+
+  class impl;
+
+ private:
+  void exec(std::vector<std::string> args,
+            boost::asio::any_completion_handler<signature> handler);
+
+  std::shared_ptr<impl> impl_;
+};
+
+}  // namespace ratelimit
+
+#endif  // RATELIMIT_REDIS_CONNECTION_HPP
