@@ -28,6 +28,7 @@
 #include <chrono>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <ratio>
 
 namespace ratelimit::detail {
@@ -104,9 +105,10 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   bool get_blocking(std::uint64_t n, std::int64_t deadline, boost::system::error_code& ec) {
     ec = {};
     const std::int64_t now = now_ns();
-    sync_waiter w(n);
-    auto result = w.get_future();  // before the waiter is visible to completers
     bool may_block_here = true;
+    std::optional<sync_waiter> w;  // built only when the caller must wait
+    std::future<boost::system::error_code> result;
+    std::shared_ptr<bucket_impl> self;
     for (;;) {
       std::unique_lock lk(mutex_);
       if (closed_) {
@@ -131,14 +133,21 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
         may_block_here = false;
         continue;
       }
-      enqueue(&w, now);
+      w.emplace(n);
+      result = w->get_future();  // before the waiter is visible to completers
+      // Keeps the impl alive while this thread waits, even if the bucket is
+      // destroyed meanwhile (which completes `w` with operation_aborted).
+      self = this->shared_from_this();
+      enqueue(&*w, now);
       break;
     }
     if (deadline != max_time) {
-      while (result.wait_for(WaitTraits::to_wait_duration(from_ns(deadline))) !=
+      while (result.wait_for(WaitTraits::to_wait_duration(from_ns(deadline) - Clock::now())) !=
              std::future_status::ready) {
         if (now_ns() < deadline) continue;
-        if (withdraw(&w)) return false;
+        // Tokens due exactly at the deadline still count: serve first.
+        ready_list ready;
+        if (withdraw(&*w, ready, true)) return false;
         break;  // granted meanwhile: the result is on its way
       }
     }
@@ -297,20 +306,17 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   }
 
   /// Takes `w` out of the queue if it is still there, serving the waiters
-  /// behind it as if it had never been; returns false if it had left.
-  bool withdraw(waiter_base* w, ready_list& ready) {
+  /// behind it as if it had never been; returns false if it had left. With
+  /// `serve_first`, grants whatever is due now before deciding.
+  bool withdraw(waiter_base* w, ready_list& ready, bool serve_first = false) {
     const std::int64_t now = now_ns();
     std::lock_guard lk(mutex_);
+    if (serve_first && !queue_.empty()) serve(now, ready);
     if (!w->queued) return false;
     const bool was_head = queue_.front() == w;
     dequeue(w);
     if (was_head) serve(now, ready);
     return true;
-  }
-
-  bool withdraw(waiter_base* w) {
-    ready_list ready;
-    return withdraw(w, ready);
   }
 
   void arm(std::int64_t at) {
