@@ -111,6 +111,45 @@ BOOST_AUTO_TEST_CASE(zero_tokens_completes_in_its_turn) {
   BOOST_TEST(b->order < c->order);
 }
 
+BOOST_AUTO_TEST_CASE(a_late_timer_costs_the_waiters_no_tokens) {
+  // Burst 1 at 10/s, 20 waiters. The event loop notices 2 s late (the manual
+  // clock jumps): every waiter is still granted as of the moment its token
+  // accrued, as a punctual timer would have done, instead of the bucket
+  // capping at 1 token and losing the rest.
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 1, per_second(10), ratelimit::start_empty);
+  std::vector<std::shared_ptr<outcome>> r;
+  for (int i = 0; i < 21; ++i) r.push_back(request(bucket));
+  manual_clock::advance(2s);
+  BOOST_TEST(settle(ctx, [&] { return r[19]->done(); }));
+  pump(ctx);
+  for (int i = 0; i < 20; ++i) BOOST_TEST(r[i]->ok());
+  BOOST_TEST(!r[20]->done());  // the 21st token is due at 2.1 s, not earlier
+  BOOST_TEST(bucket.available() == 0u);
+  manual_clock::advance(100ms);
+  BOOST_TEST(settle(ctx, [&] { return r[20]->done(); }));
+}
+
+BOOST_AUTO_TEST_CASE(catching_up_never_grants_before_the_request_was_made) {
+  // Tokens that overflowed while nobody waited are gone: catching up starts
+  // from when a waiter arrived, not from the last time the bucket was seen.
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 1, per_second(10));
+  BOOST_TEST(bucket.try_get_token());  // t = 0: empty
+  manual_clock::advance(5s);           // idle: refills to 1, the rest overflows
+  auto a = request(bucket);            // t = 5 s: takes the one token at once
+  auto b = request(bucket);            // due at 5.1 s
+  auto c = request(bucket);            // due at 5.2 s
+  manual_clock::advance(5s);           // noticed at 10 s
+  BOOST_TEST(settle(ctx, [&] { return c->done(); }));
+  BOOST_TEST(a->ok());
+  BOOST_TEST(b->ok());
+  BOOST_TEST(c->ok());
+  BOOST_TEST(bucket.available() == 1u);  // refilled after c, capped at 1
+  BOOST_TEST(bucket.try_get_token());
+  BOOST_TEST(!bucket.try_get_token());
+}
+
 BOOST_AUTO_TEST_SUITE_END()
 
 BOOST_FIXTURE_TEST_SUITE(fifo, clock_fixture)

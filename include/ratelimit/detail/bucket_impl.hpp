@@ -7,7 +7,7 @@
 // the duration of their work, so a bucket destroyed from inside one of its own
 // completion handlers, or while a timer handler is on its way, is safe.
 //
-// Locking: one mutex guards the state, the queue and the timer object. No
+// Locking: one spin_mutex guards the state, the queue and the timer. No
 // handler runs, and nothing is posted, while it is held: waiters leaving the
 // queue are collected in a ready_list and finished after unlocking.
 //
@@ -16,6 +16,7 @@
 
 #include <ratelimit/detail/async_waiter.hpp>
 #include <ratelimit/detail/bucket_state.hpp>
+#include <ratelimit/detail/spin_mutex.hpp>
 #include <ratelimit/detail/sync_waiter.hpp>
 #include <ratelimit/detail/waiter_queue.hpp>
 #include <ratelimit/error.hpp>
@@ -24,7 +25,9 @@
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/detail/bind_handler.hpp>
 #include <boost/asio/error.hpp>
+#include <boost/asio/io_context.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <mutex>
@@ -47,8 +50,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   bucket_impl(const Executor& ex, std::uint64_t capacity, const rate& r, std::uint64_t initial)
       : state_(check_capacity(capacity), reduce(r), now_ns(), check_initial(initial, capacity)),
         rate_(r),
-        executor_(ex),
-        timer_(ex) {}
+        executor_(ex) {}
 
   bucket_impl(const bucket_impl&) = delete;
   bucket_impl& operator=(const bucket_impl&) = delete;
@@ -110,6 +112,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     std::future<boost::system::error_code> result;
     std::shared_ptr<bucket_impl> self;
     for (;;) {
+      ready_list ready;  // grants that fall due meanwhile; finished after unlocking
       std::unique_lock lk(mutex_);
       if (closed_) {
         ec = error::bucket_closed;
@@ -120,7 +123,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
         return false;
       }
       if (queue_.empty() && state_.try_take(now, n)) return true;
-      state_.refill(now);
+      serve(now, ready);
       if (state_.ready_at(queued_tokens_ + n) > deadline) return false;
       if (may_block_here) {
         // Checked outside the lock (it may consult thread-local state of the
@@ -192,8 +195,9 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
 
   std::uint64_t available() {
     const std::int64_t now = now_ns();
+    ready_list ready;
     std::lock_guard lk(mutex_);
-    state_.refill(now);
+    serve(now, ready);
     return state_.available();
   }
 
@@ -213,8 +217,9 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   /// Used by keyed_limiter to find buckets it may evict.
   std::int64_t full_at() {
     const std::int64_t now = now_ns();
+    ready_list ready;
     std::lock_guard lk(mutex_);
-    state_.refill(now);
+    serve(now, ready);
     return state_.ready_at(queued_tokens_ + state_.capacity());
   }
 
@@ -228,10 +233,10 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     const std::int64_t now = now_ns();
     ready_list ready;
     std::lock_guard lk(mutex_);
-    state_.refill(now);
+    serve(now, ready);  // what fell due at the old rate
     state_.set_rate(reduced);
     rate_ = r;
-    if (!closed_) serve(now, ready);
+    serve(now, ready);  // reschedule at the new one
   }
 
   void set_capacity(std::uint64_t capacity) {
@@ -239,7 +244,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     const std::int64_t now = now_ns();
     ready_list ready;
     std::lock_guard lk(mutex_);
-    state_.refill(now);
+    serve(now, ready);  // what fell due with the old capacity
     state_.set_capacity(capacity);
     for (waiter_base* w = queue_.front(); w;) {
       waiter_base* next = w->next;
@@ -249,7 +254,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
       }
       w = next;
     }
-    if (!closed_) serve(now, ready);
+    serve(now, ready);
   }
 
  private:
@@ -264,8 +269,13 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   /// from where Asio dispatches it to the handler's associated executor.
   template <typename Handler>
   void post_result(Handler&& handler, boost::system::error_code ec) {
-    boost::asio::post(executor_,
-                      boost::asio::detail::bind_handler(std::forward<Handler>(handler), ec));
+    auto bound = boost::asio::detail::bind_handler(std::forward<Handler>(handler), ec);
+    if constexpr (std::is_same_v<Executor, boost::asio::any_io_executor>) {
+      // The common case, posted without the type-erased call (half the cost).
+      if (auto* io = executor_.template target<boost::asio::io_context::executor_type>())
+        return boost::asio::post(*io, std::move(bound));
+    }
+    boost::asio::post(executor_, std::move(bound));
   }
 
   void dequeue(waiter_base* w) noexcept {
@@ -273,26 +283,35 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     queued_tokens_ -= w->tokens;
   }
 
-  /// Queues `w`; the caller holds the lock and has refilled to `now`.
+  /// Queues `w`, which arrived at `now`; the caller holds the lock.
   void enqueue(waiter_base* w, std::int64_t now) {
+    // The timer is made on the first wait, not in the constructor: a timer
+    // gives the context a reactor, which every later handler would pay for.
+    // Made before queueing, so that a failure leaves nothing queued.
+    if (!timer_) timer_.emplace(executor_);
     const bool was_empty = queue_.empty();
+    if (was_empty) state_.refill(now);
+    w->queued_at = now;
     queue_.push_back(w);
     queued_tokens_ += w->tokens;
-    if (was_empty) {
-      state_.refill(now);
-      arm(state_.ready_at(w->tokens));
-    }
+    if (was_empty) arm(state_.ready_at(w->tokens));
   }
 
-  /// Grants every head waiter whose tokens are there, then times the next.
+  /// Brings the bucket to `now`. Every head waiter whose tokens accrued by
+  /// then is granted *as of the moment they did* (or it arrived, if later),
+  /// as a punctual timer would have; so a timer that fires late, or an event
+  /// loop that was busy, costs the waiters no tokens. Then times the next.
   void serve(std::int64_t now, ready_list& ready) {
-    state_.refill(now);
     while (waiter_base* w = queue_.front()) {
-      if (!state_.has(w->tokens)) break;
+      const std::int64_t at = std::max(state_.ready_at(w->tokens), w->queued_at);
+      if (at > now) break;
+      state_.refill(at);
+      if (!state_.has(w->tokens)) break;  // only at the saturated end of time
       state_.take(w->tokens);
       dequeue(w);
       ready.push_back(w, {});
     }
+    state_.refill(now);
     if (queue_.empty())
       disarm();
     else
@@ -320,12 +339,16 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   }
 
   void arm(std::int64_t at) {
+    // At the end of representable time (ready_at saturated, clock there too)
+    // no timer can help: it would fire at once, again and again. The waiter
+    // waits for a reschedule (set_rate, set_capacity, cancel) or the end.
+    if (at == max_time && state_.last() == max_time) return disarm();
     if (armed_ && armed_at_ == at) return;
     armed_ = true;
     armed_at_ = at;
     const std::uint64_t gen = ++timer_gen_;
-    timer_.expires_at(from_ns(at));
-    timer_.async_wait(
+    timer_->expires_at(from_ns(at));
+    timer_->async_wait(
         [weak = this->weak_from_this(), gen](const boost::system::error_code&) {
           if (auto self = weak.lock()) self->on_timer(gen);
         });
@@ -335,7 +358,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     if (!armed_) return;
     armed_ = false;
     ++timer_gen_;
-    timer_.cancel();
+    if (timer_) timer_->cancel();
   }
 
   void on_timer(std::uint64_t gen) {
@@ -350,13 +373,13 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     ready.finish_all(finish_mode::dispatch);
   }
 
-  mutable std::mutex mutex_;
+  mutable spin_mutex mutex_;
   bucket_state state_;
   ratelimit::rate rate_;
   waiter_queue queue_;
   uint128 queued_tokens_ = 0;  // sum of the queued requests
   Executor executor_;
-  timer_type timer_;
+  std::optional<timer_type> timer_;  // made on the first wait
   std::uint64_t timer_gen_ = 0;
   std::int64_t armed_at_ = 0;
   bool armed_ = false;

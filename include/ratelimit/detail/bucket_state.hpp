@@ -130,7 +130,10 @@ class bucket_state {
   /// The time at which `n` tokens will be there (see ticks_until), saturating at max_time.
   std::int64_t ready_at(uint128 n) const noexcept {
     const std::uint64_t t = ticks_until(n);
-    const auto headroom = static_cast<std::uint64_t>(max_time - last_);
+    // In unsigned arithmetic: for a time before the clock's epoch (last_ < 0)
+    // max_time - last_ overflows int64 but fits in uint64.
+    const std::uint64_t headroom =
+        static_cast<std::uint64_t>(max_time) - static_cast<std::uint64_t>(last_);
     return t >= headroom ? max_time : last_ + static_cast<std::int64_t>(t);
   }
 

@@ -40,6 +40,7 @@ struct waiter_base {
   waiter_base* prev = nullptr;
   waiter_base* next = nullptr;
   std::uint64_t tokens;  // requested
+  std::int64_t queued_at = 0;  // when it joined the queue (bucket clock, ns)
   boost::system::error_code result;
   bool queued = false;  // in the bucket's queue; guarded by the bucket's mutex
 
