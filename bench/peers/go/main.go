@@ -241,6 +241,22 @@ func throughput(wl string) {
 
 // ---------------------------------------------------------------- W4: paced accuracy
 
+// traceFile opens $BENCH_TRACE_DIR/<workload>-go_xtime_rate.dat, the per-grant trace scripts/bench
+// plots (W4: "grant lateness_us" of the last repetition; W5: "seconds_since_gate grants", sampled),
+// or returns nil when BENCH_TRACE_DIR is unset.
+func traceFile() *os.File {
+	dir := os.Getenv("BENCH_TRACE_DIR")
+	if dir == "" {
+		return nil
+	}
+	f, err := os.Create(filepath.Join(dir, *workload+"-"+impl+".dat"))
+	if err != nil {
+		warn("trace: %v", err)
+		return nil
+	}
+	return f
+}
+
 // percentile by nearest rank on a sorted slice.
 func percentile(sorted []float64, p float64) float64 {
 	i := int(math.Ceil(p*float64(len(sorted)))) - 1
@@ -276,6 +292,12 @@ func paced() {
 	pacedRep(100) // warm-up
 	for rep, nr := 0, pick(5, 1); rep < nr; rep++ {
 		total, late := pacedRep(n)
+		if f := traceFile(); f != nil && rep == nr-1 {
+			for i, l := range late {
+				fmt.Fprintf(f, "%d %.1f\n", i, l)
+			}
+			f.Close()
+		}
 		sort.Float64s(late)
 		emit(rep, fmt.Sprintf("total_s=%.4f late_p50_us=%.1f late_p99_us=%.1f late_max_us=%.1f",
 			total, percentile(late, 0.50), percentile(late, 0.99), late[len(late)-1]))
@@ -311,6 +333,12 @@ func manyWaitersChild(n int, r float64) {
 		gate := make(chan struct{})
 		var ready, done sync.WaitGroup
 		var fails atomic.Int64
+		var t0 time.Time
+		var times []int64 // grant times (ns after t0) for the trace, only when tracing
+		var next atomic.Int64
+		if os.Getenv("BENCH_TRACE_DIR") != "" {
+			times = make([]int64, n)
+		}
 		ready.Add(n)
 		done.Add(n)
 		for i := 0; i < n; i++ {
@@ -320,16 +348,32 @@ func manyWaitersChild(n int, r float64) {
 				if err := lim.Wait(ctx); err != nil {
 					fails.Add(1)
 				}
+				if times != nil {
+					times[next.Add(1)-1] = int64(time.Since(t0))
+				}
 				done.Done()
 			}()
 		}
 		ready.Wait()
-		t0 := time.Now()
+		t0 = time.Now()
 		close(gate)
 		done.Wait()
 		wall = time.Since(t0).Seconds()
 		if fails.Load() != 0 {
 			die("W5: %d Wait() calls failed", fails.Load())
+		}
+		if f := traceFile(); f != nil {
+			sort.Slice(times, func(a, b int) bool { return times[a] < times[b] })
+			every := n / 1000
+			if every < 1 {
+				every = 1
+			}
+			for i, t := range times {
+				if i%every == 0 || i == n-1 {
+					fmt.Fprintf(f, "%.6f %d\n", float64(t)/1e9, i+1)
+				}
+			}
+			f.Close()
 		}
 	}
 	runtime.KeepAlive(lim)

@@ -215,6 +215,22 @@ public final class PeerGuava {
 
     // ------------------------------------------------------------ W4: paced accuracy
 
+    /**
+     * Writes $BENCH_TRACE_DIR/<workload>-java_guava.dat, the per-grant trace scripts/bench plots
+     * (W4: "grant lateness_us" of the last repetition; W5: "seconds_since_gate grants", sampled);
+     * nothing when BENCH_TRACE_DIR is unset.
+     */
+    static void trace(int lines, java.util.function.IntFunction<String> line) throws IOException {
+        String dir = System.getenv("BENCH_TRACE_DIR");
+        if (dir == null || dir.isEmpty()) return;
+        StringBuilder sb = new StringBuilder();
+        for (int i = 0; i < lines; i++) {
+            String l = line.apply(i);
+            if (l != null) sb.append(l).append('\n');
+        }
+        Files.writeString(Paths.get(dir, workload + "-" + IMPL + ".dat"), sb.toString());
+    }
+
     /** Nearest-rank percentile of a sorted array. */
     static double percentile(double[] sorted, double p) {
         return sorted[Math.max(0, (int) Math.ceil(p * sorted.length) - 1)];
@@ -239,6 +255,7 @@ public final class PeerGuava {
         for (int rep = 0, nr = pick(5, 1); rep < nr; rep++) {
             double[] late = new double[n];
             double total = pacedRep(n, late);
+            if (rep == nr - 1) trace(late.length, i -> fmt("%d %.1f", i, late[i]));
             Arrays.sort(late);
             emit(rep, fmt("total_s=%.4f late_p50_us=%.1f late_p99_us=%.1f late_max_us=%.1f",
                     total, percentile(late, 0.50), percentile(late, 0.99), late[n - 1]));
@@ -257,6 +274,10 @@ public final class PeerGuava {
     static void manyWaitersChild(int n, double rate) throws Exception {
         RateLimiter lim = burstOne(rate);
         double wall = 0;
+        boolean tracing = System.getenv("BENCH_TRACE_DIR") != null;
+        long[] times = tracing && n > 0 ? new long[n] : null; // grant times, ns after t0
+        long[] start = new long[1];
+        java.util.concurrent.atomic.AtomicInteger next = new java.util.concurrent.atomic.AtomicInteger();
         if (n > 0) {
             int threads = Math.min(1000, n);
             CountDownLatch ready = new CountDownLatch(threads), gate = new CountDownLatch(1);
@@ -266,15 +287,24 @@ public final class PeerGuava {
                 ts[i] = new Thread(() -> {
                     ready.countDown();
                     try { gate.await(); } catch (InterruptedException e) { throw new RuntimeException(e); }
-                    for (int k = 0; k < mine; k++) lim.acquire();
+                    for (int k = 0; k < mine; k++) {
+                        lim.acquire();
+                        if (times != null) times[next.getAndIncrement()] = System.nanoTime() - start[0];
+                    }
                 });
                 ts[i].start();
             }
             ready.await();
             long t0 = System.nanoTime();
+            start[0] = t0;
             gate.countDown();
             for (Thread t : ts) t.join();
             wall = (System.nanoTime() - t0) / 1e9;
+            if (times != null) {
+                Arrays.sort(times);
+                int every = Math.max(1, n / 1000);
+                trace(n, i -> i % every == 0 || i == n - 1 ? fmt("%.6f %d", times[i] / 1e9, i + 1) : null);
+            }
         }
         System.out.println(fmt("wall_s=%.6f peak_rss_kb=%d threads=%d", wall, vmHWMkB(), Math.min(1000, n)));
     }

@@ -1,0 +1,373 @@
+#!/usr/bin/env python3
+"""bench/driver.py: runs every (implementation, workload) pair of the benchmarks and reports.
+
+Called by scripts/bench (which installs and builds first). Prints the raw result lines as they
+come (`impl=... workload=... rep=i metric=value ...`, the format of ../shared/BENCHMARKS.md), then
+a table of medians with our ratio to each peer and to the floor, then the targets of issue 4 with
+PASS/MISS. Results are checked by the programs themselves: a program that exits non-zero (a try
+that failed, an acquire that waited where none should, a limiter that over-granted) fails the run.
+Speed is reported, never asserted: a MISS does not change the exit status.
+
+usage: driver.py --bin DIR [--quick] [--results FILE] [--trace-dir DIR] [--plots DIR]
+                 [--only REGEX]
+"""
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+WORKLOADS = ["W0", "W1", "W2", "W3", "W4", "W5", "W6", "W6b"]
+PEERS = {"go_xtime_rate": "peer_go", "java_guava": "peer_guava"}
+OURS = ["asio_ratelimit", "asio_ratelimit_try", "asio_ratelimit_callback",
+        "asio_ratelimit_awaitable", "asio_ratelimit_blocking"]
+# The floor each of our rows is set against, per workload.
+FLOOR = {
+    ("W1", "asio_ratelimit_try"): "floor_atomic",
+    ("W2", "asio_ratelimit_try"): "floor_atomic",
+    ("W3", "asio_ratelimit_callback"): "floor_post",
+    ("W3", "asio_ratelimit_awaitable"): "floor_co_post",
+    ("W4", "asio_ratelimit_callback"): "floor_timer",
+    ("W4", "asio_ratelimit_awaitable"): "floor_timer",
+    ("W4", "asio_ratelimit_blocking"): "floor_timer",
+    ("W5", "asio_ratelimit_callback"): "floor_timer",
+    ("W5", "asio_ratelimit_awaitable"): "floor_co_timer",
+    ("W5", "asio_ratelimit_blocking"): "textbook_thread",
+}
+# The metric a row is compared on (lower is better for all of them).
+PRIMARY = {"W4": "late_p99_us", "W5": "wall_s", "W6": "cpu_ms", "W6b": "cpu_ms"}
+DESCRIPTION = {
+    "W0": "clock read, ns/op",
+    "W1": "try, 1 thread, huge rate, ns/op",
+    "W2": "try, 2 threads on one limiter, ns/op",
+    "W3": "acquire with a token available, ns/op",
+    "W4": "1000/s burst 1, 2000 sequential acquires",
+    "W5": "N/s burst 1, N waiters parked first",
+    "W6": "idle limiter at 1/s, 3 s window",
+    "W6b": "idle limiter at 1000/s, 3 s window",
+}
+
+
+def parse_line(line):
+    m = {}
+    for kv in line.split():
+        k, _, v = kv.partition("=")
+        m[k] = v
+    return m
+
+
+class Results:
+    def __init__(self):
+        self.reps = {}  # (workload, impl) -> [ {metric: float} ]
+        self.order = {}  # (workload, impl) -> [metric names in order]
+        self.no_two_cores = []  # W2 impls whose core probe said the 2 threads shared a core
+
+    def add(self, line):
+        m = parse_line(line)
+        key = (m.pop("workload"), m.pop("impl"))
+        m.pop("rep", None)
+        vals = {k: float(v) for k, v in m.items()}
+        self.reps.setdefault(key, []).append(vals)
+        self.order.setdefault(key, list(m.keys()))
+
+    def median(self, wl, impl, metric):
+        rs = self.reps.get((wl, impl))
+        if not rs or metric not in rs[0]:
+            return None
+        return statistics.median(r[metric] for r in rs)
+
+    def impls(self, wl):
+        return [i for (w, i) in self.reps if w == wl]
+
+
+def fmt_num(v):
+    if v is None:
+        return "-"
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:,.0f}".replace(",", " ")
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.4f}"
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+# ------------------------------------------------------------------------------- running
+
+def jobs(bindir, quick):
+    """Every (impl, workload, argv) to run, in order."""
+    out = []
+    bench = os.path.join(bindir, "bench_ratelimit")
+    listing = subprocess.run([bench, "--list"], check=True, capture_output=True, text=True).stdout
+    cpp = {}
+    for line in listing.splitlines():
+        impl, *wls = line.split()
+        cpp[impl] = wls
+    extra = ["--quick"] if quick else []
+    for wl in WORKLOADS:
+        for impl, wls in cpp.items():
+            if wl in wls:
+                argv = [bench, "--impl", impl, "--workload", wl] + extra
+                # The textbook design needs ~6 s per W5 repetition at 100k/s: one is enough.
+                if wl == "W5" and impl == "textbook_thread" and not quick:
+                    argv += ["--reps", "1"]
+                out.append((impl, wl, argv))
+        for impl, prog in PEERS.items():
+            out.append((impl, wl, [os.path.join(bindir, "peers", prog), "--workload", wl] + extra))
+    return out
+
+
+def run_job(impl, wl, argv, timeout):
+    t = time.monotonic()
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    return impl, wl, argv, p, time.monotonic() - t
+
+
+def report_job(res, results, raw, failures):
+    impl, wl, argv, p, secs = res
+    for line in p.stderr.splitlines():
+        print(f"  [{impl} {wl}] {line}", file=sys.stderr)
+    if wl == "W2" and "do not get two cores" in p.stderr:
+        results.no_two_cores.append(impl)
+    for line in p.stdout.splitlines():
+        line = line.strip()
+        if not line.startswith("impl="):
+            continue
+        print(line, flush=True)
+        raw.append(line)
+        results.add(line)
+    if p.returncode != 0:
+        failures.append(f"{impl} {wl}: exit status {p.returncode}")
+        print(f"!!! {impl} {wl} failed (exit status {p.returncode}): {' '.join(argv)}", flush=True)
+    print(f"  [{impl} {wl}] {secs:.1f} s", file=sys.stderr)
+
+
+def run_all(args):
+    results, raw, failures = Results(), [], []
+    todo = [j for j in jobs(args.bin, args.quick) if re.search(args.only, f"{j[0]} {j[1]}")]
+    timeout = 120 if args.quick else 300
+    # W6/W6b measure a process that sleeps: they run side by side (each only reads its own
+    # threads' CPU time and context switches), first, before anything else is busy.
+    idle = [j for j in todo if j[1] in ("W6", "W6b")]
+    busy = [j for j in todo if j[1] not in ("W6", "W6b")]
+    if idle:
+        with ThreadPoolExecutor(max_workers=len(idle)) as pool:
+            for res in pool.map(lambda j: run_job(*j, timeout), idle):
+                report_job(res, results, raw, failures)
+    for j in busy:
+        try:
+            report_job(run_job(*j, timeout), results, raw, failures)
+        except subprocess.TimeoutExpired:
+            failures.append(f"{j[0]} {j[1]}: timed out")
+            print(f"!!! {j[0]} {j[1]} timed out", flush=True)
+    return results, raw, failures
+
+
+# ------------------------------------------------------------------------------- the table
+
+def table(results):
+    lines = ["| workload | implementation | metrics (medians; min-max of the first) "
+             "| vs Go | vs Guava | vs floor |", "|---|---|---|---|---|---|"]
+    for wl in WORKLOADS:
+        impls = results.impls(wl)
+        order = {n: i for i, n in enumerate(OURS + list(PEERS))}
+        impls.sort(key=lambda i: (order.get(i, 50), i))
+        for impl in impls:
+            names = results.order[(wl, impl)]
+            rs = results.reps[(wl, impl)]
+            first = names[0]
+            cells = []
+            for n in names:
+                med = results.median(wl, impl, n)
+                cell = f"{n}={fmt_num(med)}"
+                if n == first and len(rs) > 1:
+                    lo, hi = min(r[n] for r in rs), max(r[n] for r in rs)
+                    cell += f" ({fmt_num(lo)}-{fmt_num(hi)})"
+                cells.append(cell)
+            metric = PRIMARY.get(wl, first)
+            vs = ["", "", ""]
+            if impl in OURS:
+                me = results.median(wl, impl, metric)
+                vs[0] = ratio(me, results.median(wl, "go_xtime_rate", metric))
+                vs[1] = ratio(me, results.median(wl, "java_guava", metric))
+                floor = FLOOR.get((wl, impl))
+                if floor:
+                    vs[2] = f"{ratio(me, results.median(wl, floor, metric))} {floor}"
+            lines.append(f"| {wl} | {impl} | {' '.join(cells)} | {vs[0]} | {vs[1]} | {vs[2]} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- targets
+
+def targets(results, quick):
+    """[(target, PASS|MISS|n/a, detail)] for every target of issue 4."""
+    med = results.median
+    out = []
+
+    def check(name, ok, detail):
+        out.append((name, "n/a" if ok is None else ("PASS" if ok else "MISS"), detail))
+
+    def le(a, b, k):
+        return None if a is None or b is None else a <= k * b
+
+    def lt(a, b):
+        return None if a is None or b is None else a < b
+
+    t, fa = med("W1", "asio_ratelimit_try", "ns_per_op"), med("W1", "floor_atomic", "ns_per_op")
+    g = med("W1", "java_guava", "ns_per_op")
+    check("W1 try <= 1.2x atomic floor", le(t, fa, 1.2), f"{fmt_num(t)} vs {fmt_num(fa)} ns ({ratio(t, fa)})")
+    check("W1 try faster than Guava", lt(t, g), f"{fmt_num(t)} vs {fmt_num(g)} ns ({ratio(t, g)})")
+    t, fa = med("W2", "asio_ratelimit_try", "ns_per_op"), med("W2", "floor_atomic", "ns_per_op")
+    g, go = med("W2", "java_guava", "ns_per_op"), med("W2", "go_xtime_rate", "ns_per_op")
+    check("W2 try <= 1.5x atomic floor", le(t, fa, 1.5), f"{fmt_num(t)} vs {fmt_num(fa)} ns ({ratio(t, fa)})")
+    check("W2 try faster than Guava", lt(t, g), f"{fmt_num(t)} vs {fmt_num(g)} ns ({ratio(t, g)})")
+    check("W2 try faster than Go", lt(t, go), f"{fmt_num(t)} vs {fmt_num(go)} ns ({ratio(t, go)})")
+    if results.no_two_cores:
+        # Another process held a core: W2 degenerated into W1 with lock hand-offs.
+        for i in range(len(out) - 3, len(out)):
+            out[i] = (out[i][0], out[i][1], out[i][2] + " [UNRELIABLE: the W2 core probe found no "
+                      "second free core for " + ", ".join(results.no_two_cores) + "]")
+    c, p = med("W3", "asio_ratelimit_callback", "ns_per_op"), med("W3", "floor_post", "ns_per_op")
+    check("W3 callback <= 1.5x asio::post", le(c, p, 1.5), f"{fmt_num(c)} vs {fmt_num(p)} ns ({ratio(c, p)})")
+    a, cp = med("W3", "asio_ratelimit_awaitable", "ns_per_op"), med("W3", "floor_co_post", "ns_per_op")
+    check("W3 use_awaitable <= 1.15x co_await post", le(a, cp, 1.15),
+          f"{fmt_num(a)} vs {fmt_num(cp)} ns ({ratio(a, cp)})")
+    b, ga = med("W3", "asio_ratelimit_blocking", "ns_per_op"), med("W3", "java_guava", "ns_per_op")
+    check("W3 get_token faster than Guava acquire", lt(b, ga), f"{fmt_num(b)} vs {fmt_num(ga)} ns ({ratio(b, ga)})")
+    n4 = 200 if quick else 2000
+    ideal4 = (n4 - 1) / 1000
+    ft = med("W4", "floor_timer", "late_p99_us")
+    for impl in ("asio_ratelimit_callback", "asio_ratelimit_awaitable", "asio_ratelimit_blocking"):
+        tot, p99 = med("W4", impl, "total_s"), med("W4", impl, "late_p99_us")
+        check(f"W4 {impl} total within 0.1% of {ideal4:.3f} s",
+              None if tot is None else abs(tot - ideal4) <= 0.001 * ideal4,
+              f"{fmt_num(tot)} s ({'-' if tot is None else f'{(tot / ideal4 - 1) * 100:+.2f}%'})")
+        check(f"W4 {impl} p99 lateness <= 2x timer floor", le(p99, ft, 2.0),
+              f"{fmt_num(p99)} vs {fmt_num(ft)} us ({ratio(p99, ft)})")
+    n5 = 10000 if quick else 100000
+    ideal5 = (n5 - 1) / n5
+    for impl in ("asio_ratelimit_callback", "asio_ratelimit_awaitable"):
+        w = med("W5", impl, "wall_s")
+        check(f"W5 {impl} wall in [ideal, ideal + 1%]",
+              None if w is None else ideal5 - 1e-4 <= w <= ideal5 * 1.01,
+              f"{fmt_num(w)} s vs ideal {ideal5:.5f} ({'-' if w is None else f'{(w / ideal5 - 1) * 100:+.2f}%'})")
+    bc = med("W5", "asio_ratelimit_callback", "bytes_per_waiter")
+    check("W5 bytes per callback waiter <= 300", None if bc is None else bc <= 300, f"{fmt_num(bc)} B")
+    ba, bf = med("W5", "asio_ratelimit_awaitable", "bytes_per_waiter"), med("W5", "floor_co_timer", "bytes_per_waiter")
+    check("W5 coroutine waiter <= 1.1x coroutine+timer floor", le(ba, bf, 1.1),
+          f"{fmt_num(ba)} vs {fmt_num(bf)} B ({ratio(ba, bf)})")
+    for wl in ("W6", "W6b"):
+        h = med(wl, "asio_ratelimit", "handlers")
+        cpu, base = med(wl, "asio_ratelimit", "cpu_ms"), med(wl, "asio_ratelimit", "base_cpu_ms")
+        sw, bsw = med(wl, "asio_ratelimit", "ctx_switches"), med(wl, "asio_ratelimit", "base_ctx_switches")
+        check(f"{wl} idle: zero handlers", None if h is None else h == 0, f"{fmt_num(h)} handlers")
+        check(f"{wl} idle: no CPU above the baseline",
+              None if cpu is None else cpu <= base + 1.0 and sw <= bsw + 3,
+              f"{fmt_num(cpu)} ms / {fmt_num(sw)} switches vs baseline {fmt_num(base)} ms / {fmt_num(bsw)}")
+    return out
+
+
+# ------------------------------------------------------------------------------- plots
+
+def plots(trace_dir, plot_dir, quick):
+    gnuplot = shutil.which("gnuplot")
+    if not gnuplot:
+        print("(gnuplot not found: no plots)", file=sys.stderr)
+        return
+    os.makedirs(plot_dir, exist_ok=True)
+
+    def traces(wl):
+        fs = sorted(f for f in os.listdir(trace_dir) if f.startswith(wl + "-") and f.endswith(".dat"))
+        return [(f[len(wl) + 1:-4], os.path.join(trace_dir, f)) for f in fs]
+
+    w4 = traces("W4")
+    if w4:
+        series = ", ".join(
+            f"'{path}' using 1:($2 < 1 ? 1 : $2) with lines lw 1.5 title '{name.replace('_', ' ')}'"
+            for name, path in w4)
+        script = f"""
+set terminal pngcairo size 1100,650 font ',10'
+set output '{plot_dir}/w4-lateness.png'
+set title 'W4: lateness of each grant, 1000/s burst 1, one caller (lower is better; clipped at 1 us)'
+set xlabel 'grant'
+set ylabel 'lateness (us, log scale)'
+set logscale y
+set key outside right
+set grid
+plot {series}
+"""
+        subprocess.run([gnuplot], input=script, text=True, check=False)
+    w5 = traces("W5")
+    if w5:
+        n = 10000 if quick else 100000
+        series = ", ".join(
+            f"'{path}' using 1:2 with lines lw 1.5 title '{name.replace('_', ' ')}'" for name, path in w5)
+        script = f"""
+set terminal pngcairo size 1100,650 font ',10'
+set output '{plot_dir}/w5-cumulative.png'
+set title 'W5: cumulative grants, {n} waiters at {n}/s burst 1 (above the ideal line = over-granting)'
+set xlabel 'seconds since the gate opened'
+set ylabel 'grants'
+set key outside right
+set grid
+set xrange [0:*]
+plot (x <= {(n - 1) / n} ? 1 + x * {n} : {n}) with lines dt 2 lw 2 lc rgb 'black' title 'ideal', {series}
+"""
+        subprocess.run([gnuplot], input=script, text=True, check=False)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True, help="directory with bench_ratelimit and peers/")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--results", help="also write the raw lines here")
+    ap.add_argument("--trace-dir", help="per-grant traces (W4, W5) go here")
+    ap.add_argument("--plots", help="write the PNG plots here")
+    ap.add_argument("--only", default=".", help="regex on 'impl workload'")
+    args = ap.parse_args()
+    if args.trace_dir:
+        os.makedirs(args.trace_dir, exist_ok=True)
+        for f in os.listdir(args.trace_dir):
+            if f.endswith(".dat"):
+                os.remove(os.path.join(args.trace_dir, f))
+        os.environ["BENCH_TRACE_DIR"] = os.path.abspath(args.trace_dir)
+    start = time.monotonic()
+    results, raw, failures = run_all(args)
+    secs = time.monotonic() - start
+    if args.results:
+        with open(args.results, "w") as f:
+            f.write("\n".join(raw) + "\n")
+    print()
+    print(f"## Medians ({'quick smoke run' if args.quick else 'full run'}, {secs:.0f} s)")
+    print()
+    print(table(results))
+    print()
+    print("## Targets (issue 4; ratios within this run)")
+    print()
+    for name, verdict, detail in targets(results, args.quick):
+        print(f"- {verdict:4} {name}: {detail}")
+    if args.plots and args.trace_dir:
+        plots(args.trace_dir, args.plots, args.quick)
+    if failures:
+        print()
+        print("FAILED (a result check failed):")
+        for f in failures:
+            print(f"  {f}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
