@@ -66,11 +66,11 @@ struct redis_reply {
 
 /// Counters, for tests and monitoring.
 struct redis_connection_stats {
-  std::uint64_t connects = 0;          // connections established
-  std::uint64_t failed_connects = 0;   // attempts that failed (refused, timeout, AUTH/SELECT)
-  std::uint64_t requests = 0;          // requests written
-  std::uint64_t timeouts = 0;          // requests that timed out
-  std::uint64_t writes = 0;            // socket writes (a write carries a pipelined batch)
+  std::uint64_t connects = 0;         // connections established
+  std::uint64_t failed_connects = 0;  // attempts that failed (refused, timeout, AUTH/SELECT)
+  std::uint64_t requests = 0;         // requests written
+  std::uint64_t timeouts = 0;         // requests that timed out
+  std::uint64_t writes = 0;           // socket writes (a write carries a pipelined batch)
 };
 
 /// One Redis connection shared by many callers.
@@ -93,7 +93,7 @@ class redis_connection {
   redis_connection(const executor_type& ex, redis_config config);
 
   template <typename ExecutionContext>
-    requires std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&>
+  requires std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&>
   redis_connection(ExecutionContext& ctx, redis_config config)
       : redis_connection(executor_type(ctx.get_executor()), std::move(config)) {}
 
@@ -120,8 +120,8 @@ class redis_connection {
   ///
   /// @par Per-Operation Cancellation
   /// Not supported: every request is bounded by `request_timeout` instead.
-  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(signature) Token =
-                boost::asio::default_completion_token_t<executor_type>>
+  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(signature)
+                Token = boost::asio::default_completion_token_t<executor_type>>
   auto async_exec(std::vector<std::string> args,
                   Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
     return boost::asio::async_initiate<Token, signature>(
@@ -147,8 +147,7 @@ class redis_connection {
   class impl;
 
  private:
-  void exec(std::vector<std::string> args,
-            boost::asio::any_completion_handler<signature> handler);
+  void exec(std::vector<std::string> args, boost::asio::any_completion_handler<signature> handler);
 
   std::shared_ptr<impl> impl_;
 };

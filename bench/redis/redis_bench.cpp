@@ -1,0 +1,253 @@
+// The Redis workload (see /work/shared/BENCHMARKS.md): grants per second
+// through one connection with many concurrent coroutines, with and without
+// leasing, and redis-benchmark running EVALSHA of the same script on the same
+// server in the same run as the reference point.
+//
+//   bench_redis [--reps N] [--seconds S] [--coroutines C] [--port P]
+//
+// Without --port it starts its own redis-server on a free 127.0.0.1 port (and
+// kills it at the end). One line per repetition on stdout:
+//   impl=<impl> workload=redis rep=<i> grants_per_s=<v> round_trips_per_s=<v>
+// The bucket never runs dry (1e9 tokens/s), so every figure is the cost of
+// the machinery: script, round trips, queueing. Each result is checked: a
+// request that fails aborts the run.
+#include <ratelimit/redis/detail/script.hpp>
+#include <ratelimit/redis/redis_token_bucket.hpp>
+
+#include <boost/asio.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char** environ;
+
+namespace asio = boost::asio;
+namespace rd = ratelimit::redis_detail;
+using namespace std::chrono;
+
+namespace {
+
+std::uint16_t free_port() {
+  asio::io_context ctx;
+  asio::ip::tcp::acceptor a(ctx, {asio::ip::make_address("127.0.0.1"), 0});
+  return a.local_endpoint().port();
+}
+
+pid_t spawn(std::vector<std::string> args, const char* out_path) {
+  std::vector<char*> argv;
+  for (auto& a : args)
+    argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, 1, out_path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
+  pid_t pid = -1;
+  const int rc = posix_spawnp(&pid, argv[0], &fa, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0) throw std::runtime_error("cannot run " + args[0] + ": " + std::strerror(rc));
+  return pid;
+}
+
+int wait_for(pid_t pid) {
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+void fail(const std::string& what) {
+  std::fprintf(stderr, "bench_redis: %s\n", what.c_str());
+  std::exit(1);
+}
+
+constexpr std::uint64_t capacity = 1'000'000'000'000;
+constexpr ratelimit::rate huge_rate = ratelimit::per_second(1'000'000'000);
+
+/// `coroutines` coroutines take one token at a time for `secs`; returns {grants/s, trips/s}.
+std::pair<double, double> run_ours(std::uint16_t port, const std::string& key, int coroutines,
+                                   double secs, std::uint64_t lease) {
+  asio::io_context ctx;
+  ratelimit::redis_config cfg;
+  cfg.port = port;
+  cfg.request_timeout = seconds(10);
+  ratelimit::redis_connection conn(ctx, cfg);
+  ratelimit::redis_bucket_options opts;
+  opts.lease = lease;
+  ratelimit::redis_token_bucket bucket(conn, key, capacity, huge_rate, opts);
+  // Warm up: connected, script loaded.
+  bool warm = false;
+  bucket.async_get_token([&](boost::system::error_code ec) {
+    if (ec) fail("warm-up: " + ec.message());
+    warm = true;
+  });
+  while (!warm)
+    ctx.run_one();
+  const auto before = bucket.stats();
+  std::uint64_t grants = 0;
+  bool stop = false;
+  int running = 0;
+  auto worker = [&]() -> asio::awaitable<void> {
+    ++running;
+    while (!stop) {
+      auto [ec] = co_await bucket.async_get_token(asio::as_tuple(asio::use_awaitable));
+      if (ec) fail("grant failed: " + ec.message());
+      ++grants;
+    }
+    --running;
+  };
+  const auto t0 = steady_clock::now();
+  for (int i = 0; i < coroutines; ++i)
+    asio::co_spawn(ctx, worker(), asio::detached);
+  asio::steady_timer stop_timer(ctx, duration_cast<steady_clock::duration>(duration<double>(secs)));
+  double elapsed = 0;
+  std::uint64_t counted = 0, trips = 0;
+  stop_timer.async_wait([&](boost::system::error_code) {
+    elapsed = duration<double>(steady_clock::now() - t0).count();
+    counted = grants;
+    trips = bucket.stats().round_trips - before.round_trips;
+    stop = true;
+  });
+  while (running > 0 || !stop)
+    ctx.run_one();
+  conn.close();
+  ctx.run_for(milliseconds(100));
+  return {static_cast<double>(counted) / elapsed, static_cast<double>(trips) / elapsed};
+}
+
+/// redis-benchmark running our script (EVALSHA, never denied) on the same server.
+double run_redis_benchmark(std::uint16_t port, const std::string& sha, int clients, int pipeline,
+                           int requests) {
+  char path[] = "/tmp/bench_redis_XXXXXX";
+  const int fd = mkstemp(path);
+  if (fd < 0) fail("mkstemp");
+  close(fd);
+  const auto sr = rd::make_script_rate(capacity, huge_rate);
+  const pid_t pid = spawn({"redis-benchmark",
+                           "-h",
+                           "127.0.0.1",
+                           "-p",
+                           std::to_string(port),
+                           "-c",
+                           std::to_string(clients),
+                           "-P",
+                           std::to_string(pipeline),
+                           "-n",
+                           std::to_string(requests),
+                           "--csv",
+                           "EVALSHA",
+                           sha,
+                           "1",
+                           "bench:redis-benchmark",
+                           std::to_string(sr.capacity),
+                           std::to_string(sr.tok),
+                           std::to_string(sr.tick),
+                           "1",
+                           "0"},
+                          path);
+  if (wait_for(pid) != 0) fail("redis-benchmark failed");
+  FILE* f = std::fopen(path, "r");
+  char line[1024];
+  double rps = 0;
+  while (f && std::fgets(line, sizeof line, f)) {
+    // "EVALSHA ...","<rps>",...
+    const char* p = std::strstr(line, "\",\"");
+    if (p && std::strncmp(line, "\"test\"", 6) != 0) rps = std::atof(p + 3);
+  }
+  if (f) std::fclose(f);
+  std::remove(path);
+  if (rps <= 0) fail("could not read redis-benchmark's output");
+  return rps;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int reps = 5, coroutines = 200;
+  double secs = 1.0;
+  int port = 0;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i];
+    if (a == "--reps")
+      reps = std::atoi(argv[i + 1]);
+    else if (a == "--seconds")
+      secs = std::atof(argv[i + 1]);
+    else if (a == "--coroutines")
+      coroutines = std::atoi(argv[i + 1]);
+    else if (a == "--port")
+      port = std::atoi(argv[i + 1]);
+    else
+      fail("unknown option " + a);
+  }
+  pid_t server = -1;
+  if (port == 0) {
+    port = free_port();
+    server = spawn({"redis-server", "--port", std::to_string(port), "--bind", "127.0.0.1", "--save",
+                    "", "--appendonly", "no"},
+                   "/dev/null");
+    asio::io_context ctx;
+    const auto end = steady_clock::now() + seconds(10);
+    for (;;) {
+      try {
+        asio::ip::tcp::socket s(ctx);
+        s.connect({asio::ip::make_address("127.0.0.1"), static_cast<std::uint16_t>(port)});
+        break;
+      } catch (const std::exception&) {
+        if (steady_clock::now() > end) fail("redis-server did not start");
+        std::this_thread::sleep_for(milliseconds(10));
+      }
+    }
+  }
+  const std::string sha = rd::script_sha1();
+  {
+    // Load the script for redis-benchmark's EVALSHA.
+    asio::io_context ctx;
+    ratelimit::redis_config cfg;
+    cfg.port = static_cast<std::uint16_t>(port);
+    ratelimit::redis_connection conn(ctx, cfg);
+    bool done = false;
+    conn.async_exec({"SCRIPT", "LOAD", std::string(rd::bucket_script)},
+                    [&](boost::system::error_code ec, ratelimit::redis_reply r) {
+                      if (ec || r.str != sha) fail("SCRIPT LOAD: " + ec.message() + " " + r.str);
+                      done = true;
+                      conn.close();
+                    });
+    while (!done)
+      ctx.run_one();
+    ctx.run_for(milliseconds(50));
+  }
+  const std::uint16_t p = static_cast<std::uint16_t>(port);
+  for (int rep = 0; rep < reps; ++rep) {
+    // Interleaved, so drift on this shared machine hits every implementation alike.
+    for (std::uint64_t lease : {std::uint64_t{0}, std::uint64_t{16}}) {
+      const auto [g, t] =
+          run_ours(p, "bench:ours:" + std::to_string(lease) + ":" + std::to_string(rep), coroutines,
+                   secs, lease);
+      std::printf(
+          "impl=asio_ratelimit%s workload=redis rep=%d grants_per_s=%.0f "
+          "round_trips_per_s=%.0f coroutines=%d\n",
+          lease ? "_lease16" : "", rep, g, t, coroutines);
+      std::fflush(stdout);
+    }
+    const double one = run_redis_benchmark(p, sha, 1, 200, 200000);
+    std::printf("impl=redis_benchmark_c1_P200 workload=redis rep=%d grants_per_s=%.0f\n", rep, one);
+    const double many = run_redis_benchmark(p, sha, 50, 1, 100000);
+    std::printf("impl=redis_benchmark_c50_P1 workload=redis rep=%d grants_per_s=%.0f\n", rep, many);
+    std::fflush(stdout);
+  }
+  if (server > 0) {
+    kill(server, SIGKILL);
+    wait_for(server);
+  }
+}

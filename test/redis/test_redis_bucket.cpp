@@ -1,0 +1,476 @@
+// redis_token_bucket in one process against a real redis-server: grants and
+// waits, try, FIFO, cancellation, close, blocking calls, clock independence,
+// each fault policy with the server killed mid-run, bad keys, script reload,
+// and the lease slack bound.
+#include "redis_server.hpp"
+#include "test_support.hpp"
+
+#include <ratelimit/redis/redis_token_bucket.hpp>
+
+#include <boost/asio.hpp>
+#include <boost/test/unit_test.hpp>
+
+using namespace ratelimit;
+using namespace ratelimit::test;
+using namespace std::chrono_literals;
+namespace asio = boost::asio;
+using steady = std::chrono::steady_clock;
+
+namespace {
+
+const auto unavailable = error::make_error_code(error::redis_unavailable);
+
+struct fixture {
+  redis_server server;
+  asio::io_context ctx;
+  redis_connection conn{ctx, server.config()};
+};
+
+template <typename Bucket>
+std::optional<std::pair<boost::system::error_code, bool>> try_get(asio::io_context& ctx, Bucket& b,
+                                                                  std::uint64_t n = 1) {
+  std::optional<std::pair<boost::system::error_code, bool>> r;
+  b.async_try_get_token(n, [&](boost::system::error_code ec, bool g) { r.emplace(ec, g); });
+  run_until(ctx, [&] { return r.has_value(); });
+  return r;
+}
+
+/// A client clock far from the server's, and running at its own speed:
+/// now = origin + offset + (steady - origin) * num / den.
+template <int Id, std::int64_t OffsetSeconds, int Num, int Den>
+struct skewed_clock {
+  using rep = std::int64_t;
+  using period = std::nano;
+  using duration = std::chrono::nanoseconds;
+  using time_point = std::chrono::time_point<skewed_clock>;
+  static constexpr bool is_steady = true;
+  static time_point now() noexcept {
+    static const auto origin = steady::now();
+    const auto real = std::chrono::duration_cast<duration>(steady::now() - origin).count();
+    return time_point(
+        duration(OffsetSeconds * 1'000'000'000 + 1'000'000'000'000 + real / Den * Num));
+  }
+};
+
+/// Waits that really last what the skewed clock says (so a fast clock wakes early).
+template <typename Clock, int Num, int Den>
+struct skewed_traits {
+  static typename Clock::duration to_wait_duration(const typename Clock::duration& d) {
+    return d * Den / Num;
+  }
+  static typename Clock::duration to_wait_duration(const typename Clock::time_point& t) {
+    return to_wait_duration(t - Clock::now());
+  }
+};
+
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(redis_bucket)
+
+BOOST_FIXTURE_TEST_CASE(grants_then_waits_for_the_rate, fixture) {
+  redis_token_bucket bucket(conn, "b", 5, per_second(20));  // 50 ms per token
+  // The key is created (full) after t0: the 6th token cannot exist before
+  // t0 + 50 ms, nor the 7th and 8th before t0 + 150 ms.
+  const auto t0 = steady::now();
+  std::vector<std::shared_ptr<outcome>> first;
+  for (int i = 0; i < 5; ++i)
+    first.push_back(request(bucket));
+  BOOST_TEST(!first[0]->done());  // never inline
+  BOOST_REQUIRE(run_until(ctx, [&] { return first.back()->done(); }));
+  for (auto& o : first)
+    BOOST_TEST(o->ok());
+  auto sixth = request(bucket);
+  auto seventh = request(bucket, 2);
+  BOOST_REQUIRE(run_until(ctx, [&] { return sixth->done(); }));
+  const auto t6 = steady::now() - t0;
+  BOOST_REQUIRE(run_until(ctx, [&] { return seventh->done(); }));
+  const auto t7 = steady::now() - t0;
+  BOOST_TEST(sixth->ok());
+  BOOST_TEST(seventh->ok());
+  BOOST_TEST(sixth->order < seventh->order);
+  BOOST_TEST((t6 >= 49ms));
+  BOOST_TEST((t7 >= 149ms));
+  BOOST_TEST((t7 < 1000ms));
+  const auto s = bucket.stats();
+  BOOST_TEST(s.granted == 8u);
+  BOOST_TEST(s.redis_tokens == 8u);
+  BOOST_TEST(s.round_trips < 20u);  // waits are timed, not polled
+}
+
+BOOST_FIXTURE_TEST_CASE(immediate_errors, fixture) {
+  redis_token_bucket bucket(conn, "e", 3, per_second(1));
+  auto big = request(bucket, 4);
+  BOOST_TEST(!big->done());
+  BOOST_REQUIRE(run_until(ctx, [&] { return big->done(); }));
+  BOOST_TEST(big->ec == error::make_error_code(error::exceeds_capacity));
+  auto zero = request(bucket, 0);
+  BOOST_REQUIRE(run_until(ctx, [&] { return zero->done(); }));
+  BOOST_TEST(zero->ok());
+  bucket.close();
+  BOOST_TEST(!bucket.is_open());
+  auto late = request(bucket);
+  BOOST_REQUIRE(run_until(ctx, [&] { return late->done(); }));
+  BOOST_TEST(late->ec == error::make_error_code(error::bucket_closed));
+  auto t = try_get(ctx, bucket);
+  BOOST_TEST(t->first == error::make_error_code(error::bucket_closed));
+  BOOST_CHECK_THROW(redis_token_bucket(conn, "x", 1'000'000'000'000, per_second(1)),
+                    std::invalid_argument);
+}
+
+BOOST_FIXTURE_TEST_CASE(try_get_token, fixture) {
+  redis_token_bucket bucket(conn, "t", 2, per_second(1));
+  BOOST_TEST(try_get(ctx, bucket)->second);
+  BOOST_TEST(try_get(ctx, bucket)->second);
+  auto third = try_get(ctx, bucket);
+  BOOST_TEST(!third->first);
+  BOOST_TEST(!third->second);
+  BOOST_TEST(try_get(ctx, bucket, 3)->first == error::make_error_code(error::exceeds_capacity));
+  // With a waiter queued, a try is refused locally: its tokens are owed.
+  auto w = request(bucket);
+  auto blocked = try_get(ctx, bucket);
+  BOOST_TEST(!blocked->second);
+  bucket.cancel();
+  BOOST_REQUIRE(run_until(ctx, [&] { return w->done(); }));
+  BOOST_TEST(w->ec == asio::error::operation_aborted);
+}
+
+BOOST_FIXTURE_TEST_CASE(fifo_and_only_the_head_asks, fixture) {
+  redis_token_bucket bucket(conn, "fifo", 3, per_second(200));  // 5 ms per token
+  std::vector<std::shared_ptr<outcome>> all;
+  for (int i = 0; i < 40; ++i)
+    all.push_back(request(bucket, 1 + i % 3));
+  BOOST_REQUIRE(run_until(ctx, [&] { return all.back()->done(); }));
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    BOOST_TEST(all[i]->ok());
+    if (i) BOOST_TEST(all[i - 1]->order < all[i]->order);
+  }
+  // Each waiter costs about one denied and one granted round trip, not a poll loop.
+  BOOST_TEST(bucket.stats().round_trips <= 3 * all.size());
+}
+
+BOOST_FIXTURE_TEST_CASE(per_operation_cancellation, fixture) {
+  redis_token_bucket bucket(conn, "c", 1, per_second(1));
+  auto first = request(bucket);
+  BOOST_REQUIRE(run_until(ctx, [&] { return first->done(); }));
+  for (auto type : {asio::cancellation_type::terminal, asio::cancellation_type::partial,
+                    asio::cancellation_type::total}) {
+    asio::cancellation_signal head_sig, mid_sig;
+    auto head = std::make_shared<outcome>();
+    auto mid = std::make_shared<outcome>();
+    auto tail = std::make_shared<outcome>();
+    bucket.async_get_token(asio::bind_cancellation_slot(head_sig.slot(), checked_handler(head)));
+    bucket.async_get_token(asio::bind_cancellation_slot(mid_sig.slot(), checked_handler(mid)));
+    bucket.async_get_token(checked_handler(tail));
+    run_until(
+        ctx, [] { return false; }, 30ms);  // the head is waiting on its timer now
+    mid_sig.emit(type);
+    head_sig.emit(type);
+    BOOST_REQUIRE(run_until(
+        ctx, [&] { return head->done() && mid->done(); }, 500ms));
+    BOOST_TEST(head->ec == asio::error::operation_aborted);
+    BOOST_TEST(mid->ec == asio::error::operation_aborted);
+    BOOST_TEST(!tail->done());
+    BOOST_TEST(bucket.waiting() == 1u);
+    bucket.cancel();
+    BOOST_REQUIRE(run_until(ctx, [&] { return tail->done(); }));
+    BOOST_TEST(tail->ec == asio::error::operation_aborted);
+  }
+}
+
+BOOST_FIXTURE_TEST_CASE(close_and_destroy_complete_waiters, fixture) {
+  auto waiter_closed = std::make_shared<outcome>();
+  auto waiter_destroyed = std::make_shared<outcome>();
+  {
+    redis_token_bucket bucket(conn, "cl", 1, per_minute(1));
+    auto first = request(bucket);
+    BOOST_REQUIRE(run_until(ctx, [&] { return first->done(); }));
+    bucket.async_get_token(checked_handler(waiter_closed));
+    run_until(
+        ctx, [] { return false; }, 20ms);
+    bucket.close();
+    BOOST_REQUIRE(run_until(ctx, [&] { return waiter_closed->done(); }));
+    BOOST_TEST(waiter_closed->ec == error::make_error_code(error::bucket_closed));
+  }
+  {
+    redis_token_bucket bucket(conn, "cl2", 1, per_minute(1));
+    auto first = request(bucket);
+    BOOST_REQUIRE(run_until(ctx, [&] { return first->done(); }));
+    bucket.async_get_token(checked_handler(waiter_destroyed));
+    run_until(
+        ctx, [] { return false; }, 20ms);
+  }
+  BOOST_REQUIRE(run_until(ctx, [&] { return waiter_destroyed->done(); }));
+  BOOST_TEST(waiter_destroyed->ec == asio::error::operation_aborted);
+  // A request in flight when the bucket dies completes into nothing.
+  {
+    redis_token_bucket bucket(conn, "cl3", 1, per_minute(1));
+    auto o = request(bucket);
+    (void)o;
+  }
+  run_until(
+      ctx, [] { return false; }, 50ms);
+}
+
+BOOST_FIXTURE_TEST_CASE(blocking_get_token, fixture) {
+  redis_token_bucket bucket(conn, "blk", 2, per_second(20));
+  auto guard = asio::make_work_guard(ctx);
+  std::thread runner([&] { ctx.run(); });
+  const auto t0 = steady::now();
+  for (int i = 0; i < 4; ++i)
+    bucket.get_token();
+  BOOST_TEST((steady::now() - t0 >= 80ms));  // two waited 50 ms each
+  // On a thread that runs the context: would_deadlock, at once.
+  std::promise<boost::system::error_code> p;
+  asio::post(ctx, [&] {
+    boost::system::error_code ec;
+    bucket.get_token(1, ec);
+    p.set_value(ec);
+  });
+  auto f = p.get_future();
+  BOOST_REQUIRE(f.wait_for(5s) == std::future_status::ready);
+  BOOST_TEST(f.get() == error::make_error_code(error::would_deadlock));
+  BOOST_CHECK_THROW(bucket.get_token(3), boost::system::system_error);  // exceeds capacity
+  guard.reset();
+  conn.close();
+  ctx.stop();
+  runner.join();
+}
+
+BOOST_FIXTURE_TEST_CASE(client_clocks_do_not_matter, fixture) {
+  // Two clients of one key: one clock an hour ahead running 3x fast (its
+  // waits end early), one a day behind running at half speed.
+  using fast_clock = skewed_clock<1, 3600, 3, 1>;
+  using slow_clock = skewed_clock<2, -86400, 1, 2>;
+  redis_connection conn2(ctx, server.config());
+  basic_redis_token_bucket<fast_clock, skewed_traits<fast_clock, 3, 1>> fast(conn, "skew", 10,
+                                                                             per_second(200));
+  basic_redis_token_bucket<slow_clock, skewed_traits<slow_clock, 1, 2>> slow(conn2, "skew", 10,
+                                                                             per_second(200));
+  std::atomic<bool> stop{false};
+  int granted = 0, running = 0;
+  auto worker = [&](auto& bucket) -> asio::awaitable<void> {
+    ++running;
+    while (!stop) {
+      auto [ec] = co_await bucket.async_get_token(asio::as_tuple(asio::use_awaitable));
+      if (ec) break;
+      if (!stop) ++granted;
+    }
+    --running;
+  };
+  const auto t0 = std::chrono::system_clock::now();
+  for (int i = 0; i < 10; ++i) {
+    asio::co_spawn(ctx, worker(fast), asio::detached);
+    asio::co_spawn(ctx, worker(slow), asio::detached);
+  }
+  run_until(
+      ctx, [] { return false; }, 1000ms);
+  stop = true;
+  const double elapsed =
+      std::chrono::duration<double>(std::chrono::system_clock::now() - t0).count();
+  fast.close();
+  slow.close();
+  BOOST_REQUIRE(run_until(ctx, [&] { return running == 0; }));
+  const double bound = 10 + 200 * elapsed;
+  BOOST_TEST_MESSAGE("granted " << granted << " in " << elapsed << " s, bound " << bound);
+  BOOST_TEST(granted <= bound);
+  BOOST_TEST(granted >= 0.85 * bound);
+  BOOST_TEST(fast.stats().granted > 0u);
+  BOOST_TEST(slow.stats().granted > 0u);
+}
+
+namespace {
+
+struct fault_run {
+  int before = 0, during = 0, after = 0;  // grants in each phase
+  int errors_during = 0, other_errors = 0;
+  redis_bucket_stats stats;
+};
+
+/// 10 coroutines take tokens; Redis is killed after 300 ms and restarted 600 ms later.
+fault_run run_with_fault(redis_fault_policy policy) {
+  redis_server server;
+  asio::io_context ctx;
+  auto cfg = server.config();
+  cfg.request_timeout = 300ms;
+  redis_connection conn(ctx, cfg);
+  redis_bucket_options opts;
+  opts.on_fault = policy;
+  redis_token_bucket bucket(conn, "fault", 5, per_second(50), opts);
+  int phase = 0, running = 0;
+  bool stop = false;
+  fault_run out;
+  auto worker = [&]() -> asio::awaitable<void> {
+    ++running;
+    while (!stop) {
+      auto [ec] = co_await bucket.async_get_token(asio::as_tuple(asio::use_awaitable));
+      if (ec == error::bucket_closed) break;
+      if (!ec) {
+        (phase == 0 ? out.before : phase == 1 ? out.during : out.after)++;
+      } else {
+        if (ec == unavailable && phase == 1)
+          ++out.errors_during;
+        else if (ec != unavailable)
+          ++out.other_errors;
+        asio::steady_timer t(ctx, 10ms);
+        co_await t.async_wait(asio::use_awaitable);
+      }
+    }
+    --running;
+  };
+  for (int i = 0; i < 10; ++i)
+    asio::co_spawn(ctx, worker(), asio::detached);
+  run_until(
+      ctx, [] { return false; }, 300ms);
+  server.stop();
+  // Grants already on their way when the server died are not "during".
+  run_until(
+      ctx, [] { return false; }, 20ms);
+  phase = 1;
+  run_until(
+      ctx, [] { return false; }, 580ms);
+  phase = 2;
+  server.start();
+  run_until(
+      ctx, [] { return false; }, 700ms);
+  stop = true;
+  bucket.close();
+  // No waiter hangs: every coroutine ends (bounded).
+  BOOST_REQUIRE(run_until(
+      ctx, [&] { return running == 0; }, 5s));
+  out.stats = bucket.stats();
+  return out;
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(fault_fail_closed) {
+  const auto r = run_with_fault(redis_fault_policy::fail_closed);
+  BOOST_TEST_MESSAGE("closed: " << r.before << " " << r.during << " " << r.after << " errors "
+                                << r.errors_during);
+  BOOST_TEST(r.before >= 10);
+  BOOST_TEST(r.during == 0);
+  BOOST_TEST(r.errors_during > 0);
+  BOOST_TEST(r.after >= 10);  // recovered without a new connection object
+  BOOST_TEST(r.other_errors == 0);
+}
+
+BOOST_AUTO_TEST_CASE(fault_fail_open) {
+  const auto r = run_with_fault(redis_fault_policy::fail_open);
+  BOOST_TEST_MESSAGE("open: " << r.before << " " << r.during << " " << r.after);
+  BOOST_TEST(r.before >= 10);
+  BOOST_TEST(r.during > 100);  // everything granted while Redis is gone
+  BOOST_TEST(r.errors_during == 0);
+  BOOST_TEST(r.stats.fail_open_grants >= static_cast<std::uint64_t>(r.during));
+  BOOST_TEST(r.after >= 10);
+  BOOST_TEST(r.other_errors == 0);
+}
+
+BOOST_AUTO_TEST_CASE(fault_local_fallback) {
+  const auto r = run_with_fault(redis_fault_policy::local_fallback);
+  BOOST_TEST_MESSAGE("fallback: " << r.before << " " << r.during << " " << r.after);
+  BOOST_TEST(r.before >= 10);
+  // The local bucket (5 tokens, 50/s) serves about 5 + 50 * 0.58 while Redis is gone.
+  BOOST_TEST(r.during >= 10);
+  BOOST_TEST(r.during <= 5 + 50 * 0.62 + 2);
+  BOOST_TEST(r.errors_during == 0);
+  BOOST_TEST(r.stats.fallback_grants > 0u);
+  BOOST_TEST(r.after >= 10);
+  BOOST_TEST(r.other_errors == 0);
+}
+
+BOOST_FIXTURE_TEST_CASE(bad_keys_give_clear_errors, fixture) {
+  exec(ctx, conn, {"SET", "str", "hello"});
+  redis_token_bucket wrong_type(conn, "str", 5, per_second(1));
+  auto o = request(wrong_type);
+  BOOST_REQUIRE(run_until(ctx, [&] { return o->done(); }));
+  BOOST_TEST(o->ec == error::make_error_code(error::redis_error));
+  auto t = try_get(ctx, wrong_type);
+  BOOST_TEST(t->first == error::make_error_code(error::redis_error));
+  // The next waiter gets the same answer; nobody hangs.
+  auto o2 = request(wrong_type);
+  BOOST_REQUIRE(run_until(ctx, [&] { return o2->done(); }));
+  BOOST_TEST(o2->ec == error::make_error_code(error::redis_error));
+
+  redis_token_bucket a(conn, "shared", 5, per_second(1));
+  auto oa = request(a);
+  BOOST_REQUIRE(run_until(ctx, [&] { return oa->done(); }));
+  BOOST_TEST(oa->ok());
+  redis_token_bucket b(conn, "shared", 5, per_second(2));  // another configuration
+  auto ob = request(b);
+  BOOST_REQUIRE(run_until(ctx, [&] { return ob->done(); }));
+  BOOST_TEST(ob->ec == error::make_error_code(error::redis_error));
+}
+
+BOOST_FIXTURE_TEST_CASE(script_reloaded_after_flush, fixture) {
+  redis_token_bucket bucket(conn, "flush", 100, per_second(1));
+  auto o = request(bucket);
+  BOOST_REQUIRE(run_until(ctx, [&] { return o->done(); }));
+  BOOST_TEST(o->ok());
+  BOOST_TEST(!exec(ctx, conn, {"SCRIPT", "FLUSH"}).ec);
+  auto o2 = request(bucket);
+  BOOST_REQUIRE(run_until(ctx, [&] { return o2->done(); }));
+  BOOST_TEST(o2->ok());
+  BOOST_TEST(!exec(ctx, conn, {"SCRIPT", "FLUSH"}).ec);
+  BOOST_TEST(try_get(ctx, bucket)->second);
+}
+
+BOOST_FIXTURE_TEST_CASE(leasing_cuts_round_trips, fixture) {
+  redis_bucket_options opts;
+  opts.lease = 9;
+  redis_token_bucket bucket(conn, "lease", 100, per_second(1), opts);
+  std::vector<std::shared_ptr<outcome>> all;
+  for (int i = 0; i < 50; ++i)
+    all.push_back(request(bucket));
+  BOOST_REQUIRE(run_until(ctx, [&] { return all.back()->done(); }));
+  for (auto& o : all)
+    BOOST_TEST(o->ok());
+  const auto s = bucket.stats();
+  BOOST_TEST(s.round_trips == 5u);  // 1 + 9 tokens each
+  BOOST_TEST(s.granted == 50u);
+  BOOST_TEST(s.redis_tokens == 50u);
+}
+
+BOOST_FIXTURE_TEST_CASE(lease_slack_is_exactly_processes_times_lease, fixture) {
+  // Two clients (two connections, as two processes would have) lease 4
+  // tokens each, then the Redis bucket refills to full: in the window that
+  // follows, capacity + 2 * 4 tokens are granted at once, and not one more.
+  redis_connection conn2(ctx, server.config());
+  redis_bucket_options opts;
+  opts.lease = 4;
+  opts.lease_ttl = 10s;
+  redis_token_bucket a(conn, "slack", 10, per_second(100), opts);
+  redis_token_bucket b(conn2, "slack", 10, per_second(100), opts);
+  BOOST_TEST(try_get(ctx, a)->second);  // takes 1 + 4
+  BOOST_TEST(try_get(ctx, b)->second);  // takes 1 + 4
+  BOOST_TEST(a.stats().redis_tokens == 5u);
+  BOOST_TEST(b.stats().redis_tokens == 5u);
+  run_until(
+      ctx, [] { return false; }, 150ms);  // the Redis bucket is full again (100 ms)
+  int granted = 0;
+  const auto t0 = steady::now();
+  for (int i = 0; i < 30; ++i) {
+    if (try_get(ctx, a)->second) ++granted;
+    if (try_get(ctx, b)->second) ++granted;
+  }
+  const double window = std::chrono::duration<double>(steady::now() - t0).count();
+  BOOST_TEST_MESSAGE("lease slack: " << granted << " granted in " << window << " s");
+  // capacity + rate * window + processes * lease, and the slack is really there.
+  BOOST_TEST(granted <= 10 + 100 * window + 2 * 4);
+  BOOST_TEST(granted >= 10 + 2 * 4);
+}
+
+BOOST_FIXTURE_TEST_CASE(leased_tokens_expire, fixture) {
+  redis_bucket_options opts;
+  opts.lease = 5;
+  opts.lease_ttl = 50ms;
+  redis_token_bucket bucket(conn, "lttl", 10, per_second(1), opts);
+  BOOST_TEST(try_get(ctx, bucket)->second);  // 1 + 5 taken
+  run_until(
+      ctx, [] { return false; }, 100ms);
+  BOOST_TEST(try_get(ctx, bucket)->second);  // the 5 expired: another round trip
+  const auto s = bucket.stats();
+  BOOST_TEST(s.round_trips == 2u);
+  BOOST_TEST(s.lease_dropped == 5u);
+}
+
+BOOST_AUTO_TEST_SUITE_END()

@@ -1,0 +1,287 @@
+// The Lua script run in a real redis-server, side by side with bucket_state:
+// fed the same requests at the same times (ns = us * 1000), they must agree
+// on every decision and on every wait. Also the construction checks, the
+// reply parser, expiry and the script's refusals.
+#include "redis_server.hpp"
+
+#include <ratelimit/detail/bucket_state.hpp>
+#include <ratelimit/redis/detail/script.hpp>
+#include <ratelimit/redis/redis_token_bucket.hpp>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/test/unit_test.hpp>
+
+#include <random>
+
+using namespace ratelimit;
+using namespace ratelimit::test;
+using namespace std::chrono_literals;
+namespace rd = ratelimit::redis_detail;
+
+namespace {
+
+struct step {
+  std::int64_t now_us;
+  std::uint64_t n;
+  std::uint64_t extra;
+};
+
+/// Runs `steps` through the script on `key` (pipelined) and through bucket_state; compares.
+void side_by_side(boost::asio::io_context& ctx, redis_connection& conn, const std::string& key,
+                  std::uint64_t capacity, rate r, const std::vector<step>& steps) {
+  const auto sr = rd::make_script_rate(capacity, r);
+  const std::string sha = rd::script_sha1();
+  exec(ctx, conn, {"DEL", key});
+  auto load = exec(ctx, conn, {"SCRIPT", "LOAD", std::string(rd::bucket_script)});
+  BOOST_REQUIRE(!load.ec);
+  BOOST_REQUIRE_EQUAL(load.reply.str, sha);  // our SHA1 is the server's
+
+  std::vector<std::optional<exec_result>> results(steps.size());
+  for (std::size_t i = 0; i < steps.size(); ++i)
+    conn.async_exec(rd::script_args(sha, key, sr, steps[i].n, steps[i].extra, steps[i].now_us),
+                    [&results, i](boost::system::error_code ec, redis_reply reply) {
+                      results[i] = exec_result{ec, std::move(reply)};
+                    });
+  BOOST_REQUIRE(run_until(
+      ctx, [&] { return results.back().has_value(); }, 60s));
+
+  detail::bucket_state state(capacity, detail::reduce(r), steps.front().now_us * 1000, capacity);
+  std::size_t granted = 0, denied = 0;
+  for (std::size_t i = 0; i < steps.size(); ++i) {
+    const auto& s = steps[i];
+    BOOST_REQUIRE(results[i].has_value());
+    BOOST_REQUIRE_MESSAGE(!results[i]->ec, "step " << i << ": " << results[i]->ec.message() << " "
+                                                   << results[i]->reply.str);
+    rd::script_result res;
+    BOOST_REQUIRE(!rd::parse_script_reply(results[i]->reply, res));
+    const std::int64_t now_ns = s.now_us * 1000;
+    const bool expect = state.try_take(now_ns, s.n);
+    BOOST_REQUIRE_MESSAGE(res.granted == expect, "step " << i << " (n=" << s.n << ", t=" << s.now_us
+                                                         << "): script says " << res.granted);
+    if (expect) {
+      ++granted;
+      const std::uint64_t more = std::min(s.extra, state.available());
+      state.take(more);
+      BOOST_REQUIRE_EQUAL(res.taken, s.n + more);
+    } else {
+      ++denied;
+      // bucket_state's wait in ns, from now (its last() may be later: time went back).
+      BOOST_REQUIRE(state.last() >= now_ns);
+      const std::uint64_t wait_ns =
+          state.ticks_until(s.n) + static_cast<std::uint64_t>(state.last() - now_ns);
+      BOOST_REQUIRE_EQUAL(res.wait_us, std::min((wait_ns + 999) / 1000, rd::max_wait_us));
+    }
+  }
+  // Both kinds of decision were exercised.
+  BOOST_TEST(granted > steps.size() / 10);
+  BOOST_TEST(denied > steps.size() / 10);
+  // The stored level is the same rational number of tokens.
+  auto l = exec(ctx, conn, {"HGET", key, "l"});
+  BOOST_REQUIRE((l.reply.type == redis_reply::kind::string));
+  BOOST_TEST(std::stoull(l.reply.str) / sr.tick == state.available());
+  exec(ctx, conn, {"DEL", key});
+}
+
+std::vector<step> random_steps(std::mt19937_64& rng, std::uint64_t capacity, rate r,
+                               std::size_t count, bool with_extra) {
+  const auto sr = rd::make_script_rate(capacity, r);
+  // Time for the whole bucket to refill, in us (the script's exact figure).
+  const std::uint64_t full_us = (capacity * sr.tick + sr.tok - 1) / sr.tok;
+  const std::uint64_t token_us = std::max<std::uint64_t>(1, sr.tick / sr.tok);
+  std::vector<step> steps;
+  std::int64_t now = 1'764'000'000'000'000;  // a TIME of 2025, in us
+  for (std::size_t i = 0; i < count; ++i) {
+    switch (rng() % 8) {
+      case 0:
+        break;  // same instant
+      case 1:
+        now += 1;
+        break;  // one microsecond
+      case 2:
+        now -= static_cast<std::int64_t>(rng() % (token_us * 3 + 1));
+        break;  // back
+      case 3:
+        now += static_cast<std::int64_t>(
+            rng() % (std::min<std::uint64_t>(2 * full_us, 1'000'000'000'000) + 1));
+        break;
+      default:
+        now += static_cast<std::int64_t>(rng() % (token_us * 2 + 1));
+        break;
+    }
+    std::uint64_t n;
+    switch (rng() % 4) {
+      case 0:
+        n = rng() % (capacity + 1);
+        break;
+      case 1:
+        n = capacity - rng() % std::min<std::uint64_t>(capacity, 3);
+        break;
+      default:
+        n = 1 + rng() % std::min<std::uint64_t>(capacity, 3);
+        break;
+    }
+    const std::uint64_t extra = with_extra && rng() % 2 ? rng() % (capacity + 2) : 0;
+    steps.push_back({now, n, extra});
+  }
+  return steps;
+}
+
+struct server_fixture {
+  redis_server server;
+  boost::asio::io_context ctx;
+  redis_connection conn{ctx, server.config()};
+};
+
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(redis_script)
+
+BOOST_FIXTURE_TEST_CASE(agrees_with_bucket_state, server_fixture) {
+  struct config {
+    std::uint64_t capacity;
+    rate r;
+  };
+  const config configs[] = {
+      {10, per_second(3)},  // tok 3, tick 10^6
+      {1, rate{1, 1ns}},    // 1000 tokens per us
+      {7, rate{5, 3ns}},    // period not a whole us
+      {13, rate{7, 1300ns}},
+      {100, rate{3, 7us}},
+      {2'000'000, per_hour(7)},        // tick 3.6e9
+      {9'007'199'253, per_second(1)},  // capacity * tick + tok just below 2^53
+      {5, rate{1'000'000, 1ns}},       // 10^9 tokens per us
+  };
+  std::mt19937_64 rng(20261128);
+  int i = 0;
+  for (const auto& c : configs) {
+    BOOST_TEST_CONTEXT("capacity " << c.capacity << ", " << c.r.tokens << " per "
+                                   << c.r.period.count() << " ns") {
+      side_by_side(ctx, conn, "sbs:" + std::to_string(i), c.capacity, c.r,
+                   random_steps(rng, c.capacity, c.r, 1500, false));
+      side_by_side(ctx, conn, "sbs-lease:" + std::to_string(i), c.capacity, c.r,
+                   random_steps(rng, c.capacity, c.r, 500, true));
+    }
+    ++i;
+  }
+}
+
+BOOST_AUTO_TEST_CASE(rejects_inexact_configurations) {
+  // capacity * tick + tok must not exceed 2^53.
+  BOOST_CHECK_NO_THROW(rd::make_script_rate(9'007'199'253, per_second(1)));
+  BOOST_CHECK_THROW(rd::make_script_rate(9'007'199'255, per_second(1)), std::invalid_argument);
+  BOOST_CHECK_THROW(rd::make_script_rate(3'000'000, per_hour(7)), std::invalid_argument);
+  BOOST_CHECK_THROW(rd::make_script_rate(0, per_second(1)), std::invalid_argument);
+  BOOST_CHECK_THROW(rd::make_script_rate(1, rate{0, 1s}), std::invalid_argument);
+  BOOST_CHECK_THROW(rd::make_script_rate(1, rate{~std::uint64_t{0}, 1ns}), std::invalid_argument);
+  try {
+    rd::make_script_rate(1'000'000'000'000, per_second(1));
+    BOOST_FAIL("no exception");
+  } catch (const std::invalid_argument& e) {
+    BOOST_TEST(std::string(e.what()).find("2^53") != std::string::npos);
+  }
+  // Reduction: 3 per second is 3 units per us, 10^6 units per token.
+  const auto sr = rd::make_script_rate(10, per_second(3));
+  BOOST_TEST(sr.tok == 3u);
+  BOOST_TEST(sr.tick == 1'000'000u);
+  const auto sr2 = rd::make_script_rate(10, rate{4, 2000ns});
+  BOOST_TEST(sr2.tok == 2u);
+  BOOST_TEST(sr2.tick == 1u);
+}
+
+BOOST_AUTO_TEST_CASE(reply_parser) {
+  auto integer = [](long long v) {
+    redis_reply r;
+    r.type = redis_reply::kind::integer;
+    r.integer = v;
+    return r;
+  };
+  auto array = [](std::vector<redis_reply> e) {
+    redis_reply r;
+    r.type = redis_reply::kind::array;
+    r.elements = std::move(e);
+    return r;
+  };
+  rd::script_result res;
+  BOOST_TEST(!rd::parse_script_reply(array({integer(1), integer(3), integer(0)}), res));
+  BOOST_TEST(res.granted);
+  BOOST_TEST(res.taken == 3u);
+  BOOST_TEST(!rd::parse_script_reply(array({integer(0), integer(0), integer(250)}), res));
+  BOOST_TEST(!res.granted);
+  BOOST_TEST(res.wait_us == 250u);
+  const auto bad = error::make_error_code(error::redis_bad_reply);
+  BOOST_TEST(rd::parse_script_reply(array({integer(1), integer(3)}), res) == bad);
+  BOOST_TEST(rd::parse_script_reply(array({integer(1), integer(3), integer(0), integer(0)}), res) ==
+             bad);
+  BOOST_TEST(rd::parse_script_reply(array({integer(2), integer(3), integer(0)}), res) == bad);
+  BOOST_TEST(rd::parse_script_reply(array({integer(0), integer(0), integer(-1)}), res) == bad);
+  BOOST_TEST(rd::parse_script_reply(array({integer(0), integer(0), integer(0)}), res) == bad);
+  BOOST_TEST(rd::parse_script_reply(integer(1), res) == bad);
+  redis_reply s;
+  s.type = redis_reply::kind::string;
+  s.str = std::string(1 << 20, 'x');  // a large reply of the wrong shape
+  BOOST_TEST(rd::parse_script_reply(s, res) == bad);
+  BOOST_TEST(rd::parse_script_reply(array({s, integer(0), integer(0)}), res) == bad);
+  redis_reply e;
+  e.type = redis_reply::kind::error;
+  e.str = "ERR something";
+  BOOST_TEST(rd::parse_script_reply(e, res) == error::make_error_code(error::redis_error));
+}
+
+BOOST_FIXTURE_TEST_CASE(key_expires_when_full_again, server_fixture) {
+  const auto sr = rd::make_script_rate(10, per_second(100));  // 10 ms per token
+  const std::string sha = rd::script_sha1();
+  exec(ctx, conn, {"SCRIPT", "LOAD", std::string(rd::bucket_script)});
+  // Taking 3 tokens: full again 30 ms later; the key expires then.
+  auto r = exec(ctx, conn, rd::script_args(sha, "exp", sr, 3, 0));
+  BOOST_REQUIRE(!r.ec);
+  auto ttl = exec(ctx, conn, {"PTTL", "exp"});
+  BOOST_TEST(ttl.reply.integer > 20);
+  BOOST_TEST(ttl.reply.integer <= 30);
+  // A request that leaves it full deletes it at once: an idle bucket costs nothing.
+  exec(ctx, conn, {"DEL", "exp"});
+  exec(ctx, conn, rd::script_args(sha, "exp", sr, 0, 0));
+  BOOST_TEST(exec(ctx, conn, {"EXISTS", "exp"}).reply.integer == 0);
+  // And after expiry the bucket is full (10 tokens at once).
+  exec(ctx, conn, rd::script_args(sha, "exp", sr, 10, 0));
+  BOOST_TEST(exec(ctx, conn, {"EXISTS", "exp"}).reply.integer == 1);
+  BOOST_REQUIRE(run_until(
+      ctx,
+      [&] {
+        return exec(ctx, conn, {"EXISTS", "exp"}).reply.integer == 0;
+      },
+      2s));
+  rd::script_result res;
+  BOOST_REQUIRE(
+      !rd::parse_script_reply(exec(ctx, conn, rd::script_args(sha, "exp", sr, 10, 0)).reply, res));
+  BOOST_TEST(res.granted);
+}
+
+BOOST_FIXTURE_TEST_CASE(script_refuses_bad_state, server_fixture) {
+  const auto sr = rd::make_script_rate(10, per_second(100));
+  const std::string sha = rd::script_sha1();
+  exec(ctx, conn, {"SCRIPT", "LOAD", std::string(rd::bucket_script)});
+  // A key of another type.
+  exec(ctx, conn, {"LPUSH", "list", "x"});
+  auto r = exec(ctx, conn, rd::script_args(sha, "list", sr, 1, 0));
+  BOOST_TEST(r.ec == error::make_error_code(error::redis_error));
+  BOOST_TEST(r.reply.str.find("WRONGTYPE") != std::string::npos);
+  // A hash that is not a bucket.
+  exec(ctx, conn, {"HSET", "hash", "l", "banana", "t", "1", "c", "10:1:10000"});
+  r = exec(ctx, conn, rd::script_args(sha, "hash", sr, 1, 0));
+  BOOST_TEST(r.ec == error::make_error_code(error::redis_error));
+  BOOST_TEST(r.reply.str.find("does not hold a bucket state") != std::string::npos);
+  // A bucket made with another configuration.
+  exec(ctx, conn, rd::script_args(sha, "other", rd::make_script_rate(10, per_second(7)), 1, 0));
+  r = exec(ctx, conn, rd::script_args(sha, "other", sr, 1, 0));
+  BOOST_TEST(r.ec == error::make_error_code(error::redis_error));
+  BOOST_TEST(r.reply.str.find("configured as") != std::string::npos);
+  // Arguments the script cannot use.
+  r = exec(ctx, conn, {"EVALSHA", sha, "1", "k", "10", "1", "1", "11", "0"});  // n > capacity
+  BOOST_TEST(r.ec == error::make_error_code(error::redis_error));
+  r = exec(ctx, conn, {"EVALSHA", sha, "1", "k", "ten", "1", "1", "1", "0"});
+  BOOST_TEST(r.ec == error::make_error_code(error::redis_error));
+  // The connection is fine after all that.
+  BOOST_TEST(!exec(ctx, conn, {"PING"}).ec);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
