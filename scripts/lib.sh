@@ -32,3 +32,8 @@ configure_tree() {
 
 RATELIMIT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export RATELIMIT_ROOT
+
+# ccache (the compiler launcher when installed): paths relative to the checkout,
+# so that two clones of the repository share one cache.
+export CCACHE_BASEDIR="$RATELIMIT_ROOT"
+export CCACHE_NOHASHDIR=1
