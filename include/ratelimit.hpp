@@ -5,6 +5,7 @@
 #define RATELIMIT_HPP
 
 #include <ratelimit/error.hpp>
+#include <ratelimit/keyed_limiter.hpp>
 #include <ratelimit/rate.hpp>
 #include <ratelimit/token_bucket.hpp>
 

@@ -21,7 +21,9 @@
 // The index is updated after every request on the key, O(log n). To admit a
 // new key at the bound, the limiter walks the index from the earliest time up
 // to now and evicts the first bucket that is, when checked exactly under the
-// lock, full, without waiters and not in use by a blocking caller. Buckets met
+// lock, full, without waiters and not in use by a blocking caller (waiters
+// whose tokens are due are granted first, as of when their tokens accrued, so
+// a bucket whose timer is merely late still counts as full). Buckets met
 // on the way that are not evictable are re-indexed at their true time, so each
 // walk is short: with 100k keys a new key costs a few set operations.
 //
@@ -99,9 +101,9 @@ class basic_keyed_limiter {
   using index_type = std::set<std::pair<std::int64_t, node*>>;
   struct node {
     std::shared_ptr<impl_type> bucket;
-    const Key* key = nullptr;               // the map's key (stable: node-based map)
-    typename index_type::iterator pos{};    // (time full again, this) in index_
-    std::size_t pins = 0;                   // blocking callers using the bucket
+    const Key* key = nullptr;             // the map's key (stable: node-based map)
+    typename index_type::iterator pos{};  // (time full again, this) in index_
+    std::size_t pins = 0;                 // blocking callers using the bucket
   };
   using map_type = std::unordered_map<Key, node, Hash, KeyEqual>;
 
@@ -114,8 +116,7 @@ class basic_keyed_limiter {
   /// holding at most `max_keys` keys.
   /// @throws std::invalid_argument if `capacity` or `max_keys` is 0 or `r` is
   /// not a positive rate.
-  basic_keyed_limiter(const executor_type& ex, std::uint64_t capacity, rate r,
-                      std::size_t max_keys)
+  basic_keyed_limiter(const executor_type& ex, std::uint64_t capacity, rate r, std::size_t max_keys)
       : executor_(ex), capacity_(detail::check_capacity(capacity)), rate_(r), max_keys_(max_keys) {
     detail::reduce(r);  // validates
     if (max_keys == 0) throw std::invalid_argument("ratelimit: max_keys must be at least 1");
@@ -123,7 +124,7 @@ class basic_keyed_limiter {
 
   /// The same, on the executor of an execution context (e.g. an io_context).
   template <typename ExecutionContext>
-    requires std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&>
+  requires std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&>
   basic_keyed_limiter(ExecutionContext& ctx, std::uint64_t capacity, rate r, std::size_t max_keys)
       : basic_keyed_limiter(executor_type(ctx.get_executor()), capacity, r, max_keys) {}
 
@@ -132,17 +133,17 @@ class basic_keyed_limiter {
 
   /// Completes every waiter with `operation_aborted`.
   ~basic_keyed_limiter() {
-    for (auto& [key, n] : map_) n.bucket->close(boost::asio::error::operation_aborted);
+    for (auto& [key, n] : map_)
+      n.bucket->close(boost::asio::error::operation_aborted);
   }
 
   executor_type get_executor() const noexcept { return executor_; }
 
   /// Asynchronously waits for one token of `key`'s bucket.
-  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(void(boost::system::error_code))
-                Token = boost::asio::default_completion_token_t<executor_type>>
-    requires(!std::is_integral_v<std::remove_cvref_t<Token>>)
-  auto async_get_token(const Key& key,
-                       Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
+  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(void(boost::system::error_code)) Token =
+                boost::asio::default_completion_token_t<executor_type>>
+  requires(!std::is_integral_v<std::remove_cvref_t<Token>>) auto async_get_token(
+      const Key& key, Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
     return async_get_token(key, 1, std::forward<Token>(token));
   }
 
@@ -221,7 +222,8 @@ class basic_keyed_limiter {
   void close() {
     std::lock_guard lk(mutex_);
     closed_ = true;
-    for (auto& [key, n] : map_) n.bucket->close(error::bucket_closed);
+    for (auto& [key, n] : map_)
+      n.bucket->close(error::bucket_closed);
   }
 
   /// Cancels every queued request of every key (`operation_aborted`, no
@@ -229,7 +231,8 @@ class basic_keyed_limiter {
   std::size_t cancel() {
     std::lock_guard lk(mutex_);
     std::size_t n = 0;
-    for (auto& [key, nd] : map_) n += nd.bucket->cancel();
+    for (auto& [key, nd] : map_)
+      n += nd.bucket->cancel();
     return n;
   }
 
@@ -240,7 +243,8 @@ class basic_keyed_limiter {
     const std::int64_t now = impl_type::now_ns();
     std::lock_guard lk(mutex_);
     std::size_t n = 0;
-    while (evict_one(now)) ++n;
+    while (evict_one(now))
+      ++n;
     return n;
   }
 
@@ -355,6 +359,9 @@ class basic_keyed_limiter {
       node* nd = it->second;
       ++it;
       impl_type& b = *nd->bucket;
+      // full_at() first: it grants the waiters whose tokens are due (as of
+      // when they accrued), which may leave the bucket full and unwaited-for.
+      const std::int64_t t = b.full_at();
       if (nd->pins == 0 && b.waiting() == 0 && b.available() == capacity_) {
         // Nobody else can reach this bucket now: every path to it takes our
         // lock, and it has no waiter for its timer or a cancellation to serve.
@@ -362,7 +369,6 @@ class basic_keyed_limiter {
         map_.erase(*nd->key);
         return true;
       }
-      const std::int64_t t = b.full_at();
       if (t > nd->pos->first) {  // later than indexed (e.g. a blocking caller took tokens)
         index_.erase(nd->pos);
         nd->pos = index_.emplace(t, nd).first;

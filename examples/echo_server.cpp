@@ -1,0 +1,382 @@
+// A rate-limited TCP echo server on C++20 coroutines.
+//
+// Three limits, where a real server needs them:
+//   - new connections per second (one bucket in front of accept),
+//   - lines per second per client address (ratelimit::keyed_limiter),
+//   - lines per second for the whole server (one global bucket).
+// A client over its limit waits (its lines are echoed, byte for byte, at the
+// limited rate), or with --on-limit=reject gets "error: rate limit exceeded"
+// for each line over the limit.
+//
+//   echo_server --port 5555 --msg-rate 2 --burst 5
+//   nc 127.0.0.1 5555
+//
+// Bad clients are handled one by one without harm to the others: a line longer
+// than --max-line, a client that stops reading (--write-timeout), abrupt
+// resets, half-closed sockets, more clients than --max-clients. SIGINT or
+// SIGTERM stops accepting, completes pending waits with an error, gives
+// in-flight echoes --shutdown-timeout seconds, and exits 0.
+#include <ratelimit.hpp>
+#include <ratelimit/keyed_limiter.hpp>
+
+#include <boost/asio.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/program_options.hpp>
+
+#include <sys/resource.h>
+
+#include <chrono>
+#include <cstdint>
+#include <ctime>
+#include <iomanip>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <variant>
+
+namespace asio = boost::asio;
+namespace po = boost::program_options;
+using asio::ip::tcp;
+using namespace asio::experimental::awaitable_operators;
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr auto nothrow = asio::as_tuple(asio::use_awaitable);
+
+struct config {
+  std::string bind = "0.0.0.0";
+  unsigned short port = 5555;
+  std::uint64_t conn_rate = 10;    // new connections per second (burst: one second's worth)
+  std::uint64_t msg_rate = 2;      // lines per second per client address
+  std::uint64_t burst = 5;         // per-client bucket capacity
+  std::uint64_t global_rate = 50;  // lines per second for the whole server (burst: one second)
+  bool reject = false;             // --on-limit=reject
+  std::size_t max_line = 4096;
+  std::size_t max_clients = 10000;
+  std::size_t max_keys = 100000;
+  double write_timeout = 10;
+  double shutdown_timeout = 3;
+};
+
+/// One log line on stdout: "HH:MM:SS.mmm message".
+template <typename... Args>
+void log(const Args&... args) {
+  const auto now = std::chrono::system_clock::now();
+  const std::time_t t = std::chrono::system_clock::to_time_t(now);
+  const auto ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()).count() % 1000;
+  std::tm tm{};
+  localtime_r(&t, &tm);
+  std::ostringstream os;
+  os << std::put_time(&tm, "%H:%M:%S") << '.' << std::setfill('0') << std::setw(3) << ms << ' ';
+  (os << ... << args);
+  os << '\n';
+  std::cout << os.str() << std::flush;
+}
+
+std::chrono::steady_clock::duration seconds_of(double s) {
+  return std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(s));
+}
+
+class server {
+ public:
+  server(asio::io_context& ctx, const config& cfg)
+      : ctx_(ctx),
+        cfg_(cfg),
+        acceptor_(ctx, tcp::endpoint(asio::ip::make_address(cfg.bind), cfg.port)),
+        connections_(ctx, cfg.conn_rate, ratelimit::per_second(cfg.conn_rate)),
+        global_(ctx, cfg.global_rate, ratelimit::per_second(cfg.global_rate)),
+        clients_(ctx, cfg.burst, ratelimit::per_second(cfg.msg_rate), cfg.max_keys) {}
+
+  void start() {
+    log("echo_server listening on ", acceptor_.local_endpoint(), " (per client: ", cfg_.msg_rate,
+        " lines/s, burst ", cfg_.burst, "; all clients: ", cfg_.global_rate,
+        " lines/s; new connections: ", cfg_.conn_rate,
+        "/s; over the limit: ", cfg_.reject ? "reject" : "wait", ")");
+    asio::co_spawn(ctx_, accept_loop(), asio::detached);
+    asio::co_spawn(ctx_, wait_for_signal(), asio::detached);
+  }
+
+ private:
+  struct session_stats {
+    std::uint64_t echoed = 0, delayed = 0, rejected = 0;
+  };
+
+  asio::awaitable<void> accept_loop() {
+    bool paused = false;
+    for (;;) {
+      // A token per connection, taken before accepting: excess connections
+      // wait in the kernel's listen backlog.
+      if (!connections_.try_get_token()) {
+        if (!paused) log("connection rate limit (", cfg_.conn_rate, "/s) reached: pausing accepts");
+        paused = true;
+        auto [ec] = co_await connections_.async_get_token(nothrow);
+        if (ec) break;  // closed: shutting down
+      } else {
+        paused = false;
+      }
+      auto [ec, sock] = co_await acceptor_.async_accept(nothrow);
+      if (!acceptor_.is_open()) break;
+      if (ec) {
+        log("accept failed: ", ec.message(), "; retrying in 100 ms");
+        asio::steady_timer t(ctx_, 100ms);
+        co_await t.async_wait(nothrow);
+        continue;
+      }
+      if (sessions_.size() >= cfg_.max_clients) {
+        log("refusing ", peer(sock), ": ", sessions_.size(), " clients already (--max-clients)");
+        boost::system::error_code ignored;
+        sock.non_blocking(true, ignored);
+        sock.write_some(asio::buffer(std::string_view("error: server full\n")), ignored);
+        sock.close(ignored);
+        continue;
+      }
+      asio::co_spawn(ctx_, session(std::move(sock), next_id_++), asio::detached);
+    }
+    log("no longer accepting connections");
+  }
+
+  static std::string peer(const tcp::socket& s) {
+    boost::system::error_code ec;
+    auto ep = s.remote_endpoint(ec);
+    if (ec) return "?";
+    std::ostringstream os;
+    os << ep;
+    return os.str();
+  }
+
+  asio::awaitable<void> session(tcp::socket sock, std::uint64_t id) {
+    boost::system::error_code ec;
+    const auto remote = sock.remote_endpoint(ec);
+    if (ec) co_return;  // reset before we got to it
+    const asio::ip::address addr = remote.address();
+    std::ostringstream tag_os;
+    tag_os << '#' << id << ' ' << remote;
+    const std::string tag = tag_os.str();
+    sock.set_option(tcp::no_delay(true), ec);
+
+    sessions_.emplace(id, &sock);
+    struct unregister {
+      server* s;
+      std::uint64_t id;
+      ~unregister() { s->on_session_end(id); }
+    } guard{this, id};
+    log(tag, " connected (", sessions_.size(), " clients)");
+
+    session_stats stats;
+    std::string buf;
+    std::string why = "closed";
+    bool over_limit = false;  // logs the start of each streak, not every line
+    for (;;) {
+      auto [rec, n] = co_await asio::async_read_until(
+          sock, asio::dynamic_buffer(buf, cfg_.max_line + 1), '\n', nothrow);
+      bool last = false;
+      if (rec == asio::error::eof) {
+        if (buf.empty()) {
+          why = stopping_ ? "closed at shutdown" : "closed by the client";
+          break;
+        }
+        n = buf.size();  // a last line without '\n': echoed as it is
+        last = true;
+      } else if (rec == asio::error::not_found) {
+        log(tag, " sent a line longer than ", cfg_.max_line, " bytes: disconnecting it");
+        co_await write(sock, "error: line too long\n", tag);
+        why = "disconnected (line too long)";
+        break;
+      } else if (rec) {
+        why = rec == asio::error::connection_reset    ? "reset by the client"
+              : rec == asio::error::operation_aborted ? "closed at shutdown"
+                                                      : "read failed: " + rec.message();
+        break;
+      }
+      const std::string line = buf.substr(0, n);
+      buf.erase(0, n);
+
+      boost::system::error_code lec;
+      if (cfg_.reject) {
+        if (!clients_.try_get_token(addr) || !global_.try_get_token()) {
+          if (!over_limit) log(tag, " over its limit: rejecting its lines");
+          over_limit = true;
+          ++stats.rejected;
+          if (!co_await write(sock, "error: rate limit exceeded\n", tag)) break;
+          if (last) break;
+          continue;
+        }
+      } else {
+        bool waited = false;
+        if (!clients_.try_get_token(addr)) {
+          if (!over_limit)
+            log(tag, " over its limit (", cfg_.msg_rate, " lines/s, burst ", cfg_.burst,
+                "): delaying its lines");
+          waited = true;
+          std::tie(lec) = co_await clients_.async_get_token(addr, nothrow);
+        }
+        if (!lec && !global_.try_get_token()) {
+          if (!waited) log(tag, " waits for the global limit (", cfg_.global_rate, " lines/s)");
+          waited = true;
+          std::tie(lec) = co_await global_.async_get_token(nothrow);
+        }
+        over_limit = waited;
+        stats.delayed += waited;
+      }
+      if (lec == ratelimit::error::too_many_keys) {
+        log(tag, " refused: ", lec.message());
+        co_await write(sock, "error: server busy\n", tag);
+        why = "disconnected (too many client addresses)";
+        break;
+      }
+      if (lec) {  // bucket_closed or operation_aborted: shutting down
+        co_await write(sock, "error: server shutting down\n", tag);
+        why = "closed at shutdown";
+        break;
+      }
+      if (!co_await write(sock, line, tag)) {
+        why = "disconnected (write failed)";
+        break;
+      }
+      ++stats.echoed;
+      if (last) {
+        why = "half-closed by the client";
+        break;
+      }
+    }
+    if (why == "half-closed by the client" || why == "closed by the client")
+      sock.shutdown(tcp::socket::shutdown_send, ec);
+    sock.close(ec);
+    log(tag, ' ', why, ": ", stats.echoed, " lines echoed (", stats.delayed, " delayed, ",
+        stats.rejected, " rejected)");
+  }
+
+  /// Writes all of `data`, giving up after --write-timeout (a client that
+  /// does not read). Returns false on failure.
+  asio::awaitable<bool> write(tcp::socket& sock, std::string_view data, const std::string& tag) {
+    if (!sock.is_open()) co_return false;
+    asio::steady_timer timer(ctx_, seconds_of(cfg_.write_timeout));
+    auto r = co_await (asio::async_write(sock, asio::buffer(data), nothrow) ||
+                       timer.async_wait(nothrow));
+    if (r.index() == 1) {
+      log(tag, " has not read its echoes for ", cfg_.write_timeout, " s: disconnecting it");
+      co_return false;
+    }
+    auto [ec, n] = std::get<0>(r);
+    if (ec && ec != asio::error::operation_aborted) log(tag, " write failed: ", ec.message());
+    co_return !ec;
+  }
+
+  void on_session_end(std::uint64_t id) {
+    sessions_.erase(id);
+    if (stopping_ && sessions_.empty()) drained_.cancel();
+  }
+
+  asio::awaitable<void> wait_for_signal() {
+    asio::signal_set signals(ctx_, SIGINT, SIGTERM);
+    auto [ec, sig] = co_await signals.async_wait(nothrow);
+    if (ec) co_return;
+    log("signal ", sig, " (", sig == SIGINT ? "SIGINT" : "SIGTERM", "): shutting down, ",
+        sessions_.size(), " clients connected");
+    stopping_ = true;
+    boost::system::error_code ignored;
+    acceptor_.close(ignored);
+    // Every pending wait completes with bucket_closed; its client is told.
+    connections_.close();
+    clients_.close();
+    global_.close();
+    // Idle readers see end-of-file; echoes being written go on.
+    for (auto& [id, s] : sessions_)
+      s->shutdown(tcp::socket::shutdown_receive, ignored);
+    if (!sessions_.empty()) {
+      drained_.expires_after(seconds_of(cfg_.shutdown_timeout));
+      co_await drained_.async_wait(nothrow);
+    }
+    if (!sessions_.empty()) {
+      log(sessions_.size(), " clients still busy after ", cfg_.shutdown_timeout,
+          " s: closing them");
+      for (auto& [id, s] : sessions_)
+        s->close(ignored);
+    }
+    log("shutdown complete");
+  }
+
+  asio::io_context& ctx_;
+  config cfg_;
+  tcp::acceptor acceptor_;
+  ratelimit::token_bucket connections_;
+  ratelimit::token_bucket global_;
+  ratelimit::keyed_limiter<asio::ip::address> clients_;
+  std::map<std::uint64_t, tcp::socket*> sessions_;
+  std::uint64_t next_id_ = 1;
+  bool stopping_ = false;
+  asio::steady_timer drained_{ctx_};
+};
+
+/// Raises the open-file limit to the hard limit: a server wants thousands of sockets.
+void raise_fd_limit() {
+  rlimit rl{};
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char* argv[]) {
+  config cfg;
+  std::string on_limit = "wait";
+  po::options_description opts(
+      "echo_server: a rate-limited TCP echo server (one line = one message)");
+  // clang-format off
+  opts.add_options()
+    ("help,h", "show this help")
+    ("bind", po::value(&cfg.bind)->default_value(cfg.bind), "address to listen on (0.0.0.0: every IPv4 interface; :: for IPv6 too)")
+    ("port", po::value(&cfg.port)->default_value(cfg.port), "TCP port (0: any free port)")
+    ("conn-rate", po::value(&cfg.conn_rate)->default_value(cfg.conn_rate), "new connections per second")
+    ("msg-rate", po::value(&cfg.msg_rate)->default_value(cfg.msg_rate), "lines per second per client address")
+    ("burst", po::value(&cfg.burst)->default_value(cfg.burst), "lines a client may send at once")
+    ("global-rate", po::value(&cfg.global_rate)->default_value(cfg.global_rate), "lines per second, all clients together")
+    ("on-limit", po::value(&on_limit)->default_value(on_limit), "wait: delay the client's lines; reject: answer each with an error line")
+    ("max-line", po::value(&cfg.max_line)->default_value(cfg.max_line), "longest line accepted, in bytes")
+    ("max-clients", po::value(&cfg.max_clients)->default_value(cfg.max_clients), "simultaneous connections")
+    ("max-keys", po::value(&cfg.max_keys)->default_value(cfg.max_keys), "client addresses tracked at once")
+    ("write-timeout", po::value(&cfg.write_timeout)->default_value(cfg.write_timeout), "seconds a client may leave its echoes unread")
+    ("shutdown-timeout", po::value(&cfg.shutdown_timeout)->default_value(cfg.shutdown_timeout), "seconds given to in-flight echoes at shutdown");
+  // clang-format on
+  po::variables_map vm;
+  try {
+    po::store(po::parse_command_line(argc, argv, opts), vm);
+    po::notify(vm);
+  } catch (const std::exception& e) {
+    std::cerr << "echo_server: " << e.what() << "\n\n" << opts << '\n';
+    return 2;
+  }
+  if (vm.count("help")) {
+    std::cout << opts << '\n';
+    return 0;
+  }
+  if (on_limit != "wait" && on_limit != "reject") {
+    std::cerr << "echo_server: --on-limit must be 'wait' or 'reject' (got '" << on_limit << "')\n";
+    return 2;
+  }
+  cfg.reject = on_limit == "reject";
+  if (cfg.conn_rate == 0 || cfg.msg_rate == 0 || cfg.burst == 0 || cfg.global_rate == 0 ||
+      cfg.max_line == 0 || cfg.max_clients == 0 || cfg.max_keys == 0 || cfg.write_timeout <= 0 ||
+      cfg.shutdown_timeout < 0) {
+    std::cerr << "echo_server: rates, --burst, --max-* and --write-timeout must be positive\n";
+    return 2;
+  }
+
+  raise_fd_limit();
+  try {
+    asio::io_context ctx(1);
+    server s(ctx, cfg);
+    s.start();
+    ctx.run();
+  } catch (const std::exception& e) {
+    std::cerr << "echo_server: " << e.what() << '\n';
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,341 @@
+// keyed_limiter: one bucket per key, bounded memory, eviction that never over-grants.
+#include <ratelimit/keyed_limiter.hpp>
+
+#include "test_support.hpp"
+
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+
+#include <atomic>
+#include <map>
+#include <random>
+#include <string>
+#include <thread>
+
+namespace asio = boost::asio;
+using namespace ratelimit::test;
+using ratelimit::per_second;
+
+namespace {
+using test_keyed = ratelimit::basic_keyed_limiter<int, std::hash<int>, std::equal_to<int>,
+                                                  manual_clock, manual_wait_traits>;
+
+template <typename Limiter, typename Key>
+std::shared_ptr<outcome> keyed_request(Limiter& l, const Key& key, std::uint64_t n = 1) {
+  auto o = std::make_shared<outcome>();
+  l.async_get_token(key, n, checked_handler(o));
+  return o;
+}
+}  // namespace
+
+BOOST_FIXTURE_TEST_SUITE(keyed_limiter, clock_fixture)
+
+BOOST_AUTO_TEST_CASE(keys_are_independent_and_created_full) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 2, per_second(1), 100);
+  BOOST_TEST(l.size() == 0u);
+  BOOST_TEST(l.try_get_token(1));
+  BOOST_TEST(l.try_get_token(1));
+  BOOST_TEST(!l.try_get_token(1));     // key 1 drained
+  BOOST_TEST(l.try_get_token(2, 2));   // key 2 has its own two
+  BOOST_TEST(!l.try_get_token(3, 3));  // more than the capacity: no bucket is made for it
+  BOOST_TEST(l.size() == 2u);
+  manual_clock::advance(1s);
+  BOOST_TEST(l.try_get_token(1));
+  BOOST_TEST(!l.try_get_token(1));
+}
+
+BOOST_AUTO_TEST_CASE(async_requests_wait_per_key_fifo) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 1, per_second(1), 100);
+  auto a1 = keyed_request(l, 7), a2 = keyed_request(l, 7), b1 = keyed_request(l, 8);
+  BOOST_TEST(!a1->done());  // never inline
+  BOOST_TEST(settle(ctx, [&] { return a1->done() && b1->done(); }));
+  pump(ctx);
+  BOOST_TEST(a1->ok());
+  BOOST_TEST(b1->ok());
+  BOOST_TEST(!a2->done());
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return a2->done(); }));
+  BOOST_TEST(a2->ok());
+  auto big = keyed_request(l, 9, 2);
+  BOOST_TEST(settle(ctx, [&] { return big->done(); }));
+  BOOST_TEST(big->ec == ratelimit::error::exceeds_capacity);
+}
+
+BOOST_AUTO_TEST_CASE(refuses_a_new_key_when_full_and_nothing_is_evictable) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 2, per_second(1), 3);
+  for (int k = 0; k < 3; ++k)
+    BOOST_TEST(l.try_get_token(k));  // each one token short
+  BOOST_TEST(!l.try_get_token(3));
+  auto r = keyed_request(l, 3);
+  BOOST_TEST(settle(ctx, [&] { return r->done(); }));
+  BOOST_TEST(r->ec == ratelimit::error::too_many_keys);
+  BOOST_TEST(r->calls == 1);
+  boost::system::error_code ec;
+  l.get_token(3, ec);
+  BOOST_TEST(ec == ratelimit::error::too_many_keys);
+  BOOST_CHECK_THROW(l.get_token(3), boost::system::system_error);
+  BOOST_TEST(l.size() == 3u);
+
+  // One nanosecond before the buckets are full again: still refused.
+  manual_clock::advance(1s - 1ns);
+  BOOST_TEST(!l.try_get_token(3));
+  manual_clock::advance(1ns);  // now all three are full: one is evicted for the new key
+  BOOST_TEST(l.try_get_token(3));
+  BOOST_TEST(l.size() == 3u);
+}
+
+BOOST_AUTO_TEST_CASE(eviction_takes_only_full_buckets) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 3, per_second(1), 2);
+  BOOST_TEST(l.try_get_token(1, 3));  // full again in 3 s
+  BOOST_TEST(l.try_get_token(2, 1));  // full again in 1 s
+  manual_clock::advance(1s);
+  BOOST_TEST(l.try_get_token(3));  // evicts key 2, not key 1
+  BOOST_TEST(l.contains(1));
+  BOOST_TEST(!l.contains(2));
+  BOOST_TEST(l.contains(3));
+  // Key 1 kept its state: one token after 1 s, not three.
+  BOOST_TEST(l.try_get_token(1));
+  BOOST_TEST(!l.try_get_token(1));
+}
+
+BOOST_AUTO_TEST_CASE(a_bucket_with_waiters_is_never_evicted) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 1, per_second(1), 1);
+  auto a = keyed_request(l, 1), b = keyed_request(l, 1), c = keyed_request(l, 1);
+  BOOST_TEST(settle(ctx, [&] { return a->done(); }));
+  BOOST_TEST(a->ok());
+  manual_clock::advance(1500ms);  // b's token is due (1 s), c's is not (2 s)
+  BOOST_TEST(!l.try_get_token(2));
+  BOOST_TEST(settle(ctx, [&] { return b->done(); }));
+  BOOST_TEST(b->ok());
+  pump(ctx);
+  BOOST_TEST(!c->done());
+  manual_clock::advance(500ms);  // c's token is due; the bucket is full again at 3 s
+  BOOST_TEST(!l.try_get_token(2));
+  BOOST_TEST(settle(ctx, [&] { return c->done(); }));
+  BOOST_TEST(c->ok());
+  manual_clock::advance(1s - 1ns);
+  BOOST_TEST(!l.try_get_token(2));
+  manual_clock::advance(1ns);
+  BOOST_TEST(l.try_get_token(2));
+  BOOST_TEST(!l.contains(1));
+}
+
+// The bucket grants a waiter as of the moment its tokens accrued, even when
+// its timer runs late; a bucket whose waiters are all due is served first,
+// and then, full again, may be evicted.
+BOOST_AUTO_TEST_CASE(due_waiters_are_served_before_their_bucket_is_evicted) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 1, per_second(1), 1);
+  auto a = keyed_request(l, 1), b = keyed_request(l, 1), c = keyed_request(l, 1);
+  BOOST_TEST(settle(ctx, [&] { return a->done(); }));
+  manual_clock::advance(10s);      // b's and c's tokens accrued at 1 s and 2 s; no timer has run
+  BOOST_TEST(l.try_get_token(2));  // key 1: b and c granted, full since 3 s, evicted
+  BOOST_TEST(!l.contains(1));
+  BOOST_TEST(settle(ctx, [&] { return b->done() && c->done(); }));
+  BOOST_TEST(b->ok());
+  BOOST_TEST(c->ok());
+  BOOST_TEST(c->order > b->order);
+}
+
+BOOST_AUTO_TEST_CASE(a_cancelled_request_only_delays_eviction) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 1, per_second(1), 1);
+  BOOST_TEST(l.try_get_token(1));
+  asio::cancellation_signal sig;
+  auto c = std::make_shared<outcome>();
+  l.async_get_token(1, asio::bind_cancellation_slot(sig.slot(), checked_handler(c)));
+  sig.emit(asio::cancellation_type::terminal);
+  BOOST_TEST(settle(ctx, [&] { return c->done(); }));
+  BOOST_TEST(c->ec == asio::error::operation_aborted);
+  manual_clock::advance(1s);  // truly full now, but the bound says 2 s
+  BOOST_TEST(!l.try_get_token(2));
+  manual_clock::advance(1s);
+  BOOST_TEST(l.try_get_token(2));
+}
+
+BOOST_AUTO_TEST_CASE(blocking_calls_wait_and_are_charged) {
+  asio::io_context ctx;
+  auto guard = asio::make_work_guard(ctx);
+  std::thread runner([&] { ctx.run(); });
+  test_keyed l(ctx, 1, per_second(1), 1);
+  BOOST_TEST(l.try_get_token(1));
+  std::atomic<bool> got{false};
+  std::thread blocker([&] {
+    boost::system::error_code ec;
+    l.get_token(1, ec);  // waits for the token due at 1 s
+    got = !ec;
+  });
+  std::this_thread::sleep_for(20ms);
+  BOOST_TEST(!got);
+  BOOST_TEST(!l.try_get_token(2));  // key 1 is drained and waited on
+  manual_clock::advance(1s);
+  blocker.join();
+  BOOST_TEST(got);
+  BOOST_TEST(!l.try_get_token(2));  // the blocking grant was charged: full at 2 s
+  manual_clock::advance(1s);
+  BOOST_TEST(l.try_get_token(2));
+  BOOST_TEST(!l.contains(1));
+  guard.reset();
+  runner.join();
+}
+
+BOOST_AUTO_TEST_CASE(close_and_cancel) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 1, per_second(1), 10);
+  BOOST_TEST(l.try_get_token(1));
+  auto a = keyed_request(l, 1), b = keyed_request(l, 1);
+  BOOST_TEST(l.cancel() == 2u);
+  BOOST_TEST(settle(ctx, [&] { return a->done() && b->done(); }));
+  BOOST_TEST(a->ec == asio::error::operation_aborted);
+  auto c = keyed_request(l, 1);
+  l.close();
+  BOOST_TEST(!l.is_open());
+  auto d = keyed_request(l, 5);
+  BOOST_TEST(settle(ctx, [&] { return c->done() && d->done(); }));
+  BOOST_TEST(c->ec == ratelimit::error::bucket_closed);
+  BOOST_TEST(d->ec == ratelimit::error::bucket_closed);
+  BOOST_TEST(!l.try_get_token(6));
+}
+
+BOOST_AUTO_TEST_CASE(destruction_aborts_waiters) {
+  asio::io_context ctx;
+  auto l = std::make_unique<test_keyed>(ctx, 1, per_second(1), 10);
+  BOOST_TEST(l->try_get_token(1));
+  auto a = keyed_request(*l, 1);
+  l.reset();
+  BOOST_TEST(settle(ctx, [&] { return a->done(); }));
+  BOOST_TEST(a->ec == asio::error::operation_aborted);
+}
+
+// Randomised: against a reference that keeps every key's bucket forever, the
+// keyed limiter never grants what the reference would refuse, and grants
+// everything the reference grants unless it refused a new key for lack of room.
+BOOST_AUTO_TEST_CASE(eviction_never_over_grants) {
+  asio::io_context ctx;
+  constexpr std::uint64_t cap = 3;
+  const ratelimit::rate r{2, 1s};
+  test_keyed l(ctx, cap, r, 8);
+  std::map<int, std::unique_ptr<test_bucket>> ref;
+  std::mt19937 rng(12345);
+  int granted = 0, refused_for_room = 0;
+  for (int step = 0; step < 20000; ++step) {
+    if (rng() % 4 == 0) manual_clock::advance(std::chrono::milliseconds(rng() % 700));
+    const int key = static_cast<int>(rng() % 20);
+    const std::uint64_t n = 1 + rng() % cap;
+    auto& rb = ref[key];
+    if (!rb) rb = std::make_unique<test_bucket>(ctx, cap, r);
+    const bool had_key = l.contains(key);
+    const bool got = l.try_get_token(key, n);
+    const bool want = rb->try_get_token(n);
+    BOOST_REQUIRE(!(got && !want));  // never over-grants
+    if (want && !got) {
+      BOOST_REQUIRE(!had_key);  // only a refused new key may differ
+      BOOST_REQUIRE(l.size() == l.max_keys());
+      ++refused_for_room;
+      // Put the reference back: the request was not served.
+      rb = std::make_unique<test_bucket>(ctx, cap, r);
+      BOOST_REQUIRE(!l.contains(key));
+    }
+    granted += got;
+    BOOST_REQUIRE(l.size() <= l.max_keys());
+  }
+  BOOST_TEST(granted > 1000);
+  BOOST_TEST(refused_for_room > 0);
+}
+
+BOOST_AUTO_TEST_CASE(bound_holds_under_100k_distinct_keys) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 2, per_second(100), 1000);
+  std::size_t refused = 0, max_size = 0;
+  for (int k = 0; k < 100'000; ++k) {
+    if (k % 100 == 0) manual_clock::advance(1ms);
+    if (!l.try_get_token(k)) ++refused;
+    max_size = std::max(max_size, l.size());
+  }
+  BOOST_TEST(max_size <= 1000u);
+  // 1 token at 100/s: a bucket is full 10 ms after its request, and 100 keys
+  // arrive per ms: 1000 live buckets at most, so no key is ever refused.
+  BOOST_TEST(refused == 0u);
+  // Without time passing nothing can be evicted: exactly the excess is refused.
+  manual_clock::advance(1s);
+  refused = 0;
+  for (int k = 0; k < 2000; ++k)
+    refused += !l.try_get_token(1000000 + k);
+  BOOST_TEST(refused == 1000u);
+  BOOST_TEST(l.size() == 1000u);
+  manual_clock::advance(1s);
+  BOOST_TEST(l.evict() == 1000u);
+  BOOST_TEST(l.size() == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(string_keys_and_steady_clock_alias) {
+  asio::io_context ctx;
+  ratelimit::keyed_limiter<std::string> l(ctx, 1, per_second(1), 4);
+  BOOST_TEST(l.try_get_token("alice"));
+  BOOST_TEST(!l.try_get_token("alice"));
+  BOOST_TEST(l.try_get_token("bob"));
+  BOOST_CHECK_THROW(ratelimit::keyed_limiter<std::string>(ctx, 1, per_second(1), 0),
+                    std::invalid_argument);
+  BOOST_CHECK_THROW(ratelimit::keyed_limiter<std::string>(ctx, 0, per_second(1), 1),
+                    std::invalid_argument);
+}
+
+// Threads hammer the limiter (try, async and blocking calls on shared keys)
+// while another runs its context: no grant beyond a key's capacity (the rate
+// is too slow to refill during the test), the bound holds, and close() ends
+// every wait. Meant for TSan.
+BOOST_AUTO_TEST_CASE(concurrent_use_from_threads) {
+  asio::io_context ctx;
+  auto guard = asio::make_work_guard(ctx);
+  std::thread runner([&] { ctx.run(); });
+  constexpr int keys = 100, cap = 5;
+  {
+    ratelimit::keyed_limiter<int> l(ctx, cap, ratelimit::per_hour(1), 64);
+    std::vector<std::atomic<int>> grants(keys);
+    std::atomic<int> async_done{0}, async_ok{0}, oversize{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([&, t] {
+        std::mt19937 rng(t);
+        for (int i = 0; i < 2000; ++i) {
+          const int key = static_cast<int>(rng() % keys);
+          if (l.try_get_token(key)) ++grants[key];
+          if (l.size() > 64u) ++oversize;  // (Boost.Test checks are for the main thread)
+        }
+        for (int i = 0; i < 50; ++i) {
+          const int key = static_cast<int>(rng() % keys);
+          l.async_get_token(key, [&, key](boost::system::error_code ec) {
+            if (!ec) {
+              ++grants[key];
+              ++async_ok;
+            }
+            ++async_done;
+          });
+        }
+      });
+    }
+    for (auto& th : threads)
+      th.join();
+    boost::system::error_code ec;
+    l.get_token(1000, ec);  // a new key while every bucket is drained or waited on
+    BOOST_TEST((!ec || ec == ratelimit::error::too_many_keys));
+    l.close();
+    const auto end = std::chrono::steady_clock::now() + 20s;
+    while (async_done < 200 && std::chrono::steady_clock::now() < end)
+      std::this_thread::sleep_for(1ms);
+    BOOST_TEST(async_done == 200);
+    BOOST_TEST(oversize == 0);
+    for (int k = 0; k < keys; ++k)
+      BOOST_TEST(grants[k] <= cap, "key " << k);
+    BOOST_TEST(l.size() <= 64u);
+  }
+  guard.reset();
+  runner.join();
+}
+
+BOOST_AUTO_TEST_SUITE_END()
