@@ -339,10 +339,13 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   }
 
   void arm(std::int64_t at) {
-    // At the end of representable time (ready_at saturated, clock there too)
-    // no timer can help: it would fire at once, again and again. The waiter
-    // waits for a reschedule (set_rate, set_capacity, cancel) or the end.
-    if (at == max_time && state_.last() == max_time) return disarm();
+    // At the end of representable time, with the first waiter's tokens not
+    // there (ready_at saturated), no timer can help: it would fire at once,
+    // again and again. The waiter waits for a reschedule (set_rate,
+    // set_capacity, cancel) or the end. (With the tokens there, the timer
+    // must fire: the clock may read earlier than the latest time seen.)
+    if (at == max_time && state_.last() == max_time && !state_.has(queue_.front()->tokens))
+      return disarm();
     if (armed_ && armed_at_ == at) return;
     armed_ = true;
     armed_at_ = at;

@@ -1,0 +1,503 @@
+//
+// test/fuzz/fuzz_bucket.cpp: the bucket against the reference model.
+//
+// The fuzz input is decoded into a sequence of operations on a bucket driven
+// by a manual clock: advance the clock (or move it back), request n tokens,
+// try_get_token, cancel request k through its cancellation slot, cancel all,
+// set_rate, set_capacity, close, destroy (and start a new bucket), move the
+// clock to the instant the first waiter is due (or 1 ns either side). After each
+// step the harness lets the io_context run until it is quiet and compares the
+// bucket with test/model/token_bucket_model.hpp: which requests completed, in
+// what order, with which error; available(), waiting(), capacity(), the rate,
+// is_open(). At the end the bucket is destroyed and every request must have
+// completed exactly once.
+//
+// Timers without real time: the bucket's clock is the manual clock, and the
+// wait traits return zero, so the reactor never sleeps; this file is built
+// with BOOST_ASIO_DISABLE_TIMERFD, so every reactor pass (each poll()) checks
+// the timer queue against the manual clock. After a clock move, polling until
+// poll() runs nothing therefore delivers every due grant, deterministically.
+//
+// Built two ways (test/fuzz/CMakeLists.txt, scripts/fuzz): with clang and
+// -fsanitize=fuzzer as the libFuzzer target, and with the project's compiler
+// and RATELIMIT_FUZZ_REPLAY as a plain program that replays the corpus
+// (files or directories given on the command line): a ctest regression test.
+//
+#if !defined(BOOST_ASIO_DISABLE_TIMERFD)
+#error "build with BOOST_ASIO_DISABLE_TIMERFD (see the comment above)"
+#endif
+
+#include "../model/token_bucket_model.hpp"
+#include "manual_clock.hpp"
+
+#include <ratelimit/token_bucket.hpp>
+
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <deque>
+#include <limits>
+#include <optional>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using ratelimit::test::manual_clock;
+namespace model = ratelimit::model;
+
+/// The reactor never sleeps: due or not, a timer is re-checked on every pass.
+struct zero_wait_traits {
+  static manual_clock::duration to_wait_duration(const manual_clock::duration&) {
+    return manual_clock::duration::zero();
+  }
+  static manual_clock::duration to_wait_duration(const manual_clock::time_point&) {
+    return manual_clock::duration::zero();
+  }
+};
+
+using bucket_type = ratelimit::basic_token_bucket<manual_clock, zero_wait_traits>;
+constexpr std::int64_t max_time = std::numeric_limits<std::int64_t>::max();
+constexpr std::uint64_t u64_max = std::numeric_limits<std::uint64_t>::max();
+
+[[noreturn]] void fail(const char* what, unsigned long long a = 0, unsigned long long b = 0) {
+  std::fprintf(stderr, "fuzz_bucket: %s (%llu vs %llu)\n", what, a, b);
+  std::abort();
+}
+
+#define CHECK_EQ(a, b, what)                                                                \
+  do {                                                                                      \
+    const auto va = (a);                                                                    \
+    const auto vb = (b);                                                                    \
+    if (!(va == vb))                                                                        \
+      fail(what, static_cast<unsigned long long>(va), static_cast<unsigned long long>(vb)); \
+  } while (0)
+
+/// Reads the fuzz input; past its end every read returns 0.
+class reader {
+ public:
+  reader(const std::uint8_t* data, std::size_t size) : p_(data), end_(data + size) {}
+  bool done() const { return p_ == end_; }
+  std::uint8_t u8() { return p_ == end_ ? 0 : *p_++; }
+  std::uint64_t bytes(int n) {
+    std::uint64_t v = 0;
+    for (int i = 0; i < n; ++i)
+      v = v << 8 | u8();
+    return v;
+  }
+
+  /// A token count: small ones mostly, and the edges.
+  std::uint64_t count(std::uint64_t capacity) {
+    const std::uint8_t k = u8();
+    switch (k % 8) {
+      case 0:
+        return capacity;
+      case 1:
+        return capacity + 1;  // wraps to 0 for the largest capacity
+      case 2:
+        return u64_max;
+      case 3:
+        return bytes(8);
+      case 4:
+        return 0;
+      default:
+        return k / 8 % 16;
+    }
+  }
+
+  /// A capacity (0 is invalid and must be refused).
+  std::uint64_t capacity() {
+    const std::uint8_t k = u8();
+    switch (k % 8) {
+      case 0:
+        return u64_max;
+      case 1:
+        return u64_max / 2 + 1;
+      case 2:
+        return bytes(8);
+      case 3:
+        return 0;
+      default:
+        return 1 + k / 8 % 20;
+    }
+  }
+
+  /// A rate, valid or not: tokens may be 0, the period 0 or negative.
+  model::model_rate rate() {
+    const std::uint8_t k = u8();
+    std::uint64_t tokens;
+    switch (k % 8) {
+      case 0:
+        tokens = u64_max;
+        break;
+      case 1:
+        tokens = bytes(8);
+        break;
+      case 2:
+        tokens = 0;
+        break;
+      default:
+        tokens = 1 + k / 8 % 10;
+    }
+    const std::uint8_t j = u8();
+    std::int64_t period;
+    switch (j % 8) {
+      case 0:
+        period = max_time;
+        break;
+      case 1:
+        period = static_cast<std::int64_t>(bytes(8));
+        break;  // may be <= 0
+      case 2:
+        period = 0;
+        break;
+      case 3:
+        period = 1 + j / 8 % 1000;  // ns: fractions of a token everywhere
+        break;
+      default:
+        period = std::int64_t{1 + j / 8 % 32} * 1'000'000;  // 1 ms .. 32 ms
+    }
+    return {tokens, period};
+  }
+
+  /// A clock step in ns: mostly around the token intervals above, sometimes huge.
+  std::int64_t step() {
+    const std::uint8_t k = u8();
+    switch (k % 8) {
+      case 0:
+        return 0;
+      case 1:
+        return static_cast<std::int64_t>(bytes(8) >> 1);
+      case 2:
+        return 1;
+      case 3:
+        return std::int64_t{1} << (u8() % 63);
+      default:
+        return static_cast<std::int64_t>(bytes(2)) * 10'000;  // up to 655 ms
+    }
+  }
+
+ private:
+  const std::uint8_t* p_;
+  const std::uint8_t* end_;
+};
+
+model::result classify(const boost::system::error_code& ec) {
+  if (!ec) return model::result::granted;
+  if (ec == ratelimit::error::exceeds_capacity) return model::result::exceeds_capacity;
+  if (ec == ratelimit::error::bucket_closed) return model::result::closed;
+  if (ec == boost::asio::error::operation_aborted) return model::result::aborted;
+  fail("unexpected error code", static_cast<unsigned long long>(ec.value()));
+}
+
+struct request_record {
+  boost::asio::cancellation_signal signal;
+  int calls = 0;
+  bool destroyed_uncalled = false;
+};
+
+class harness {
+ public:
+  explicit harness(reader& in) : in_(in) { manual_clock::reset(); }
+
+  void run() {
+    open();
+    for (int steps = 0; !in_.done() && steps < 256; ++steps)
+      step();
+    destroy();
+    settle();
+    compare_completions();
+    for (const request_record& r : requests_) {
+      CHECK_EQ(r.calls, 1, "a request did not complete exactly once");
+      CHECK_EQ(r.destroyed_uncalled, false, "a handler was destroyed uncalled");
+    }
+  }
+
+ private:
+  class handler {
+   public:
+    handler(harness* h, std::uint64_t id) : h_(h), id_(id) {}
+    handler(handler&& o) noexcept : h_(o.h_), id_(o.id_), live_(std::exchange(o.live_, false)) {}
+    handler& operator=(handler&&) = delete;
+    ~handler() {
+      if (live_) h_->requests_[id_].destroyed_uncalled = true;
+    }
+    void operator()(boost::system::error_code ec) {
+      if (!live_) fail("moved-from handler invoked");
+      live_ = false;
+      ++h_->requests_[id_].calls;
+      h_->delivered_.push_back({id_, classify(ec)});
+    }
+
+   private:
+    harness* h_;
+    std::uint64_t id_;
+    bool live_ = true;
+  };
+
+  static std::int64_t now() { return manual_clock::now().time_since_epoch().count(); }
+
+  /// A new bucket and model, configured from the input (a refused
+  /// configuration must be refused by both, then a valid one is used).
+  void open() {
+    std::uint64_t capacity = in_.capacity();
+    model::model_rate r = in_.rate();
+    std::uint64_t initial = in_.count(capacity);
+    const bool model_ok = [&] {
+      try {
+        model::token_bucket_model m(capacity, r, initial, now());
+        return true;
+      } catch (const std::invalid_argument&) {
+        return false;
+      }
+    }();
+    bool bucket_ok = true;
+    try {
+      bucket_type b(ctx_, capacity, ratelimit::rate{r.tokens, std::chrono::nanoseconds(r.period)},
+                    ratelimit::initial_tokens{initial});
+    } catch (const std::invalid_argument&) {
+      bucket_ok = false;
+    }
+    CHECK_EQ(bucket_ok, model_ok, "construction accepted by one, refused by the other");
+    if (!model_ok) {
+      capacity = 1 + capacity % 16;
+      r = {1 + r.tokens % 4, std::int64_t{1'000'000}};
+      initial = capacity;
+    }
+    base_ = requests_.size();
+    model_.emplace(capacity, r, initial, now());
+    bucket_.emplace(ctx_, capacity, ratelimit::rate{r.tokens, std::chrono::nanoseconds(r.period)},
+                    ratelimit::initial_tokens{initial});
+    seen_ = 0;
+  }
+
+  void destroy() {
+    bucket_.reset();
+    model_->destroy(now());
+  }
+
+  void step() {
+    const std::uint8_t op = in_.u8();
+    if (trace_)
+      std::fprintf(stderr, "step op %d (%d) at %lld: waiting %zu, delivered %zu\n", op % 16, op,
+                   static_cast<long long>(now()), model_->waiting(), delivered_.size());
+    bool poll = true;
+    switch (op % 16) {
+      case 0:
+      case 1:
+      case 2: {  // advance the clock
+        const std::int64_t d = in_.step();
+        const std::int64_t t = now();
+        manual_clock::set(
+            manual_clock::time_point(manual_clock::duration(t > max_time - d ? max_time : t + d)));
+        break;
+      }
+      case 3: {  // move the clock back (the model keeps the latest time seen)
+        const std::int64_t d = in_.step();
+        const std::int64_t t = now();
+        const std::int64_t min_time = std::numeric_limits<std::int64_t>::min();
+        manual_clock::set(
+            manual_clock::time_point(manual_clock::duration(t < min_time + d ? min_time : t - d)));
+        break;
+      }
+      case 4:
+      case 5:
+      case 6: {  // async_get_token(n), with a cancellation slot
+        const std::uint64_t n = in_.count(model_->capacity());
+        poll = (op & 0x80) == 0;
+        const std::uint64_t id = requests_.size();
+        requests_.emplace_back();
+        const std::uint64_t model_id = model_->request(n, now());
+        CHECK_EQ(base_ + model_id, id, "request ids out of step");
+        bucket_->async_get_token(n, boost::asio::bind_cancellation_slot(
+                                        requests_.back().signal.slot(), handler(this, id)));
+        break;
+      }
+      case 7: {  // try_get_token(n)
+        const std::uint64_t n = in_.count(model_->capacity());
+        poll = (op & 0x80) == 0;
+        CHECK_EQ(bucket_->try_get_token(n), model_->try_get(n, now()), "try_get_token");
+        break;
+      }
+      case 8:
+      case 9: {  // per-operation cancellation of request k (queued, done, or of an old bucket)
+        if (requests_.empty()) break;
+        const std::uint64_t id = in_.bytes(2) % requests_.size();
+        poll = (op & 0x80) == 0;
+        using ct = boost::asio::cancellation_type;
+        const ct types[] = {ct::terminal, ct::partial, ct::total, ct::none};
+        const ct type = types[op >> 5 & 3];
+        if (type != ct::none && id >= base_) model_->cancel(id - base_, now());
+        requests_[id].signal.emit(type);
+        break;
+      }
+      case 10: {  // cancel()
+        const std::size_t expected = model_->cancel_all(now());
+        CHECK_EQ(bucket_->cancel(), expected, "cancel() count");
+        break;
+      }
+      case 11: {  // set_rate
+        const model::model_rate r = in_.rate();
+        bool model_ok = true, bucket_ok = true;
+        try {
+          model_->set_rate(r, now());
+        } catch (const std::invalid_argument&) {
+          model_ok = false;
+        }
+        try {
+          bucket_->set_rate(ratelimit::rate{r.tokens, std::chrono::nanoseconds(r.period)});
+        } catch (const std::invalid_argument&) {
+          bucket_ok = false;
+        }
+        CHECK_EQ(bucket_ok, model_ok, "set_rate accepted by one, refused by the other");
+        break;
+      }
+      case 12: {  // set_capacity
+        const std::uint64_t c = in_.capacity();
+        bool model_ok = true, bucket_ok = true;
+        try {
+          model_->set_capacity(c, now());
+        } catch (const std::invalid_argument&) {
+          model_ok = false;
+        }
+        try {
+          bucket_->set_capacity(c);
+        } catch (const std::invalid_argument&) {
+          bucket_ok = false;
+        }
+        CHECK_EQ(bucket_ok, model_ok, "set_capacity accepted by one, refused by the other");
+        break;
+      }
+      case 13:  // close()
+        model_->close(now());
+        bucket_->close();
+        break;
+      case 14: {  // destroy, then a new bucket
+        destroy();
+        settle();
+        compare_completions();
+        open();
+        break;
+      }
+      default: {  // move the clock to when the first waiter is due: exactly, 1 ns before or after
+        const auto due = model_->head_ready_at();
+        const int delta = in_.u8() % 3 - 1;
+        if (!due || *due <= now()) break;
+        const std::int64_t t = delta > 0 && *due == max_time ? *due : *due + delta;
+        manual_clock::set(manual_clock::time_point(manual_clock::duration(t)));
+        break;
+      }
+    }
+    if (!poll) {
+      // Nothing may have run inside the initiating function or the canceller.
+      CHECK_EQ(delivered_.size(), expected_.size(), "a handler ran inline");
+      return;
+    }
+    settle();
+    model_->serve_due(now());
+    compare_completions();
+    CHECK_EQ(bucket_->available(), model_->available(now()), "available()");
+    CHECK_EQ(bucket_->waiting(), model_->waiting(), "waiting()");
+    CHECK_EQ(bucket_->capacity(), model_->capacity(), "capacity()");
+    CHECK_EQ(bucket_->get_rate().tokens, model_->rate().tokens, "get_rate().tokens");
+    CHECK_EQ(bucket_->get_rate().period.count(), model_->rate().period, "get_rate().period");
+    CHECK_EQ(bucket_->is_open(), model_->is_open(), "is_open()");
+  }
+
+  /// Runs the io_context until it has nothing to run (every due timer has
+  /// fired, every completion has run), one handler at a time: a bucket that
+  /// keeps it busy (a timer that keeps firing) is a hang, reported as such.
+  void settle() {
+    for (int i = 0;; ++i) {
+      ctx_.restart();
+      if (ctx_.poll_one() == 0) return;
+      if (i == 100'000) fail("io_context does not settle: the bucket keeps it busy");
+    }
+  }
+
+  /// The completions delivered so far must be exactly the model's, in order.
+  void compare_completions() {
+    const auto& mc = model_->completions();
+    for (; seen_ < mc.size(); ++seen_)
+      expected_.push_back({base_ + mc[seen_].id, mc[seen_].how});
+    if (trace_ || delivered_.size() != expected_.size()) {
+      for (const auto& c : delivered_)
+        std::fprintf(stderr, " got %llu:%d", (unsigned long long)c.id, int(c.how));
+      std::fprintf(stderr, "\n");
+      for (const auto& c : expected_)
+        std::fprintf(stderr, " exp %llu:%d", (unsigned long long)c.id, int(c.how));
+      std::fprintf(stderr, "\n");
+    }
+    CHECK_EQ(delivered_.size(), expected_.size(), "number of completions");
+    for (std::size_t& i = compared_; i < expected_.size(); ++i) {
+      CHECK_EQ(delivered_[i].id, expected_[i].id, "completion order (request id)");
+      CHECK_EQ(static_cast<int>(delivered_[i].how), static_cast<int>(expected_[i].how),
+               "completion result");
+    }
+  }
+
+  // RATELIMIT_FUZZ_TRACE=1: print every step (to understand a finding).
+  const bool trace_ = std::getenv("RATELIMIT_FUZZ_TRACE") != nullptr;
+  reader& in_;
+  boost::asio::io_context ctx_{1};
+  std::deque<request_record> requests_;       // stable addresses for the signals
+  std::vector<model::completion> delivered_;  // as the handlers ran (global ids)
+  std::vector<model::completion> expected_;   // as the models said (global ids)
+  std::optional<bucket_type> bucket_;
+  std::optional<model::token_bucket_model> model_;
+  std::uint64_t base_ = 0;    // global id of the current model's request 0
+  std::size_t seen_ = 0;      // model completions copied to expected_
+  std::size_t compared_ = 0;  // completions known to match
+};
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  reader in(data, size);
+  harness h(in);
+  h.run();
+  return 0;
+}
+
+#if defined(RATELIMIT_FUZZ_REPLAY)
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+
+// Replays every file given, or every file in every directory given (but *.md).
+int main(int argc, char** argv) {
+  namespace fs = std::filesystem;
+  std::vector<fs::path> files;
+  for (int i = 1; i < argc; ++i) {
+    const fs::path p(argv[i]);
+    if (!fs::exists(p)) {
+      std::fprintf(stderr, "fuzz_bucket_replay: %s does not exist, skipped\n", argv[i]);
+    } else if (fs::is_directory(p)) {
+      for (const auto& e : fs::directory_iterator(p))
+        if (e.is_regular_file() && e.path().extension() != ".md") files.push_back(e.path());
+    } else {
+      files.push_back(p);
+    }
+  }
+  std::sort(files.begin(), files.end());
+  if (files.empty()) {
+    std::fprintf(stderr, "fuzz_bucket_replay: no input files\n");
+    return 1;
+  }
+  for (const fs::path& f : files) {
+    std::ifstream in(f, std::ios::binary);
+    const std::vector<char> bytes((std::istreambuf_iterator<char>(in)),
+                                  std::istreambuf_iterator<char>());
+    LLVMFuzzerTestOneInput(reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size());
+  }
+  std::printf("fuzz_bucket_replay: %zu inputs replayed, all match the model\n", files.size());
+  return 0;
+}
+#endif

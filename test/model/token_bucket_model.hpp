@@ -1,0 +1,301 @@
+//
+// test/model/token_bucket_model.hpp: the reference model of a token bucket.
+//
+// The simplest token bucket we could write that is obviously correct, to
+// check the real one against (test/fuzz). It shares no code with the library:
+//
+// - Time is an explicit input to every call (nanoseconds, int64). The latest
+//   time seen counts; an earlier one has no effect.
+// - The token count is a rational number `level / period`, where `period` is
+//   the rate's period in nanoseconds, as given (not reduced). Every
+//   nanosecond adds `rate.tokens` to `level`; the count is capped at the
+//   capacity. All of it is exact (128-bit: no product here can exceed 2^128).
+// - The waiters are a std::list in arrival order (strict FIFO).
+// - Everything that completes is appended to `completions()`, in the order
+//   the bucket hands completions to their executor.
+//
+// Grant time: a queued request is granted *as of the moment its tokens
+// accrued* (or it arrived, if later), once every earlier request has been
+// granted: tokens accrued after that moment are not lost to the capacity
+// because the timer fired late. The grant is made (and completed) by the
+// first call at or after that moment that serves the queue: `serve_due(now)`
+// (the harness has let the bucket's timer fire), available(), set_rate(),
+// set_capacity(), or cancelling the head. The fuzz harness lets the timer fire
+// after every clock move, so the completions come in the same steps as the
+// bucket's. Like the bucket, the model serves the queue only in those calls;
+// request() and try_get() with a non-empty queue do not.
+//
+// The set_rate rounding: the bucket documents that "a fraction of a token is
+// carried over, rounded down to the new unit", the unit being
+// 1/(period / gcd(tokens, period)) of a token (the rate in lowest terms).
+// The model does exactly that, so available() and every grant time can be
+// compared exactly, at every step, even across rate changes.
+//
+// The order of completions within one call, where several complete at once:
+// - close(), cancel_all(), destroy(): the queued waiters, front to back.
+// - set_capacity(): those now over the capacity (front to back), then the grants.
+// - cancel(id) of a queued waiter: the grants it unblocked, then the waiter itself.
+//
+#ifndef RATELIMIT_TEST_TOKEN_BUCKET_MODEL_HPP
+#define RATELIMIT_TEST_TOKEN_BUCKET_MODEL_HPP
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <list>
+#include <numeric>
+#include <optional>
+#include <stdexcept>
+#include <vector>
+
+namespace ratelimit::model {
+
+__extension__ typedef unsigned __int128 u128;
+
+/// What a request ended with (mirrors the error codes the bucket reports).
+enum class result {
+  pending,           // still queued, or never started
+  granted,           // success: the tokens were taken (or 0 tokens requested)
+  exceeds_capacity,  // ratelimit::error::exceeds_capacity
+  closed,            // ratelimit::error::bucket_closed
+  aborted,           // boost::asio::error::operation_aborted
+};
+
+struct completion {
+  std::uint64_t id;
+  result how;
+  friend bool operator==(const completion&, const completion&) = default;
+};
+
+struct model_rate {
+  std::uint64_t tokens;
+  std::int64_t period;  // ns
+};
+
+class token_bucket_model {
+ public:
+  /// Throws std::invalid_argument for a capacity of 0, a rate of 0 tokens or
+  /// a period <= 0, or initial > capacity (as the bucket does).
+  token_bucket_model(std::uint64_t capacity, model_rate r, std::uint64_t initial, std::int64_t now)
+      : capacity_(capacity), rate_(r), now_(now) {
+    check_rate(r);
+    if (capacity == 0) throw std::invalid_argument("capacity 0");
+    if (initial > capacity) throw std::invalid_argument("initial > capacity");
+    level_ = u128(initial) * u128(r.period);
+  }
+
+  // --- requests -------------------------------------------------------------
+
+  /// async_get_token(n) at `now`; the request gets the next id (0, 1, 2...).
+  std::uint64_t request(std::uint64_t n, std::int64_t now) {
+    const std::uint64_t id = next_id_++;
+    if (closed_) {
+      complete(id, result::closed);
+    } else if (n > capacity_) {
+      complete(id, result::exceeds_capacity);
+    } else if (queue_.empty()) {
+      see(now);
+      if (has(n)) {
+        take(n);
+        complete(id, result::granted);
+      } else {
+        queue_.push_back({id, n, now});
+      }
+    } else {
+      queue_.push_back({id, n, now});
+    }
+    return id;
+  }
+
+  bool try_get(std::uint64_t n, std::int64_t now) {
+    if (closed_ || !queue_.empty() || n > capacity_) return false;
+    see(now);
+    if (!has(n)) return false;
+    take(n);
+    return true;
+  }
+
+  /// The bucket's timer has had its chance to fire at `now`: grant what is due.
+  void serve_due(std::int64_t now) { serve(now); }
+
+  /// Per-operation cancellation of request `id`: a no-op unless it is queued.
+  void cancel(std::uint64_t id, std::int64_t now) {
+    for (auto it = queue_.begin(); it != queue_.end(); ++it) {
+      if (it->id != id) continue;
+      const bool head = it == queue_.begin();
+      queue_.erase(it);
+      if (head) serve(now);
+      complete(id, result::aborted);
+      return;
+    }
+  }
+
+  /// bucket.cancel(): every queued request is aborted; returns how many.
+  std::size_t cancel_all(std::int64_t) { return drain(result::aborted); }
+
+  void close(std::int64_t) {
+    closed_ = true;
+    drain(result::closed);
+  }
+
+  /// The bucket's destructor: queued requests are aborted and it is closed for good.
+  void destroy(std::int64_t) {
+    closed_ = true;
+    drain(result::aborted);
+  }
+
+  // --- configuration ----------------------------------------------------------
+
+  void set_rate(model_rate r, std::int64_t now) {
+    check_rate(r);
+    serve(now);  // what fell due at the old rate
+    // Carry the fraction over, rounded down to the new rate's unit.
+    const std::uint64_t p1 = std::uint64_t(rate_.period);
+    const std::uint64_t p2 = std::uint64_t(r.period);
+    const std::uint64_t unit = p2 / std::gcd(r.tokens, p2);  // new unit: 1/unit of a token
+    const u128 whole = level_ / p1;
+    const u128 frac = level_ % p1;             // in 1/p1 of a token
+    const u128 frac_units = frac * unit / p1;  // in 1/unit, rounded down
+    level_ = whole * p2 + frac_units * (p2 / unit);
+    rate_ = r;
+    serve(now);
+  }
+
+  void set_capacity(std::uint64_t c, std::int64_t now) {
+    if (c == 0) throw std::invalid_argument("capacity 0");
+    serve(now);  // what fell due with the old capacity
+    capacity_ = c;
+    if (level_ > cap_level()) level_ = cap_level();
+    for (auto it = queue_.begin(); it != queue_.end();) {
+      if (it->n > c) {
+        complete(it->id, result::exceeds_capacity);
+        it = queue_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    serve(now);
+  }
+
+  // --- observers --------------------------------------------------------------
+
+  std::uint64_t available(std::int64_t now) {
+    serve(now);
+    return std::uint64_t(level_ / std::uint64_t(rate_.period));
+  }
+  std::size_t waiting() const { return queue_.size(); }
+  std::uint64_t capacity() const { return capacity_; }
+  model_rate rate() const { return rate_; }
+  bool is_open() const { return !closed_; }
+  std::int64_t now() const { return now_; }
+  std::uint64_t requests() const { return next_id_; }
+
+  /// Every completion so far, in order.
+  const std::vector<completion>& completions() const { return completions_; }
+
+  /// How request `id` ended (pending while queued).
+  result status(std::uint64_t id) const {
+    for (const completion& c : completions_)
+      if (c.id == id) return c.how;
+    return result::pending;
+  }
+
+  /// When the first queued request's tokens will be there if nothing changes
+  /// (the latest time seen, if they are there already; INT64_MAX if never
+  /// representable); nothing when the queue is empty. Lets a test move the
+  /// clock to exactly that instant, or one nanosecond before or after it.
+  std::optional<std::int64_t> head_ready_at() const {
+    if (queue_.empty()) return std::nullopt;
+    return ready_at(queue_.front().n);
+  }
+
+  /// Total tokens granted so far.
+  u128 granted_tokens() const { return granted_; }
+
+ private:
+  struct waiter {
+    std::uint64_t id;
+    std::uint64_t n;
+    std::int64_t queued_at;  // the clock when it arrived
+  };
+
+  static constexpr std::int64_t end_of_time = std::numeric_limits<std::int64_t>::max();
+
+  /// When `n` tokens will be there, from the level at the latest time seen,
+  /// if nothing is taken (that time itself when they are there already);
+  /// INT64_MAX when later than that can be represented.
+  std::int64_t ready_at(std::uint64_t n) const {
+    const u128 need = u128(n) * std::uint64_t(rate_.period);
+    if (level_ >= need) return now_;
+    const u128 missing = need - level_;
+    const u128 ticks = (missing + rate_.tokens - 1) / rate_.tokens;  // ceil
+    const u128 room = u128(std::uint64_t(end_of_time) - std::uint64_t(now_));
+    if (ticks >= room) return end_of_time;
+    return std::int64_t(std::uint64_t(now_) + std::uint64_t(ticks));
+  }
+
+  static void check_rate(model_rate r) {
+    if (r.tokens == 0) throw std::invalid_argument("rate of 0 tokens");
+    if (r.period <= 0) throw std::invalid_argument("period <= 0");
+  }
+
+  u128 cap_level() const { return u128(capacity_) * std::uint64_t(rate_.period); }
+
+  /// Moves the model to `now` (if later than any time seen), accruing tokens.
+  void see(std::int64_t now) {
+    if (now <= now_) return;
+    const u128 elapsed = u128(std::uint64_t(now) - std::uint64_t(now_));
+    now_ = now;
+    // elapsed < 2^64 and tokens < 2^64: the product fits in 128 bits.
+    const u128 gained = elapsed * rate_.tokens;
+    const u128 room = cap_level() - level_;
+    level_ += gained < room ? gained : room;
+  }
+
+  bool has(std::uint64_t n) const { return level_ >= u128(n) * std::uint64_t(rate_.period); }
+
+  void take(std::uint64_t n) {
+    level_ -= u128(n) * std::uint64_t(rate_.period);
+    granted_ += n;
+  }
+
+  /// Grants, front to back, every request whose tokens accrued by `now`, each
+  /// as of the moment they did (or it arrived, if later); then moves to `now`.
+  void serve(std::int64_t now) {
+    while (!queue_.empty()) {
+      const waiter& w = queue_.front();
+      const std::int64_t at = std::max(ready_at(w.n), w.queued_at);
+      if (at > now) break;
+      see(at);
+      if (!has(w.n)) break;  // due after the end of representable time: never
+      take(w.n);
+      complete(w.id, result::granted);
+      queue_.pop_front();
+    }
+    see(now);
+  }
+
+  std::size_t drain(result how) {
+    const std::size_t n = queue_.size();
+    for (const waiter& w : queue_)
+      complete(w.id, how);
+    queue_.clear();
+    return n;
+  }
+
+  void complete(std::uint64_t id, result how) { completions_.push_back({id, how}); }
+
+  std::uint64_t capacity_;
+  model_rate rate_;
+  std::int64_t now_;
+  u128 level_ = 0;  // tokens * rate_.period
+  bool closed_ = false;
+  std::list<waiter> queue_;
+  std::uint64_t next_id_ = 0;
+  std::vector<completion> completions_;
+  u128 granted_ = 0;
+};
+
+}  // namespace ratelimit::model
+
+#endif  // RATELIMIT_TEST_TOKEN_BUCKET_MODEL_HPP
