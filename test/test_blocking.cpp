@@ -5,7 +5,6 @@
 
 #include "test_support.hpp"
 
-#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/thread_pool.hpp>
@@ -13,33 +12,6 @@
 namespace asio = boost::asio;
 using namespace ratelimit::test;
 using ratelimit::per_second;
-
-namespace {
-
-/// An io_context run by a background thread for the duration of a test.
-struct running_context {
-  asio::io_context ctx;
-  asio::executor_work_guard<asio::io_context::executor_type> guard{ctx.get_executor()};
-  std::thread thread{[this] { ctx.run(); }};
-  ~running_context() {
-    guard.reset();
-    ctx.stop();
-    thread.join();
-  }
-};
-
-/// Waits (in real time, bounded) until `pred` holds.
-template <typename Pred>
-bool eventually(Pred pred, std::chrono::milliseconds limit = std::chrono::seconds(20)) {
-  const auto end = std::chrono::steady_clock::now() + limit;
-  while (!pred()) {
-    if (std::chrono::steady_clock::now() > end) return false;
-    std::this_thread::sleep_for(std::chrono::microseconds(100));
-  }
-  return true;
-}
-
-}  // namespace
 
 BOOST_FIXTURE_TEST_SUITE(get_token, clock_fixture)
 
@@ -142,8 +114,7 @@ BOOST_AUTO_TEST_CASE(close_and_cancel_wake_blocked_threads) {
 
 BOOST_AUTO_TEST_CASE(destroying_the_bucket_wakes_blocked_threads) {
   running_context rc;
-  auto bucket =
-      std::make_unique<test_bucket>(rc.ctx, 1, per_second(1), ratelimit::start_empty);
+  auto bucket = std::make_unique<test_bucket>(rc.ctx, 1, per_second(1), ratelimit::start_empty);
   boost::system::error_code ec;
   std::thread a([&, b = bucket.get()] { b->get_token(1, ec); });
   BOOST_TEST(eventually([&] { return bucket->waiting() == 1; }));
@@ -221,7 +192,7 @@ BOOST_AUTO_TEST_CASE(false_at_once_when_the_wait_cannot_end_in_time) {
 BOOST_AUTO_TEST_CASE(counts_the_waiters_ahead) {
   running_context rc;
   test_bucket bucket(rc.ctx, 5, per_second(1), ratelimit::start_empty);
-  auto ahead = request(bucket, 3);  // due at 3 s
+  auto ahead = request(bucket, 3);               // due at 3 s
   BOOST_TEST(!bucket.try_get_token_for(3s, 1));  // would be due at 4 s
   std::atomic<int> got{-1};
   std::thread t([&] { got = bucket.try_get_token_for(4s, 1); });

@@ -7,7 +7,6 @@
 
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
-#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/strand.hpp>
 
 #include <barrier>
@@ -16,35 +15,6 @@
 namespace asio = boost::asio;
 using namespace ratelimit::test;
 using ratelimit::per_second;
-
-namespace {
-
-/// An io_context run by `n` threads for the duration of a test.
-struct pool_context {
-  asio::io_context ctx;
-  asio::executor_work_guard<asio::io_context::executor_type> guard{ctx.get_executor()};
-  std::vector<std::thread> threads;
-  explicit pool_context(int n) {
-    for (int i = 0; i < n; ++i) threads.emplace_back([this] { ctx.run(); });
-  }
-  ~pool_context() {
-    guard.reset();
-    ctx.stop();
-    for (auto& t : threads) t.join();
-  }
-};
-
-template <typename Pred>
-bool eventually(Pred pred, std::chrono::milliseconds limit = std::chrono::seconds(30)) {
-  const auto end = std::chrono::steady_clock::now() + limit;
-  while (!pred()) {
-    if (std::chrono::steady_clock::now() > end) return false;
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
-  return true;
-}
-
-}  // namespace
 
 BOOST_FIXTURE_TEST_SUITE(concurrency, clock_fixture)
 
@@ -58,15 +28,17 @@ BOOST_AUTO_TEST_CASE(concurrent_tries_take_exactly_the_tokens_there) {
   for (int t = 0; t < threads; ++t)
     ts.emplace_back([&] {
       start.arrive_and_wait();
-      for (int i = 0; i < 1000; ++i) won += bucket.try_get_token();
+      for (int i = 0; i < 1000; ++i)
+        won += bucket.try_get_token();
     });
-  for (auto& t : ts) t.join();
+  for (auto& t : ts)
+    t.join();
   BOOST_TEST(won.load() == 1000);
   BOOST_TEST(bucket.available() == 0u);
 }
 
 BOOST_AUTO_TEST_CASE(async_requests_from_many_threads_on_a_pool) {
-  pool_context pool(3);
+  running_context pool(3);
   test_bucket bucket(pool.ctx, 50, per_second(100), ratelimit::start_empty);
   constexpr int threads = 4, per_thread = 100;
   std::atomic<int> ok{0}, calls{0};
@@ -81,7 +53,8 @@ BOOST_AUTO_TEST_CASE(async_requests_from_many_threads_on_a_pool) {
           ok += !ec;
         });
     });
-  for (auto& t : ts) t.join();
+  for (auto& t : ts)
+    t.join();
   BOOST_TEST(eventually([&] { return bucket.waiting() == threads * per_thread; }));
   // 400 tokens due after 4 s of manual time: advance in uneven steps while
   // the pool threads serve, and check that the grants match the elapsed time
@@ -106,7 +79,7 @@ BOOST_AUTO_TEST_CASE(every_member_function_at_once) {
   // set_rate/set_capacity/cancel while a pool runs the executor. Checks:
   // every request completes exactly once, and grants never exceed what the
   // bucket could have produced.
-  pool_context pool(2);
+  running_context pool(2);
   using bucket_t = ratelimit::token_bucket;
   bucket_t bucket(pool.ctx, 20, per_second(20'000));
   const auto t0 = std::chrono::steady_clock::now();
@@ -114,7 +87,8 @@ BOOST_AUTO_TEST_CASE(every_member_function_at_once) {
   std::atomic<bool> stop{false};
   std::vector<std::thread> ts;
   ts.emplace_back([&] {  // try
-    while (!stop) granted += bucket.try_get_token(1);
+    while (!stop)
+      granted += bucket.try_get_token(1);
   });
   ts.emplace_back([&] {  // async, a quarter of them cancelled
     std::mt19937 rng(1);
@@ -126,14 +100,16 @@ BOOST_AUTO_TEST_CASE(every_member_function_at_once) {
       ++issued;
       auto sig = std::make_shared<asio::cancellation_signal>();
       bucket.async_get_token(
-          n, asio::bind_cancellation_slot(
-                 sig->slot(), asio::bind_executor(strand, [&, n, sig](boost::system::error_code ec) {
-                   if (!ec) granted += n;
-                   ++completed;
-                 })));
+          n,
+          asio::bind_cancellation_slot(
+              sig->slot(), asio::bind_executor(strand, [&, n, sig](boost::system::error_code ec) {
+                if (!ec) granted += n;
+                ++completed;
+              })));
       if (rng() % 4 == 0)
         asio::post(strand, [sig] { sig->emit(asio::cancellation_type::terminal); });
-      while (issued.load() - completed.load() > 200 && !stop) std::this_thread::yield();
+      while (issued.load() - completed.load() > 200 && !stop)
+        std::this_thread::yield();
     }
   });
   ts.emplace_back([&] {  // blocking
@@ -154,10 +130,12 @@ BOOST_AUTO_TEST_CASE(every_member_function_at_once) {
   });
   std::this_thread::sleep_for(std::chrono::seconds(2));
   stop = true;
-  for (auto& t : ts) t.join();
+  for (auto& t : ts)
+    t.join();
   bucket.cancel();
   BOOST_TEST(eventually([&] { return completed.load() == issued.load(); }));
-  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double elapsed =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   // Capacity at most 29, rate at most 30'000/s at any moment.
   const double bound = 29 + 30'000 * elapsed;
   BOOST_TEST(static_cast<double>(granted.load()) <= bound);

@@ -14,6 +14,7 @@
 
 #include <ratelimit/token_bucket.hpp>
 
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/test/unit_test.hpp>
 
@@ -36,8 +37,8 @@ struct outcome {
   int calls = 0;
   bool destroyed_uncalled = false;
   boost::system::error_code ec;
-  int order = -1;                      // global completion sequence number
-  std::thread::id thread;              // where the handler ran
+  int order = -1;          // global completion sequence number
+  std::thread::id thread;  // where the handler ran
   bool done() const { return calls > 0; }
   bool ok() const { return calls == 1 && !ec; }
 };
@@ -105,6 +106,39 @@ inline void pump(boost::asio::io_context& ctx,
     std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
 }
+
+/// Waits (in real time, bounded) until `pred` holds, for tests whose other
+/// side runs on threads; returns pred().
+template <typename Pred>
+bool eventually(Pred pred, std::chrono::milliseconds limit = std::chrono::seconds(30)) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > end) return false;
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+  return true;
+}
+
+/// An io_context run by `threads` background threads for the duration of a test.
+struct running_context {
+  boost::asio::io_context ctx;
+  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> guard{
+      ctx.get_executor()};
+  std::vector<std::thread> runners;
+
+  explicit running_context(int threads = 1) {
+    for (int i = 0; i < threads; ++i)
+      runners.emplace_back([this] { ctx.run(); });
+  }
+  running_context(const running_context&) = delete;
+  running_context& operator=(const running_context&) = delete;
+  ~running_context() {
+    guard.reset();
+    ctx.stop();
+    for (auto& t : runners)
+      t.join();
+  }
+};
 
 /// Resets the manual clock for each test case.
 struct clock_fixture {
