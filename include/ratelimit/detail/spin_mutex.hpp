@@ -24,7 +24,7 @@ class spin_mutex {
   spin_mutex& operator=(const spin_mutex&) = delete;
 
   void lock() noexcept {
-    while (locked_.exchange(true, std::memory_order_acquire)) {
+    while (!try_lock()) {
       for (int spins = 0; locked_.load(std::memory_order_relaxed); ++spins) {
         if (spins < 128)
           relax();
