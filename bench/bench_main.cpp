@@ -144,7 +144,8 @@ const std::map<std::string, std::string> pairs = {
     {"floor_atomic", "W1 W2"},                 // now() + one successful CAS
     {"floor_mutex", "W1 W2"},                  // now() + the same under a std::mutex
     {"floor_post", "W3"},                      // one asio::post of a handler
-    {"floor_post_any", "W3"},                  // the same through an any_io_executor
+    {"floor_post_clock", "W3"},                // the same plus one steady_clock read
+    {"floor_post_any", "W3"},                  // a plain post through an any_io_executor
     {"floor_post_reactor", "W3"},              // the same, on a context with a timer
     {"floor_co_post", "W3"},                   // co_await asio::post(ex, use_awaitable)
     {"floor_timer", "W4 W5"},                  // one steady_timer per grant

@@ -252,6 +252,19 @@ worker_fn make_worker() {
       });
     };
   }
+  if (impl == "floor_post_clock") {
+    // A post plus one steady_clock read: the floor of any exact limiter that
+    // completes through Asio (the grant depends on the time).
+    return [](const worker_ctx& c) {
+      return chain_worker(c, [&](asio::io_context& ioc) {
+        return [ex = ioc.get_executor()](auto&& h) {
+          const std::int64_t t = now_ns();
+          asm volatile("" : : "r"(t));  // keep the read, without a store
+          asio::post(ex, std::move(h));
+        };
+      });
+    };
+  }
   if (impl == "floor_post_any") {
     // The same post through an any_io_executor, the bucket's executor type:
     // the type-erased path (executor_function, any_executor dispatch).
