@@ -132,6 +132,14 @@ BOOST_FIXTURE_TEST_CASE(try_get_token, fixture) {
   bucket.cancel();
   BOOST_REQUIRE(run_until(ctx, [&] { return w->done(); }));
   BOOST_TEST(w->ec == asio::error::operation_aborted);
+  // A try whose request is out when the bucket is closed is not granted.
+  redis_token_bucket fresh(conn, "t2", 2, per_second(1));
+  std::optional<std::pair<boost::system::error_code, bool>> r;
+  fresh.async_try_get_token(1, [&](boost::system::error_code ec, bool g) { r.emplace(ec, g); });
+  fresh.close();
+  BOOST_REQUIRE(run_until(ctx, [&] { return r.has_value(); }));
+  BOOST_TEST(r->first == error::make_error_code(error::bucket_closed));
+  BOOST_TEST(!r->second);
 }
 
 BOOST_FIXTURE_TEST_CASE(fifo_and_only_the_head_asks, fixture) {

@@ -174,8 +174,9 @@ class basic_redis_token_bucket {
   /// As get_token(n), reporting failure through `ec`.
   void get_token(std::uint64_t n, boost::system::error_code& ec) { impl_->get_blocking(n, ec); }
 
-  /// Closes this bucket object (not the key): queued and later requests
-  /// complete with `bucket_closed`. Idempotent; any thread.
+  /// Closes this bucket object (not the key): queued and later requests, and
+  /// tries whose request is out, complete with `bucket_closed`. Idempotent;
+  /// any thread.
   void close() { impl_->close(error::bucket_closed); }
 
   bool is_open() const { return impl_->is_open(); }

@@ -480,7 +480,12 @@ class redis_bucket_impl
     std::unique_lock lk(mutex_);
     script_result res;
     if (!ec) ec = parse_script_reply(reply, res);
-    if (is_unavailable(ec)) {
+    if (closed_) {
+      // Closed while the request was out: nothing completes as granted after
+      // close(); what the script took is dropped with the pool.
+      if (!ec && res.granted) stats_.redis_tokens += res.taken;
+      ec = error::bucket_closed;
+    } else if (is_unavailable(ec)) {
       enter_fault(now);
       ec = {};
       granted = apply_fault_try(now, n, ec);
