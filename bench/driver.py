@@ -221,12 +221,15 @@ def table(results):
 # ------------------------------------------------------------------------------- targets
 
 def targets(results, quick):
-    """[(target, PASS|MISS|n/a, detail)] for every target of issue 4."""
+    """[(target, PASS|MISS|n/a|info, detail)] for every target of issue 4, with context lines."""
     med = results.median
     out = []
 
     def check(name, ok, detail):
         out.append((name, "n/a" if ok is None else ("PASS" if ok else "MISS"), detail))
+
+    def info(name, detail):
+        out.append((name, "info", detail))
 
     def le(a, b, k):
         return None if a is None or b is None else a <= k * b
@@ -251,9 +254,9 @@ def targets(results, quick):
     c, p = med("W3", "asio_ratelimit_callback", "ns_per_op"), med("W3", "floor_post", "ns_per_op")
     check("W3 callback <= 1.5x asio::post", le(c, p, 1.5), f"{fmt_num(c)} vs {fmt_num(p)} ns ({ratio(c, p)})")
     pc = med("W3", "floor_post_clock", "ns_per_op")
-    out.append(("  context: W3 callback vs post + one clock read (the floor of an exact limiter)", "info",
-                f"{fmt_num(c)} vs {fmt_num(pc)} ns ({ratio(c, pc)}); the clock read alone is "
-                f"{fmt_num(med('W0', 'asio_ratelimit', 'ns_per_op'))} ns"))
+    info("context: W3 callback vs post + one clock read (the floor of an exact limiter)",
+         f"{fmt_num(c)} vs {fmt_num(pc)} ns ({ratio(c, pc)}); the clock read alone is "
+         f"{fmt_num(med('W0', 'asio_ratelimit', 'ns_per_op'))} ns")
     a, cp = med("W3", "asio_ratelimit_awaitable", "ns_per_op"), med("W3", "floor_co_post", "ns_per_op")
     check("W3 use_awaitable <= 1.15x co_await post", le(a, cp, 1.15),
           f"{fmt_num(a)} vs {fmt_num(cp)} ns ({ratio(a, cp)})")
@@ -270,9 +273,9 @@ def targets(results, quick):
         check(f"W4 {impl} p99 lateness <= 2x timer floor", le(p99, ft, 2.0),
               f"{fmt_num(p99)} vs {fmt_num(ft)} us ({ratio(p99, ft)})")
         own, lost = med("W4", impl, "own_p99_us"), med("W4", impl, "caller_lost_ms")
-        out.append((f"  context: W4 {impl} own p99 lateness (caller stalls excluded)", "info",
-                    f"{fmt_num(own)} vs {fmt_num(ft)} us ({ratio(own, ft)}); the caller's "
-                    f"stalls cost {fmt_num(lost)} ms"))
+        info(f"context: W4 {impl} own p99 lateness (caller stalls excluded)",
+             f"{fmt_num(own)} vs {fmt_num(ft)} us ({ratio(own, ft)}); the caller's "
+             f"stalls cost {fmt_num(lost)} ms")
     n5 = 10000 if quick else 100000
     ideal5 = (n5 - 1) / n5
     for impl in ("asio_ratelimit_callback", "asio_ratelimit_awaitable"):
@@ -288,9 +291,9 @@ def targets(results, quick):
     r0, r16 = med("redis", "asio_ratelimit", "grants_per_s"), med("redis", "asio_ratelimit_lease16", "grants_per_s")
     rb1, rb50 = med("redis", "redis_benchmark_c1_P200", "grants_per_s"), med("redis", "redis_benchmark_c50_P1", "grants_per_s")
     if r0 is not None:
-        out.append(("  context: Redis, grants/s through one connection (no target in issue 4)", "info",
-                    f"{fmt_num(r0)} without leasing, {fmt_num(r16)} with a lease of 16; redis-benchmark "
-                    f"EVALSHA {fmt_num(rb1)} (1 client, pipeline 200), {fmt_num(rb50)} (50 clients, no pipeline)"))
+        info("context: Redis, grants/s through one connection (no target in issue 4)",
+             f"{fmt_num(r0)} without leasing, {fmt_num(r16)} with a lease of 16; redis-benchmark "
+             f"EVALSHA {fmt_num(rb1)} (1 client, pipeline 200), {fmt_num(rb50)} (50 clients, no pipeline)")
     for wl in ("W6", "W6b"):
         h = med(wl, "asio_ratelimit", "handlers")
         cpu, base = med(wl, "asio_ratelimit", "cpu_ms"), med(wl, "asio_ratelimit", "base_cpu_ms")
@@ -315,40 +318,36 @@ def plots(trace_dir, plot_dir, quick):
         fs = sorted(f for f in os.listdir(trace_dir) if f.startswith(wl + "-") and f.endswith(".dat"))
         return [(f[len(wl) + 1:-4], os.path.join(trace_dir, f)) for f in fs]
 
-    w4 = traces("W4")
-    if w4:
-        series = ", ".join(
-            f"'{path}' using 1:($2 < 1 ? 1 : $2) with lines lw 1.5 title '{name.replace('_', ' ')}'"
-            for name, path in w4)
+    def plot(name, title, xlabel, ylabel, settings, series):
         script = f"""
 set terminal pngcairo size 1100,650 font ',10'
-set output '{plot_dir}/w4-lateness.png'
-set title 'W4: lateness of each grant, 1000/s burst 1, one caller (lower is better; clipped at 1 us)'
-set xlabel 'grant'
-set ylabel 'lateness (us, log scale)'
-set logscale y
+set output '{plot_dir}/{name}.png'
+set title '{title}'
+set xlabel '{xlabel}'
+set ylabel '{ylabel}'
+{settings}
 set key outside right
 set grid
 plot {series}
 """
         subprocess.run([gnuplot], input=script, text=True, check=False)
+
+    w4 = traces("W4")
+    if w4:
+        plot("w4-lateness",
+             "W4: lateness of each grant, 1000/s burst 1, one caller (lower is better; clipped at 1 us)",
+             "grant", "lateness (us, log scale)", "set logscale y",
+             ", ".join(f"'{path}' using 1:($2 < 1 ? 1 : $2) with lines lw 1.5 title '{name.replace('_', ' ')}'"
+                       for name, path in w4))
     w5 = traces("W5")
     if w5:
         n = 10000 if quick else 100000
-        series = ", ".join(
-            f"'{path}' using 1:2 with lines lw 1.5 title '{name.replace('_', ' ')}'" for name, path in w5)
-        script = f"""
-set terminal pngcairo size 1100,650 font ',10'
-set output '{plot_dir}/w5-cumulative.png'
-set title 'W5: cumulative grants, {n} waiters at {n}/s burst 1 (above the ideal line = over-granting)'
-set xlabel 'seconds since the gate opened'
-set ylabel 'grants'
-set key outside right
-set grid
-set xrange [0:*]
-plot (x <= {(n - 1) / n} ? 1 + x * {n} : {n}) with lines dt 2 lw 2 lc rgb 'black' title 'ideal', {series}
-"""
-        subprocess.run([gnuplot], input=script, text=True, check=False)
+        plot("w5-cumulative",
+             f"W5: cumulative grants, {n} waiters at {n}/s burst 1 (above the ideal line = over-granting)",
+             "seconds since the gate opened", "grants", "set xrange [0:*]",
+             f"(x <= {(n - 1) / n} ? 1 + x * {n} : {n}) with lines dt 2 lw 2 lc rgb 'black' title 'ideal', "
+             + ", ".join(f"'{path}' using 1:2 with lines lw 1.5 title '{name.replace('_', ' ')}'"
+                         for name, path in w5))
 
 
 def main():
@@ -381,7 +380,7 @@ def main():
     print()
     for name, verdict, detail in targets(results, args.quick):
         if verdict == "info":
-            print(f"  - {name.strip()}: {detail}")
+            print(f"  - {name}: {detail}")
         else:
             print(f"- {verdict:4} {name}: {detail}")
     if args.plots and args.trace_dir:

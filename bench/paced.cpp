@@ -150,12 +150,12 @@ void run_paced() {
       std::fclose(f);
     }
     // The limiter's own lateness (see the top of the file).
+    const bool fixed_schedule = opt.impl == "floor_timer";
     std::vector<double> own(t.size());
     std::int64_t due = 0;
     for (std::size_t i = 0; i < t.size(); ++i) {
-      const std::int64_t ideal = static_cast<std::int64_t>(i) * period_ns;
-      if (opt.impl == "floor_timer")
-        due = ideal;
+      if (fixed_schedule)
+        due = static_cast<std::int64_t>(i) * period_ns;
       else if (i > 0)
         due = std::max(t[i - 1], due + period_ns);
       own[i] = static_cast<double>(t[i] - due) / 1e3;

@@ -28,20 +28,15 @@ class spin_mutex {
 
   void lock() noexcept {
     for (int backoff = 1; !try_lock();) {
-      // Back off before looking again, longer each time (up to 64 pauses):
-      // a waiter that polled the line continuously would pull it away from
-      // the holder in the middle of its critical section.
+      // Back off before looking again, longer each time: a waiter that
+      // polled the line continuously would pull it away from the holder in
+      // the middle of its critical section.
       for (int i = 0; i < backoff; ++i)
         relax();
-      if (backoff < 64) {
+      if (backoff < max_backoff)
         backoff *= 2;
-      } else {
-        for (int spins = 0; locked_.load(std::memory_order_relaxed); ++spins)
-          if (spins < 128)
-            relax();
-          else
-            std::this_thread::yield();
-      }
+      else
+        wait_while_locked();
     }
   }
 
@@ -53,6 +48,17 @@ class spin_mutex {
   void unlock() noexcept { locked_.store(false, std::memory_order_release); }
 
  private:
+  static constexpr int max_backoff = 64;  // pauses
+
+  /// Spins on a read, then yields, so a holder that was preempted gets to finish.
+  void wait_while_locked() const noexcept {
+    for (int spins = 0; locked_.load(std::memory_order_relaxed); ++spins)
+      if (spins < 128)
+        relax();
+      else
+        std::this_thread::yield();
+  }
+
   static void relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
