@@ -7,6 +7,5 @@
 #include <ratelimit/token_bucket.hpp>
 
 template class ratelimit::detail::bucket_impl<std::chrono::steady_clock,
-                                              boost::asio::wait_traits<std::chrono::steady_clock>,
-                                              boost::asio::any_io_executor>;
+                                              boost::asio::wait_traits<std::chrono::steady_clock>>;
 template class ratelimit::basic_token_bucket<std::chrono::steady_clock>;

@@ -37,6 +37,11 @@ enum errors {
 
   /// Redis answered with a reply of an unexpected shape or size.
   redis_bad_reply,
+
+  /// A blocking call that would have to wait was made while the bucket's
+  /// io_context is stopped (its run() has returned, e.g. for lack of work):
+  /// nobody would fire the bucket's timer, so it failed at once.
+  context_stopped,
 };
 
 namespace detail {
@@ -66,6 +71,8 @@ class category final : public boost::system::error_category {
         return "redis replied with an error";
       case redis_bad_reply:
         return "unexpected reply from redis";
+      case context_stopped:
+        return "blocking wait on a bucket whose io_context is stopped (nothing runs its timer)";
     }
     return "unknown ratelimit error";
   }

@@ -32,20 +32,25 @@
 // not offered for eviction (a new key may then be refused while that bucket is
 // in fact evictable). Eviction is never premature.
 //
+// Lifetime: the limiter's state (map, index, lock) lives in a keyed_impl the
+// limiter owns through a shared_ptr, as a bucket owns its bucket_impl. A thread
+// blocked in get_token(key) co-owns it (and its key's bucket), so destroying
+// the limiter meanwhile wakes it with operation_aborted and what it touches
+// afterwards (its key's pin, the index) is still there.
+//
 #ifndef RATELIMIT_KEYED_LIMITER_HPP
 #define RATELIMIT_KEYED_LIMITER_HPP
 
 #include <ratelimit/detail/bucket_impl.hpp>
+#include <ratelimit/detail/operation.hpp>
+#include <ratelimit/detail/waiter.hpp>
 #include <ratelimit/error.hpp>
 #include <ratelimit/rate.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
-#include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
-#include <boost/asio/detail/bind_handler.hpp>
 #include <boost/asio/error.hpp>
 #include <boost/asio/execution_context.hpp>
-#include <boost/asio/post.hpp>
 #include <boost/asio/wait_traits.hpp>
 #include <boost/system/system_error.hpp>
 
@@ -61,46 +66,18 @@
 #include <utility>
 
 namespace ratelimit {
+namespace detail {
 
-/// A token bucket per key: each key may take `capacity` tokens at once and
-/// then `r` on average, independently of the other keys.
-///
-/// Every key's bucket behaves exactly as a `basic_token_bucket` of the same
-/// capacity and rate that starts full on the key's first use: FIFO among the
-/// requests for that key, completion through the handler's executor (never
-/// inside the initiating function), per-operation cancellation. Requests for
-/// different keys never wait for each other.
-///
-/// @tparam Key, Hash, KeyEqual  The key type, hashed as in std::unordered_map.
-/// @tparam Clock, WaitTraits, Executor  As for basic_token_bucket.
-///
-/// @par Memory
-/// At most `max_keys()` buckets exist. A bucket is evicted only when it is
-/// full and nobody waits on it, since a fresh bucket for that key would then
-/// behave identically. If the limiter is at its bound with nothing evictable,
-/// requests for a new key fail with `ratelimit::error::too_many_keys`.
-///
-/// @par Thread safety
-/// Every member function may be called concurrently from any thread, and the
-/// executor may be run by one thread or many. Construction and destruction
-/// must not overlap any other use. The limiter can be neither copied nor moved
-/// (hold it by `std::unique_ptr` to move it).
-///
-/// @par Lifetime
-/// Destroying the limiter completes every waiter with
-/// `boost::asio::error::operation_aborted`. It must be destroyed before its
-/// execution context.
-template <typename Key, typename Hash = std::hash<Key>, typename KeyEqual = std::equal_to<Key>,
-          typename Clock = std::chrono::steady_clock,
-          typename WaitTraits = boost::asio::wait_traits<Clock>,
-          typename Executor = boost::asio::any_io_executor>
-class basic_keyed_limiter {
-  using impl_type = detail::bucket_impl<Clock, WaitTraits, Executor>;
+/// The state of a keyed limiter; see the header comment.
+template <typename Key, typename Hash, typename KeyEqual, typename Clock, typename WaitTraits>
+class keyed_impl
+    : public std::enable_shared_from_this<keyed_impl<Key, Hash, KeyEqual, Clock, WaitTraits>> {
+  using bucket_type = bucket_impl<Clock, WaitTraits>;
 
   struct node;
   using index_type = std::set<std::pair<std::int64_t, node*>>;
   struct node {
-    std::shared_ptr<impl_type> bucket;
+    std::shared_ptr<bucket_type> bucket;
     const Key* key = nullptr;             // the map's key (stable: node-based map)
     typename index_type::iterator pos{};  // (time full again, this) in index_
     std::size_t pins = 0;                 // blocking callers using the bucket
@@ -108,76 +85,24 @@ class basic_keyed_limiter {
   using map_type = std::unordered_map<Key, node, Hash, KeyEqual>;
 
  public:
-  using key_type = Key;
-  using executor_type = Executor;
-  using clock_type = Clock;
-
-  /// A limiter giving each key a bucket of `capacity` tokens refilling at `r`,
-  /// holding at most `max_keys` keys.
-  /// @throws std::invalid_argument if `capacity` or `max_keys` is 0 or `r` is
-  /// not a positive rate.
-  basic_keyed_limiter(const executor_type& ex, std::uint64_t capacity, rate r, std::size_t max_keys)
-      : executor_(ex), capacity_(detail::check_capacity(capacity)), rate_(r), max_keys_(max_keys) {
-    detail::reduce(r);  // validates
+  keyed_impl(const boost::asio::any_io_executor& ex, std::uint64_t capacity, rate r,
+             std::size_t max_keys)
+      : executor_(ex), capacity_(check_capacity(capacity)), rate_(r), max_keys_(max_keys) {
+    reduce(r);  // validates
     if (max_keys == 0) throw std::invalid_argument("ratelimit: max_keys must be at least 1");
   }
 
-  /// The same, on the executor of an execution context (e.g. an io_context).
-  template <typename ExecutionContext>
-  requires std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&>
-  basic_keyed_limiter(ExecutionContext& ctx, std::uint64_t capacity, rate r, std::size_t max_keys)
-      : basic_keyed_limiter(executor_type(ctx.get_executor()), capacity, r, max_keys) {}
+  keyed_impl(const keyed_impl&) = delete;
+  keyed_impl& operator=(const keyed_impl&) = delete;
 
-  basic_keyed_limiter(const basic_keyed_limiter&) = delete;
-  basic_keyed_limiter& operator=(const basic_keyed_limiter&) = delete;
+  std::uint64_t capacity() const noexcept { return capacity_; }
+  rate get_rate() const noexcept { return rate_; }
+  std::size_t max_keys() const noexcept { return max_keys_; }
 
-  /// Completes every waiter with `operation_aborted`.
-  ~basic_keyed_limiter() {
-    for (auto& [key, n] : map_)
-      n.bucket->close(boost::asio::error::operation_aborted);
-  }
-
-  executor_type get_executor() const noexcept { return executor_; }
-
-  /// Asynchronously waits for one token of `key`'s bucket.
-  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(void(boost::system::error_code)) Token =
-                boost::asio::default_completion_token_t<executor_type>>
-  requires(!std::is_integral_v<std::remove_cvref_t<Token>>) auto async_get_token(
-      const Key& key, Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
-    return async_get_token(key, 1, std::forward<Token>(token));
-  }
-
-  /// Asynchronously waits until `n` tokens of `key`'s bucket are granted.
-  ///
-  /// @par Completion Signature
-  /// `void(boost::system::error_code ec)`: as basic_token_bucket::async_get_token
-  /// (`exceeds_capacity`, `bucket_closed`, `operation_aborted`), plus
-  /// `ratelimit::error::too_many_keys` at once when `key` is new and the
-  /// limiter is full with nothing evictable. The handler is never invoked
-  /// inside this function.
-  ///
-  /// @par Per-Operation Cancellation
-  /// As basic_token_bucket: `terminal`, `partial` and `total`; the request
-  /// leaves its key's queue and takes no token.
-  ///
-  /// @par Thread safety
-  /// May be called from any thread.
-  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(void(boost::system::error_code))
-                Token = boost::asio::default_completion_token_t<executor_type>>
-  auto async_get_token(const Key& key, std::uint64_t n,
-                       Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
-    return boost::asio::async_initiate<Token, void(boost::system::error_code)>(
-        initiate_get_token(this), token, std::cref(key), n);
-  }
-
-  /// Takes `n` of `key`'s tokens if they are there now and no request for
-  /// `key` is queued; never waits. False also when `n > capacity()`, when the
-  /// limiter is closed, and when `key` is new and cannot be admitted.
-  /// @par Thread safety May be called from any thread.
-  bool try_get_token(const Key& key, std::uint64_t n = 1) {
-    const std::int64_t now = impl_type::now_ns();
+  bool try_get(const Key& key, std::uint64_t n, boost::system::error_code& ec) {
+    ec = {};
+    const std::int64_t now = bucket_type::now_ns();
     std::lock_guard lk(mutex_);
-    boost::system::error_code ec;
     node* nd = acquire(key, n, now, ec);
     if (!nd) return false;
     const bool granted = nd->bucket->try_get(n);
@@ -185,49 +110,68 @@ class basic_keyed_limiter {
     return granted;
   }
 
-  /// Blocks until `n` of `key`'s tokens are granted, FIFO with the
-  /// asynchronous requests for `key`. Must not be called on a thread that
-  /// runs the limiter's execution context (see basic_token_bucket::get_token).
-  /// @throws boost::system::system_error with `exceeds_capacity`,
-  /// `bucket_closed`, `too_many_keys`, `operation_aborted` or `would_deadlock`.
-  void get_token(const Key& key, std::uint64_t n = 1) {
+  template <typename Handler>
+  void async_get(Handler&& handler, const Key& key, std::uint64_t n) {
+    using op_type = handler_op<waiter_base, std::decay_t<Handler>>;
+    op_type* op = op_type::create(std::forward<Handler>(handler), executor_, n);
+    const std::int64_t now = bucket_type::now_ns();
     boost::system::error_code ec;
-    get_token(key, n, ec);
-    if (ec) throw boost::system::system_error(ec, "ratelimit::keyed_limiter::get_token");
+    {
+      std::unique_lock lk(mutex_);
+      node* nd = nullptr;
+      try {
+        nd = acquire(key, n, now, ec);
+        if (nd) link_cancellation(op->handler(), op, std::weak_ptr<bucket_type>(nd->bucket));
+      } catch (...) {
+        lk.unlock();
+        op->destroy();
+        throw;
+      }
+      if (nd) {
+        // Grants are posted, never run here, so holding our lock is safe.
+        nd->bucket->submit(op);  // on failure it destroyed `op`
+        reindex(nd);
+        return;
+      }
+    }
+    op->set_result(ec);
+    op->complete(finish_mode::post, executor_);
   }
 
-  /// As get_token(key), reporting failure through `ec` instead of throwing.
-  void get_token(const Key& key, boost::system::error_code& ec) { get_token(key, 1, ec); }
-
-  /// As get_token(key, n), reporting failure through `ec` instead of throwing.
-  void get_token(const Key& key, std::uint64_t n, boost::system::error_code& ec) {
+  void get_blocking(const Key& key, std::uint64_t n, boost::system::error_code& ec) {
     ec = {};
     node* nd = nullptr;
-    std::shared_ptr<impl_type> bucket;
+    std::shared_ptr<bucket_type> bucket;
     {
       std::lock_guard lk(mutex_);
-      nd = acquire(key, n, impl_type::now_ns(), ec);
+      nd = acquire(key, n, bucket_type::now_ns(), ec);
       if (!nd) return;
       ++nd->pins;  // not evictable while we use it outside the lock
       bucket = nd->bucket;
     }
-    bucket->get_blocking(n, detail::max_time, ec);
-    std::lock_guard lk(mutex_);
-    --nd->pins;
-    reindex(nd);
+    // `self` keeps the map (so `nd`) and the lock alive if the limiter is
+    // destroyed while this thread waits.
+    auto self = this->shared_from_this();
+    struct unpin {
+      keyed_impl* impl;
+      node* nd;
+      ~unpin() {
+        std::lock_guard lk(impl->mutex_);
+        --nd->pins;
+        impl->reindex(nd);
+      }
+    } guard{this, nd};
+    bucket->get_blocking(n, max_time, ec);
   }
 
-  /// Closes every bucket: queued and later requests complete with
-  /// `ratelimit::error::bucket_closed`; try_get_token returns false. Idempotent.
-  void close() {
+  void close(boost::system::error_code ec) {
     std::lock_guard lk(mutex_);
     closed_ = true;
-    for (auto& [key, n] : map_)
-      n.bucket->close(error::bucket_closed);
+    closed_ec_ = ec;
+    for (auto& [key, nd] : map_)
+      nd.bucket->close(ec);
   }
 
-  /// Cancels every queued request of every key (`operation_aborted`, no
-  /// token taken); returns how many there were. The limiter stays open.
   std::size_t cancel() {
     std::lock_guard lk(mutex_);
     std::size_t n = 0;
@@ -236,11 +180,8 @@ class basic_keyed_limiter {
     return n;
   }
 
-  /// Evicts every bucket that can be evicted now (full, nobody waiting);
-  /// returns how many. New keys do this on demand, one at a time; call it to
-  /// give memory back after a burst of keys.
   std::size_t evict() {
-    const std::int64_t now = impl_type::now_ns();
+    const std::int64_t now = bucket_type::now_ns();
     std::lock_guard lk(mutex_);
     std::size_t n = 0;
     while (evict_one(now))
@@ -248,78 +189,33 @@ class basic_keyed_limiter {
     return n;
   }
 
-  /// False once close() has been called.
   bool is_open() const {
     std::lock_guard lk(mutex_);
     return !closed_;
   }
 
-  /// Whole tokens `key` could take now (`capacity()` for a key with no bucket).
   std::uint64_t available(const Key& key) const {
     std::lock_guard lk(mutex_);
     auto it = map_.find(key);
-    return it == map_.end() ? capacity_ : it->second.bucket->available();
+    return it == map_.end() ? (closed_ ? 0 : capacity_) : it->second.bucket->available();
   }
 
-  /// True when `key` has a bucket now.
   bool contains(const Key& key) const {
     std::lock_guard lk(mutex_);
     return map_.find(key) != map_.end();
   }
 
-  /// Keys with a bucket now (at most max_keys()).
   std::size_t size() const {
     std::lock_guard lk(mutex_);
     return map_.size();
   }
 
-  std::size_t max_keys() const noexcept { return max_keys_; }
-  std::uint64_t capacity() const noexcept { return capacity_; }
-  rate get_rate() const noexcept { return rate_; }
-
  private:
-  class initiate_get_token {
-   public:
-    using executor_type = Executor;
-
-    explicit initiate_get_token(basic_keyed_limiter* self) noexcept : self_(self) {}
-
-    executor_type get_executor() const noexcept { return self_->executor_; }
-
-    template <typename Handler>
-    void operator()(Handler&& handler, const Key& key, std::uint64_t n) const {
-      static_assert(std::is_invocable_v<std::decay_t<Handler>&&, boost::system::error_code>,
-                    "ratelimit: handler must be callable as void(boost::system::error_code)");
-      self_->async_get(std::forward<Handler>(handler), key, n);
-    }
-
-   private:
-    basic_keyed_limiter* self_;
-  };
-
-  template <typename Handler>
-  void async_get(Handler&& handler, const Key& key, std::uint64_t n) {
-    const std::int64_t now = impl_type::now_ns();
-    boost::system::error_code ec;
-    {
-      std::lock_guard lk(mutex_);
-      if (node* nd = acquire(key, n, now, ec)) {
-        // Grants are posted, never run here, so holding our lock is safe.
-        nd->bucket->async_get(std::forward<Handler>(handler), n);
-        reindex(nd);
-        return;
-      }
-    }
-    auto ex = boost::asio::get_associated_executor(handler, executor_);
-    boost::asio::post(std::move(ex),
-                      boost::asio::detail::bind_handler(std::forward<Handler>(handler), ec));
-  }
-
   /// The node for `key`, created if needed; null with `ec` set when the
   /// request must fail at once. Caller holds the lock.
   node* acquire(const Key& key, std::uint64_t n, std::int64_t now, boost::system::error_code& ec) {
     if (closed_) {
-      ec = error::bucket_closed;
+      ec = closed_ec_;
       return nullptr;
     }
     if (n > capacity_) {
@@ -331,7 +227,7 @@ class basic_keyed_limiter {
       ec = error::too_many_keys;
       return nullptr;
     }
-    auto bucket = std::make_shared<impl_type>(executor_, capacity_, rate_, capacity_);
+    auto bucket = std::make_shared<bucket_type>(executor_, capacity_, rate_, capacity_);
     auto it = map_.try_emplace(key).first;
     node& nd = it->second;
     nd.bucket = std::move(bucket);
@@ -358,7 +254,7 @@ class basic_keyed_limiter {
     for (auto it = index_.begin(); it != index_.end() && it->first <= now;) {
       node* nd = it->second;
       ++it;
-      impl_type& b = *nd->bucket;
+      bucket_type& b = *nd->bucket;
       // full_at() first: it grants the waiters whose tokens are due (as of
       // when they accrued), which may leave the bucket full and unwaited-for.
       const std::int64_t t = b.full_at();
@@ -378,13 +274,261 @@ class basic_keyed_limiter {
   }
 
   mutable std::mutex mutex_;
-  Executor executor_;
+  boost::asio::any_io_executor executor_;
   std::uint64_t capacity_;
   rate rate_;
   std::size_t max_keys_;
   bool closed_ = false;
+  boost::system::error_code closed_ec_;
   map_type map_;
   index_type index_;
+};
+
+}  // namespace detail
+
+/// A token bucket per key: each key may take `capacity` tokens at once and
+/// then `r` on average, independently of the other keys.
+///
+/// Every key's bucket behaves exactly as a `basic_token_bucket` of the same
+/// capacity and rate that starts full on the key's first use: FIFO among the
+/// requests for that key, completion through the handler's executor (never
+/// inside the initiating function), per-operation cancellation. Requests for
+/// different keys never wait for each other.
+///
+/// @tparam Key, Hash, KeyEqual  The key type, hashed as in std::unordered_map.
+/// @tparam Clock, WaitTraits, Executor  As for basic_token_bucket.
+///
+/// @par Memory
+/// At most `max_keys()` buckets exist. A bucket is evicted only when it is
+/// full and nobody waits on it, since a fresh bucket for that key would then
+/// behave identically. If the limiter is at its bound with nothing evictable,
+/// requests for a new key fail with `ratelimit::error::too_many_keys`.
+///
+/// @par Thread safety
+/// Every member function may be called concurrently from any thread, and the
+/// executor may be run by one thread or many. Construction, move and
+/// destruction must not overlap any other use.
+///
+/// @par Lifetime
+/// Destroying the limiter completes every waiter with
+/// `boost::asio::error::operation_aborted`, wakes threads blocked in
+/// get_token() with it, and makes operations launched later from a deferred
+/// token fail with it. A moved-from limiter keeps its executor and behaves as
+/// a closed one. It must be destroyed before its execution context.
+template <typename Key, typename Hash = std::hash<Key>, typename KeyEqual = std::equal_to<Key>,
+          typename Clock = std::chrono::steady_clock,
+          typename WaitTraits = boost::asio::wait_traits<Clock>,
+          typename Executor = boost::asio::any_io_executor>
+class basic_keyed_limiter {
+  using impl_type = detail::keyed_impl<Key, Hash, KeyEqual, Clock, WaitTraits>;
+
+ public:
+  using key_type = Key;
+  using executor_type = Executor;
+  using clock_type = Clock;
+
+  /// Rebinds the limiter to another executor type (for `as_default_on`).
+  template <typename Executor1>
+  struct rebind_executor {
+    using other = basic_keyed_limiter<Key, Hash, KeyEqual, Clock, WaitTraits, Executor1>;
+  };
+
+  /// A limiter giving each key a bucket of `capacity` tokens refilling at `r`,
+  /// holding at most `max_keys` keys.
+  /// @throws std::invalid_argument if `capacity` or `max_keys` is 0 or `r` is
+  /// not a positive rate.
+  basic_keyed_limiter(const executor_type& ex, std::uint64_t capacity, rate r, std::size_t max_keys)
+      : executor_(ex),
+        impl_(std::make_shared<impl_type>(boost::asio::any_io_executor(ex), capacity, r,
+                                          max_keys)) {}
+
+  /// The same, on the executor of an execution context (e.g. an io_context).
+  template <typename ExecutionContext>
+    requires std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&>
+  basic_keyed_limiter(ExecutionContext& ctx, std::uint64_t capacity, rate r, std::size_t max_keys)
+      : basic_keyed_limiter(executor_type(ctx.get_executor()), capacity, r, max_keys) {}
+
+  /// Moves the limiter; its waiters stay queued. The moved-from limiter keeps
+  /// its executor and behaves as a closed one holding no key.
+  basic_keyed_limiter(basic_keyed_limiter&& other) noexcept
+      : executor_(other.executor_), impl_(std::move(other.impl_)) {}
+
+  /// Moves from a limiter with another executor type convertible to this one.
+  template <typename Executor1>
+    requires(!std::is_same_v<Executor1, Executor> &&
+             std::is_convertible_v<const Executor1&, Executor>)
+  basic_keyed_limiter(
+      basic_keyed_limiter<Key, Hash, KeyEqual, Clock, WaitTraits, Executor1>&& other) noexcept
+      : executor_(other.executor_), impl_(std::move(other.impl_)) {}
+
+  /// Shuts this limiter down (as its destructor would), then takes over `other`'s.
+  basic_keyed_limiter& operator=(basic_keyed_limiter&& other) noexcept {
+    if (this != &other) {
+      shutdown();
+      executor_ = other.executor_;
+      impl_ = std::move(other.impl_);
+    }
+    return *this;
+  }
+  basic_keyed_limiter(const basic_keyed_limiter&) = delete;
+  basic_keyed_limiter& operator=(const basic_keyed_limiter&) = delete;
+
+  /// Completes every waiter with `operation_aborted`.
+  ~basic_keyed_limiter() { shutdown(); }
+
+  executor_type get_executor() const noexcept { return executor_; }
+
+  /// Asynchronously waits for one token of `key`'s bucket.
+  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(void(boost::system::error_code))
+                Token = boost::asio::default_completion_token_t<executor_type>>
+    requires(!std::is_integral_v<std::remove_cvref_t<Token>>)
+  auto async_get_token(const Key& key,
+                       Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
+    return async_get_token(key, 1, std::forward<Token>(token));
+  }
+
+  /// Asynchronously waits until `n` tokens of `key`'s bucket are granted.
+  ///
+  /// @par Completion Signature
+  /// `void(boost::system::error_code ec)`: as basic_token_bucket::async_get_token
+  /// (`exceeds_capacity`, `bucket_closed`, `operation_aborted`), plus
+  /// `ratelimit::error::too_many_keys` at once when `key` is new and the
+  /// limiter is full with nothing evictable. The handler is never invoked
+  /// inside this function.
+  ///
+  /// The key is copied (decay-copied, as Asio does with every initiation
+  /// argument) when the operation is deferred (e.g. `asio::deferred`), so a
+  /// temporary key is safe with every completion token.
+  ///
+  /// @par Per-Operation Cancellation
+  /// As basic_token_bucket: `terminal`, `partial` and `total`; the request
+  /// leaves its key's queue and takes no token.
+  ///
+  /// @par Thread safety
+  /// May be called from any thread.
+  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(void(boost::system::error_code))
+                Token = boost::asio::default_completion_token_t<executor_type>>
+  auto async_get_token(const Key& key, std::uint64_t n,
+                       Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
+    return boost::asio::async_initiate<Token, void(boost::system::error_code)>(
+        initiate_get_token(impl_, executor_), token, key, n);
+  }
+
+  /// Takes `n` of `key`'s tokens if they are there now and no request for
+  /// `key` is queued; never waits. False also when `n > capacity()`, when the
+  /// limiter is closed, and when `key` is new and cannot be admitted; the
+  /// overload with an error_code tells these apart.
+  /// @par Thread safety May be called from any thread.
+  bool try_get_token(const Key& key, std::uint64_t n = 1) {
+    boost::system::error_code ec;
+    return try_get_token(key, n, ec);
+  }
+
+  /// As try_get_token(key, n), telling "limited" (false, `ec` clear: the
+  /// tokens are not there, or requests for `key` are queued) from a request
+  /// that cannot be served at all (false with `ec`: `too_many_keys`,
+  /// `exceeds_capacity`, `bucket_closed`).
+  bool try_get_token(const Key& key, std::uint64_t n, boost::system::error_code& ec) {
+    if (!impl_) {
+      ec = error::bucket_closed;
+      return false;
+    }
+    return impl_->try_get(key, n, ec);
+  }
+
+  /// Blocks until `n` of `key`'s tokens are granted, FIFO with the
+  /// asynchronous requests for `key`. A call that would have to wait fails
+  /// at once with `would_deadlock` or `context_stopped` (see
+  /// basic_token_bucket::get_token).
+  /// @throws boost::system::system_error with `exceeds_capacity`,
+  /// `bucket_closed`, `too_many_keys`, `operation_aborted`, `would_deadlock`
+  /// or `context_stopped`.
+  void get_token(const Key& key, std::uint64_t n = 1) {
+    boost::system::error_code ec;
+    get_token(key, n, ec);
+    if (ec) throw boost::system::system_error(ec, "ratelimit::keyed_limiter::get_token");
+  }
+
+  /// As get_token(key), reporting failure through `ec` instead of throwing.
+  void get_token(const Key& key, boost::system::error_code& ec) { get_token(key, 1, ec); }
+
+  /// As get_token(key, n), reporting failure through `ec` instead of throwing.
+  void get_token(const Key& key, std::uint64_t n, boost::system::error_code& ec) {
+    if (!impl_) {
+      ec = error::bucket_closed;
+      return;
+    }
+    impl_->get_blocking(key, n, ec);
+  }
+
+  /// Closes every bucket: queued and later requests complete with
+  /// `ratelimit::error::bucket_closed`; try_get_token returns false. Idempotent.
+  void close() {
+    if (impl_) impl_->close(error::bucket_closed);
+  }
+
+  /// Cancels every queued request of every key (`operation_aborted`, no
+  /// token taken); returns how many there were. The limiter stays open.
+  std::size_t cancel() { return impl_ ? impl_->cancel() : 0; }
+
+  /// Evicts every bucket that can be evicted now (full, nobody waiting);
+  /// returns how many. New keys do this on demand, one at a time; call it to
+  /// give memory back after a burst of keys.
+  std::size_t evict() { return impl_ ? impl_->evict() : 0; }
+
+  /// False once close() has been called (and for a moved-from limiter).
+  bool is_open() const { return impl_ && impl_->is_open(); }
+
+  /// Whole tokens `key` could take now (`capacity()` for a key with no
+  /// bucket; 0 once closed).
+  std::uint64_t available(const Key& key) const { return impl_ ? impl_->available(key) : 0; }
+
+  /// True when `key` has a bucket now.
+  bool contains(const Key& key) const { return impl_ && impl_->contains(key); }
+
+  /// Keys with a bucket now (at most max_keys()).
+  std::size_t size() const { return impl_ ? impl_->size() : 0; }
+
+  std::size_t max_keys() const noexcept { return impl_ ? impl_->max_keys() : 0; }
+  std::uint64_t capacity() const noexcept { return impl_ ? impl_->capacity() : 0; }
+  rate get_rate() const noexcept { return impl_ ? impl_->get_rate() : rate{}; }
+
+ private:
+  template <typename, typename, typename, typename, typename, typename>
+  friend class basic_keyed_limiter;
+
+  class initiate_get_token {
+   public:
+    using executor_type = Executor;
+
+    initiate_get_token(std::shared_ptr<impl_type> impl, const Executor& ex) noexcept
+        : impl_(std::move(impl)), ex_(ex) {}
+
+    executor_type get_executor() const noexcept { return ex_; }
+
+    template <typename Handler>
+    void operator()(Handler&& handler, const Key& key, std::uint64_t n) const {
+      static_assert(std::is_invocable_v<std::decay_t<Handler>&&, boost::system::error_code>,
+                    "ratelimit: handler must be callable as void(boost::system::error_code)");
+      if (impl_)
+        impl_->async_get(std::forward<Handler>(handler), key, n);
+      else
+        detail::post_completion(std::forward<Handler>(handler),
+                                boost::asio::any_io_executor(ex_),
+                                boost::system::error_code(error::bucket_closed));
+    }
+
+   private:
+    std::shared_ptr<impl_type> impl_;
+    Executor ex_;
+  };
+
+  void shutdown() noexcept {
+    if (impl_) impl_->close(boost::asio::error::operation_aborted);
+  }
+
+  executor_type executor_;
+  std::shared_ptr<impl_type> impl_;
 };
 
 /// The limiter most programs want: steady_clock time, any I/O executor.

@@ -49,13 +49,14 @@ namespace ratelimit {
 /// @par Lifetime
 /// The constructor starts nothing. Destroying the bucket completes every
 /// waiter with `boost::asio::error::operation_aborted` (through each
-/// handler's executor, as usual). It may be destroyed from inside one of its
-/// own completion handlers. As with any Asio I/O object, it must be destroyed
-/// before its execution context.
+/// handler's executor, as usual), wakes blocked threads with it, and makes
+/// operations launched later from a deferred token fail with it. It may be
+/// destroyed from inside one of its own completion handlers. As with any
+/// Asio I/O object, it must be destroyed before its execution context.
 template <typename Clock, typename WaitTraits = boost::asio::wait_traits<Clock>,
           typename Executor = boost::asio::any_io_executor>
 class basic_token_bucket {
-  using impl_type = detail::bucket_impl<Clock, WaitTraits, Executor>;
+  using impl_type = detail::bucket_impl<Clock, WaitTraits>;
 
  public:
   using executor_type = Executor;
@@ -64,7 +65,8 @@ class basic_token_bucket {
   using time_point = typename Clock::time_point;
   using traits_type = WaitTraits;
 
-  /// Rebinds the bucket to another executor type.
+  /// Rebinds the bucket to another executor type (e.g. for
+  /// `asio::use_awaitable_t<>::as_default_on(std::move(bucket))`).
   template <typename Executor1>
   struct rebind_executor {
     using other = basic_token_bucket<Clock, WaitTraits, Executor1>;
@@ -81,7 +83,9 @@ class basic_token_bucket {
   /// rate, or `initial.count` exceeds `capacity`.
   basic_token_bucket(const executor_type& ex, std::uint64_t capacity, rate r,
                      initial_tokens initial)
-      : impl_(std::make_shared<impl_type>(ex, capacity, r, initial.count)) {}
+      : executor_(ex),
+        impl_(std::make_shared<impl_type>(boost::asio::any_io_executor(ex), capacity, r,
+                                          initial.count)) {}
 
   /// The same, on the executor of an execution context (e.g. an io_context).
   template <typename ExecutionContext>
@@ -95,12 +99,28 @@ class basic_token_bucket {
                      initial_tokens initial)
       : basic_token_bucket(executor_type(ctx.get_executor()), capacity, r, initial) {}
 
-  /// Moves the bucket; waiters stay queued. The moved-from bucket may only be
-  /// destroyed or assigned to.
-  basic_token_bucket(basic_token_bucket&&) noexcept = default;
+  /// Moves the bucket; its waiters stay queued and complete as usual. The
+  /// moved-from bucket keeps its executor and behaves as a closed bucket
+  /// holding nothing: requests complete with `error::bucket_closed`,
+  /// `try_get_token` returns false, `capacity()` and `available()` are 0
+  /// (as a moved-from Asio I/O object, it may be destroyed, assigned to, or
+  /// used and fail cleanly).
+  basic_token_bucket(basic_token_bucket&& other) noexcept
+      : executor_(other.executor_), impl_(std::move(other.impl_)) {}
+
+  /// Moves from a bucket with another executor type convertible to this one
+  /// (what `as_default_on` does).
+  template <typename Executor1>
+    requires(!std::is_same_v<Executor1, Executor> &&
+             std::is_convertible_v<const Executor1&, Executor>)
+  basic_token_bucket(basic_token_bucket<Clock, WaitTraits, Executor1>&& other) noexcept
+      : executor_(other.executor_), impl_(std::move(other.impl_)) {}
+
+  /// Closes this bucket (as its destructor would), then takes over `other`'s.
   basic_token_bucket& operator=(basic_token_bucket&& other) noexcept {
     if (this != &other) {
       shutdown();
+      executor_ = other.executor_;
       impl_ = std::move(other.impl_);
     }
     return *this;
@@ -108,12 +128,15 @@ class basic_token_bucket {
   basic_token_bucket(const basic_token_bucket&) = delete;
   basic_token_bucket& operator=(const basic_token_bucket&) = delete;
 
-  /// Completes every waiter with `operation_aborted`.
+  /// Completes every waiter with `operation_aborted`; blocking callers wake
+  /// with it too (they co-own what they need, so nothing freed is touched).
+  /// Operations started later through a deferred token complete with
+  /// `operation_aborted` as well.
   ~basic_token_bucket() { shutdown(); }
 
   /// The executor the bucket's timer runs on; handlers without an associated
   /// executor complete here.
-  executor_type get_executor() const noexcept { return impl_->get_executor(); }
+  executor_type get_executor() const noexcept { return executor_; }
 
   /// Asynchronously waits for one token. Same as `async_get_token(1, token)`.
   template <BOOST_ASIO_COMPLETION_TOKEN_FOR(void(boost::system::error_code))
@@ -128,24 +151,33 @@ class basic_token_bucket {
   /// @par Completion Signature
   /// `void(boost::system::error_code ec)`: success once the tokens are taken;
   /// `ratelimit::error::exceeds_capacity` at once if `n > capacity()`;
-  /// `ratelimit::error::bucket_closed` if the bucket is or gets closed;
-  /// `boost::asio::error::operation_aborted` if the wait is cancelled or the
-  /// bucket destroyed. Only a success consumes tokens. A request for 0 tokens
-  /// completes with success in its turn.
+  /// `ratelimit::error::bucket_closed` if the bucket is or gets closed (or
+  /// was moved from); `boost::asio::error::operation_aborted` if the wait is
+  /// cancelled or the bucket destroyed. Only a success consumes tokens. A
+  /// request for 0 tokens completes with success in its turn.
   ///
   /// The handler is never invoked inside this function: a grant that is
-  /// possible at once is posted to the handler's associated executor (the
-  /// bucket's executor by default). While the request waits it counts as
-  /// outstanding work on that executor.
+  /// possible at once is posted, and every completion goes through the
+  /// handler's associated executor (the bucket's by default), with the
+  /// handler's associated allocator. While the request waits it counts as
+  /// outstanding work on that executor. Completing allocates nothing: the
+  /// memory for it is taken when the request starts (for io_context and
+  /// thread_pool executors and strands over them).
+  ///
+  /// @par Exceptions
+  /// Throws `std::bad_alloc` (or, for the first request that waits,
+  /// `boost::system::system_error` when the timer cannot be made, e.g. for
+  /// lack of file descriptors); the request then took nothing and was not
+  /// queued, and the handler is destroyed without being invoked, as with any
+  /// Asio initiating function.
   ///
   /// @par Per-Operation Cancellation
   /// `terminal`, `partial` and `total` cancellation are all supported: the
   /// waiter leaves the queue, takes no token, completes with
   /// `operation_aborted`, and the waiters behind it are served when they would
-  /// have been without it. A cancellation that arrives after the grant (the
-  /// handler is already on its way) has no effect. As usual in Asio, emit
-  /// cancellation on the handler's executor (e.g. from the same coroutine's
-  /// strand), not concurrently with the handler's completion.
+  /// have been without it. A cancellation that arrives after the grant, or
+  /// at the same time as the grant on another thread, has no effect: the
+  /// request completes with its real result.
   ///
   /// @par Thread safety
   /// May be called from any thread.
@@ -154,7 +186,7 @@ class basic_token_bucket {
   auto async_get_token(std::uint64_t n,
                        Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
     return boost::asio::async_initiate<Token, void(boost::system::error_code)>(
-        initiate_get_token(impl_.get()), token, n);
+        initiate_get_token(impl_, executor_), token, n);
   }
 
   /// Takes `n` tokens if they are there now and nobody is queued ahead;
@@ -163,18 +195,25 @@ class basic_token_bucket {
   /// the bucket is closed.
   /// @par Thread safety
   /// May be called from any thread.
-  bool try_get_token(std::uint64_t n = 1) { return impl_->try_get(n); }
+  bool try_get_token(std::uint64_t n = 1) { return impl_ && impl_->try_get(n); }
 
   /// Blocks the calling thread until `n` tokens are granted, FIFO with the
   /// asynchronous waiters.
   ///
-  /// Must not be called on a thread that runs the bucket's execution context
-  /// (the thread could be the one needed to fire the bucket's timer): there it
-  /// succeeds when the tokens are there and otherwise fails at once with
-  /// `ratelimit::error::would_deadlock`. Some thread must run the context.
+  /// Some thread must run the bucket's execution context: the bucket's timer
+  /// fires there. So a call that would have to wait fails at once, instead
+  /// of waiting forever, with `ratelimit::error::would_deadlock` on a thread
+  /// that runs that context (directly or through a strand), and with
+  /// `ratelimit::error::context_stopped` when the context is an io_context
+  /// that is stopped (its `run()` has returned, e.g. for want of a work
+  /// guard). These checks need the context to be an io_context or a
+  /// thread_pool; with other executors they cannot be made. A context that
+  /// stops while a thread waits leaves it waiting until the context runs
+  /// again, or the request is cancelled (`cancel()`), or the bucket is
+  /// closed or destroyed.
   /// @throws boost::system::system_error with `exceeds_capacity`,
   /// `bucket_closed`, `operation_aborted` (cancel() or destruction while
-  /// waiting) or `would_deadlock`.
+  /// waiting), `would_deadlock` or `context_stopped`.
   void get_token(std::uint64_t n = 1) {
     boost::system::error_code ec;
     get_token(n, ec);
@@ -186,6 +225,10 @@ class basic_token_bucket {
 
   /// As get_token(n), reporting failure through `ec` instead of throwing.
   void get_token(std::uint64_t n, boost::system::error_code& ec) {
+    if (!impl_) {
+      ec = error::bucket_closed;
+      return;
+    }
     impl_->get_blocking(n, detail::max_time, ec);
   }
 
@@ -207,6 +250,10 @@ class basic_token_bucket {
   template <typename Rep, typename Period>
   bool try_get_token_for(std::chrono::duration<Rep, Period> timeout, std::uint64_t n,
                          boost::system::error_code& ec) {
+    if (!impl_) {
+      ec = error::bucket_closed;
+      return false;
+    }
     // In long double first: a timeout of hours::max() must saturate, not overflow.
     const long double ns = std::chrono::duration<long double, std::nano>(timeout).count();
     const std::int64_t limit = ns <= 0 ? 0
@@ -219,61 +266,87 @@ class basic_token_bucket {
   /// Closes the bucket: every queued request and every later one completes
   /// with `ratelimit::error::bucket_closed`; `try_get_token` returns false.
   /// Idempotent. @par Thread safety May be called from any thread.
-  void close() { impl_->close(error::bucket_closed); }
+  void close() {
+    if (impl_) impl_->close(error::bucket_closed);
+  }
 
-  /// False once close() has been called.
-  bool is_open() const { return impl_->is_open(); }
+  /// False once close() has been called (and for a moved-from bucket).
+  bool is_open() const { return impl_ && impl_->is_open(); }
 
   /// Cancels every queued request (`operation_aborted`, no token taken);
   /// returns how many there were. The bucket stays open.
-  std::size_t cancel() { return impl_->cancel(); }
+  std::size_t cancel() { return impl_ ? impl_->cancel() : 0; }
 
   /// Whole tokens in the bucket now. While requests wait these are owed to
   /// them (and fewer than the first one needs).
-  std::uint64_t available() const { return impl_->available(); }
+  std::uint64_t available() const { return impl_ ? impl_->available() : 0; }
 
   /// Requests queued now (asynchronous and blocking).
-  std::size_t waiting() const { return impl_->waiting(); }
+  std::size_t waiting() const { return impl_ ? impl_->waiting() : 0; }
 
-  std::uint64_t capacity() const { return impl_->capacity(); }
+  std::uint64_t capacity() const { return impl_ ? impl_->capacity() : 0; }
 
-  rate get_rate() const { return impl_->get_rate(); }
+  rate get_rate() const { return impl_ ? impl_->get_rate() : rate{}; }
 
-  /// Changes the rate from now on; tokens accrued so far are kept, and queued
-  /// requests are rescheduled at once for the new rate.
+  /// Changes the rate from now on; tokens accrued so far are kept (see
+  /// `rate` for the exact rounding), and queued requests are rescheduled at
+  /// once for the new rate.
   /// @throws std::invalid_argument for a rate that is not positive (nothing changes).
-  void set_rate(rate r) { impl_->set_rate(r); }
+  void set_rate(rate r) {
+    if (impl_)
+      impl_->set_rate(r);
+    else
+      detail::reduce(r);  // validates
+  }
 
   /// Changes the capacity. A bucket holding more tokens than the new capacity
   /// drops the excess; queued requests for more than it complete with
   /// `exceeds_capacity`; the others are rescheduled.
   /// @throws std::invalid_argument for 0 (nothing changes).
-  void set_capacity(std::uint64_t capacity) { impl_->set_capacity(capacity); }
+  void set_capacity(std::uint64_t capacity) {
+    if (impl_)
+      impl_->set_capacity(capacity);
+    else
+      detail::check_capacity(capacity);
+  }
 
  private:
+  template <typename, typename, typename>
+  friend class basic_token_bucket;
+
+  /// Co-owns the impl, so that an operation launched later (a deferred
+  /// token) after the bucket is gone completes with operation_aborted.
   class initiate_get_token {
    public:
     using executor_type = Executor;
 
-    explicit initiate_get_token(impl_type* impl) noexcept : impl_(impl) {}
+    initiate_get_token(std::shared_ptr<impl_type> impl, const Executor& ex) noexcept
+        : impl_(std::move(impl)), ex_(ex) {}
 
-    executor_type get_executor() const noexcept { return impl_->get_executor(); }
+    executor_type get_executor() const noexcept { return ex_; }
 
     template <typename Handler>
     void operator()(Handler&& handler, std::uint64_t n) const {
       static_assert(std::is_invocable_v<std::decay_t<Handler>&&, boost::system::error_code>,
                     "ratelimit: handler must be callable as void(boost::system::error_code)");
-      impl_->async_get(std::forward<Handler>(handler), n);
+      if (impl_)
+        impl_->async_get(std::forward<Handler>(handler), n);
+      else
+        detail::post_completion(std::forward<Handler>(handler),
+                                boost::asio::any_io_executor(ex_),
+                                boost::system::error_code(error::bucket_closed));
     }
 
    private:
-    impl_type* impl_;
+    std::shared_ptr<impl_type> impl_;
+    Executor ex_;
   };
 
-  void shutdown() {
+  void shutdown() noexcept {
     if (impl_) impl_->close(boost::asio::error::operation_aborted);
   }
 
+  executor_type executor_;
   std::shared_ptr<impl_type> impl_;
 };
 
@@ -285,8 +358,7 @@ using token_bucket = basic_token_bucket<std::chrono::steady_clock>;
 #if !defined(RATELIMIT_HEADER_ONLY)
 // Compiled once in the ratelimit library (src/token_bucket.cpp).
 extern template class ratelimit::detail::bucket_impl<
-    std::chrono::steady_clock, boost::asio::wait_traits<std::chrono::steady_clock>,
-    boost::asio::any_io_executor>;
+    std::chrono::steady_clock, boost::asio::wait_traits<std::chrono::steady_clock>>;
 extern template class ratelimit::basic_token_bucket<std::chrono::steady_clock>;
 #endif
 

@@ -6,11 +6,26 @@
 // order, so the front of `inflight_` owns the next reply. One timer enforces
 // every deadline (a request's deadline is fixed when it starts).
 //
+// Requests are operations (ratelimit/detail/operation.hpp): completing one
+// allocates nothing, so failing every request (close, a dropped connection)
+// cannot itself fail. Whatever else a handler of the strand allocates (a
+// reply, a write buffer, a new wait) may throw std::bad_alloc; every handler
+// runs through guarded(), which turns any exception into a failed connection
+// (requests written on it fail with redis_unavailable, the connection is
+// re-made after a backoff), so that no request is ever left without an answer.
+//
+// Reconnecting: a connection counts as healthy from its first reply that is
+// not "unavailable" (see classify_redis_error). A connection that fails, or
+// closes before it was healthy (a server that accepts then drops, a wrong
+// password), is a failed attempt: the next one waits reconnect_min, doubling
+// up to reconnect_max, and meanwhile requests fail at once. A healthy
+// connection that breaks is re-made at once.
+//
 #include <ratelimit/redis/connection.hpp>
+#include <ratelimit/redis/detail/hooks.hpp>
+#include <ratelimit/redis/options.hpp>
 
-#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/connect.hpp>
-#include <boost/asio/dispatch.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -30,6 +45,8 @@ namespace asio = boost::asio;
 using boost::system::error_code;
 using tcp = asio::ip::tcp;
 using clock_type = std::chrono::steady_clock;
+using redis_detail::hiredis_call;
+using redis_detail::hiredis_should_fail;
 
 namespace {
 
@@ -75,23 +92,30 @@ std::string format_command(const std::vector<std::string>& args) {
     lens.push_back(a.size());
   }
   char* cmd = nullptr;
-  const int len =
-      redisFormatCommandArgv(&cmd, static_cast<int>(args.size()), argv.data(), lens.data());
+  const int len = hiredis_should_fail(hiredis_call::format_command)
+                      ? -1
+                      : redisFormatCommandArgv(&cmd, static_cast<int>(args.size()), argv.data(),
+                                               lens.data());
   if (len < 0 || !cmd) throw std::bad_alloc();
-  std::string out(cmd, static_cast<std::size_t>(len));
-  redisFreeCommand(cmd);
-  return out;
+  std::unique_ptr<char, void (*)(char*)> owned(cmd, [](char* p) { redisFreeCommand(p); });
+  return std::string(cmd, static_cast<std::size_t>(len));
 }
 
 struct reader_deleter {
   void operator()(redisReader* r) const noexcept { redisReaderFree(r); }
+};
+struct reply_deleter {
+  void operator()(void* r) const noexcept { freeReplyObject(r); }
 };
 
 }  // namespace
 
 class redis_connection::impl : public std::enable_shared_from_this<impl> {
  public:
-  using handler_type = asio::any_completion_handler<signature>;
+  struct op_deleter {
+    void operator()(op_base* op) const noexcept { op->destroy(); }
+  };
+  using op_ptr = std::unique_ptr<op_base, op_deleter>;
 
   impl(const executor_type& ex, redis_config cfg)
       : config_(std::move(cfg)),
@@ -105,23 +129,36 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
 
   void start() {
     asio::post(strand_, [self = shared_from_this()] {
-      if (self->state_ == state::idle) self->start_connect();
+      self->guarded([&] {
+        if (self->state_ == state::idle) self->start_connect();
+      });
     });
   }
 
   const redis_config& config() const noexcept { return config_; }
   const executor_type& get_executor() const noexcept { return executor_; }
 
-  void exec(std::vector<std::string> args, handler_type handler) {
+  /// Takes `op`; throws (destroying it) when the request cannot be handed
+  /// to the strand.
+  void exec(std::vector<std::string> args, op_ptr op) {
     std::string cmd = format_command(args);
     asio::post(strand_,
-               [self = shared_from_this(), cmd = std::move(cmd), h = std::move(handler)]() mutable {
-                 self->do_exec(std::move(cmd), std::move(h));
+               [self = shared_from_this(), cmd = std::move(cmd), op = std::move(op)]() mutable {
+                 self->guarded([&] { self->do_exec(std::move(cmd), std::move(op)); });
                });
   }
 
-  void close() {
-    asio::post(strand_, [self = shared_from_this()] { self->do_close(); });
+  /// Never throws: the close is posted with memory reserved for it, so a
+  /// destructor can call it.
+  void close() noexcept {
+    if (close_posted_.exchange(true)) return;
+    try {
+      asio::post(strand_, close_step{shared_from_this(), &close_memory_});
+    } catch (...) {
+      // Only if the strand itself cannot be scheduled (its invoker is posted
+      // by Asio without our allocator): the next handler of ours closes.
+      close_wanted_.store(true);
+    }
   }
 
   bool is_connected() const {
@@ -143,50 +180,76 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
 
   struct request {
     std::string cmd;
-    handler_type handler;  // empty for handshake requests
+    op_ptr op;  // empty for handshake requests
     kind k = kind::user;
     clock_type::time_point deadline;
   };
 
+  using close_memory = detail::upcall_memory<128>;
+
+  /// The posted close(), allocated from memory reserved for it.
+  struct close_step {
+    using allocator_type = detail::upcall_allocator<void, std::allocator<void>, close_memory::size>;
+    std::shared_ptr<impl> self;
+    close_memory* memory;
+    allocator_type get_allocator() const noexcept {
+      return allocator_type(memory, std::allocator<void>());
+    }
+    void operator()() const noexcept { self->do_close(); }
+  };
+
+  /// Runs a handler's body; an exception (std::bad_alloc while building a
+  /// reply, a buffer, a wait) fails the connection instead of escaping.
+  template <typename F>
+  void guarded(F&& f) noexcept {
+    if (close_wanted_.load() && state_ != state::closed) return do_close();
+    try {
+      f();
+    } catch (...) {
+      if (state_ != state::closed) connect_failed("out of memory");
+    }
+  }
+
   // --- requests ------------------------------------------------------------
 
-  void do_exec(std::string cmd, handler_type h) {
+  void do_exec(std::string cmd, op_ptr op) {
     switch (state_) {
       case state::closed:
-        complete(std::move(h), asio::error::operation_aborted, {});
-        return;
+        return complete(std::move(op), asio::error::operation_aborted, {});
       case state::down:
-        complete(std::move(h), error::redis_unavailable, {});
-        return;
+        if (!backoff_armed_) start_connect();  // the backoff wait itself failed: try now
+        if (state_ == state::down) return complete(std::move(op), error::redis_unavailable, {});
+        break;
       default:
         break;
     }
-    pending_.push_back(request{std::move(cmd), std::move(h), kind::user,
-                               clock_type::now() + config_.request_timeout});
+    request r{std::move(cmd), std::move(op), kind::user,
+              clock_type::now() + config_.request_timeout};
+    try {
+      pending_.push_back(std::move(r));  // strong guarantee: `r` is intact on failure
+    } catch (...) {
+      return complete(std::move(r.op), error::redis_unavailable, {});
+    }
     arm_deadline();
     if (state_ == state::idle) start_connect();
     flush();
   }
 
-  void complete(handler_type h, error_code ec, redis_reply reply) {
-    if (!h) return;
-    // Off the strand first (onto the connection's executor), then onto the
-    // handler's own executor: handlers never run on the connection's strand.
-    auto work = asio::prefer(asio::get_associated_executor(h, executor_),
-                             asio::execution::outstanding_work.tracked);
-    asio::post(executor_,
-               [h = std::move(h), work = std::move(work), ec, r = std::move(reply)]() mutable {
-                 asio::dispatch(work, [h = std::move(h), ec, r = std::move(r)]() mutable {
-                   std::move(h)(ec, std::move(r));
-                 });
-               });
+  /// Completes `op` through its handler's executor; allocates nothing.
+  void complete(op_ptr op, error_code ec, redis_reply reply) noexcept {
+    if (!op) return;
+    op->result = {ec, std::move(reply)};
+    try {
+      op.release()->complete(detail::finish_mode::post, executor_);
+    } catch (...) {  // only with executors whose post allocates; the op is gone
+    }
   }
 
-  void fail_all(std::deque<request>& q, error_code ec) {
+  void fail_all(std::deque<request>& q, error_code ec) noexcept {
     auto taken = std::move(q);
     q.clear();
     for (auto& r : taken)
-      complete(std::move(r.handler), ec, {});
+      complete(std::move(r.op), ec, {});
   }
 
   // --- deadlines -----------------------------------------------------------
@@ -194,32 +257,33 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
   void arm_deadline() {
     if (deadline_armed_) return;
     clock_type::time_point next = clock_type::time_point::max();
-    if (!inflight_.empty()) next = std::min(next, inflight_.front().deadline);
+    for (const auto& r : inflight_)
+      next = std::min(next, r.deadline);
     for (const auto& r : pending_)
       next = std::min(next, r.deadline);
     if (next == clock_type::time_point::max()) return;
-    deadline_armed_ = true;
     deadline_timer_.expires_at(next);
     deadline_timer_.async_wait([self = shared_from_this()](error_code) {
       self->deadline_armed_ = false;
-      self->on_deadline();
+      self->guarded([&] { self->on_deadline(); });
     });
+    deadline_armed_ = true;
   }
 
   void on_deadline() {
     if (state_ == state::closed) return;
     const auto now = clock_type::now();
-    if (!inflight_.empty() && inflight_.front().deadline <= now) {
+    const bool stuck = std::any_of(inflight_.begin(), inflight_.end(),
+                                   [&](const request& r) { return r.deadline <= now; });
+    if (stuck) {
       // Written and unanswered in time: the server or the link is stuck.
       count_timeouts(1);
-      set_last_error("request timed out");
-      drop_connection(error::redis_unavailable);
-      start_connect();
+      connection_lost("request timed out");
     }
     std::size_t expired = 0;
     for (auto it = pending_.begin(); it != pending_.end();) {
       if (it->deadline <= now && it->k == kind::user) {
-        complete(std::move(it->handler), error::redis_unavailable, {});
+        complete(std::move(it->op), error::redis_unavailable, {});
         it = pending_.erase(it);
         ++expired;
       } else {
@@ -234,6 +298,7 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
 
   void start_connect() {
     state_ = state::connecting;
+    healthy_ = false;
     const std::uint64_t gen = ++generation_;
     connect_timer_.expires_after(config_.connect_timeout);
     connect_timer_.async_wait([self = shared_from_this(), gen](error_code ec) {
@@ -245,16 +310,21 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
     resolver_.async_resolve(
         config_.host, std::to_string(config_.port),
         [self = shared_from_this(), gen](error_code ec, tcp::resolver::results_type results) {
-          if (gen != self->generation_ || self->state_ != state::connecting) return;
-          if (ec)
-            return self->connect_failed("resolve " + self->config_.host + ": " + ec.message());
-          asio::async_connect(self->socket_, results,
-                              [self, gen](error_code ec, const tcp::endpoint&) {
-                                if (gen != self->generation_ || self->state_ != state::connecting)
-                                  return;
-                                if (ec) return self->connect_failed("connect: " + ec.message());
-                                self->connected();
-                              });
+          self->guarded([&] {
+            if (gen != self->generation_ || self->state_ != state::connecting) return;
+            if (ec)
+              return self->connect_failed("resolve " + self->config_.host + ": " + ec.message());
+            asio::async_connect(self->socket_, results,
+                                [self, gen](error_code ec, const tcp::endpoint&) {
+                                  self->guarded([&] {
+                                    if (gen != self->generation_ ||
+                                        self->state_ != state::connecting)
+                                      return;
+                                    if (ec) return self->connect_failed("connect: " + ec.message());
+                                    self->connected();
+                                  });
+                                });
+          });
         });
   }
 
@@ -262,10 +332,9 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
     connect_timer_.cancel();
     error_code ignored;
     socket_.set_option(tcp::no_delay(true), ignored);
-    reader_.reset(redisReaderCreate());
-    if (!reader_) throw std::bad_alloc();
+    reader_.reset(hiredis_should_fail(hiredis_call::reader_create) ? nullptr : redisReaderCreate());
+    if (!reader_) return connect_failed("out of memory (reply reader)");
     state_ = state::connected;
-    attempt_ = 0;
     // Handshake first: AUTH, then SELECT, ahead of everything queued.
     const auto deadline = clock_type::now() + config_.request_timeout;
     if (config_.database != 0)
@@ -289,35 +358,38 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
     arm_deadline();
   }
 
-  void connect_failed(std::string why) {
+  /// A failed attempt (or a connection that failed before it was healthy):
+  /// requests fail at once until the next attempt, after the backoff.
+  void connect_failed(std::string why) noexcept {
     set_last_error(std::move(why));
     {
       std::lock_guard lk(info_mutex_);
       ++stats_.failed_connects;
-      connected_flag_ = false;
     }
-    error_code ignored;
-    socket_.close(ignored);
+    drop_connection(error::redis_unavailable);
     connect_timer_.cancel();
-    ++generation_;
-    // Nobody waits for a server that just refused: fail fast until the next attempt.
     state_ = state::down;
-    fail_all(inflight_, error::redis_unavailable);
     fail_all(pending_, error::redis_unavailable);
-    const auto base =
-        config_.reconnect_min.count() > 0 ? config_.reconnect_min : std::chrono::milliseconds(1);
-    auto delay = base * (1LL << std::min(attempt_, 20));
-    if (delay > config_.reconnect_max) delay = config_.reconnect_max;
+    const auto delay = std::min<std::chrono::milliseconds>(
+        config_.reconnect_max, config_.reconnect_min * (std::int64_t{1} << std::min(attempt_, 30)));
     ++attempt_;
-    backoff_timer_.expires_after(delay);
-    backoff_timer_.async_wait([self = shared_from_this()](error_code ec) {
-      if (ec || self->state_ != state::down) return;
-      self->start_connect();
-    });
+    backoff_armed_ = false;
+    try {
+      backoff_timer_.expires_after(delay);
+      backoff_timer_.async_wait([self = shared_from_this()](error_code ec) {
+        self->backoff_armed_ = false;
+        self->guarded([&] {
+          if (ec || self->state_ != state::down) return;
+          self->start_connect();
+        });
+      });
+      backoff_armed_ = true;
+    } catch (...) {  // no wait: the next request tries at once (do_exec)
+    }
   }
 
   /// Closes the socket and fails what was written; unwritten requests stay.
-  void drop_connection(error_code ec) {
+  void drop_connection(error_code ec) noexcept {
     ++generation_;
     error_code ignored;
     socket_.close(ignored);
@@ -332,6 +404,20 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
     std::erase_if(pending_, [](const request& r) { return r.k == kind::handshake; });
   }
 
+  /// The connection broke (or a request on it timed out). Re-made at once
+  /// if it had been healthy; otherwise it was a failed attempt.
+  void connection_lost(std::string why) noexcept {
+    if (!healthy_) return connect_failed(std::move(why));
+    set_last_error(std::move(why));
+    drop_connection(error::redis_unavailable);
+    attempt_ = 0;
+    try {
+      start_connect();
+    } catch (...) {
+      connect_failed("out of memory");
+    }
+  }
+
   // --- I/O -----------------------------------------------------------------
 
   void flush() {
@@ -340,8 +426,8 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
     std::size_t n = 0;
     while (!pending_.empty()) {
       write_buf_ += pending_.front().cmd;
-      pending_.front().cmd.clear();
-      inflight_.push_back(std::move(pending_.front()));
+      inflight_.push_back(std::move(pending_.front()));  // on failure nothing has moved
+      inflight_.back().cmd.clear();
       pending_.pop_front();
       ++n;
     }
@@ -350,49 +436,60 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
       stats_.requests += n;
       ++stats_.writes;
     }
-    writing_ = true;
     const std::uint64_t gen = generation_;
     asio::async_write(socket_, asio::buffer(write_buf_),
                       [self = shared_from_this(), gen](error_code ec, std::size_t) {
-                        if (gen != self->generation_) return;
-                        self->writing_ = false;
-                        if (ec) return self->connection_lost("write: " + ec.message());
-                        self->flush();
+                        self->guarded([&] {
+                          if (gen != self->generation_) return;
+                          self->writing_ = false;
+                          if (ec) return self->connection_lost("write: " + ec.message());
+                          self->flush();
+                        });
                       });
+    writing_ = true;
   }
 
   void start_read(std::uint64_t gen) {
     socket_.async_read_some(asio::buffer(read_buf_),
                             [self = shared_from_this(), gen](error_code ec, std::size_t n) {
-                              if (gen != self->generation_) return;
-                              if (ec) return self->connection_lost("read: " + ec.message());
-                              self->on_data(n, gen);
+                              self->guarded([&] {
+                                if (gen != self->generation_) return;
+                                if (ec) return self->connection_lost("read: " + ec.message());
+                                self->on_data(n, gen);
+                              });
                             });
   }
 
   void on_data(std::size_t n, std::uint64_t gen) {
-    if (redisReaderFeed(reader_.get(), read_buf_.data(), n) != REDIS_OK)
-      return protocol_error("feed failed");
+    if (hiredis_should_fail(hiredis_call::reader_feed) ||
+        redisReaderFeed(reader_.get(), read_buf_.data(), n) != REDIS_OK)
+      return connection_lost("out of memory (reply reader)");
     for (;;) {
       void* raw = nullptr;
-      if (redisReaderGetReply(reader_.get(), &raw) != REDIS_OK)
+      if (hiredis_should_fail(hiredis_call::reader_get_reply)) {
+        return connection_lost("out of memory (reply)");
+      } else if (redisReaderGetReply(reader_.get(), &raw) != REDIS_OK) {
+        if (reader_->err == REDIS_ERR_OOM) return connection_lost("out of memory (reply)");
         return protocol_error(reader_->errstr);
+      }
       if (!raw) break;
+      std::unique_ptr<void, reply_deleter> owned(raw);
       redis_reply reply = convert(static_cast<redisReply*>(raw));
-      freeReplyObject(raw);
+      owned.reset();
       if (inflight_.empty()) return protocol_error("reply without a request");
+      const bool is_error = reply.type == redis_reply::kind::error;
+      if (!is_error || classify_redis_error(reply.str) != redis_error_class::unavailable) {
+        healthy_ = true;
+        attempt_ = 0;
+      }
       request r = std::move(inflight_.front());
       inflight_.pop_front();
       if (r.k == kind::handshake) {
-        if (reply.type == redis_reply::kind::error) {
-          // Wrong password, unknown database: no use going on with this server.
-          drop_connection(error::redis_unavailable);
-          return connect_failed("handshake: " + reply.str);
-        }
+        // Wrong password, unknown database: a failed attempt (backoff grows).
+        if (is_error) return connect_failed("handshake: " + reply.str);
         continue;
       }
-      const bool is_error = reply.type == redis_reply::kind::error;
-      complete(std::move(r.handler), is_error ? error_code(error::redis_error) : error_code(),
+      complete(std::move(r.op), is_error ? error_code(error::redis_error) : error_code(),
                std::move(reply));
     }
     if (reader_->len - reader_->pos > config_.max_reply_bytes)
@@ -400,25 +497,21 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
     start_read(gen);
   }
 
-  void protocol_error(const std::string& why) {
-    set_last_error("protocol error: " + why);
+  void protocol_error(const std::string& why) noexcept {
     // The request whose reply was bad learns so; the others were merely unlucky.
     if (!inflight_.empty()) {
       request r = std::move(inflight_.front());
       inflight_.pop_front();
-      complete(std::move(r.handler), error::redis_bad_reply, {});
+      complete(std::move(r.op), error::redis_bad_reply, {});
     }
-    drop_connection(error::redis_unavailable);
-    start_connect();
+    try {
+      connection_lost("protocol error: " + why);
+    } catch (...) {
+      connection_lost("protocol error");
+    }
   }
 
-  void connection_lost(std::string why) {
-    set_last_error(std::move(why));
-    drop_connection(error::redis_unavailable);
-    start_connect();
-  }
-
-  void do_close() {
+  void do_close() noexcept {
     if (state_ == state::closed) return;
     state_ = state::closed;
     ++generation_;
@@ -436,9 +529,9 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
     fail_all(pending_, asio::error::operation_aborted);
   }
 
-  void set_last_error(std::string e) {
+  void set_last_error(std::string e) noexcept {
     std::lock_guard lk(info_mutex_);
-    last_error_ = std::move(e);
+    last_error_.swap(e);
   }
   void count_timeouts(std::size_t n) {
     if (n == 0) return;
@@ -461,9 +554,15 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
   std::array<char, 16 * 1024> read_buf_{};
   state state_ = state::idle;
   std::uint64_t generation_ = 0;
-  int attempt_ = 0;
+  int attempt_ = 0;      // failed attempts in a row (backoff exponent)
+  bool healthy_ = false;  // this connection gave a reply that is not "unavailable"
   bool writing_ = false;
   bool deadline_armed_ = false;
+  bool backoff_armed_ = false;
+
+  std::atomic<bool> close_posted_{false};
+  std::atomic<bool> close_wanted_{false};
+  close_memory close_memory_;
 
   mutable std::mutex info_mutex_;
   bool connected_flag_ = false;
@@ -472,7 +571,7 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
 };
 
 redis_connection::redis_connection(const executor_type& ex, redis_config config)
-    : impl_(std::make_shared<impl>(ex, std::move(config))) {
+    : executor_(ex), impl_((validate(config), std::make_shared<impl>(ex, std::move(config)))) {
   impl_->start();
 }
 
@@ -481,16 +580,17 @@ redis_connection::~redis_connection() {
 }
 
 redis_connection::executor_type redis_connection::get_executor() const noexcept {
-  return impl_->get_executor();
+  return executor_;
 }
 
 const redis_config& redis_connection::config() const noexcept {
   return impl_->config();
 }
 
-void redis_connection::exec(std::vector<std::string> args,
-                            asio::any_completion_handler<signature> handler) {
-  impl_->exec(std::move(args), std::move(handler));
+void redis_connection::start(const std::shared_ptr<impl>& self, std::vector<std::string> args,
+                             op_base* op) {
+  impl::op_ptr owned(op);
+  self->exec(std::move(args), std::move(owned));
 }
 
 bool redis_connection::is_connected() const {

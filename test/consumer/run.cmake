@@ -1,6 +1,6 @@
 # Installs the library from BUILD_DIR into a scratch prefix, then builds and
 # runs test/consumer against it with find_package, and again with
-# add_subdirectory on SOURCE_DIR.
+# add_subdirectory on SOURCE_DIR; with WITH_REDIS, the redis component too.
 cmake_minimum_required(VERSION 3.25)
 
 function(run)
@@ -23,7 +23,11 @@ endif()
 foreach(mode package subdirectory)
   set(bin ${WORK_DIR}/${mode})
   run(${CMAKE_COMMAND} -S ${SOURCE_DIR}/test/consumer -B ${bin} ${common}
-      -DRATELIMIT_MODE=${mode} -DCMAKE_PREFIX_PATH=${prefix} -DRATELIMIT_SOURCE_DIR=${SOURCE_DIR})
+      -DRATELIMIT_MODE=${mode} -DCMAKE_PREFIX_PATH=${prefix} -DRATELIMIT_SOURCE_DIR=${SOURCE_DIR}
+      -DRATELIMIT_WITH_REDIS=${WITH_REDIS})
   run(${CMAKE_COMMAND} --build ${bin})
   run(${bin}/consumer)
+  if(WITH_REDIS)
+    run(${bin}/consumer_redis)
+  endif()
 endforeach()

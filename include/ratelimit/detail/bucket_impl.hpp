@@ -2,30 +2,40 @@
 // ratelimit/detail/bucket_impl.hpp: the machinery behind basic_token_bucket.
 //
 // The impl queues, times and completes; every token decision is asked of
-// bucket_state. It is owned by the bucket through a shared_ptr; the timer
-// handler and the cancellation functors hold only weak_ptrs, and lock them for
-// the duration of their work, so a bucket destroyed from inside one of its own
+// bucket_state. Operations are the library's one kind (operation.hpp,
+// waiter.hpp), the timer is the one timer_driver, so what is said there about
+// completion, allocation and cancellation holds here.
+//
+// Ownership: the bucket (and a keyed_limiter's node) owns the impl through a
+// shared_ptr; a blocking caller co-owns it while it waits. The timer's
+// handler and the cancellation handlers hold it weakly and lock it for the
+// duration of their work, so a bucket destroyed from inside one of its own
 // completion handlers, or while a timer handler is on its way, is safe.
 //
 // Locking: one spin_mutex guards the state, the queue and the timer. No
-// handler runs, and nothing is posted, while it is held: waiters leaving the
-// queue are collected in a ready_list and finished after unlocking.
+// handler runs, nothing is posted and nothing is allocated while it is held
+// (except the timer, made once, on the first wait): waiters leaving the queue
+// are collected in a ready_list and completed after unlocking.
+//
+// Exception safety: everything that can throw happens before a request is
+// queued or takes tokens (the operation's allocation, the cancellation
+// handler, the timer), and a request that throws there leaves no trace.
+// After that, completion never throws for the executors the operation's
+// reserved memory serves (operation.hpp).
 //
 #ifndef RATELIMIT_DETAIL_BUCKET_IMPL_HPP
 #define RATELIMIT_DETAIL_BUCKET_IMPL_HPP
 
-#include <ratelimit/detail/async_waiter.hpp>
 #include <ratelimit/detail/bucket_state.hpp>
+#include <ratelimit/detail/operation.hpp>
 #include <ratelimit/detail/spin_mutex.hpp>
 #include <ratelimit/detail/sync_waiter.hpp>
-#include <ratelimit/detail/waiter_queue.hpp>
+#include <ratelimit/detail/timer_driver.hpp>
+#include <ratelimit/detail/waiter.hpp>
 #include <ratelimit/error.hpp>
 
-#include <boost/asio/basic_waitable_timer.hpp>
-#include <boost/asio/bind_executor.hpp>
-#include <boost/asio/detail/bind_handler.hpp>
+#include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/error.hpp>
-#include <boost/asio/io_context.hpp>
 
 #include <algorithm>
 #include <chrono>
@@ -36,18 +46,17 @@
 
 namespace ratelimit::detail {
 
-template <typename Clock, typename WaitTraits, typename Executor>
-class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitTraits, Executor>> {
+template <typename Clock, typename WaitTraits>
+class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitTraits>> {
   static_assert(std::ratio_greater_equal_v<typename Clock::period, std::nano>,
                 "ratelimit: the clock's tick must be no finer than a nanosecond");
 
  public:
-  using executor_type = Executor;
+  using executor_type = boost::asio::any_io_executor;
   using clock_type = Clock;
   using time_point = typename Clock::time_point;
-  using timer_type = boost::asio::basic_waitable_timer<Clock, WaitTraits, Executor>;
 
-  bucket_impl(const Executor& ex, std::uint64_t capacity, const rate& r, std::uint64_t initial)
+  bucket_impl(const executor_type& ex, std::uint64_t capacity, const rate& r, std::uint64_t initial)
       : state_(check_capacity(capacity), reduce(r), now_ns(), check_initial(initial, capacity)),
         rate_(r),
         executor_(ex) {}
@@ -64,7 +73,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   }
   static std::int64_t now_ns() noexcept { return to_ns(Clock::now()); }
   static time_point from_ns(std::int64_t t) noexcept {
-    return time_point(std::chrono::ceil<typename Clock::duration>(std::chrono::nanoseconds(t)));
+    return timer_driver<Clock, WaitTraits>::to_time_point(t);
   }
   static std::int64_t add_ns(std::int64_t t, std::int64_t d) noexcept {
     if (d <= 0) return t;
@@ -80,25 +89,58 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     return state_.try_take(now, n);
   }
 
-  /// Starts an asynchronous request: grants it at once (completing through
-  /// the handler's executor, never inline), fails it at once, or queues it.
+  /// Starts an asynchronous request for `n` tokens: granted at once, failed
+  /// at once (both completing through the handler's executor, never inline),
+  /// or queued. Throws, with nothing taken or queued, what allocating the
+  /// operation, its cancellation handler or the timer throws.
   template <typename Handler>
   void async_get(Handler&& handler, std::uint64_t n) {
+    using op_type = handler_op<waiter_base, std::decay_t<Handler>>;
+    op_type* op = op_type::create(std::forward<Handler>(handler), executor_, n);
+    try {
+      link_cancellation(op->handler(), op, this->weak_from_this());
+    } catch (...) {
+      op->destroy();
+      throw;
+    }
+    submit(op);
+  }
+
+  /// Grants, fails or queues `w`, a waiter not yet seen by anyone else (its
+  /// cancellation handler already linked). If this throws, `w` was destroyed
+  /// and the request left no trace.
+  void submit(waiter_base* w) {
     const std::int64_t now = now_ns();
+    const std::uint64_t n = w->tokens;
     boost::system::error_code ec;
     {
       std::unique_lock lk(mutex_);
       if (closed_) {
-        ec = error::bucket_closed;
+        ec = closed_ec_;
       } else if (n > state_.capacity()) {
         ec = error::exceeds_capacity;
       } else if (!(queue_.empty() && state_.try_take(now, n))) {
-        using waiter = async_waiter<std::decay_t<Handler>, Executor, bucket_impl>;
-        enqueue(waiter::create(std::forward<Handler>(handler), executor_, n, this), now);
+        try {
+          enqueue(w, now);
+        } catch (...) {
+          w->unlink();
+          lk.unlock();
+          w->destroy();
+          throw;
+        }
         return;
       }
+      w->unlink();  // never queued: nothing to cancel
     }
-    post_result(std::forward<Handler>(handler), ec);
+    w->set_result(ec);
+    try {
+      w->complete(finish_mode::post, executor_);
+    } catch (...) {
+      // Only with executors whose post allocates: the waiter was destroyed;
+      // undo the grant, so that a request that throws takes nothing.
+      if (!ec) give_back(n);
+      throw;
+    }
   }
 
   /// Blocks until `n` tokens are granted or `deadline` (bucket clock) passes.
@@ -107,15 +149,15 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   bool get_blocking(std::uint64_t n, std::int64_t deadline, boost::system::error_code& ec) {
     ec = {};
     const std::int64_t now = now_ns();
-    bool may_block_here = true;
+    bool checked = false;
     std::optional<sync_waiter> w;  // built only when the caller must wait
     std::future<boost::system::error_code> result;
     std::shared_ptr<bucket_impl> self;
     for (;;) {
-      ready_list ready;  // grants that fall due meanwhile; finished after unlocking
+      ready_list ready(executor_);  // grants that fall due meanwhile; finished after unlocking
       std::unique_lock lk(mutex_);
       if (closed_) {
-        ec = error::bucket_closed;
+        ec = closed_ec_;
         return false;
       }
       if (n > state_.capacity()) {
@@ -125,17 +167,16 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
       if (queue_.empty() && state_.try_take(now, n)) return true;
       serve(now, ready);
       if (state_.ready_at(queued_tokens_ + n) > deadline) return false;
-      if (may_block_here) {
-        // Checked outside the lock (it may consult thread-local state of the
+      if (!checked) {
+        // Asked outside the lock (it may consult thread-local state of the
         // context), then everything is decided again.
         lk.unlock();
-        if (context_runs_in_this_thread(executor_)) {
-          ec = error::would_deadlock;
-          return false;
-        }
-        may_block_here = false;
+        ec = blocking_wait_error(executor_);
+        if (ec) return false;
+        checked = true;
         continue;
       }
+      timer_.make(executor_);
       w.emplace(n);
       result = w->get_future();  // before the waiter is visible to completers
       // Keeps the impl alive while this thread waits, even if the bucket is
@@ -149,7 +190,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
              std::future_status::ready) {
         if (now_ns() < deadline) continue;
         // Tokens due exactly at the deadline still count: serve first.
-        ready_list ready;
+        ready_list ready(executor_);
         if (withdraw(&*w, ready, true)) return false;
         break;  // granted meanwhile: the result is on its way
       }
@@ -160,29 +201,42 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
 
   // --- cancellation, close ------------------------------------------------
 
-  /// Removes a waiter still in the queue and completes it with
-  /// operation_aborted; does nothing for one that has already left it.
-  void cancel_waiter(waiter_base* w) {
-    ready_list ready;
-    if (!withdraw(w, ready)) return;
+  /// Per-operation cancellation (from a cancel_link): completes the linked
+  /// waiter with operation_aborted if it is still queued; otherwise nothing.
+  void cancel_linked(cancel_link_base* link) {
+    const std::int64_t now = now_ns();
+    ready_list ready(executor_);
+    std::lock_guard lk(mutex_);
+    waiter_base* w = link->waiter.load(std::memory_order_relaxed);
+    if (!w || !w->queued) return;
+    const bool was_head = queue_.front() == w;
+    dequeue(w);
+    if (was_head) serve(now, ready);  // the waiters behind, as if it had never been
     ready.push_back(w, boost::asio::error::operation_aborted);
-    // `ready` finishes everything (posting) as it goes out of scope.
+  }
+
+  /// The cancellation handler is going away before its waiter left the queue.
+  void unlink(cancel_link_base* link) {
+    std::lock_guard lk(mutex_);
+    if (waiter_base* w = link->waiter.load(std::memory_order_relaxed)) w->unlink();
   }
 
   /// Completes every queued waiter with operation_aborted; returns how many.
   std::size_t cancel() {
-    ready_list ready;
+    ready_list ready(executor_);
     std::lock_guard lk(mutex_);
     const std::size_t n = queue_.size();
     drain(ready, boost::asio::error::operation_aborted);
     return n;
   }
 
-  /// Closes the bucket: queued and later requests complete with `ec`.
+  /// Closes the bucket: queued and later requests complete with `ec`
+  /// (bucket_closed; operation_aborted when the bucket is destroyed).
   void close(boost::system::error_code ec) {
-    ready_list ready;
+    ready_list ready(executor_);
     std::lock_guard lk(mutex_);
     closed_ = true;
+    closed_ec_ = ec;
     drain(ready, ec);
   }
 
@@ -195,7 +249,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
 
   std::uint64_t available() {
     const std::int64_t now = now_ns();
-    ready_list ready;
+    ready_list ready(executor_);
     std::lock_guard lk(mutex_);
     serve(now, ready);
     return state_.available();
@@ -217,7 +271,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   /// Used by keyed_limiter to find buckets it may evict.
   std::int64_t full_at() {
     const std::int64_t now = now_ns();
-    ready_list ready;
+    ready_list ready(executor_);
     std::lock_guard lk(mutex_);
     serve(now, ready);
     return state_.ready_at(queued_tokens_ + state_.capacity());
@@ -231,7 +285,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   void set_rate(const ratelimit::rate& r) {
     const reduced_rate reduced = reduce(r);
     const std::int64_t now = now_ns();
-    ready_list ready;
+    ready_list ready(executor_);
     std::lock_guard lk(mutex_);
     serve(now, ready);  // what fell due at the old rate
     state_.set_rate(reduced);
@@ -242,7 +296,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   void set_capacity(std::uint64_t capacity) {
     check_capacity(capacity);
     const std::int64_t now = now_ns();
-    ready_list ready;
+    ready_list ready(executor_);
     std::lock_guard lk(mutex_);
     serve(now, ready);  // what fell due with the old capacity
     state_.set_capacity(capacity);
@@ -257,6 +311,18 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     serve(now, ready);
   }
 
+  /// The timer's wait finished (timer_driver's handler).
+  void on_timer() {
+    ready_list ready(executor_);
+    {
+      const std::int64_t now = now_ns();
+      std::lock_guard lk(mutex_);
+      if (!timer_.on_wait(now, *this)) return;
+      serve(now, ready);
+    }
+    ready.finish_all(finish_mode::dispatch);
+  }
+
  private:
   static std::uint64_t check_initial(std::uint64_t initial, std::uint64_t capacity) {
     if (initial > capacity)
@@ -265,17 +331,13 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     return initial;
   }
 
-  /// Completes a request that never waited: posted to the bucket's executor,
-  /// from where Asio dispatches it to the handler's associated executor.
-  template <typename Handler>
-  void post_result(Handler&& handler, boost::system::error_code ec) {
-    auto bound = boost::asio::detail::bind_handler(std::forward<Handler>(handler), ec);
-    if constexpr (std::is_same_v<Executor, boost::asio::any_io_executor>) {
-      // The common case, posted without the type-erased call (half the cost).
-      if (auto* io = executor_.template target<boost::asio::io_context::executor_type>())
-        return boost::asio::post(*io, std::move(bound));
-    }
-    boost::asio::post(executor_, std::move(bound));
+  /// Returns tokens taken by a request that could not be completed.
+  void give_back(std::uint64_t n) {
+    const std::int64_t now = now_ns();
+    ready_list ready(executor_);
+    std::lock_guard lk(mutex_);
+    state_.give_back(n);
+    serve(now, ready);
   }
 
   void dequeue(waiter_base* w) noexcept {
@@ -283,18 +345,23 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     queued_tokens_ -= w->tokens;
   }
 
-  /// Queues `w`, which arrived at `now`; the caller holds the lock.
+  /// Queues `w`, which arrived at `now`; the caller holds the lock. Throws
+  /// (with `w` not queued) only what making the timer, or its first wait, throws.
   void enqueue(waiter_base* w, std::int64_t now) {
-    // The timer is made on the first wait, not in the constructor: a timer
-    // gives the context a reactor, which every later handler would pay for.
-    // Made before queueing, so that a failure leaves nothing queued.
-    if (!timer_) timer_.emplace(executor_);
+    timer_.make(executor_);
     const bool was_empty = queue_.empty();
     if (was_empty) state_.refill(now);
     w->queued_at = now;
     queue_.push_back(w);
     queued_tokens_ += w->tokens;
-    if (was_empty) arm(state_.ready_at(w->tokens));
+    if (was_empty) {
+      try {
+        arm(state_.ready_at(w->tokens));
+      } catch (...) {
+        dequeue(w);
+        throw;
+      }
+    }
   }
 
   /// Brings the bucket to `now`. Every head waiter whose tokens accrued by
@@ -313,7 +380,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     }
     state_.refill(now);
     if (queue_.empty())
-      disarm();
+      timer_.disarm();
     else
       arm(state_.ready_at(queue_.front()->tokens));
   }
@@ -321,7 +388,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   void drain(ready_list& ready, boost::system::error_code ec) {
     ready.take_all(queue_, ec);
     queued_tokens_ = 0;
-    disarm();
+    timer_.disarm();
   }
 
   /// Takes `w` out of the queue if it is still there, serving the waiters
@@ -345,35 +412,8 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     // set_capacity, cancel) or the end. (With the tokens there, the timer
     // must fire: the clock may read earlier than the latest time seen.)
     if (at == max_time && state_.last() == max_time && !state_.has(queue_.front()->tokens))
-      return disarm();
-    if (armed_ && armed_at_ == at) return;
-    armed_ = true;
-    armed_at_ = at;
-    const std::uint64_t gen = ++timer_gen_;
-    timer_->expires_at(from_ns(at));
-    timer_->async_wait(
-        [weak = this->weak_from_this(), gen](const boost::system::error_code&) {
-          if (auto self = weak.lock()) self->on_timer(gen);
-        });
-  }
-
-  void disarm() {
-    if (!armed_) return;
-    armed_ = false;
-    ++timer_gen_;
-    if (timer_) timer_->cancel();
-  }
-
-  void on_timer(std::uint64_t gen) {
-    ready_list ready;
-    {
-      const std::int64_t now = now_ns();
-      std::lock_guard lk(mutex_);
-      if (gen != timer_gen_) return;  // superseded by a later arm() or disarm()
-      armed_ = false;
-      serve(now, ready);
-    }
-    ready.finish_all(finish_mode::dispatch);
+      return timer_.disarm();
+    timer_.arm(at, *this);
   }
 
   mutable spin_mutex mutex_;
@@ -381,12 +421,10 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   ratelimit::rate rate_;
   waiter_queue queue_;
   uint128 queued_tokens_ = 0;  // sum of the queued requests
-  Executor executor_;
-  std::optional<timer_type> timer_;  // made on the first wait
-  std::uint64_t timer_gen_ = 0;
-  std::int64_t armed_at_ = 0;
-  bool armed_ = false;
+  executor_type executor_;
+  timer_driver<Clock, WaitTraits> timer_;
   bool closed_ = false;
+  boost::system::error_code closed_ec_;  // what requests get once closed
 };
 
 }  // namespace ratelimit::detail

@@ -103,6 +103,15 @@ class bucket_state {
   /// Removes `n` tokens. Precondition: has(n).
   void take(std::uint64_t n) noexcept { level_ -= static_cast<uint128>(n) * rate_.ticks; }
 
+  /// Returns `n` tokens taken earlier by a request that could not be
+  /// completed, up to the capacity: the level is then what it would have
+  /// been had they never been taken (refill is monotone and capped alike).
+  void give_back(std::uint64_t n) noexcept {
+    const uint128 full = cap_units();
+    const uint128 add = static_cast<uint128>(n) * rate_.ticks;
+    level_ = add >= full - level_ ? full : level_ + add;
+  }
+
   /// refill(now), then take `n` tokens if they are there.
   bool try_take(std::int64_t now, std::uint64_t n) noexcept {
     refill(now);

@@ -1,14 +1,15 @@
 //
-// ratelimit/detail/sync_waiter.hpp: a queued blocking caller.
+// ratelimit/detail/sync_waiter.hpp: a queued blocking caller, and the checks
+// that keep a blocking call from waiting forever.
 //
 #ifndef RATELIMIT_DETAIL_SYNC_WAITER_HPP
 #define RATELIMIT_DETAIL_SYNC_WAITER_HPP
 
-#include <ratelimit/detail/waiter_queue.hpp>
+#include <ratelimit/detail/waiter.hpp>
+#include <ratelimit/error.hpp>
 
-#include <boost/asio/detail/scheduler.hpp>
+#include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/execution/context.hpp>
-#include <boost/asio/execution_context.hpp>
 #include <boost/asio/query.hpp>
 
 #include <future>
@@ -21,14 +22,16 @@ namespace ratelimit::detail {
 /// future is ready, never frees memory the completer still uses.
 class sync_waiter final : public waiter_base {
  public:
-  explicit sync_waiter(std::uint64_t n) : waiter_base(n, &sync_waiter::do_finish) {}
+  explicit sync_waiter(std::uint64_t n) : waiter_base(&sync_waiter::do_action, n) {}
 
   std::future<boost::system::error_code> get_future() { return promise_.get_future(); }
 
  private:
-  static void do_finish(waiter_base* base, finish_mode) {
-    auto* w = static_cast<sync_waiter*>(base);
-    const boost::system::error_code ec = w->result;
+  static void do_action(completion_base_type* base, action a,
+                        const boost::asio::any_io_executor*) noexcept {
+    auto* w = static_cast<sync_waiter*>(static_cast<waiter_base*>(base));
+    const boost::system::error_code ec =
+        a == action::destroy ? boost::asio::error::operation_aborted : w->error();
     std::promise<boost::system::error_code> p = std::move(w->promise_);
     p.set_value(ec);  // `w` may be gone from here on
   }
@@ -36,17 +39,37 @@ class sync_waiter final : public waiter_base {
   std::promise<boost::system::error_code> promise_;
 };
 
-/// True when the calling thread is running the execution context behind `ex`
-/// (an io_context or a thread_pool); a blocking wait there could wait for a
-/// timer that only this thread can fire.
-template <typename Executor>
-bool context_runs_in_this_thread(const Executor& ex) {
-  // Both contexts run on Asio's scheduler, which knows the threads inside its
-  // run(); this is what io_context::executor_type::running_in_this_thread asks.
-  using scheduler = boost::asio::detail::scheduler;
-  boost::asio::execution_context& ctx = boost::asio::query(ex, boost::asio::execution::context);
-  return boost::asio::has_service<scheduler>(ctx) &&
-         boost::asio::use_service<scheduler>(ctx).can_dispatch();
+/// True when the calling thread runs the execution context behind `ex` (an
+/// io_context or a thread_pool, directly or through strands): a blocking
+/// wait there could wait for a timer only this thread can fire. False for
+/// other executors, which cannot be asked.
+inline bool context_runs_in_this_thread(const boost::asio::any_io_executor& ex) {
+  bool here = false;
+  with_context_executor(ex, [&](const auto& c) {
+    if constexpr (requires { c.running_in_this_thread(); }) here = c.running_in_this_thread();
+  });
+  return here;
+}
+
+/// True when `ex`'s execution context is an io_context that is stopped (its
+/// run() has returned, e.g. for lack of work): nobody would fire a timer.
+inline bool context_stopped(const boost::asio::any_io_executor& ex) {
+  bool stopped = false;
+  with_context_executor(ex, [&](const auto& c) {
+    using context_type = std::remove_cvref_t<decltype(boost::asio::query(
+        c, boost::asio::execution::context))>;
+    if constexpr (std::is_same_v<context_type, boost::asio::io_context>)
+      stopped = boost::asio::query(c, boost::asio::execution::context).stopped();
+  });
+  return stopped;
+}
+
+/// The error a blocking call that must wait reports at once, or none: it
+/// would deadlock on this thread, or nobody runs the context.
+inline boost::system::error_code blocking_wait_error(const boost::asio::any_io_executor& ex) {
+  if (context_runs_in_this_thread(ex)) return error::would_deadlock;
+  if (context_stopped(ex)) return error::context_stopped;
+  return {};
 }
 
 }  // namespace ratelimit::detail

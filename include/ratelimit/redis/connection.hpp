@@ -11,9 +11,9 @@
 #ifndef RATELIMIT_REDIS_CONNECTION_HPP
 #define RATELIMIT_REDIS_CONNECTION_HPP
 
+#include <ratelimit/detail/operation.hpp>
 #include <ratelimit/error.hpp>
 
-#include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/execution_context.hpp>
@@ -22,6 +22,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -30,30 +31,59 @@
 
 namespace ratelimit {
 
-/// Where and how to connect.
+/// Where and how to connect. Every value has a meaning or is refused by the
+/// connection's constructor with std::invalid_argument (see validate()).
 struct redis_config {
+  /// Host name or address; must not be empty.
   std::string host = "127.0.0.1";
+  /// TCP port, 1 to 65535.
   std::uint16_t port = 6379;
   /// AUTH is sent when `password` is not empty: `AUTH password`, or
-  /// `AUTH username password` (Redis 6 ACL users) when `username` is not empty.
+  /// `AUTH username password` (Redis 6 ACL users) when `username` is not
+  /// empty too. A username without a password is refused.
   std::string username;
   std::string password;
-  /// SELECT is sent when not 0.
+  /// SELECT is sent when not 0; must not be negative.
   int database = 0;
-  /// Resolve + TCP connect, bounded.
+  /// Resolve + TCP connect, bounded; must be positive.
   std::chrono::milliseconds connect_timeout{1000};
   /// Every request completes within this time of being started: with its
   /// reply, or with `redis_unavailable`. A request already written that times
   /// out means the server is stuck: the connection is dropped and re-made.
+  /// Must be positive.
   std::chrono::milliseconds request_timeout{1000};
   /// Backoff between failed connection attempts: doubles from min to max.
+  /// A connection that closes before its server gave one healthy reply
+  /// counts as a failed attempt. Both positive, min <= max.
   std::chrono::milliseconds reconnect_min{20};
   std::chrono::milliseconds reconnect_max{1000};
   /// A reply larger than this (bytes buffered without a complete reply) is a
   /// protocol error: the request fails with `redis_bad_reply` and the
-  /// connection is re-made.
+  /// connection is re-made. Must be positive.
   std::size_t max_reply_bytes = 16 * 1024 * 1024;
 };
+
+/// Throws std::invalid_argument, naming the option and the value, unless `c` is valid.
+inline void validate(const redis_config& c) {
+  const auto fail = [](const std::string& what) {
+    throw std::invalid_argument("ratelimit::redis_config: " + what);
+  };
+  const auto ms = [](std::chrono::milliseconds d) { return std::to_string(d.count()) + " ms"; };
+  if (c.host.empty()) fail("host must not be empty");
+  if (c.port == 0) fail("port must be 1 to 65535 (got 0)");
+  if (!c.username.empty() && c.password.empty()) fail("username given without a password");
+  if (c.database < 0) fail("database must not be negative (got " + std::to_string(c.database) + ")");
+  if (c.connect_timeout.count() <= 0)
+    fail("connect_timeout must be positive (got " + ms(c.connect_timeout) + ")");
+  if (c.request_timeout.count() <= 0)
+    fail("request_timeout must be positive (got " + ms(c.request_timeout) + ")");
+  if (c.reconnect_min.count() <= 0)
+    fail("reconnect_min must be positive (got " + ms(c.reconnect_min) + ")");
+  if (c.reconnect_max < c.reconnect_min)
+    fail("reconnect_max (" + ms(c.reconnect_max) + ") must not be below reconnect_min (" +
+         ms(c.reconnect_min) + ")");
+  if (c.max_reply_bytes == 0) fail("max_reply_bytes must be positive (got 0)");
+}
 
 /// A parsed reply (RESP2).
 struct redis_reply {
@@ -82,7 +112,8 @@ struct redis_connection_stats {
 ///
 /// @par Lifetime
 /// The constructor starts connecting (on the executor). Destruction, or
-/// close(), fails every outstanding request with `operation_aborted`. The
+/// close(), fails every outstanding request with `operation_aborted`; an
+/// operation launched later from a deferred token fails the same way. The
 /// connection must be destroyed before its execution context, and outlive
 /// the buckets built on it.
 class redis_connection {
@@ -90,6 +121,7 @@ class redis_connection {
   using executor_type = boost::asio::any_io_executor;
   using signature = void(boost::system::error_code, redis_reply);
 
+  /// @throws std::invalid_argument for an invalid configuration (see validate()).
   redis_connection(const executor_type& ex, redis_config config);
 
   template <typename ExecutionContext>
@@ -116,7 +148,8 @@ class redis_connection {
   /// reply was malformed or larger than `max_reply_bytes`;
   /// `boost::asio::error::operation_aborted` after close().
   /// The handler is never invoked inside this function; it runs on its
-  /// associated executor (the connection's executor by default).
+  /// associated executor (the connection's executor by default), with its
+  /// associated allocator. Throws (std::bad_alloc) with nothing sent.
   ///
   /// @par Per-Operation Cancellation
   /// Not supported: every request is bounded by `request_timeout` instead.
@@ -124,11 +157,8 @@ class redis_connection {
                 Token = boost::asio::default_completion_token_t<executor_type>>
   auto async_exec(std::vector<std::string> args,
                   Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
-    return boost::asio::async_initiate<Token, signature>(
-        [this](auto handler, std::vector<std::string> a) {
-          exec(std::move(a), boost::asio::any_completion_handler<signature>(std::move(handler)));
-        },
-        token, std::move(args));
+    return boost::asio::async_initiate<Token, signature>(initiate_exec(impl_, executor_), token,
+                                                         std::move(args));
   }
 
   /// True while a connection to the server is established (and AUTH/SELECT sent).
@@ -147,8 +177,37 @@ class redis_connection {
   class impl;
 
  private:
-  void exec(std::vector<std::string> args, boost::asio::any_completion_handler<signature> handler);
+  using op_base = detail::completion_base<boost::system::error_code, redis_reply>;
 
+  /// Hands `op` (owned from here on: destroyed if this throws) to the
+  /// connection, with the command `args`.
+  static void start(const std::shared_ptr<impl>& self, std::vector<std::string> args, op_base* op);
+
+  /// Co-owns the connection, so that an operation launched later (a
+  /// deferred token) after the connection is gone fails cleanly.
+  class initiate_exec {
+   public:
+    using executor_type = redis_connection::executor_type;
+
+    initiate_exec(std::shared_ptr<impl> self, const executor_type& ex) noexcept
+        : self_(std::move(self)), ex_(ex) {}
+
+    executor_type get_executor() const noexcept { return ex_; }
+
+    template <typename Handler>
+    void operator()(Handler&& handler, std::vector<std::string> args) const {
+      using op_type =
+          detail::handler_op<detail::plain_completion<boost::system::error_code, redis_reply>,
+                             std::decay_t<Handler>>;
+      start(self_, std::move(args), op_type::create(std::forward<Handler>(handler), ex_));
+    }
+
+   private:
+    std::shared_ptr<impl> self_;
+    executor_type ex_;
+  };
+
+  executor_type executor_;
   std::shared_ptr<impl> impl_;
 };
 

@@ -8,8 +8,8 @@
 #include <ratelimit/rate.hpp>
 #include <ratelimit/redis/connection.hpp>
 #include <ratelimit/redis/detail/redis_bucket_impl.hpp>
+#include <ratelimit/redis/options.hpp>
 
-#include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/wait_traits.hpp>
 #include <boost/system/system_error.hpp>
@@ -37,6 +37,10 @@ namespace ratelimit {
 /// its tokens will be there, then asks again. Across processes there is no
 /// queue: whichever asks first when tokens are there gets them.
 ///
+/// The script never writes to, expires or deletes a key that is not a
+/// bucket: such a key (another type, or a hash with other fields) makes every
+/// request fail with `redis_error`.
+///
 /// @tparam Clock, WaitTraits The clock of the local timers (tests use a
 /// skewed one to show that client clocks do not matter).
 ///
@@ -46,8 +50,10 @@ namespace ratelimit {
 ///
 /// @par Lifetime
 /// The connection must outlive the bucket. Destroying the bucket completes
-/// every waiter with `operation_aborted`; a request in flight then completes
-/// into nothing.
+/// every waiter, and every try whose request is out, with
+/// `operation_aborted`; a script request in flight then completes into
+/// nothing. A moved-from bucket keeps its executor and behaves as a closed
+/// one (requests complete with `bucket_closed`).
 template <typename Clock, typename WaitTraits = boost::asio::wait_traits<Clock>>
 class basic_redis_token_bucket {
   using impl_type = redis_detail::redis_bucket_impl<Clock, WaitTraits>;
@@ -58,16 +64,22 @@ class basic_redis_token_bucket {
 
   /// A bucket of `capacity` tokens refilling at `r`, stored at `key`.
   /// @throws std::invalid_argument if `capacity` is 0, `r` is not a positive
-  /// rate, or capacity and rate cannot be computed exactly in Redis's Lua
-  /// (capacity * (microseconds per token, reduced) must stay below 2^53).
+  /// rate, capacity and rate cannot be computed exactly in Redis's Lua
+  /// (capacity * (microseconds per token, reduced) must stay below 2^53), or
+  /// an option is invalid (see validate(const redis_bucket_options&, ...)).
   basic_redis_token_bucket(redis_connection& conn, std::string key, std::uint64_t capacity, rate r,
                            redis_bucket_options options = {})
-      : impl_(std::make_shared<impl_type>(conn, std::move(key), capacity, r, options)) {}
+      : executor_(conn.get_executor()),
+        impl_(std::make_shared<impl_type>(conn, std::move(key), capacity, r, options)) {}
 
-  basic_redis_token_bucket(basic_redis_token_bucket&&) noexcept = default;
+  /// Moves the bucket; waiters stay queued. The moved-from bucket keeps its
+  /// executor and behaves as a closed one.
+  basic_redis_token_bucket(basic_redis_token_bucket&& other) noexcept
+      : executor_(other.executor_), impl_(std::move(other.impl_)) {}
   basic_redis_token_bucket& operator=(basic_redis_token_bucket&& other) noexcept {
     if (this != &other) {
       shutdown();
+      executor_ = other.executor_;
       impl_ = std::move(other.impl_);
     }
     return *this;
@@ -79,7 +91,7 @@ class basic_redis_token_bucket {
   ~basic_redis_token_bucket() { shutdown(); }
 
   /// The connection's executor: timers run and default completions happen there.
-  executor_type get_executor() const noexcept { return impl_->get_executor(); }
+  executor_type get_executor() const noexcept { return executor_; }
 
   /// Asynchronously waits for one token. Same as `async_get_token(1, token)`.
   template <BOOST_ASIO_COMPLETION_TOKEN_FOR(void(boost::system::error_code)) Token =
@@ -96,9 +108,11 @@ class basic_redis_token_bucket {
   /// `exceeds_capacity` at once if `n > capacity()`; `bucket_closed` if the
   /// bucket is or gets closed; `operation_aborted` if the wait is cancelled or
   /// the bucket destroyed; with the `fail_closed` policy, `redis_unavailable`
-  /// when Redis cannot be reached or does not answer within the connection's
-  /// `request_timeout`; `redis_error` when Redis refuses (e.g. the key holds
-  /// another type, or a bucket of another configuration) and
+  /// when Redis is unavailable: it cannot be reached, does not answer within
+  /// the connection's `request_timeout`, or answers with an error meaning
+  /// "not now" (LOADING, BUSY, READONLY... see classify_redis_error());
+  /// `redis_error` when Redis refuses (e.g. the key holds another type, a
+  /// hash that is not a bucket, or a bucket of another configuration) and
   /// `redis_bad_reply` for a reply of the wrong shape. A request for 0 tokens
   /// completes with success in its turn (after one round trip).
   ///
@@ -119,10 +133,7 @@ class basic_redis_token_bucket {
   auto async_get_token(std::uint64_t n,
                        Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
     return boost::asio::async_initiate<Token, void(boost::system::error_code)>(
-        [impl = impl_.get()](auto handler, std::uint64_t k) {
-          impl->async_get(std::move(handler), k);
-        },
-        token, n);
+        initiate_get_token(impl_, executor_), token, n);
   }
 
   /// One attempt, never waiting for tokens: `(ec, true)` when `n` tokens were
@@ -141,12 +152,8 @@ class basic_redis_token_bucket {
                 Token = boost::asio::default_completion_token_t<executor_type>>
   auto async_try_get_token(
       std::uint64_t n, Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
-    return boost::asio::async_initiate<Token, try_signature>(
-        [impl = impl_.get()](auto handler, std::uint64_t k) {
-          impl->async_try(boost::asio::any_completion_handler<try_signature>(std::move(handler)),
-                          k);
-        },
-        token, n);
+    return boost::asio::async_initiate<Token, try_signature>(initiate_try(impl_, executor_), token,
+                                                             n);
   }
 
   /// Same as `async_try_get_token(1, token)`.
@@ -162,9 +169,10 @@ class basic_redis_token_bucket {
   ///
   /// Every grant needs the connection's executor (a round trip, or a timer),
   /// so a call on a thread that runs that executor's context fails at once
-  /// with `would_deadlock`.
+  /// with `would_deadlock`, and a call while that context is a stopped
+  /// io_context with `context_stopped`.
   /// @throws boost::system::system_error with the errors of async_get_token,
-  /// or `would_deadlock`.
+  /// `would_deadlock` or `context_stopped`.
   void get_token(std::uint64_t n = 1) {
     boost::system::error_code ec;
     get_token(n, ec);
@@ -172,33 +180,88 @@ class basic_redis_token_bucket {
   }
 
   /// As get_token(n), reporting failure through `ec`.
-  void get_token(std::uint64_t n, boost::system::error_code& ec) { impl_->get_blocking(n, ec); }
+  void get_token(std::uint64_t n, boost::system::error_code& ec) {
+    if (!impl_) {
+      ec = error::bucket_closed;
+      return;
+    }
+    impl_->get_blocking(n, ec);
+  }
 
   /// Closes this bucket object (not the key): queued and later requests, and
   /// tries whose request is out, complete with `bucket_closed`. Idempotent;
   /// any thread.
-  void close() { impl_->close(error::bucket_closed); }
+  void close() {
+    if (impl_) impl_->close(error::bucket_closed);
+  }
 
-  bool is_open() const { return impl_->is_open(); }
+  bool is_open() const { return impl_ && impl_->is_open(); }
 
   /// Cancels every queued request of this object (`operation_aborted`); returns how many.
-  std::size_t cancel() { return impl_->cancel(); }
+  std::size_t cancel() { return impl_ ? impl_->cancel() : 0; }
 
   /// Requests queued in this object now.
-  std::size_t waiting() const { return impl_->waiting(); }
+  std::size_t waiting() const { return impl_ ? impl_->waiting() : 0; }
 
-  std::uint64_t capacity() const noexcept { return impl_->capacity(); }
-  rate get_rate() const noexcept { return impl_->get_rate(); }
-  const std::string& key() const noexcept { return impl_->key(); }
+  std::uint64_t capacity() const noexcept { return impl_ ? impl_->capacity() : 0; }
+  rate get_rate() const noexcept { return impl_ ? impl_->get_rate() : rate{}; }
+  /// The key (empty for a moved-from bucket).
+  const std::string& key() const noexcept {
+    static const std::string none;
+    return impl_ ? impl_->key() : none;
+  }
+  redis_bucket_options options() const { return impl_ ? impl_->options() : redis_bucket_options{}; }
 
   /// Counters of this object.
-  redis_bucket_stats stats() const { return impl_->stats(); }
+  redis_bucket_stats stats() const { return impl_ ? impl_->stats() : redis_bucket_stats{}; }
 
  private:
-  void shutdown() {
+  /// Co-owns the impl, so that an operation launched later (a deferred
+  /// token) after the bucket is gone completes with operation_aborted.
+  template <typename Derived>
+  class initiation_base {
+   public:
+    using executor_type = boost::asio::any_io_executor;
+    initiation_base(std::shared_ptr<impl_type> impl, const executor_type& ex) noexcept
+        : impl_(std::move(impl)), ex_(ex) {}
+    executor_type get_executor() const noexcept { return ex_; }
+
+   protected:
+    std::shared_ptr<impl_type> impl_;
+    executor_type ex_;
+  };
+
+  class initiate_get_token : public initiation_base<initiate_get_token> {
+   public:
+    using initiation_base<initiate_get_token>::initiation_base;
+    template <typename Handler>
+    void operator()(Handler&& handler, std::uint64_t n) const {
+      if (this->impl_)
+        this->impl_->async_get(std::forward<Handler>(handler), n);
+      else
+        detail::post_completion(std::forward<Handler>(handler), this->ex_,
+                                boost::system::error_code(error::bucket_closed));
+    }
+  };
+
+  class initiate_try : public initiation_base<initiate_try> {
+   public:
+    using initiation_base<initiate_try>::initiation_base;
+    template <typename Handler>
+    void operator()(Handler&& handler, std::uint64_t n) const {
+      if (this->impl_)
+        this->impl_->async_try(std::forward<Handler>(handler), n);
+      else
+        detail::post_completion(std::forward<Handler>(handler), this->ex_,
+                                boost::system::error_code(error::bucket_closed), false);
+    }
+  };
+
+  void shutdown() noexcept {
     if (impl_) impl_->close(boost::asio::error::operation_aborted);
   }
 
+  executor_type executor_;
   std::shared_ptr<impl_type> impl_;
 };
 

@@ -1,10 +1,15 @@
 //
 // ratelimit/redis/detail/script.hpp: the bucket as it lives in Redis.
 //
-// The state of one bucket is one hash: `l` (level in units), `t` (time of the
-// last refill, in microseconds of the Redis server's clock) and `c` (the
-// configuration it was made with). One Lua script reads, refills, takes and
-// writes it atomically on the server.
+// The state of one bucket is one hash of exactly three fields: `l` (level in
+// units), `t` (time of the last refill, in microseconds of the Redis server's
+// clock) and `c` (the configuration it was made with). One Lua script reads,
+// refills, takes and writes it atomically on the server.
+//
+// The script never writes to, expires or deletes a key that is not such a
+// bucket: a key of another type fails at its first read (WRONGTYPE), and a
+// hash with any other set of fields (someone else's data, or ours mixed with
+// theirs) is refused with an error before anything is written.
 //
 // The arithmetic is bucket_state's, over microseconds: one token is `tick`
 // units and every microsecond adds `tok` units, `tok/tick` being the rate in
@@ -29,7 +34,7 @@
 #include <ratelimit/rate.hpp>
 #include <ratelimit/redis/connection.hpp>
 
-#include <boost/uuid/detail/sha1.hpp>
+#include <ratelimit/redis/detail/sha1.hpp>
 
 #include <cstdint>
 #include <numeric>
@@ -65,18 +70,23 @@ else
 end
 local full = cap * tick
 local level, last
-local v = redis.call('HMGET', KEYS[1], 'l', 't', 'c')
-if not v[1] and not v[2] and not v[3] then
+-- HLEN fails (WRONGTYPE) for a key of another type, before anything is written
+local fields = redis.call('HLEN', KEYS[1])
+if fields == 0 then
   level = full
   last = now
 else
-  if v[3] and v[3] ~= cfg then
+  local v = redis.call('HMGET', KEYS[1], 'l', 't', 'c')
+  if fields ~= 3 or not v[1] or not v[2] or not v[3] then
+    return redis.error_reply('ratelimit: key ' .. KEYS[1] .. ' holds a hash that is not a bucket')
+  end
+  if v[3] ~= cfg then
     return redis.error_reply('ratelimit: key ' .. KEYS[1] .. ' holds a bucket configured as ' ..
                              v[3] .. ', not ' .. cfg)
   end
   level = tonumber(v[1])
   last = tonumber(v[2])
-  if not v[3] or not level or not last or level < 0 or level > full or level ~= math.floor(level) then
+  if not level or not last or level < 0 or level > full or level ~= math.floor(level) then
     return redis.error_reply('ratelimit: key ' .. KEYS[1] .. ' does not hold a bucket state')
   end
 end
@@ -124,18 +134,7 @@ return {granted, taken, wait}
 )lua";
 
 /// The script's SHA1, as EVALSHA wants it (lower-case hex).
-inline std::string script_sha1(std::string_view text = bucket_script) {
-  boost::uuids::detail::sha1 h;
-  h.process_bytes(text.data(), text.size());
-  unsigned int d[5];
-  h.get_digest(d);
-  static constexpr char hex[] = "0123456789abcdef";
-  std::string out;
-  for (unsigned int w : d)
-    for (int shift = 28; shift >= 0; shift -= 4)
-      out += hex[(w >> shift) & 0xf];
-  return out;
-}
+inline std::string script_sha1(std::string_view text = bucket_script) { return sha1_hex(text); }
 
 /// Largest integer a double (Lua 5.1 number) holds exactly, with all below it.
 inline constexpr std::uint64_t max_exact = std::uint64_t{1} << 53;
@@ -180,11 +179,12 @@ inline script_rate make_script_rate(std::uint64_t capacity, const rate& r) {
 }
 
 /// EVALSHA arguments for one request (`now_us` < 0: the server's TIME).
+/// With `sha` empty: EVAL with the script's text (after NOSCRIPT).
 inline std::vector<std::string> script_args(const std::string& sha, const std::string& key,
                                             const script_rate& sr, std::uint64_t n,
                                             std::uint64_t extra, std::int64_t now_us = -1) {
-  std::vector<std::string> a{"EVALSHA",
-                             sha,
+  std::vector<std::string> a{sha.empty() ? "EVAL" : "EVALSHA",
+                             sha.empty() ? std::string(bucket_script) : sha,
                              "1",
                              key,
                              std::to_string(sr.capacity),

@@ -1,0 +1,147 @@
+//
+// ratelimit/detail/timer_driver.hpp: the one timer of a limiter, and when it fires.
+//
+// A limiter wants to be woken at one instant at a time (when its first
+// waiter's tokens are due), or not at all. The driver turns that into waits
+// on a single timer:
+// - the timer is made on the first wait, not before: a timer gives the
+//   context a reactor, which every later handler of the context pays for;
+// - at most one wait is outstanding at any time. A wake wanted later than
+//   the outstanding wait lets that wait fire and waits again; one wanted
+//   earlier cancels it, and the cancelled wait's handler starts the new one.
+//   So the wait's memory, reserved here, is reused for every wait and
+//   re-arming never allocates (which is what lets cancellation, close() and
+//   the timer's own handler re-arm without a failure path);
+// - a limiter nobody waits on has no outstanding wait: it holds no work and
+//   runs no handler (disarm() cancels the wait).
+//
+// Locking: the driver is guarded by its owner's lock. The wait's handler
+// holds the owner weakly (Owner derives from enable_shared_from_this) and
+// calls `Owner::on_timer()`, which takes the lock
+// and asks on_wait() whether the wanted instant has come.
+//
+#ifndef RATELIMIT_DETAIL_TIMER_DRIVER_HPP
+#define RATELIMIT_DETAIL_TIMER_DRIVER_HPP
+
+#include <ratelimit/detail/operation.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/basic_waitable_timer.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+
+namespace ratelimit::detail {
+
+template <typename Clock, typename WaitTraits>
+class timer_driver {
+ public:
+  using timer_type = boost::asio::basic_waitable_timer<Clock, WaitTraits, boost::asio::any_io_executor>;
+
+  timer_driver() = default;
+  timer_driver(const timer_driver&) = delete;
+  timer_driver& operator=(const timer_driver&) = delete;
+
+  /// Makes the timer if it is not made yet. Throws what making a timer
+  /// throws (std::bad_alloc; system_error when the reactor cannot be made,
+  /// e.g. EMFILE), with nothing changed.
+  void make(const boost::asio::any_io_executor& ex) {
+    if (!timer_) timer_.emplace(ex);
+  }
+  bool made() const noexcept { return timer_.has_value(); }
+
+  /// Wants a wake at `at` (ns on Clock), replacing any earlier wish. Needs
+  /// make(). Allocates nothing once the first wait has been made; the first
+  /// wait of a timer may throw std::bad_alloc (the reactor's timer queue
+  /// grows), leaving the driver unarmed.
+  template <typename Owner>
+  void arm(std::int64_t at, Owner& owner) {
+    want_ = true;
+    want_at_ = at;
+    if (!outstanding_) return start(owner);
+    if (cancelled_ || pending_at_ <= at) return;  // the wait's handler re-waits for want_at_
+    cancel();
+  }
+
+  /// Wants no wake: cancels the outstanding wait, so the limiter holds no work.
+  void disarm() noexcept {
+    want_ = false;
+    if (outstanding_ && !cancelled_) cancel();
+  }
+
+  bool armed() const noexcept { return want_; }
+
+  /// The outstanding wait finished (fired or cancelled) at `now`: true when
+  /// the wanted instant has come and the owner must serve (it then calls
+  /// arm() or disarm()); otherwise waits again for it, if still wanted.
+  template <typename Owner>
+  bool on_wait(std::int64_t now, Owner& owner) {
+    outstanding_ = false;
+    cancelled_ = false;
+    if (!want_) return false;
+    if (now >= want_at_) {
+      want_ = false;
+      return true;
+    }
+    start(owner);
+    return false;
+  }
+
+  static typename Clock::time_point to_time_point(std::int64_t ns) noexcept {
+    return typename Clock::time_point(
+        std::chrono::ceil<typename Clock::duration>(std::chrono::nanoseconds(ns)));
+  }
+
+ private:
+  /// Asio 1.26's wait operation around our handler (a weak pointer, a
+  /// pointer, and this allocator) on an any_io_executor: 152 bytes.
+  using memory_type = upcall_memory<192>;
+
+  template <typename Owner>
+  class wait_handler {
+   public:
+    using allocator_type = upcall_allocator<void, std::allocator<void>, memory_type::size>;
+
+    wait_handler(std::weak_ptr<Owner> owner, memory_type* memory) noexcept
+        : owner_(std::move(owner)), memory_(memory) {}
+
+    allocator_type get_allocator() const noexcept {
+      return allocator_type(memory_, std::allocator<void>());
+    }
+
+    void operator()(const boost::system::error_code&) {
+      if (auto p = owner_.lock()) p->on_timer();
+    }
+
+   private:
+    std::weak_ptr<Owner> owner_;
+    memory_type* memory_;
+  };
+
+  template <typename Owner>
+  void start(Owner& owner) {
+    timer_->expires_at(to_time_point(want_at_));  // no wait is outstanding: cancels nothing
+    timer_->async_wait(wait_handler<Owner>(owner.weak_from_this(), &memory_));
+    outstanding_ = true;
+    pending_at_ = want_at_;
+  }
+
+  void cancel() noexcept {
+    cancelled_ = true;
+    timer_->cancel();
+  }
+
+  std::optional<timer_type> timer_;
+  bool outstanding_ = false;  // an async_wait has not completed yet
+  bool cancelled_ = false;    // ... and it was cancelled
+  bool want_ = false;         // a wake is wanted at want_at_
+  std::int64_t want_at_ = 0;
+  std::int64_t pending_at_ = 0;  // the outstanding wait's expiry
+  memory_type memory_;           // for the wait operation
+};
+
+}  // namespace ratelimit::detail
+
+#endif  // RATELIMIT_DETAIL_TIMER_DRIVER_HPP

@@ -1,0 +1,136 @@
+//
+// ratelimit/redis/options.hpp: how a Redis bucket behaves, and how Redis errors are read.
+//
+#ifndef RATELIMIT_REDIS_OPTIONS_HPP
+#define RATELIMIT_REDIS_OPTIONS_HPP
+
+#include <chrono>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+namespace ratelimit {
+
+/// What a Redis bucket does while Redis is unavailable: unreachable, not
+/// answering within the connection's `request_timeout`, or answering with an
+/// error that means "not now" (see classify_redis_error()).
+enum class redis_fault_policy {
+  /// Requests complete with `ratelimit::error::redis_unavailable`.
+  fail_closed,
+  /// Requests are granted (and counted in `redis_bucket_stats::fail_open_grants`).
+  fail_open,
+  /// Requests are served by a local bucket of the same capacity and rate
+  /// (one per bucket object, so the limit becomes per process while Redis is gone).
+  local_fallback,
+};
+
+/// Options of a Redis bucket. Every value has a meaning or is refused by the
+/// bucket's constructor with std::invalid_argument (see validate()).
+struct redis_bucket_options {
+  /// What to do while Redis is unavailable. Any of the three policies.
+  redis_fault_policy on_fault = redis_fault_policy::fail_closed;
+
+  /// After a request found Redis unavailable, the policy is applied without
+  /// asking Redis for this long, so that a dead server costs one timeout, not
+  /// one per request; the first request after it asks Redis again. Must be
+  /// positive (a hold of 0 would ask a dead server in a busy loop).
+  std::chrono::milliseconds fault_hold{100};
+
+  /// Leasing: when > 0, a request that goes to Redis also takes up to this
+  /// many more tokens if they are there, and later requests of this bucket
+  /// object are served from them without a round trip. 0 (the default): no
+  /// leasing, Redis decides every grant. At most the capacity. The README
+  /// says exactly how far leasing lets the bucket exceed its limit.
+  std::uint64_t lease = 0;
+
+  /// Leased tokens not used within this time are dropped (never returned to
+  /// Redis). Must be positive; only read when `lease > 0`.
+  std::chrono::milliseconds lease_ttl{1000};
+};
+
+/// Throws std::invalid_argument, naming the option and the value, unless
+/// `o` is valid for a bucket of `capacity` tokens.
+inline void validate(const redis_bucket_options& o, std::uint64_t capacity) {
+  const auto fail = [](const std::string& what) {
+    throw std::invalid_argument("ratelimit::redis_bucket_options: " + what);
+  };
+  switch (o.on_fault) {
+    case redis_fault_policy::fail_closed:
+    case redis_fault_policy::fail_open:
+    case redis_fault_policy::local_fallback:
+      break;
+    default:
+      fail("on_fault is not a redis_fault_policy (" + std::to_string(static_cast<int>(o.on_fault)) +
+           ")");
+  }
+  if (o.fault_hold.count() <= 0)
+    fail("fault_hold must be positive (got " + std::to_string(o.fault_hold.count()) + " ms)");
+  if (o.lease > capacity)
+    fail("lease must not exceed the capacity (got " + std::to_string(o.lease) + " for capacity " +
+         std::to_string(capacity) + ")");
+  if (o.lease > 0 && o.lease_ttl.count() <= 0)
+    fail("lease_ttl must be positive when leasing (got " + std::to_string(o.lease_ttl.count()) +
+         " ms)");
+}
+
+/// Counters of one bucket object (tokens, not requests, unless said otherwise).
+struct redis_bucket_stats {
+  std::uint64_t round_trips = 0;       // script requests sent (requests, retries included)
+  std::uint64_t redis_tokens = 0;      // tokens taken from Redis (grants and leases)
+  std::uint64_t granted = 0;           // tokens granted to callers (all sources)
+  std::uint64_t lease_dropped = 0;     // leased tokens dropped unused (ttl, cancellation)
+  std::uint64_t fail_open_grants = 0;  // tokens granted because Redis was unavailable
+  std::uint64_t fallback_grants = 0;   // tokens granted by the local fallback bucket
+  std::uint64_t faults = 0;            // requests that found Redis unavailable
+  std::uint64_t unavailable_replies = 0;  // ... of them, by an error reply meaning "not now"
+};
+
+/// What an error reply from Redis means for a request.
+enum class redis_error_class {
+  /// The server cannot serve the request now but may soon: it is loading
+  /// its data (LOADING), busy in a script (BUSY), a replica (READONLY,
+  /// MASTERDOWN), out of memory (OOM), refusing writes after a failed save
+  /// (MISCONF), short of replicas (NOREPLICAS), a cluster in trouble
+  /// (TRYAGAIN, CLUSTERDOWN), or full ("ERR max number of clients
+  /// reached"). A Redis bucket treats it as Redis being unavailable: its
+  /// fault policy applies.
+  unavailable,
+  /// The script is not in the server's cache (NOSCRIPT): a Redis bucket
+  /// sends it again, with EVAL.
+  script_missing,
+  /// Anything else (WRONGTYPE, a key that is not a bucket, another
+  /// configuration on the key, NOAUTH, NOPERM, a cluster redirection...):
+  /// the request fails with `ratelimit::error::redis_error`.
+  refused,
+};
+
+/// Classifies an error reply by its code (its first word), also when Redis
+/// wraps it in a script error ("ERR Error running script ... -READONLY ...").
+inline redis_error_class classify_redis_error(std::string_view message) noexcept {
+  std::string_view code = message.substr(0, message.find(' '));
+  if (code == "ERR") {
+    if (message.starts_with("ERR max number of clients")) return redis_error_class::unavailable;
+    // Redis 6 reports an error of a command called by a script as
+    // "ERR Error running script (...): ... -CODE message".
+    if (message.starts_with("ERR Error running script")) {
+      const auto at = message.rfind(": -");
+      if (at != std::string_view::npos) {
+        const std::string_view inner = message.substr(at + 3);
+        if (!inner.starts_with("ERR")) return classify_redis_error(inner);
+      }
+    }
+    return redis_error_class::refused;
+  }
+  static constexpr std::string_view not_now[] = {"LOADING",    "BUSY",        "READONLY",
+                                                 "MASTERDOWN", "TRYAGAIN",    "CLUSTERDOWN",
+                                                 "NOREPLICAS", "MISCONF",     "OOM"};
+  for (std::string_view c : not_now)
+    if (code == c) return redis_error_class::unavailable;
+  if (code == "NOSCRIPT") return redis_error_class::script_missing;
+  return redis_error_class::refused;
+}
+
+}  // namespace ratelimit
+
+#endif  // RATELIMIT_REDIS_OPTIONS_HPP
