@@ -238,6 +238,23 @@ BOOST_AUTO_TEST_CASE(huge_capacity_slow_rate_saturates) {
              static_cast<std::uint64_t>(max_time));
 }
 
+BOOST_AUTO_TEST_CASE(wait_longer_than_max_time_before_the_epoch) {
+  // From a time before the clock's epoch a wait longer than max_time ns can
+  // still end at a representable time: ready_at must not saturate the wait
+  // first (it answered last() + max_time, about 0.66e18 ns too early; the
+  // fuzz regression negative_time_saturated_wait_grants_late).
+  const std::int64_t t0 = -3'711'106'414'590'763'540;
+  bucket_state s(u64max,
+                 reduce(ratelimit::rate{0xef0401ef045f012cu, std::chrono::nanoseconds(max_time)}),
+                 t0, 0);
+  BOOST_TEST(s.ticks_until(u64max) == static_cast<std::uint64_t>(max_time));  // saturated
+  BOOST_TEST(s.ready_at(u64max) == 6'167'674'313'482'000'376);                // exact
+  s.refill(6'167'674'313'482'000'375);
+  BOOST_TEST(!s.has(u64max));
+  s.refill(6'167'674'313'482'000'376);
+  BOOST_TEST(s.has(u64max));
+}
+
 BOOST_AUTO_TEST_CASE(fast_rate_for_years) {
   // 10^9 tokens/s for 100 years, capacity 2^64-1: 3.15e18 tokens, exactly.
   bucket_state s(u64max, reduce(ratelimit::per_second(1'000'000'000)), 0, 0);

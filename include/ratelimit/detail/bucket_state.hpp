@@ -126,24 +126,25 @@ class bucket_state {
   /// been served", since a queue consumes tokens before the bucket can fill.
   /// Saturates at max_time.
   std::uint64_t ticks_until(uint128 n) const noexcept {
-    const uint128 max_n = std::numeric_limits<uint128>::max() / rate_.ticks;
-    if (n > max_n) return static_cast<std::uint64_t>(max_time);
-    const uint128 need = n * rate_.ticks;
-    if (need <= level_) return 0;
-    const uint128 missing = need - level_;
-    const uint128 ticks = missing / rate_.tokens + (missing % rate_.tokens != 0);  // ceil
+    const uint128 ticks = exact_ticks_until(n);
     return ticks >= static_cast<uint128>(max_time) ? static_cast<std::uint64_t>(max_time)
                                                     : static_cast<std::uint64_t>(ticks);
   }
 
   /// The time at which `n` tokens will be there (see ticks_until), saturating at max_time.
   std::int64_t ready_at(uint128 n) const noexcept {
-    const std::uint64_t t = ticks_until(n);
+    // The unsaturated wait: before the clock's epoch (last_ < 0) a wait longer
+    // than max_time can still end at a representable time, and saturating it
+    // first would answer too early.
+    const uint128 t = exact_ticks_until(n);
     // In unsigned arithmetic: for a time before the clock's epoch (last_ < 0)
     // max_time - last_ overflows int64 but fits in uint64.
     const std::uint64_t headroom =
         static_cast<std::uint64_t>(max_time) - static_cast<std::uint64_t>(last_);
-    return t >= headroom ? max_time : last_ + static_cast<std::int64_t>(t);
+    if (t >= headroom) return max_time;
+    // last_ + t <= max_time; t may exceed max_time, so add in uint64 (mod 2^64).
+    return static_cast<std::int64_t>(static_cast<std::uint64_t>(last_) +
+                                     static_cast<std::uint64_t>(t));
   }
 
   /// Changes the rate from now on. Tokens accrued so far at the old rate are
@@ -165,6 +166,17 @@ class bucket_state {
 
  private:
   uint128 cap_units() const noexcept { return static_cast<uint128>(capacity_) * rate_.ticks; }
+
+  /// The exact wait for `n` tokens in ns (may exceed max_time; all ones if
+  /// n units do not fit in 128 bits, which no capacity below 2^64 reaches).
+  uint128 exact_ticks_until(uint128 n) const noexcept {
+    const uint128 max_n = std::numeric_limits<uint128>::max() / rate_.ticks;
+    if (n > max_n) return std::numeric_limits<uint128>::max();
+    const uint128 need = n * rate_.ticks;
+    if (need <= level_) return 0;
+    const uint128 missing = need - level_;
+    return missing / rate_.tokens + (missing % rate_.tokens != 0);  // ceil
+  }
 
   std::uint64_t capacity_;
   reduced_rate rate_;
