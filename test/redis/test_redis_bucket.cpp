@@ -2,6 +2,7 @@
 // waits, try, FIFO, cancellation, close, blocking calls, clock independence,
 // each fault policy with the server killed mid-run, bad keys, script reload,
 // and the lease slack bound.
+#include "fault_proxy.hpp"
 #include "redis_server.hpp"
 #include "test_support.hpp"
 
@@ -467,6 +468,91 @@ BOOST_FIXTURE_TEST_CASE(lease_slack_is_exactly_processes_times_lease, fixture) {
   // capacity + rate * window + processes * lease, and the slack is really there.
   BOOST_TEST(granted <= 10 + 100 * window + 2 * 4);
   BOOST_TEST(granted >= 10 + 2 * 4);
+}
+
+namespace {
+
+/// The tokens the script took, from its raw reply "*3\r\n:granted\r\n:taken\r\n:wait\r\n"
+/// (0 for any other reply).
+std::uint64_t taken_in(std::string_view raw) {
+  if (!raw.starts_with("*3\r\n:")) return 0;
+  std::uint64_t v[3] = {0, 0, 0};
+  std::size_t at = 4;
+  for (auto& x : v) {
+    if (at >= raw.size() || raw[at] != ':') return 0;
+    const auto end = raw.find("\r\n", at);
+    if (end == std::string_view::npos) return 0;
+    x = std::stoull(std::string(raw.substr(at + 1, end - at - 1)));
+    at = end + 2;
+  }
+  return v[0] == 1 ? v[1] : 0;
+}
+
+}  // namespace
+
+// Leasing's bound rests on this: the tokens a bucket object holds for later,
+// leased tokens in its pool plus the extra tokens asked for by its requests
+// in flight, never exceed the lease. Seen from outside: every token Redis took
+// for the object (counted as the reply leaves the server) is granted, dropped,
+// or held; held may exceed the lease only by the tokens the requests in flight
+// asked for their own callers (1 each here). Replies travel 20 ms, the Redis
+// bucket refills meanwhile, and 8 tries plus the queue's head are in flight at
+// once. (The old code asked every request for a whole lease whatever was held
+// or on its way: 9 requests could bring 9 leases at once.)
+BOOST_AUTO_TEST_CASE(lease_held_never_exceeds_the_lease_with_requests_in_flight) {
+  redis_server server;
+  fault_proxy proxy(server.port());
+  proxy.set_delay(direction::to_client, 20ms);
+  std::atomic<std::uint64_t> taken{0};
+  proxy.set_reply_filter([&](std::string_view raw) -> std::optional<std::string> {
+    taken += taken_in(raw);
+    return std::nullopt;
+  });
+  asio::io_context ctx;
+  auto cfg = server.config();
+  cfg.port = proxy.port();
+  redis_connection conn(ctx, cfg);
+  constexpr std::uint64_t lease = 5;
+  constexpr int tries = 8;
+  redis_bucket_options opts;
+  opts.lease = lease;
+  opts.lease_ttl = 10s;
+  redis_token_bucket bucket(conn, "held", 200, per_second(20000), opts);
+  bool stop = false;
+  int running = 0;
+  auto try_loop = [&]() -> asio::awaitable<void> {
+    ++running;
+    while (!stop) co_await bucket.async_try_get_token(1, asio::as_tuple(asio::use_awaitable));
+    --running;
+  };
+  auto wait_loop = [&]() -> asio::awaitable<void> {
+    ++running;
+    while (!stop) co_await bucket.async_get_token(asio::as_tuple(asio::use_awaitable));
+    --running;
+  };
+  for (int i = 0; i < tries; ++i)
+    asio::co_spawn(ctx, try_loop(), asio::detached);
+  for (int i = 0; i < 2; ++i)
+    asio::co_spawn(ctx, wait_loop(), asio::detached);
+  std::int64_t max_held = 0;
+  const auto sample = [&] {
+    const auto t = static_cast<std::int64_t>(taken.load());  // first: it can only grow meanwhile
+    const auto s = bucket.stats();
+    max_held = std::max(max_held, t - static_cast<std::int64_t>(s.granted + s.lease_dropped));
+  };
+  const auto end = steady::now() + 600ms;
+  while (steady::now() < end) {
+    ctx.restart();
+    ctx.run_one_for(1ms);
+    sample();
+  }
+  stop = true;
+  BOOST_REQUIRE(run_until(ctx, [&] { return running == 0; }));
+  const auto s = bucket.stats();
+  BOOST_TEST_MESSAGE("lease held: at most " << max_held << " tokens; " << s.granted << " granted, "
+                                            << s.round_trips << " round trips");
+  BOOST_TEST(s.granted > 100u);  // the requests really ran
+  BOOST_TEST(max_held <= static_cast<std::int64_t>(lease + tries + 1));
 }
 
 BOOST_FIXTURE_TEST_CASE(leased_tokens_expire, fixture) {

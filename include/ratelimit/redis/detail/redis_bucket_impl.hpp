@@ -99,7 +99,7 @@ class redis_bucket_impl
     using op_type = detail::handler_op<waiter_base, std::decay_t<Handler>>;
     op_type* op = op_type::create(std::forward<Handler>(handler), executor_, n);
     try {
-      detail::link_cancellation(op->handler(), op, this->weak_from_this());
+      detail::link_cancellation(op->handler(), op, *this);
     } catch (...) {
       op->destroy();
       throw;
@@ -477,10 +477,12 @@ class redis_bucket_impl
         ready.push_back(head, ec);
       }
     } else if (res.granted) {
-      // Into the pool, from which step() serves the head (if it was not
-      // cancelled meanwhile) and trims what nobody may keep.
+      // Into the pool, from which step() serves the head. If the head is gone
+      // (cancelled, or served from the pool meanwhile), its tokens are
+      // leftovers like any lease: trimmed before anyone else is served.
       stats_.redis_tokens += res.taken;
       add_pool(now, res.taken);
+      if (!head) trim_pool();
     } else if (head && !closed_) {
       // Not there yet: wait, locally, for when the script says they will be,
       // plus a little jitter (at most 1/8 of the wait, at most 2 ms), so that
@@ -580,6 +582,7 @@ class redis_bucket_impl
           if (granted) stats_.granted += n;
         }
       }
+      trim_pool();  // what is left is lease, before the queue is served from it
       step(std::move(lk), ready, finish_mode::dispatch);
     }
     if (!mine) return;
