@@ -121,7 +121,7 @@ class keyed_impl
       node* nd = nullptr;
       try {
         nd = acquire(key, n, now, ec);
-        if (nd) link_cancellation(op->handler(), op, std::weak_ptr<bucket_type>(nd->bucket));
+        if (nd) link_cancellation(op->handler(), op, *nd->bucket);
       } catch (...) {
         lk.unlock();
         op->destroy();
@@ -497,30 +497,30 @@ class basic_keyed_limiter {
   template <typename, typename, typename, typename, typename, typename>
   friend class basic_keyed_limiter;
 
+  /// As basic_token_bucket's: a deferred operation co-owns the limiter's state.
   class initiate_get_token {
    public:
     using executor_type = Executor;
 
-    initiate_get_token(std::shared_ptr<impl_type> impl, const Executor& ex) noexcept
-        : impl_(std::move(impl)), ex_(ex) {}
+    initiate_get_token(const std::shared_ptr<impl_type>& impl, const Executor& ex) noexcept
+        : ref_(impl, ex) {}
 
-    executor_type get_executor() const noexcept { return ex_; }
+    executor_type get_executor() const noexcept { return ref_.get_executor(); }
 
     template <typename Handler>
     void operator()(Handler&& handler, const Key& key, std::uint64_t n) const {
       static_assert(std::is_invocable_v<std::decay_t<Handler>&&, boost::system::error_code>,
                     "ratelimit: handler must be callable as void(boost::system::error_code)");
-      if (impl_)
-        impl_->async_get(std::forward<Handler>(handler), key, n);
+      if (impl_type* impl = ref_.get())
+        impl->async_get(std::forward<Handler>(handler), key, n);
       else
         detail::post_completion(std::forward<Handler>(handler),
-                                boost::asio::any_io_executor(ex_),
+                                boost::asio::any_io_executor(ref_.get_executor()),
                                 boost::system::error_code(error::bucket_closed));
     }
 
    private:
-    std::shared_ptr<impl_type> impl_;
-    Executor ex_;
+    detail::initiation_ref<impl_type, Executor> ref_;
   };
 
   void shutdown() noexcept {

@@ -314,32 +314,32 @@ class basic_token_bucket {
   template <typename, typename, typename>
   friend class basic_token_bucket;
 
-  /// Co-owns the impl, so that an operation launched later (a deferred
-  /// token) after the bucket is gone completes with operation_aborted.
+  /// Reaches the impl through an initiation_ref: a deferred operation
+  /// co-owns it, so one launched after the bucket is gone completes with
+  /// operation_aborted.
   class initiate_get_token {
    public:
     using executor_type = Executor;
 
-    initiate_get_token(std::shared_ptr<impl_type> impl, const Executor& ex) noexcept
-        : impl_(std::move(impl)), ex_(ex) {}
+    initiate_get_token(const std::shared_ptr<impl_type>& impl, const Executor& ex) noexcept
+        : ref_(impl, ex) {}
 
-    executor_type get_executor() const noexcept { return ex_; }
+    executor_type get_executor() const noexcept { return ref_.get_executor(); }
 
     template <typename Handler>
     void operator()(Handler&& handler, std::uint64_t n) const {
       static_assert(std::is_invocable_v<std::decay_t<Handler>&&, boost::system::error_code>,
                     "ratelimit: handler must be callable as void(boost::system::error_code)");
-      if (impl_)
-        impl_->async_get(std::forward<Handler>(handler), n);
+      if (impl_type* impl = ref_.get())
+        impl->async_get(std::forward<Handler>(handler), n);
       else
         detail::post_completion(std::forward<Handler>(handler),
-                                boost::asio::any_io_executor(ex_),
+                                boost::asio::any_io_executor(ref_.get_executor()),
                                 boost::system::error_code(error::bucket_closed));
     }
 
    private:
-    std::shared_ptr<impl_type> impl_;
-    Executor ex_;
+    detail::initiation_ref<impl_type, Executor> ref_;
   };
 
   void shutdown() noexcept {

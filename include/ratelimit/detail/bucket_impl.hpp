@@ -98,7 +98,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     using op_type = handler_op<waiter_base, std::decay_t<Handler>>;
     op_type* op = op_type::create(std::forward<Handler>(handler), executor_, n);
     try {
-      link_cancellation(op->handler(), op, this->weak_from_this());
+      link_cancellation(op->handler(), op, *this);
     } catch (...) {
       op->destroy();
       throw;

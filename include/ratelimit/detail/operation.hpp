@@ -8,21 +8,23 @@
 // allocated once, with the handler's associated allocator, when the operation
 // starts; everything that can throw happens then, inside the initiating call.
 //
-// Completion, as Asio's own operations do it:
-//   1. post: the operation is posted to the execution context behind the I/O
-//      executor (an io_context's or a thread_pool's executor; the inner
-//      executor of a strand), never run inside the caller;
-//   2. dispatch: from there it is dispatched to the handler's associated
-//      executor (which defaults to the I/O object's), which runs it inline
-//      when it already runs there (the common case) or queues it (a strand);
-//   3. upcall: the operation moves the handler, the result and the work out,
-//      frees its memory, and invokes the handler.
-// Steps 1 and 2 allocate Asio's wrapper of the function from the reserved
-// block (through the wrapper's associated allocator), so completing an
-// operation allocates nothing for the executors above, whether or not they
-// are wrapped in an any_io_executor. That is what lets close(), cancel() and
-// destructors complete operations without any risk of std::terminate. With
-// other executors, Asio's type-erased post may allocate; see complete().
+// Completion, as Asio's own operations do it, never inside the caller:
+// - a handler that completes on the I/O executor (it names no executor of
+//   its own, or that same one: plain callbacks, coroutines on the I/O
+//   object's executor) is posted to the I/O executor and invoked there;
+// - a handler with an executor of its own (a strand, another context) is
+//   posted to the execution context behind the I/O executor (an io_context's
+//   or thread_pool's executor; the inner executor of a strand), then
+//   dispatched to its executor, which runs it inline when it already runs
+//   there or queues it;
+// and the last step moves the handler, the result and the work out, frees
+// the operation, and invokes the handler. Asio's wrapper of each posted or
+// dispatched step is allocated from the reserved block (through the step's
+// associated allocator), so completing an operation allocates nothing for
+// the executors above, whether or not they are wrapped in an
+// any_io_executor. That is what lets close(), cancel() and destructors
+// complete operations without any risk of std::terminate. With other
+// executors, Asio's type-erased post may allocate; see complete().
 //
 // Lifetime: an operation is owned by whoever holds it (a queue, a ready list,
 // Asio's scheduler once posted). If Asio destroys a posted step without
@@ -44,9 +46,12 @@
 #include <boost/asio/strand.hpp>
 #include <boost/asio/thread_pool.hpp>
 
+#include <boost/asio/system_executor.hpp>
+
 #include <atomic>
 #include <cstddef>
 #include <memory>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -273,6 +278,24 @@ class plain_completion : public completion_base<Args...> {
 
 /// An operation: `Base` (a completion_base or a class derived from one) plus
 /// the handler, its work and the upcall memory.
+/// True when the handler names no executor of its own: it completes on the
+/// I/O object's executor, and the operation needs no executor of its own.
+template <typename Handler>
+inline constexpr bool uses_io_executor =
+    std::is_same_v<boost::asio::associated_executor_t<Handler, boost::asio::system_executor>,
+                   boost::asio::system_executor> &&
+    std::is_same_v<boost::asio::associated_executor_t<Handler, executors::io>, executors::io>;
+
+/// An operation: `Base` (a completion_base or a class derived from one) plus
+/// the handler, its work and the upcall memory.
+///
+/// A handler that completes on the I/O executor (it names no executor of its
+/// own, or names that same executor) is posted straight to it and invoked
+/// there: one step, and no executor is stored (while it waits, the owner's
+/// timer or request keeps that executor's context busy). A handler with
+/// another executor (a strand, another context) has outstanding work tracked
+/// on it from the start, and completes in two steps: posted to the context
+/// behind the I/O executor, then dispatched to its own.
 template <typename Base, typename Handler>
 class handler_op final : public Base {
   using alloc_type = typename std::allocator_traits<
@@ -280,6 +303,9 @@ class handler_op final : public Base {
   using alloc_traits = std::allocator_traits<alloc_type>;
   using action = typename Base::action;
   using fallback_type = handler_allocator_t<Handler>;
+  struct no_work {};
+  using work_type = std::conditional_t<uses_io_executor<Handler>, no_work,
+                                       std::optional<tracked_executor_t<Handler>>>;
 
  public:
   /// Allocates an operation with the handler's allocator and moves the
@@ -311,9 +337,22 @@ class handler_op final : public Base {
   template <typename H, typename... BaseArgs>
   handler_op(H&& handler, const boost::asio::any_io_executor& io_ex, BaseArgs&&... base_args)
       : Base(&handler_op::do_action, std::forward<BaseArgs>(base_args)...),
-        handler_(std::forward<H>(handler)),
-        work_(boost::asio::prefer(boost::asio::get_associated_executor(handler_, io_ex),
-                                  boost::asio::execution::outstanding_work.tracked)) {}
+        handler_(std::forward<H>(handler)) {
+    if constexpr (!uses_io_executor<Handler>) {
+      auto ex = boost::asio::get_associated_executor(handler_, io_ex);
+      if constexpr (std::is_same_v<decltype(ex), boost::asio::any_io_executor>)
+        if (ex == io_ex) return;
+      work_.emplace(boost::asio::prefer(ex, boost::asio::execution::outstanding_work.tracked));
+    }
+  }
+
+  /// Whether the handler completes on an executor of its own.
+  bool own_executor() const noexcept {
+    if constexpr (uses_io_executor<Handler>)
+      return false;
+    else
+      return work_.has_value();
+  }
 
   using upcall_alloc = upcall_allocator<void, fallback_type, op_memory::size>;
 
@@ -357,13 +396,23 @@ class handler_op final : public Base {
     auto* op = static_cast<handler_op*>(base);
     switch (a) {
       case action::post:
-        // Step 1: to the context behind the I/O executor, never inline.
-        with_context_executor(*io_ex, [op](const auto& ex) {
-          boost::asio::post(ex, step<false>(op));
-        });
+        if (op->own_executor()) {
+          // Step 1 of 2: to the context behind the I/O executor, never inline.
+          with_context_executor(*io_ex, [op](const auto& ex) {
+            boost::asio::post(ex, step<false>(op));
+          });
+        } else {
+          // The only step: to the I/O executor, never inline.
+          with_concrete_executor(*io_ex, [op](const auto& ex) {
+            boost::asio::post(ex, step<true>(op));
+          });
+        }
         return;
-      case action::dispatch:
-        op->dispatch_to_handler();
+      case action::dispatch:  // the caller runs on the I/O executor
+        if (op->own_executor())
+          op->dispatch_to_handler();
+        else
+          op->upcall();
         return;
       case action::destroy:
         op->free();
@@ -371,17 +420,19 @@ class handler_op final : public Base {
     }
   }
 
-  /// Step 2: to the handler's executor; inline when it already runs here.
+  /// Step 2 of 2: to the handler's executor; inline when it already runs here.
   void dispatch_to_handler() {
-    with_concrete_executor(work_, [this](const auto& ex) {
-      boost::asio::dispatch(ex, step<true>(this));
-    });
+    if constexpr (!uses_io_executor<Handler>) {
+      with_concrete_executor(*work_, [this](const auto& ex) {
+        boost::asio::dispatch(ex, step<true>(this));
+      });
+    }
   }
 
-  /// Step 3: frees the operation, then invokes the handler (keeping the work
-  /// until the handler has returned, as Asio does).
+  /// The last step: frees the operation, then invokes the handler (keeping
+  /// the work until the handler has returned, as Asio does).
   void upcall() {
-    auto work = std::move(work_);
+    [[maybe_unused]] auto work = std::move(work_);
     Handler handler(std::move(handler_));
     auto args = std::move(this->result);
     free();
@@ -395,8 +446,36 @@ class handler_op final : public Base {
   }
 
   Handler handler_;
-  tracked_executor_t<Handler> work_;
+  [[no_unique_address]] work_type work_;
   op_memory memory_;
+};
+
+/// What an initiation object holds of its I/O object's state: a plain
+/// pointer while the initiation runs where it was made (a callback token
+/// runs it at once), and shared ownership as soon as it is copied or moved
+/// (a deferred token keeps it to launch later), so that an operation
+/// launched after the I/O object is gone finds its state still there.
+template <typename Impl, typename Executor>
+class initiation_ref {
+ public:
+  initiation_ref(const std::shared_ptr<Impl>& impl, const Executor& ex) noexcept
+      : raw_(impl.get()), ex_(&ex) {}
+  initiation_ref(const initiation_ref& o)
+      : raw_(o.raw_),
+        keep_(o.keep_ ? o.keep_ : (o.raw_ ? o.raw_->shared_from_this() : nullptr)),
+        copy_(o.get_executor()),
+        ex_(&*copy_) {}
+  initiation_ref(initiation_ref&& o) : initiation_ref(static_cast<const initiation_ref&>(o)) {}
+  initiation_ref& operator=(const initiation_ref&) = delete;
+
+  Impl* get() const noexcept { return raw_; }
+  const Executor& get_executor() const noexcept { return *ex_; }
+
+ private:
+  Impl* raw_;
+  std::shared_ptr<Impl> keep_;
+  std::optional<Executor> copy_;
+  const Executor* ex_;
 };
 
 /// Completes `handler` with `args` through its executor (by way of `io_ex`'s

@@ -116,9 +116,10 @@ class cancel_link final : public cancel_link_base {
 /// which may take it). Throws what the slot's allocation throws, with nothing
 /// installed.
 template <typename Owner, typename Handler>
-void link_cancellation(Handler& handler, waiter_base* w, std::weak_ptr<Owner> owner) {
+void link_cancellation(Handler& handler, waiter_base* w, Owner& owner) {
   auto slot = boost::asio::get_associated_cancellation_slot(handler);
-  if (slot.is_connected()) w->link = &slot.template emplace<cancel_link<Owner>>(std::move(owner), w);
+  if (slot.is_connected())
+    w->link = &slot.template emplace<cancel_link<Owner>>(owner.weak_from_this(), w);
 }
 
 /// An intrusive doubly-linked FIFO; O(1) push, pop and erase. Not thread-safe.

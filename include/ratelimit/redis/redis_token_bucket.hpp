@@ -216,45 +216,44 @@ class basic_redis_token_bucket {
   redis_bucket_stats stats() const { return impl_ ? impl_->stats() : redis_bucket_stats{}; }
 
  private:
-  /// Co-owns the impl, so that an operation launched later (a deferred
-  /// token) after the bucket is gone completes with operation_aborted.
-  template <typename Derived>
-  class initiation_base {
+  /// A deferred operation co-owns the impl (detail::initiation_ref), so one
+  /// launched after the bucket is gone completes with operation_aborted.
+  class initiate_get_token {
    public:
     using executor_type = boost::asio::any_io_executor;
-    initiation_base(std::shared_ptr<impl_type> impl, const executor_type& ex) noexcept
-        : impl_(std::move(impl)), ex_(ex) {}
-    executor_type get_executor() const noexcept { return ex_; }
-
-   protected:
-    std::shared_ptr<impl_type> impl_;
-    executor_type ex_;
-  };
-
-  class initiate_get_token : public initiation_base<initiate_get_token> {
-   public:
-    using initiation_base<initiate_get_token>::initiation_base;
+    initiate_get_token(const std::shared_ptr<impl_type>& impl, const executor_type& ex) noexcept
+        : ref_(impl, ex) {}
+    executor_type get_executor() const noexcept { return ref_.get_executor(); }
     template <typename Handler>
     void operator()(Handler&& handler, std::uint64_t n) const {
-      if (this->impl_)
-        this->impl_->async_get(std::forward<Handler>(handler), n);
+      if (impl_type* impl = ref_.get())
+        impl->async_get(std::forward<Handler>(handler), n);
       else
-        detail::post_completion(std::forward<Handler>(handler), this->ex_,
+        detail::post_completion(std::forward<Handler>(handler), ref_.get_executor(),
                                 boost::system::error_code(error::bucket_closed));
     }
+
+   private:
+    detail::initiation_ref<impl_type, executor_type> ref_;
   };
 
-  class initiate_try : public initiation_base<initiate_try> {
+  class initiate_try {
    public:
-    using initiation_base<initiate_try>::initiation_base;
+    using executor_type = boost::asio::any_io_executor;
+    initiate_try(const std::shared_ptr<impl_type>& impl, const executor_type& ex) noexcept
+        : ref_(impl, ex) {}
+    executor_type get_executor() const noexcept { return ref_.get_executor(); }
     template <typename Handler>
     void operator()(Handler&& handler, std::uint64_t n) const {
-      if (this->impl_)
-        this->impl_->async_try(std::forward<Handler>(handler), n);
+      if (impl_type* impl = ref_.get())
+        impl->async_try(std::forward<Handler>(handler), n);
       else
-        detail::post_completion(std::forward<Handler>(handler), this->ex_,
+        detail::post_completion(std::forward<Handler>(handler), ref_.get_executor(),
                                 boost::system::error_code(error::bucket_closed), false);
     }
+
+   private:
+    detail::initiation_ref<impl_type, executor_type> ref_;
   };
 
   void shutdown() noexcept {
