@@ -197,7 +197,10 @@ class server {
 
       boost::system::error_code lec;
       if (cfg_.reject) {
-        if (!clients_.try_get_token(addr) || !global_.try_get_token()) {
+        // try_get_token with an error_code tells "over the limit" (false,
+        // no error) from "no room for another address" (too_many_keys).
+        const bool got = clients_.try_get_token(addr, 1, lec);
+        if (!lec && !(got && global_.try_get_token())) {
           if (!over_limit) log(tag, " over its limit: rejecting its lines");
           over_limit = true;
           ++stats.rejected;
@@ -207,7 +210,7 @@ class server {
         }
       } else {
         bool waited = false;
-        if (!clients_.try_get_token(addr)) {
+        if (!clients_.try_get_token(addr, 1, lec) && !lec) {
           if (!over_limit)
             log(tag, " over its limit (", cfg_.msg_rate, " lines/s, burst ", cfg_.burst,
                 "): delaying its lines");

@@ -560,6 +560,27 @@ BOOST_AUTO_TEST_CASE(more_clients_or_addresses_than_allowed_are_refused) {
   BOOST_TEST(a.read_line() == std::string("a again\n"));
 }
 
+// The README's bad-client table holds in reject mode too: an address the
+// limiter has no room for is told "server busy" and disconnected, not told
+// "rate limit exceeded" and kept (as the server did when try_get_token could
+// not tell the two apart).
+BOOST_AUTO_TEST_CASE(reject_mode_refuses_addresses_beyond_max_keys) {
+  server_process s({"--on-limit", "reject", "--max-keys", "1", "--msg-rate", "1", "--burst", "1"});
+  keep_log_on_failure k{s};
+  client a(s.endpoint());
+  BOOST_REQUIRE(!a.send("a\n"));
+  BOOST_TEST(a.read_line() == std::string("a\n"));  // 127.0.0.1's bucket: empty, not evictable
+  client b(s.endpoint(), "127.0.0.2");
+  BOOST_REQUIRE(!b.send("b\n"));
+  BOOST_TEST(b.read_line() == std::string("error: server busy\n"));
+  bool eof = false;
+  b.read_to_eof(eof);
+  BOOST_TEST(eof);
+  BOOST_TEST(s.log_contains("too many client addresses"));
+  BOOST_REQUIRE(!a.send("a again\n"));  // and 127.0.0.1, over its limit, is rejected, not dropped
+  BOOST_TEST(a.read_line() == std::string("error: rate limit exceeded\n"));
+}
+
 BOOST_AUTO_TEST_CASE(sigterm_fails_pending_waits_and_exits_zero) {
   server_process s({"--msg-rate", "1", "--burst", "1"});
   keep_log_on_failure k{s};
