@@ -165,6 +165,22 @@ BOOST_FIXTURE_TEST_CASE(agrees_with_bucket_state, server_fixture) {
   }
 }
 
+// EVALSHA names the script by the SHA-1 our own code computes (no private
+// Boost header): FIPS 180 vectors here; agrees_with_bucket_state checks it
+// against the server's SCRIPT LOAD.
+BOOST_AUTO_TEST_CASE(sha1_vectors) {
+  BOOST_TEST(rd::sha1_hex("") == "da39a3ee5e6b4b0d3255bfef95601890afd80709");
+  BOOST_TEST(rd::sha1_hex("abc") == "a9993e364706816aba3e25717850c26c9cd0d89d");
+  BOOST_TEST(rd::sha1_hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq") ==
+             "84983e441c3bd26ebaae4aa1f95129e5e54670f1");
+  BOOST_TEST(rd::sha1_hex(std::string(1'000'000, 'a')) ==
+             "34aa973cd4c4daa4f61eeb2bdbad27316534016f");
+  // Padding at the block edges: 55 bytes fit one block with the length, 56 need two.
+  BOOST_TEST(rd::sha1_hex(std::string(55, 'x')) == "cef734ba81a024479e09eb5a75b6ddae62e6abf1");
+  BOOST_TEST(rd::sha1_hex(std::string(56, 'x')) == "901305367c259952f4e7af8323f480d59f81335b");
+  BOOST_TEST(rd::sha1_hex(std::string(64, 'x')) == "bb2fa3ee7afb9f54c6dfb5d021f14b1ffe40c163");
+}
+
 BOOST_AUTO_TEST_CASE(rejects_inexact_configurations) {
   // capacity * tick + tok must not exceed 2^53.
   BOOST_CHECK_NO_THROW(rd::make_script_rate(9'007'199'253, per_second(1)));
