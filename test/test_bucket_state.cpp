@@ -308,6 +308,27 @@ BOOST_AUTO_TEST_CASE(set_rate_keeps_whole_tokens_and_the_fraction) {
   BOOST_TEST(s.ticks_until(4) == 125'000'000u);
 }
 
+// The defect this test was written for: set_rate rounded the level down to
+// the new rate's unit, a whole token at 10^9 tokens/s, so a change to a fast
+// rate and back lost up to a token: here 59 minutes of accrual at 1 token/h.
+// Now a change loses less than 2^-64 of a token: the first one keeps 59/60 of
+// a token but 11/15 of 2^-64 (59/60 is not a multiple of 2^-64), the second
+// one nothing (the level is then a multiple of 2^-64/3.6e12 of a token).
+BOOST_AUTO_TEST_CASE(set_rate_through_a_fast_rate_and_back_keeps_the_fraction) {
+  constexpr std::int64_t minute = 60'000'000'000;
+  bucket_state s(5, reduce(ratelimit::per_hour(1)), 0, 0);
+  s.refill(59 * minute);  // 59/60 of a token
+  s.set_rate(reduce(ratelimit::per_second(1'000'000'000)));
+  s.set_rate(reduce(ratelimit::per_hour(1)));
+  s.refill(60 * minute);
+  // 1 - 11/(15 * 2^64) token: not yet a whole one, but one nanosecond
+  // (1/3.6e12 of a token) away, not 59 minutes.
+  BOOST_TEST(s.available() == 0u);
+  BOOST_TEST(s.ticks_until(1) == 1u);
+  s.refill(60 * minute + 1);
+  BOOST_TEST(s.available() == 1u);
+}
+
 BOOST_AUTO_TEST_CASE(set_capacity_drops_the_excess_only) {
   bucket_state s(10, reduce(ratelimit::per_second(1)), 0, 10);
   s.set_capacity(4);

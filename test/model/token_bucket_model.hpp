@@ -6,10 +6,11 @@
 //
 // - Time is an explicit input to every call (nanoseconds, int64). The latest
 //   time seen counts; an earlier one has no effect.
-// - The token count is a rational number `level / period`, where `period` is
-//   the rate's period in nanoseconds, as given (not reduced). Every
-//   nanosecond adds `rate.tokens` to `level`; the count is capped at the
-//   capacity. All of it is exact (128-bit: no product here can exceed 2^128).
+// - The token count is an exact rational number of tokens
+//   (boost::multiprecision::cpp_rational: unbounded, nothing overflows or
+//   rounds). Every nanosecond adds `rate.tokens / rate.period` tokens, the
+//   period in nanoseconds as given (not reduced); the count is capped at the
+//   capacity.
 // - The waiters are a std::list in arrival order (strict FIFO).
 // - Everything that completes is appended to `completions()`, in the order
 //   the bucket hands completions to their executor.
@@ -25,11 +26,18 @@
 // bucket's. Like the bucket, the model serves the queue only in those calls;
 // request() and try_get() with a non-empty queue do not.
 //
-// The set_rate rounding: the bucket documents that "a fraction of a token is
-// carried over, rounded down to the new unit", the unit being
-// 1/(period / gcd(tokens, period)) of a token (the rate in lowest terms).
-// The model does exactly that, so available() and every grant time can be
-// compared exactly, at every step, even across rate changes.
+// The set_rate rule, as the library documents it (include/ratelimit/rate.hpp):
+// accrual is exact between rate changes; a change keeps the level, rounded
+// down to a multiple of 2^-64 of the new rate's unit, 1/u of a token with
+// u = period / gcd(tokens, period) in ns. The model applies that rule to its
+// exact count, with u the denominator of tokens/period in lowest terms:
+//   level := floor(level * u * 2^64) / (u * 2^64)
+// It is written from the promise, not from the bucket's code (which keeps two
+// integers in units of the reduced rate): a bucket that rounds otherwise, as
+// one that rounded the level down to a whole unit once did, disagrees with it
+// on available() or on the instant of a grant, both compared at every step.
+// (A change to the same rate in lowest terms changes nothing: the level is
+// then a multiple of 1/(u * 2^64) already.)
 //
 // The order of completions within one call, where several complete at once:
 // - close(), cancel_all(), destroy(): the queued waiters, front to back.
@@ -39,11 +47,12 @@
 #ifndef RATELIMIT_TEST_TOKEN_BUCKET_MODEL_HPP
 #define RATELIMIT_TEST_TOKEN_BUCKET_MODEL_HPP
 
+#include <boost/multiprecision/cpp_int.hpp>
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <list>
-#include <numeric>
 #include <optional>
 #include <stdexcept>
 #include <vector>
@@ -51,6 +60,8 @@
 namespace ratelimit::model {
 
 __extension__ typedef unsigned __int128 u128;
+using rational = boost::multiprecision::cpp_rational;
+using integer = boost::multiprecision::cpp_int;
 
 /// What a request ended with (mirrors the error codes the bucket reports).
 enum class result {
@@ -81,7 +92,7 @@ class token_bucket_model {
     check_rate(r);
     if (capacity == 0) throw std::invalid_argument("capacity 0");
     if (initial > capacity) throw std::invalid_argument("initial > capacity");
-    level_ = u128(initial) * u128(r.period);
+    level_ = initial;
   }
 
   // --- requests -------------------------------------------------------------
@@ -149,14 +160,10 @@ class token_bucket_model {
   void set_rate(model_rate r, std::int64_t now) {
     check_rate(r);
     serve(now);  // what fell due at the old rate
-    // Carry the fraction over, rounded down to the new rate's unit.
-    const std::uint64_t p1 = std::uint64_t(rate_.period);
-    const std::uint64_t p2 = std::uint64_t(r.period);
-    const std::uint64_t unit = p2 / std::gcd(r.tokens, p2);  // new unit: 1/unit of a token
-    const u128 whole = level_ / p1;
-    const u128 frac = level_ % p1;             // in 1/p1 of a token
-    const u128 frac_units = frac * unit / p1;  // in 1/unit, rounded down
-    level_ = whole * p2 + frac_units * (p2 / unit);
+    // Round down to a multiple of 2^-64 of the new unit, 1/u of a token.
+    const integer u = denominator(rational(integer(r.tokens), integer(r.period)));
+    const integer scale = u << 64;
+    level_ = rational(floor_of(level_ * scale), scale);
     rate_ = r;
     serve(now);
   }
@@ -165,7 +172,7 @@ class token_bucket_model {
     if (c == 0) throw std::invalid_argument("capacity 0");
     serve(now);  // what fell due with the old capacity
     capacity_ = c;
-    if (level_ > cap_level()) level_ = cap_level();
+    if (level_ > c) level_ = c;
     for (auto it = queue_.begin(); it != queue_.end();) {
       if (it->n > c) {
         complete(it->id, result::exceeds_capacity);
@@ -181,7 +188,7 @@ class token_bucket_model {
 
   std::uint64_t available(std::int64_t now) {
     serve(now);
-    return std::uint64_t(level_ / std::uint64_t(rate_.period));
+    return floor_of(level_).convert_to<std::uint64_t>();
   }
   std::size_t waiting() const { return queue_.size(); }
   std::uint64_t capacity() const { return capacity_; }
@@ -209,6 +216,9 @@ class token_bucket_model {
     return ready_at(queue_.front().n);
   }
 
+  /// The token count as of now(), exactly.
+  const rational& level() const { return level_; }
+
   /// Total tokens granted so far.
   u128 granted_tokens() const { return granted_; }
 
@@ -225,13 +235,17 @@ class token_bucket_model {
   /// if nothing is taken (that time itself when they are there already);
   /// INT64_MAX when later than that can be represented.
   std::int64_t ready_at(std::uint64_t n) const {
-    const u128 need = u128(n) * std::uint64_t(rate_.period);
-    if (level_ >= need) return now_;
-    const u128 missing = need - level_;
-    const u128 ticks = (missing + rate_.tokens - 1) / rate_.tokens;  // ceil
-    const u128 room = u128(std::uint64_t(end_of_time) - std::uint64_t(now_));
-    if (ticks >= room) return end_of_time;
-    return std::int64_t(std::uint64_t(now_) + std::uint64_t(ticks));
+    if (level_ >= n) return now_;
+    // The first whole nanosecond by which (n - level) tokens accrue.
+    const integer ticks = ceil_of((n - level_) * rate_.period / rate_.tokens);
+    if (ticks >= integer(end_of_time) - now_) return end_of_time;
+    return (now_ + ticks).convert_to<std::int64_t>();
+  }
+
+  /// floor(q) and ceil(q) for q >= 0.
+  static integer floor_of(const rational& q) { return numerator(q) / denominator(q); }
+  static integer ceil_of(const rational& q) {
+    return (numerator(q) + denominator(q) - 1) / denominator(q);
   }
 
   static void check_rate(model_rate r) {
@@ -239,23 +253,19 @@ class token_bucket_model {
     if (r.period <= 0) throw std::invalid_argument("period <= 0");
   }
 
-  u128 cap_level() const { return u128(capacity_) * std::uint64_t(rate_.period); }
-
   /// Moves the model to `now` (if later than any time seen), accruing tokens.
   void see(std::int64_t now) {
     if (now <= now_) return;
-    const u128 elapsed = u128(std::uint64_t(now) - std::uint64_t(now_));
+    const integer elapsed = integer(now) - now_;
     now_ = now;
-    // elapsed < 2^64 and tokens < 2^64: the product fits in 128 bits.
-    const u128 gained = elapsed * rate_.tokens;
-    const u128 room = cap_level() - level_;
-    level_ += gained < room ? gained : room;
+    level_ += rational(elapsed * rate_.tokens, integer(rate_.period));
+    if (level_ > capacity_) level_ = capacity_;
   }
 
-  bool has(std::uint64_t n) const { return level_ >= u128(n) * std::uint64_t(rate_.period); }
+  bool has(std::uint64_t n) const { return level_ >= n; }
 
   void take(std::uint64_t n) {
-    level_ -= u128(n) * std::uint64_t(rate_.period);
+    level_ -= n;
     granted_ += n;
   }
 
@@ -288,7 +298,7 @@ class token_bucket_model {
   std::uint64_t capacity_;
   model_rate rate_;
   std::int64_t now_;
-  u128 level_ = 0;  // tokens * rate_.period
+  rational level_;  // tokens
   bool closed_ = false;
   std::list<waiter> queue_;
   std::uint64_t next_id_ = 0;

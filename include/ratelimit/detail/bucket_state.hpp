@@ -9,9 +9,37 @@
 // Representation: the level is kept in "units", where one token is `ticks`
 // units and every nanosecond adds `tokens` units (`tokens`/`ticks` being the
 // rate reduced to lowest terms). Refill, take and "time until n tokens" are
-// then exact integer operations: no fraction of a token is ever lost, nothing
-// drifts, and 128-bit intermediates cannot overflow for any capacity below
-// 2^64 and any period below 2^63 ns (292 years).
+// then exact integer operations: between rate changes no fraction of a token
+// is ever lost, nothing drifts, and 128-bit intermediates cannot overflow for
+// any capacity below 2^64 and any period below 2^63 ns (292 years).
+//
+// Rate changes: the level in the new rate's units is rarely a whole number
+// (59/60 of a token is no whole number of units at 10^9 tokens/s, where a
+// unit is a whole token), and rounding it down to one would lose up to a
+// token, which the next change to a slower rate would make plain. So the level
+// carries a `residue` in units of 2^-64 of a unit: the exact level is
+// level + residue / 2^64 units. A rate change rounds the level down to a
+// multiple of 2^-64 of the new rate's unit (1/u of a token, u = period /
+// gcd(tokens, period) in ns): it loses less than 2^-64 of a token per change,
+// never adds any, and changes to the same reduced rate change nothing.
+// (Exactness across any sequence of changes would need unbounded denominators.)
+// Accrual adds whole units, so it leaves the residue alone; so does take().
+// Reaching the capacity, by refill() or a lower set_capacity(), sets the level
+// to exactly the capacity: the residue goes.
+//
+// Only set_rate reads the residue. Every other answer ignores it and is still
+// exactly that of a bucket holding the exact level x = level + r units
+// (r = residue / 2^64, 0 <= r < 1): the questions all compare x with an
+// integer m of units, or divide by an integer t >= 1 (units per token) or
+// k >= 1 (units per ns), and floor(x) = level, so
+//   x >= m  <=>  level >= m                   (has(n), refill's test for full)
+//   floor(x / t) = floor(floor(x) / t) = floor(level / t)            (available)
+//   ceil((m - x) / k) = ceil(ceil(m - x) / k) = ceil((m - level) / k)
+//     for m > level, as then ceil(m - x) = m - level        (ticks_until, ready_at)
+// Put plainly: at least one unit accrues every nanosecond, so a residue below
+// one unit is worth less than a nanosecond and moves no answer given in whole
+// tokens or whole nanoseconds (test_bucket_state checks it against exact
+// rationals).
 //
 // Thread safety: none; a bucket_state is a value, guarded by its owner.
 //
@@ -69,13 +97,19 @@ class bucket_state {
       : capacity_(capacity),
         rate_(r),
         last_(now),
-        level_(static_cast<uint128>(initial) * r.ticks) {}
+        level_(static_cast<uint128>(initial) * r.ticks),
+        residue_(0) {}
 
   std::uint64_t capacity() const noexcept { return capacity_; }
   reduced_rate rate() const noexcept { return rate_; }
 
   /// The latest time seen by refill(): every "when" answer is relative to it.
   std::int64_t last() const noexcept { return last_; }
+
+  /// The level in units (1/rate().ticks of a token), rounded down, and the
+  /// rest of it in 2^-64 of a unit: exactly level() + residue() / 2^64 units.
+  uint128 level() const noexcept { return level_; }
+  std::uint64_t residue() const noexcept { return residue_; }
 
   /// Accrues the tokens earned since the last refill, up to the capacity. A
   /// `now` earlier than last() has no effect: a clock that goes back mints nothing.
@@ -86,8 +120,13 @@ class bucket_state {
     const uint128 full = cap_units();
     if (level_ >= full) return;
     // elapsed * tokens < 2^128; compare before adding so nothing overflows.
+    // With the residue the exact level is above level_ by less than one unit:
+    // it reaches the capacity (an integer) exactly when level_ + gained does,
+    // and is then capped at exactly the capacity.
     const uint128 gained = static_cast<uint128>(elapsed) * rate_.tokens;
-    level_ = gained >= full - level_ ? full : level_ + gained;
+    const bool capped = gained >= full - level_;
+    level_ = capped ? full : level_ + gained;
+    residue_ = capped ? 0 : residue_;
   }
 
   /// Whole tokens in the bucket as of last().
@@ -100,7 +139,7 @@ class bucket_state {
     return level_ >= static_cast<uint128>(n) * rate_.ticks;
   }
 
-  /// Removes `n` tokens. Precondition: has(n).
+  /// Removes `n` tokens (the residue stays). Precondition: has(n).
   void take(std::uint64_t n) noexcept { level_ -= static_cast<uint128>(n) * rate_.ticks; }
 
   /// Returns `n` tokens taken earlier by a request that could not be
@@ -147,21 +186,47 @@ class bucket_state {
                                      static_cast<std::uint64_t>(t));
   }
 
-  /// Changes the rate from now on. Tokens accrued so far at the old rate are
-  /// kept (the caller refills first); a fraction of a token is carried over,
-  /// rounded down to the new unit (less than one nanosecond's worth).
+  /// Changes the rate from now on. The level accrued so far is kept, rounded
+  /// down to a multiple of 2^-64 of the new unit (the caller refills first):
+  /// less than 2^-64 of a token is lost, and none is added.
   void set_rate(reduced_rate r) noexcept {
     if (r == rate_) return;
-    const uint128 whole = level_ / rate_.ticks;
-    const uint128 frac = level_ % rate_.ticks;
-    level_ = whole * r.ticks + frac * r.ticks / rate_.ticks;
+    // In 2^-64 of the new unit the level is exactly
+    //   (level_ * 2^64 + residue_) * t2 / t1,
+    // with t1, t2 the old and new ticks (units per token), both below 2^63.
+    // That product reaches 2^254, so it is split twice to keep every
+    // intermediate below 2^128:
+    //   level_ = a * t1 + b: a <= capacity_ < 2^64 whole tokens, b < t1 < 2^63;
+    //   x = b * 2^64 + residue_ < t1 * 2^64 < 2^127, the fraction of a token;
+    //   x = c * t1 + d: c = x / t1 < 2^64, d < t1 < 2^63.
+    // Then the level is a * t2 * 2^64 + c * t2 + d * t2 / t1, rounded down
+    //   a * t2 * 2^64 + f,  f = c * t2 + floor(d * t2 / t1) = floor(x * t2 / t1)
+    // (c * t2 < 2^127, d * t2 < 2^126), and f < t2 * 2^64 < 2^127 since
+    // x < t1 * 2^64: f / 2^64 is the fraction of a token in new units (below
+    // t2), f mod 2^64 the new residue, and a * t2 + f / 2^64 <= 2^64 * t2 <
+    // 2^127. Rounded down, the new level is at most the old one in tokens, so
+    // it stays within the capacity (and is the capacity only with no residue).
+    const std::uint64_t t1 = rate_.ticks;
+    const std::uint64_t t2 = r.ticks;
+    const uint128 a = level_ / t1;
+    const auto b = static_cast<std::uint64_t>(level_ % t1);
+    const uint128 x = static_cast<uint128>(b) << 64 | residue_;
+    const uint128 c = x / t1;
+    const auto d = static_cast<std::uint64_t>(x % t1);
+    const uint128 f = c * t2 + static_cast<uint128>(d) * t2 / t1;
+    level_ = a * t2 + (f >> 64);
+    residue_ = static_cast<std::uint64_t>(f);
     rate_ = r;
   }
 
   /// Changes the capacity; a bucket holding more than the new capacity drops the excess.
   void set_capacity(std::uint64_t capacity) noexcept {
     capacity_ = capacity;
-    if (level_ > cap_units()) level_ = cap_units();
+    // At the capacity exactly, a residue would be above it.
+    if (level_ >= cap_units()) {
+      level_ = cap_units();
+      residue_ = 0;
+    }
   }
 
  private:
@@ -181,7 +246,8 @@ class bucket_state {
   std::uint64_t capacity_;
   reduced_rate rate_;
   std::int64_t last_;
-  uint128 level_;  // in units; 0 <= level_ <= capacity_ * rate_.ticks
+  uint128 level_;          // in units; 0 <= level_ <= capacity_ * rate_.ticks
+  std::uint64_t residue_;  // in 2^-64 of a unit; 0 when level_ is the capacity
 };
 
 }  // namespace ratelimit::detail
