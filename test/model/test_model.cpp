@@ -15,7 +15,9 @@
 #include <vector>
 
 using ratelimit::model::completion;
+using ratelimit::model::integer;
 using ratelimit::model::model_rate;
+using ratelimit::model::rational;
 using ratelimit::model::result;
 using ratelimit::model::token_bucket_model;
 
@@ -36,6 +38,7 @@ constexpr std::int64_t ms = 1'000'000;
 constexpr std::int64_t s = 1'000'000'000;
 constexpr std::uint64_t u64_max = std::numeric_limits<std::uint64_t>::max();
 constexpr std::int64_t i64_max = std::numeric_limits<std::int64_t>::max();
+const integer two64 = integer(1) << 64;
 
 std::vector<completion> done(std::initializer_list<completion> c) {
   return c;
@@ -185,20 +188,27 @@ BOOST_AUTO_TEST_CASE(cancel_all_close_destroy) {
   BOOST_TEST(n.completions() == done({{e, result::aborted}}));
 }
 
-BOOST_AUTO_TEST_CASE(set_rate_keeps_tokens_and_rounds_the_fraction_down) {
+// The set_rate rule: the level is kept, rounded down to a multiple of 2^-64 of
+// the new unit (1/u of a token, u = period / gcd(tokens, period) in ns).
+BOOST_AUTO_TEST_CASE(set_rate_keeps_tokens_and_rounds_down_to_2_pow_minus_64_of_the_new_unit) {
   // 1 token / 3 ns; after 1 ns a third of a token.
   token_bucket_model a(10, model_rate{1, 3}, 0, 0);
-  a.set_rate(model_rate{1, 2}, 1);  // new unit 1/2 token: 1/3 rounds down to 0
-  BOOST_TEST(a.available(2) == 0u);
-  BOOST_TEST(a.available(3) == 1u);  // 2 ns at the new rate, from 0
+  a.set_rate(model_rate{1, 2}, 1);  // u = 2: 1/3 is no multiple of 2^-65
+  // 2^64 = 1 (mod 3), so floor(2^65 / 3) = (2^65 - 2) / 3: a third of a token
+  // less 2/3 of 2^-65, i.e. 1/3 of 2^-64 of a token.
+  BOOST_TEST(a.level() == rational(1, 3) - rational(1, 3 * two64));
+  BOOST_TEST(a.available(2) == 0u);  // 1/3 + 1/2, less 1/3 of 2^-64
+  BOOST_TEST(a.available(3) == 1u);  // 1/3 + 1, less 1/3 of 2^-64
 
   token_bucket_model b(10, model_rate{1, 3}, 0, 0);
-  b.set_rate(model_rate{1, 6}, 1);  // new unit 1/6 token: 1/3 = 2/6 is kept
-  BOOST_TEST(b.available(4) == 0u);
+  b.set_rate(model_rate{1, 6}, 1);  // u = 6: 1/3 = 2/6 is kept exactly
+  BOOST_TEST(b.level() == rational(1, 3));
+  BOOST_TEST(b.available(4) == 0u);  // 2/6 + 3/6
   BOOST_TEST(b.available(5) == 1u);  // 2/6 + 4/6
 
   token_bucket_model c(10, model_rate{1, 3}, 0, 0);
-  c.set_rate(model_rate{2, 6}, 1);  // the same rate in other terms: 1/3 kept
+  c.set_rate(model_rate{2, 6}, 1);  // the same rate in other terms (u = 3): 1/3 kept
+  BOOST_TEST(c.level() == rational(1, 3));
   BOOST_TEST(c.available(2) == 0u);
   BOOST_TEST(c.available(3) == 1u);
 
@@ -213,6 +223,86 @@ BOOST_AUTO_TEST_CASE(set_rate_keeps_tokens_and_rounds_the_fraction_down) {
   BOOST_CHECK_THROW(d.set_rate(model_rate{0, ms}, 3 * ms), std::invalid_argument);
   BOOST_CHECK_THROW(d.set_rate(model_rate{1, 0}, 3 * ms), std::invalid_argument);
   BOOST_TEST(d.rate().tokens == 2u);
+}
+
+// The example that showed the rule was needed: 1 token per hour, 59 minutes,
+// then 10^9 tokens/s (u = 1, a unit is a whole token) and back. Rounding to the
+// unit kept nothing of the 59/60 token; to 2^-64 of it, 59/60 less 11/15 of
+// 2^-64: 2^64 = 16 (mod 60), so floor(59 * 2^64 / 60) = (59 * 2^64 - 44) / 60.
+// Back at 1/h (u = 3.6e12) that is a multiple of 1/(u * 2^64): kept as it is.
+BOOST_AUTO_TEST_CASE(set_rate_through_a_fast_rate_and_back) {
+  const std::int64_t minute = 60 * s;
+  const model_rate hourly{1, 60 * minute};
+  token_bucket_model m(5, hourly, 0, 0);
+  BOOST_TEST(m.available(59 * minute) == 0u);
+  BOOST_TEST(m.level() == rational(59, 60));
+  m.set_rate(model_rate{1'000'000'000, s}, 59 * minute);
+  const rational kept(59 * integer(two64) - 44, 60 * integer(two64));
+  BOOST_TEST(m.level() == kept);
+  m.set_rate(hourly, 59 * minute);
+  BOOST_TEST(m.level() == kept);
+  // At 60 minutes: 1 - 11/15 of 2^-64 of a token. Not a whole token yet: the
+  // missing 11/15 of 2^-64 token accrue within the next nanosecond (1/3.6e12).
+  BOOST_TEST(m.available(60 * minute) == 0u);
+  BOOST_TEST(m.level() == 1 - rational(11, 15 * two64));
+  const auto r = m.request(1, 60 * minute);
+  BOOST_TEST(m.head_ready_at().value_or(-1) == 60 * minute + 1);
+  m.serve_due(60 * minute);
+  BOOST_TEST(m.status(r) == result::pending);
+  m.serve_due(60 * minute + 1);
+  BOOST_TEST(m.status(r) == result::granted);
+}
+
+// Several changes through rates with awkward units, each worked out by hand.
+// The loss is below 2^-64 of a token per change, and the rounded level is what
+// every answer is computed from: here it delays a token by one nanosecond.
+BOOST_AUTO_TEST_CASE(set_rate_sequence_through_awkward_units) {
+  token_bucket_model m(100, model_rate{1, 3}, 0, 0);  // 1/3 token per ns, u = 3
+  BOOST_TEST(m.available(1) == 0u);
+  BOOST_TEST(m.level() == rational(1, 3));
+
+  // 7 tokens per 11 ns, u = 11: 11 * 2^64 = 2 (mod 3), so
+  // floor(1/3 * 11 * 2^64) = (11 * 2^64 - 2) / 3: 2/33 of 2^-64 lost.
+  m.set_rate(model_rate{7, 11}, 1);
+  BOOST_TEST(m.level() == rational(1, 3) - rational(2, 33 * two64));
+  BOOST_TEST(m.available(12) == 7u);  // + 7 tokens in 11 ns
+  BOOST_TEST(m.level() == rational(22, 3) - rational(2, 33 * two64));
+
+  // 1 per hour, u = 3.6e12 = 3 * 1.2e12: 22/3 * u * 2^64 is an integer, and
+  // 2/33 * u = 7.2e12 / 33 = 218'181'818'181 + 27/33: rounded down, the level
+  // loses a further 6/33 of 2^-64 of a unit (1/3.6e12 of a token).
+  const integer u_hour = 3'600'000'000'000;
+  m.set_rate(model_rate{1, 3600 * s}, 12);
+  BOOST_TEST(m.level() == rational(22, 3) - rational(218'181'818'182, u_hour * two64));
+
+  // 10^9 per second, u = 1: 22 * 2^64 = 1 (mod 3), so 22/3 * 2^64 is an
+  // integer plus 1/3, and less 218'181'818'182 / 3.6e12 (0.06) it is that
+  // integer plus 0.27: the level is 22/3 less 1/3 of 2^-64, in all three
+  // changes 1/3 of 2^-64 below the exact 22/3.
+  m.set_rate(model_rate{1'000'000'000, s}, 12);
+  BOOST_TEST(m.level() == rational(22, 3) - rational(1, 3 * two64));
+
+  // Back to 1/3 per ns (u = 3): (22/3 - 1/(3 * 2^64)) * 3 * 2^64 = 22 * 2^64 - 1
+  // is an integer: nothing lost. The same rate in other terms: nothing either.
+  m.set_rate(model_rate{1, 3}, 12);
+  BOOST_TEST(m.level() == rational(22, 3) - rational(1, 3 * two64));
+  m.set_rate(model_rate{2, 6}, 12);
+  BOOST_TEST(m.level() == rational(22, 3) - rational(1, 3 * two64));
+
+  // 8 tokens: 2/3 + 1/(3 * 2^64) missing, 2 + 2^-64 ns at 1/3 per ns: due at
+  // 15 ns, not at 14 ns as with the unrounded 22/3.
+  const auto r = m.request(8, 12);
+  BOOST_TEST(m.head_ready_at().value_or(-1) == 15);
+  BOOST_TEST(m.available(13) == 7u);
+  BOOST_TEST(m.available(14) == 7u);  // 8 less 1/3 of 2^-64
+  BOOST_TEST(m.status(r) == result::pending);
+  m.serve_due(15);
+  BOOST_TEST(m.status(r) == result::granted);
+  BOOST_TEST(m.level() == rational(1, 3) - rational(1, 3 * two64));
+
+  // Reaching the capacity caps the level at exactly the capacity.
+  BOOST_TEST(m.available(1000) == 100u);
+  BOOST_TEST(m.level() == 100);
 }
 
 BOOST_AUTO_TEST_CASE(set_capacity_drops_fails_and_reschedules) {
