@@ -10,7 +10,11 @@
 namespace ratelimit {
 
 /// `tokens` tokens every `period`, accrued continuously: `rate{3, 1s}` adds one
-/// token every 333'333'333.33... ns, and no fraction of a token is ever lost.
+/// token every 333'333'333.33... ns. Accrual is exact between rate changes: no
+/// fraction of a token is ever lost. A rate change (`set_rate`) keeps the level
+/// accrued so far, rounded down to a multiple of 2^-64 of the new rate's unit,
+/// 1/u of a token with u = period / gcd(tokens, period) in ns: each change
+/// loses less than 2^-64 of a token and never grants more than was accrued.
 ///
 /// The default rate is one token per second. A rate is validated when it is
 /// handed to a bucket: `tokens` must be at least 1 and `period` positive,

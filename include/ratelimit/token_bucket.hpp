@@ -288,9 +288,9 @@ class basic_token_bucket {
 
   rate get_rate() const { return impl_ ? impl_->get_rate() : rate{}; }
 
-  /// Changes the rate from now on; tokens accrued so far are kept (see
-  /// `rate` for the exact rounding), and queued requests are rescheduled at
-  /// once for the new rate.
+  /// Changes the rate from now on; tokens accrued so far are kept (less than
+  /// 2^-64 of a token may be lost: see `rate`), and queued requests are
+  /// rescheduled at once for the new rate.
   /// @throws std::invalid_argument for a rate that is not positive (nothing changes).
   void set_rate(rate r) {
     if (impl_)
