@@ -148,7 +148,12 @@ class bucket_state {
   void give_back(std::uint64_t n) noexcept {
     const uint128 full = cap_units();
     const uint128 add = static_cast<uint128>(n) * rate_.ticks;
-    level_ = add >= full - level_ ? full : level_ + add;
+    if (add >= full - level_) {
+      level_ = full;
+      residue_ = 0;  // at the capacity exactly (as refill)
+    } else {
+      level_ += add;
+    }
   }
 
   /// refill(now), then take `n` tokens if they are there.
