@@ -24,7 +24,8 @@ using ratelimit::model::token_bucket_model;
 namespace ratelimit::model {
 // For Boost.Test's messages.
 std::ostream& operator<<(std::ostream& os, result r) {
-  const char* names[] = {"pending", "granted", "exceeds_capacity", "closed", "aborted"};
+  const char* names[] = {"pending", "granted", "exceeds_capacity",
+                         "closed",  "aborted", "too_many_keys"};
   return os << names[static_cast<int>(r)];
 }
 std::ostream& operator<<(std::ostream& os, const completion& c) {

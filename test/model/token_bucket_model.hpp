@@ -70,6 +70,7 @@ enum class result {
   exceeds_capacity,  // ratelimit::error::exceeds_capacity
   closed,            // ratelimit::error::bucket_closed
   aborted,           // boost::asio::error::operation_aborted
+  too_many_keys,     // ratelimit::error::too_many_keys (keyed_limiter_model only)
 };
 
 struct completion {
@@ -219,6 +220,25 @@ class token_bucket_model {
   /// The token count as of now(), exactly.
   const rational& level() const { return level_; }
 
+  /// When the bucket will hold its capacity again if nothing more is asked of
+  /// it: after every queued request has been granted, each as of the moment
+  /// its tokens accrued (or it arrived, if later), tokens capped at the
+  /// capacity meanwhile. The latest time seen when it is full already;
+  /// INT64_MAX if later than can be represented. (keyed_limiter_model bounds
+  /// the keyed limiter's eviction index with it.)
+  std::int64_t full_at() const {
+    rational level = level_;
+    std::int64_t t = now_;
+    for (const waiter& w : queue_) {
+      const std::int64_t at = std::max(ready_at(level, t, w.n), w.queued_at);
+      level = accrued(level, t, at);
+      t = std::max(t, at);
+      if (level < w.n) return end_of_time;  // due after the end of representable time
+      level -= w.n;
+    }
+    return ready_at(level, t, capacity_);
+  }
+
   /// Total tokens granted so far.
   u128 granted_tokens() const { return granted_; }
 
@@ -234,12 +254,22 @@ class token_bucket_model {
   /// When `n` tokens will be there, from the level at the latest time seen,
   /// if nothing is taken (that time itself when they are there already);
   /// INT64_MAX when later than that can be represented.
-  std::int64_t ready_at(std::uint64_t n) const {
-    if (level_ >= n) return now_;
+  std::int64_t ready_at(std::uint64_t n) const { return ready_at(level_, now_, n); }
+
+  /// The same from `level` at time `from`.
+  std::int64_t ready_at(const rational& level, std::int64_t from, std::uint64_t n) const {
+    if (level >= n) return from;
     // The first whole nanosecond by which (n - level) tokens accrue.
-    const integer ticks = ceil_of((n - level_) * rate_.period / rate_.tokens);
-    if (ticks >= integer(end_of_time) - now_) return end_of_time;
-    return (now_ + ticks).convert_to<std::int64_t>();
+    const integer ticks = ceil_of((n - level) * rate_.period / rate_.tokens);
+    if (ticks >= integer(end_of_time) - from) return end_of_time;
+    return (from + ticks).convert_to<std::int64_t>();
+  }
+
+  /// `level` at time `from`, accrued to `to` (no change if `to` is earlier), capped.
+  rational accrued(const rational& level, std::int64_t from, std::int64_t to) const {
+    if (to <= from) return level;
+    rational l = level + rational((integer(to) - from) * rate_.tokens, integer(rate_.period));
+    return l > capacity_ ? rational(capacity_) : l;
   }
 
   /// floor(q) and ceil(q) for q >= 0.
