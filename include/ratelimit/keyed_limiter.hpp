@@ -30,7 +30,13 @@
 // One conservative case: when a queued request is cancelled, its bucket is full
 // earlier than its index entry says, and until that entry's time comes it is
 // not offered for eviction (a new key may then be refused while that bucket is
-// in fact evictable). Eviction is never premature.
+// in fact evictable). Eviction is never premature. (close() re-indexes every
+// bucket, so the requests it completes do not delay eviction.)
+//
+// A clock that goes back (a custom Clock): a bucket that is full only as of a
+// later reading than now is not evicted until the clock reads that again,
+// since a fresh bucket made now would refill from the earlier reading and give
+// the key tokens it would not have had.
 //
 // Lifetime: the limiter's state (map, index, lock) lives in a keyed_impl the
 // limiter owns through a shared_ptr, as a bucket owns its bucket_impl. A thread
@@ -168,8 +174,10 @@ class keyed_impl
     std::lock_guard lk(mutex_);
     closed_ = true;
     closed_ec_ = ec;
-    for (auto& [key, nd] : map_)
+    for (auto& [key, nd] : map_) {
       nd.bucket->close(ec);
+      reindex(&nd);  // its queued requests are gone: full sooner (evict() may take it)
+    }
   }
 
   std::size_t cancel() {
@@ -258,7 +266,10 @@ class keyed_impl
       // full_at() first: it grants the waiters whose tokens are due (as of
       // when they accrued), which may leave the bucket full and unwaited-for.
       const std::int64_t t = b.full_at();
-      if (nd->pins == 0 && b.waiting() == 0 && b.available() == capacity_) {
+      // t <= now: a bucket full only as of a later reading of a clock that
+      // went back is not interchangeable with a fresh one (which would refill
+      // from `now`): for a full bucket nobody waits on, t is its latest time.
+      if (nd->pins == 0 && b.waiting() == 0 && b.available() == capacity_ && t <= now) {
         // Nobody else can reach this bucket now: every path to it takes our
         // lock, and it has no waiter for its timer or a cancellation to serve.
         index_.erase(nd->pos);

@@ -158,6 +158,44 @@ BOOST_AUTO_TEST_CASE(a_cancelled_request_only_delays_eviction) {
   BOOST_TEST(l.try_get_token(2));
 }
 
+// close() completes the queued requests: their buckets are full sooner, and
+// evict() takes them then, not when the closed requests would have been
+// served (test/fuzz/keyed_regressions/close_then_evict_keeps_full_bucket).
+BOOST_AUTO_TEST_CASE(evict_after_close_takes_buckets_whose_requests_were_closed) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 1, per_second(1), 10);
+  BOOST_TEST(l.try_get_token(1));
+  auto r = keyed_request(l, 1);  // due at 1 s: with it, full again at 2 s
+  l.close();
+  BOOST_TEST(settle(ctx, [&] { return r->done(); }));
+  BOOST_TEST(r->ec == ratelimit::error::bucket_closed);
+  manual_clock::advance(1s);  // full, nobody waits
+  BOOST_TEST(l.evict() == 1u);
+  BOOST_TEST(l.size() == 0u);
+}
+
+// A clock that goes back: a bucket full only as of a later reading is not
+// evicted before the clock reads that again, since a fresh bucket would
+// refill from the earlier reading and give the key tokens early
+// (test/fuzz/keyed_regressions/clock_back_evicts_full_ahead).
+BOOST_AUTO_TEST_CASE(a_bucket_full_only_at_a_later_reading_is_not_evicted) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 1, per_second(1), 1);
+  const auto t0 = manual_clock::now();
+  BOOST_TEST(l.try_get_token(1));
+  manual_clock::set(t0 + 10s);
+  BOOST_TEST(l.available(1) == 1u);  // key 1's bucket has seen 10 s
+  manual_clock::set(t0 + 5s);
+  BOOST_TEST(!l.try_get_token(2, 0));  // key 1 is kept
+  BOOST_TEST(l.contains(1));
+  BOOST_TEST(l.try_get_token(1));  // its token, as of 10 s
+  manual_clock::set(t0 + 6s);
+  BOOST_TEST(!l.try_get_token(1));  // the next one is due at 11 s (a fresh bucket: 6 s)
+  manual_clock::set(t0 + 11s);
+  BOOST_TEST(l.try_get_token(2, 0));  // full again as of 11 s: evicted
+  BOOST_TEST(!l.contains(1));
+}
+
 BOOST_AUTO_TEST_CASE(blocking_calls_wait_and_are_charged) {
   asio::io_context ctx;
   auto guard = asio::make_work_guard(ctx);
