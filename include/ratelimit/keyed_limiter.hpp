@@ -205,7 +205,7 @@ class keyed_impl
   std::uint64_t available(const Key& key) const {
     std::lock_guard lk(mutex_);
     auto it = map_.find(key);
-    return it == map_.end() ? (closed_ ? 0 : capacity_) : it->second.bucket->available();
+    return it == map_.end() ? capacity_ : it->second.bucket->available();
   }
 
   bool contains(const Key& key) const {
@@ -490,8 +490,7 @@ class basic_keyed_limiter {
   /// False once close() has been called (and for a moved-from limiter).
   bool is_open() const { return impl_ && impl_->is_open(); }
 
-  /// Whole tokens `key` could take now (`capacity()` for a key with no
-  /// bucket; 0 once closed).
+  /// Whole tokens in `key`'s bucket now (`capacity()` for a key with no bucket).
   std::uint64_t available(const Key& key) const { return impl_ ? impl_->available(key) : 0; }
 
   /// True when `key` has a bucket now.
