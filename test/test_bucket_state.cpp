@@ -118,14 +118,17 @@ struct exact_bucket {
   // The answers the promised level gives.
   std::uint64_t available() const { return floor_of(promised).convert_to<std::uint64_t>(); }
   bool has(std::uint64_t n) const { return promised >= n; }
-  integer ticks_until(const integer& n) const {
+  /// The exact wait for n tokens, in whole ns (not saturated).
+  integer wait(const integer& n) const {
     if (promised >= n) return 0;
     const rational t = (n - promised) * r.period.count() / r.tokens;
-    const integer ceil = (numerator(t) + denominator(t) - 1) / denominator(t);
-    return std::min(ceil, integer(max_time));
+    return (numerator(t) + denominator(t) - 1) / denominator(t);
   }
+  integer ticks_until(const integer& n) const { return std::min(wait(n), integer(max_time)); }
+  /// The time itself saturates, not the wait: from before the clock's epoch a
+  /// wait longer than max_time can end at a representable time.
   integer ready_at(const integer& n) const {
-    return std::min(integer(last) + ticks_until(n), integer(max_time));
+    return std::min(integer(last) + wait(n), integer(max_time));
   }
 };
 
