@@ -48,7 +48,10 @@ class timer_driver {
   /// throws (std::bad_alloc; system_error when the reactor cannot be made,
   /// e.g. EMFILE), with nothing changed.
   void make(const boost::asio::any_io_executor& ex) {
-    if (!timer_) timer_.emplace(ex);
+    if (timer_) return;
+    auto memory = std::make_shared<memory_type>();
+    timer_.emplace(ex);
+    memory_ = std::move(memory);
   }
   bool made() const noexcept { return timer_.has_value(); }
 
@@ -104,11 +107,11 @@ class timer_driver {
    public:
     using allocator_type = upcall_allocator<void, std::allocator<void>, memory_type::size>;
 
-    wait_handler(std::weak_ptr<Owner> owner, memory_type* memory) noexcept
-        : owner_(std::move(owner)), memory_(memory) {}
+    wait_handler(std::weak_ptr<Owner> owner, std::shared_ptr<memory_type> memory) noexcept
+        : owner_(std::move(owner)), memory_(std::move(memory)) {}
 
     allocator_type get_allocator() const noexcept {
-      return allocator_type(memory_, std::allocator<void>());
+      return allocator_type(memory_.get(), std::allocator<void>());
     }
 
     void operator()(const boost::system::error_code&) {
@@ -117,13 +120,15 @@ class timer_driver {
 
    private:
     std::weak_ptr<Owner> owner_;
-    memory_type* memory_;
+    // Co-owned: a wait cancelled when its owner is destroyed completes later,
+    // in this memory, after the owner (and the driver) are gone.
+    std::shared_ptr<memory_type> memory_;
   };
 
   template <typename Owner>
   void start(Owner& owner) {
     timer_->expires_at(to_time_point(want_at_));  // no wait is outstanding: cancels nothing
-    timer_->async_wait(wait_handler<Owner>(owner.weak_from_this(), &memory_));
+    timer_->async_wait(wait_handler<Owner>(owner.weak_from_this(), memory_));
     outstanding_ = true;
     pending_at_ = want_at_;
   }
@@ -139,7 +144,7 @@ class timer_driver {
   bool want_ = false;         // a wake is wanted at want_at_
   std::int64_t want_at_ = 0;
   std::int64_t pending_at_ = 0;  // the outstanding wait's expiry
-  memory_type memory_;           // for the wait operation
+  std::shared_ptr<memory_type> memory_;  // for the wait operation; made with the timer
 };
 
 }  // namespace ratelimit::detail
