@@ -245,11 +245,16 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
     }
   }
 
+  /// Fails every request of `q`, in place: moving the deque out first
+  /// allocated (libstdc++ gives a moved-from deque a new map, and so does a
+  /// default-constructed one), a std::terminate here when that threw. Nothing
+  /// can re-enter `q` meanwhile: complete() only posts.
   void fail_all(std::deque<request>& q, error_code ec) noexcept {
-    auto taken = std::move(q);
-    q.clear();
-    for (auto& r : taken)
-      complete(std::move(r.op), ec, {});
+    while (!q.empty()) {
+      op_ptr op = std::move(q.front().op);
+      q.pop_front();
+      complete(std::move(op), ec, {});
+    }
   }
 
   // --- deadlines -----------------------------------------------------------

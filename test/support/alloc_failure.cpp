@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 
 #include <execinfo.h>
@@ -19,6 +20,8 @@ std::atomic<std::int64_t> g_live{0};
 std::atomic<std::uint64_t> g_target{0};  // the absolute number that fails; 0: none
 std::atomic<bool> g_fired{false};
 thread_local int t_suspended = 0;
+std::atomic<bool> g_one_thread{false};  // only_this_thread(true) is in force
+thread_local bool t_the_thread = false;
 
 constexpr int max_frames = 48;
 void* g_stack[max_frames];
@@ -27,6 +30,7 @@ int g_stack_depth = 0;
 /// Counts one allocation; true when it is the one to fail.
 bool should_fail() noexcept {
   if (t_suspended) return false;
+  if (g_one_thread.load(std::memory_order_relaxed) && !t_the_thread) return false;
   const std::uint64_t n = g_count.fetch_add(1, std::memory_order_relaxed) + 1;
   std::uint64_t target = g_target.load(std::memory_order_relaxed);
   if (target == 0 || n != target) return false;
@@ -83,6 +87,22 @@ bool fired() noexcept {
 
 void print_failure_stack() noexcept {
   if (g_stack_depth > 0) ::backtrace_symbols_fd(g_stack, g_stack_depth, 2);
+}
+
+void only_this_thread(bool on) noexcept {
+  t_the_thread = on;
+  g_one_thread.store(on);
+}
+
+bool failure_stack_contains(const char* symbol) noexcept {
+  if (g_stack_depth <= 0) return false;
+  char** names = ::backtrace_symbols(g_stack, g_stack_depth);  // malloc
+  if (!names) return false;
+  bool found = false;
+  for (int i = 0; i < g_stack_depth && !found; ++i)
+    found = std::strstr(names[i], symbol) != nullptr;
+  std::free(names);
+  return found;
 }
 
 suspend::suspend() noexcept {

@@ -50,6 +50,16 @@ bool fired() noexcept;
 /// Writes the stack of the last injected failure to stderr (for diagnosis).
 void print_failure_stack() noexcept;
 
+/// True when a frame of the last injected failure's stack names `symbol`
+/// (a substring of the mangled name; needs the executable linked with
+/// -rdynamic so that its functions have names at run time).
+bool failure_stack_contains(const char* symbol) noexcept;
+
+/// With `on`, only the calling thread's allocations are counted and may
+/// fail (for a test whose other threads are not the library's: Asio's
+/// resolver thread); off again, every thread's.
+void only_this_thread(bool on) noexcept;
+
 /// Arms fail_at(k) for its lifetime.
 class scoped_failure {
  public:
