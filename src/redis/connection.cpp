@@ -310,7 +310,13 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
       if (ec || gen != self->generation_ || self->state_ != state::connecting) return;
       self->resolver_.cancel();
       error_code ignored;
-      self->socket_.close(ignored);  // the pending connect completes with an error
+      self->socket_.close(ignored);
+      // Failed here, not when the pending resolve or connect completes with
+      // the error: that completion may never come (Asio builds the resolver's
+      // results before calling us; if that throws std::bad_alloc, our handler
+      // is destroyed unrun), and the connection would stay "connecting"
+      // forever. A late completion finds a new generation and is ignored.
+      self->connect_failed("connect: timed out");
     });
     resolver_.async_resolve(
         config_.host, std::to_string(config_.port),
