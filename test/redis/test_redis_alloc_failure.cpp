@@ -119,7 +119,8 @@ struct redis_case {
       server->start();
     }
     redis_config config = server->config();
-    config.reconnect_max = std::chrono::milliseconds(20);  // quick runs
+    config.reconnect_max = std::chrono::milliseconds(20);     // quick runs
+    config.connect_timeout = std::chrono::milliseconds(100);  // (a lost resolve ends there)
     conn.emplace(e.executor(), config);
     AF_CHECK(command(e, {"DEL", key()}));
     if (flush_scripts) AF_CHECK(command(e, {"SCRIPT", "FLUSH"}));
@@ -284,7 +285,8 @@ struct scenario {
 
 const scenario scenarios[] = {
     {"redis.request_and_reply", request_and_reply, false,
-     callbacks | bit(kind::deferred) | bit(kind::future) | bit(kind::awaitable)},
+     bit(kind::callback) | bit(kind::std_allocator) | bit(kind::deferred) | bit(kind::future) |
+         bit(kind::awaitable)},
     {"redis.try", try_request, false, bit(kind::callback) | bit(kind::std_allocator)},
     {"redis.denied_head_waits", denied_head_waits, false,
      bit(kind::callback) | bit(kind::std_allocator)},
