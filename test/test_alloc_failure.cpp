@@ -26,8 +26,9 @@
 // the replaced operator new (support/alloc_failure.cpp) must see only this
 // program's allocations in the order the scenario makes them.
 //
-// RATELIMIT_ALLOC_STRIDE=n (or --stride n) tests every n-th allocation only
-// (the TSan tree does); --only NAME runs the scenarios whose name contains NAME.
+// RATELIMIT_ALLOC_STRIDE=n (or --stride n) tests every n-th allocation only;
+// --only NAME runs the scenarios whose name contains NAME, --kind KIND one
+// handler kind, --k K one failing allocation, --trace prints its stack.
 //
 #include "alloc_harness.hpp"
 

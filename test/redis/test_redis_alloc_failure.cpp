@@ -329,7 +329,7 @@ int main(int argc, char** argv) {
                              kind::awaitable};
   int runs = 0;
   for (const scenario& s : scenarios) {
-    redis_case c{s.name, s.script, s.flush_scripts};
+    redis_case c{s.name, s.script, s.flush_scripts, {}, {}};
     for (kind k : every_kind) {
       if (!(s.kinds & bit(k))) continue;
       exhaust(s.name, c, k, place::io_context, opt);
