@@ -18,7 +18,19 @@
 // - no outstanding work is lost: once the scenario has destroyed its objects,
 //   running the context returns (bounded: a run that does not return within
 //   the limit is reported, and the executable gives up on that run);
-// - completion never fell back to allocating (detail::upcall_fallback_allocations).
+// - completion never fell back to allocating (detail::upcall_fallback_allocations);
+// - no std::bad_alloc escapes io_context::run() or poll(): the library's
+//   handlers (its timer's, its completions) must not throw. Two escapes are
+//   Asio's and tolerated: an awaited initiation that throws in a
+//   use_awaitable coroutine (Asio 1.81 lets it out of run() and destroys the
+//   coroutine), and one a test excuses by the failure's stack (the Redis
+//   test: Asio's resolver builds its results before calling the handler).
+//
+// Scenarios are plain (`body(env&)`, injected from start to drained context)
+// or staged (prepare, then the injected run, then recover and finish with
+// injection off: the Redis test checks that the same connection recovers).
+// What fails is an injector: the k-th allocation (alloc_injector), or in the
+// Redis test the k-th call into hiredis.
 //
 // No Boost.Test here: its logging and bookkeeping allocate through operator
 // new, which would shift the counts (and could fail inside the test's own
