@@ -111,10 +111,10 @@ class timer_driver {
     using allocator_type = upcall_allocator<void, std::allocator<void>, memory_type::size>;
 
     wait_handler(std::weak_ptr<Owner> owner, std::shared_ptr<memory_type> memory) noexcept
-        : owner_(std::move(owner)), memory_(std::move(memory)) {}
+        : owner_(std::move(owner)), block_(memory.get()), memory_(std::move(memory)) {}
 
     allocator_type get_allocator() const noexcept {
-      return allocator_type(memory_.get(), std::allocator<void>());
+      return allocator_type(block_, std::allocator<void>());
     }
 
     void operator()(const boost::system::error_code&) {
@@ -126,6 +126,13 @@ class timer_driver {
 
    private:
     std::weak_ptr<Owner> owner_;
+    // The block, also in a handler moved from: when async_wait throws (the
+    // reactor's heap of waits could not grow), Asio frees the operation it
+    // had made through the allocator of the handler it was given, which has
+    // been moved into the operation by then. With the shared_ptr alone that
+    // allocator named no block, and the operation's memory, inside the
+    // block, went to std::allocator: free() of a pointer it never gave.
+    memory_type* block_;
     // Co-owned: a wait cancelled when its owner is destroyed completes later,
     // in this memory, after the owner (and the driver) are gone.
     std::shared_ptr<memory_type> memory_;
