@@ -250,11 +250,19 @@ class keyed_impl
   }
 
   /// Moves `nd` to the time its bucket will be full again.
-  void reindex(node* nd) {
-    const std::int64_t t = nd->bucket->full_at();
+  void reindex(node* nd) { move_index(nd, nd->bucket->full_at()); }
+
+  /// Re-keys `nd`'s index entry to `t`. Moves the set's node instead of
+  /// erasing and emplacing one: never allocates, so it cannot throw. (An
+  /// emplace that threw std::bad_alloc after the erase left `nd->pos`
+  /// dangling into the freed node, and a request already queued reported as
+  /// failed; the next walk of the index read freed memory.)
+  void move_index(node* nd, std::int64_t t) noexcept {
     if (t == nd->pos->first) return;
-    auto hint = index_.erase(nd->pos);
-    nd->pos = index_.emplace_hint(hint, t, nd);
+    auto hint = std::next(nd->pos);
+    auto handle = index_.extract(nd->pos);
+    handle.value().first = t;
+    nd->pos = index_.insert(hint, std::move(handle));
   }
 
   /// Evicts one bucket that is full, unused and unwaited-for; false if none.
@@ -276,10 +284,8 @@ class keyed_impl
         map_.erase(*nd->key);
         return true;
       }
-      if (t > nd->pos->first) {  // later than indexed (e.g. a blocking caller took tokens)
-        index_.erase(nd->pos);
-        nd->pos = index_.emplace(t, nd).first;
-      }
+      // Later than indexed (e.g. a blocking caller took tokens).
+      if (t > nd->pos->first) move_index(nd, t);
     }
     return false;
   }

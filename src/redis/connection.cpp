@@ -25,11 +25,12 @@
 #include <ratelimit/redis/detail/hooks.hpp>
 #include <ratelimit/redis/options.hpp>
 
+#include <boost/asio/basic_waitable_timer.hpp>
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
-#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
+#include <boost/asio/thread_pool.hpp>
 #include <boost/asio/write.hpp>
 
 #include <hiredis/hiredis.h>
@@ -110,66 +111,108 @@ struct reply_deleter {
 
 }  // namespace
 
-class redis_connection::impl : public std::enable_shared_from_this<impl> {
+/// What redis_connection sees of its implementation.
+class redis_connection::impl {
  public:
+  using op_base = redis_connection::op_base;
   struct op_deleter {
     void operator()(op_base* op) const noexcept { op->destroy(); }
   };
   using op_ptr = std::unique_ptr<op_base, op_deleter>;
 
-  impl(const executor_type& ex, redis_config cfg)
+  virtual ~impl() = default;
+  virtual void start() = 0;
+  virtual const redis_config& config() const noexcept = 0;
+  /// Takes `op`; throws (destroying it) when the request cannot be handed
+  /// to the strand.
+  virtual void exec(std::vector<std::string> args, op_ptr op) = 0;
+  virtual void close() noexcept = 0;
+  virtual bool is_connected() const = 0;
+  virtual std::string last_error() const = 0;
+  virtual redis_connection_stats stats() const = 0;
+};
+
+namespace {
+
+/// A strand over `ex`, or over the concrete executor `ex` holds (see below).
+template <typename Strand>
+Strand strand_for(const redis_connection::executor_type& ex) {
+  using inner = typename Strand::inner_executor_type;
+  if constexpr (std::is_same_v<inner, redis_connection::executor_type>)
+    return asio::make_strand(ex);
+  else
+    return asio::make_strand(*ex.target<inner>());
+}
+
+/// The connection, on a strand of type `Strand`. Over the concrete executor
+/// when the connection's executor holds an io_context's or a thread_pool's
+/// (make_impl): a strand over an any_io_executor allocates each time it is
+/// scheduled (Asio 1.81's strand_executor_service queries `blocking` through
+/// the type-erased executor, and that query of a class-type property
+/// allocates with new), so every completion of a socket or timer operation
+/// could throw std::bad_alloc out of run(), losing our read or write
+/// handler: the connection then never wrote or read again (writing_ stayed
+/// set) and recovered only by being destroyed.
+template <typename Strand>
+class connection_impl final : public redis_connection::impl,
+                              public std::enable_shared_from_this<connection_impl<Strand>> {
+ public:
+  using executor_type = redis_connection::executor_type;
+
+  connection_impl(const executor_type& ex, redis_config cfg)
       : config_(std::move(cfg)),
         executor_(ex),
-        strand_(asio::make_strand(ex)),
+        strand_(strand_for<Strand>(ex)),
         socket_(strand_),
         resolver_(strand_),
         deadline_timer_(strand_),
         connect_timer_(strand_),
         backoff_timer_(strand_) {}
 
-  void start() {
-    asio::post(strand_, [self = shared_from_this()] {
+  void start() override {
+    asio::post(strand_, [self = this->shared_from_this()] {
       self->guarded([&] {
         if (self->state_ == state::idle) self->start_connect();
       });
     });
   }
 
-  const redis_config& config() const noexcept { return config_; }
+  const redis_config& config() const noexcept override { return config_; }
   const executor_type& get_executor() const noexcept { return executor_; }
 
   /// Takes `op`; throws (destroying it) when the request cannot be handed
   /// to the strand.
-  void exec(std::vector<std::string> args, op_ptr op) {
+  void exec(std::vector<std::string> args, op_ptr op) override {
     std::string cmd = format_command(args);
-    asio::post(strand_,
-               [self = shared_from_this(), cmd = std::move(cmd), op = std::move(op)]() mutable {
-                 self->guarded([&] { self->do_exec(std::move(cmd), std::move(op)); });
-               });
+    asio::post(strand_, [self = this->shared_from_this(), cmd = std::move(cmd),
+                         op = std::move(op)]() mutable {
+      self->guarded([&] { self->do_exec(std::move(cmd), std::move(op)); });
+    });
   }
 
   /// Never throws: the close is posted with memory reserved for it, so a
   /// destructor can call it.
-  void close() noexcept {
+  void close() noexcept override {
     if (close_posted_.exchange(true)) return;
     try {
-      asio::post(strand_, close_step{shared_from_this(), &close_memory_});
+      asio::post(strand_, close_step{this->shared_from_this(), &close_memory_});
     } catch (...) {
-      // Only if the strand itself cannot be scheduled (its invoker is posted
-      // by Asio without our allocator): the next handler of ours closes.
+      // Only if the strand itself cannot be scheduled (over an
+      // any_io_executor, Asio posts its invoker without our allocator): the
+      // next handler of ours closes.
       close_wanted_.store(true);
     }
   }
 
-  bool is_connected() const {
+  bool is_connected() const override {
     std::lock_guard lk(info_mutex_);
     return connected_flag_;
   }
-  std::string last_error() const {
+  std::string last_error() const override {
     std::lock_guard lk(info_mutex_);
     return last_error_;
   }
-  redis_connection_stats stats() const {
+  redis_connection_stats stats() const override {
     std::lock_guard lk(info_mutex_);
     return stats_;
   }
@@ -185,16 +228,48 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
     clock_type::time_point deadline;
   };
 
-  using close_memory = detail::upcall_memory<128>;
+  /// Memory for the posted close(): its function and, on a strand over a
+  /// concrete executor, the strand's invoker, which Asio posts to the inner
+  /// executor with the function's allocator when the strand is idle.
+  struct close_memory {
+    detail::upcall_memory<128> step, invoker;
+  };
+
+  /// Allocates from close_memory; anything more from std::allocator (counted
+  /// in detail::upcall_fallback_allocations, which tests expect to stay 0).
+  template <typename T>
+  struct close_allocator {
+    using value_type = T;
+    close_memory* memory;
+    explicit close_allocator(close_memory* m) noexcept : memory(m) {}
+    template <typename U>
+    close_allocator(const close_allocator<U>& other) noexcept : memory(other.memory) {}
+    T* allocate(std::size_t n) {
+      for (auto* block : {&memory->step, &memory->invoker})
+        if (void* p = block->take(sizeof(T) * n, alignof(T))) return static_cast<T*>(p);
+      detail::upcall_fallback_allocations.fetch_add(1, std::memory_order_relaxed);
+      return std::allocator<T>().allocate(n);
+    }
+    void deallocate(T* p, std::size_t n) noexcept {
+      if (memory->step.give_back(p) || memory->invoker.give_back(p)) return;
+      std::allocator<T>().deallocate(p, n);
+    }
+    template <typename U>
+    bool operator==(const close_allocator<U>& other) const noexcept {
+      return memory == other.memory;
+    }
+    template <typename U>
+    bool operator!=(const close_allocator<U>& other) const noexcept {
+      return memory != other.memory;
+    }
+  };
 
   /// The posted close(), allocated from memory reserved for it.
   struct close_step {
-    using allocator_type = detail::upcall_allocator<void, std::allocator<void>, close_memory::size>;
-    std::shared_ptr<impl> self;
+    using allocator_type = close_allocator<void>;
+    std::shared_ptr<connection_impl> self;
     close_memory* memory;
-    allocator_type get_allocator() const noexcept {
-      return allocator_type(memory, std::allocator<void>());
-    }
+    allocator_type get_allocator() const noexcept { return allocator_type(memory); }
     void operator()() const noexcept { self->do_close(); }
   };
 
@@ -245,11 +320,16 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
     }
   }
 
+  /// Fails every request of `q`, in place: moving the deque out first
+  /// allocated (libstdc++ gives a moved-from deque a new map, and so does a
+  /// default-constructed one), a std::terminate here when that threw. Nothing
+  /// can re-enter `q` meanwhile: complete() only posts.
   void fail_all(std::deque<request>& q, error_code ec) noexcept {
-    auto taken = std::move(q);
-    q.clear();
-    for (auto& r : taken)
-      complete(std::move(r.op), ec, {});
+    while (!q.empty()) {
+      op_ptr op = std::move(q.front().op);
+      q.pop_front();
+      complete(std::move(op), ec, {});
+    }
   }
 
   // --- deadlines -----------------------------------------------------------
@@ -263,7 +343,7 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
       next = std::min(next, r.deadline);
     if (next == clock_type::time_point::max()) return;
     deadline_timer_.expires_at(next);
-    deadline_timer_.async_wait([self = shared_from_this()](error_code) {
+    deadline_timer_.async_wait([self = this->shared_from_this()](error_code) {
       self->deadline_armed_ = false;
       self->guarded([&] { self->on_deadline(); });
     });
@@ -301,29 +381,33 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
     healthy_ = false;
     const std::uint64_t gen = ++generation_;
     connect_timer_.expires_after(config_.connect_timeout);
-    connect_timer_.async_wait([self = shared_from_this(), gen](error_code ec) {
+    connect_timer_.async_wait([self = this->shared_from_this(), gen](error_code ec) {
       if (ec || gen != self->generation_ || self->state_ != state::connecting) return;
       self->resolver_.cancel();
       error_code ignored;
-      self->socket_.close(ignored);  // the pending connect completes with an error
+      self->socket_.close(ignored);
+      // Failed here, not when the pending resolve or connect completes with
+      // the error: that completion may never come (Asio builds the resolver's
+      // results before calling us; if that throws std::bad_alloc, our handler
+      // is destroyed unrun), and the connection would stay "connecting"
+      // forever. A late completion finds a new generation and is ignored.
+      self->connect_failed("connect: timed out");
     });
     resolver_.async_resolve(
         config_.host, std::to_string(config_.port),
-        [self = shared_from_this(), gen](error_code ec, tcp::resolver::results_type results) {
+        [self = this->shared_from_this(), gen](error_code ec, tcp::resolver::results_type results) {
           self->guarded([&] {
             if (gen != self->generation_ || self->state_ != state::connecting) return;
             if (ec)
               return self->connect_failed("resolve " + self->config_.host + ": " + ec.message());
-            asio::async_connect(self->socket_, results,
-                                [self, gen](error_code ec, const tcp::endpoint&) {
-                                  self->guarded([&] {
-                                    if (gen != self->generation_ ||
-                                        self->state_ != state::connecting)
-                                      return;
-                                    if (ec) return self->connect_failed("connect: " + ec.message());
-                                    self->connected();
-                                  });
-                                });
+            asio::async_connect(
+                self->socket_, results, [self, gen](error_code ec, const tcp::endpoint&) {
+                  self->guarded([&] {
+                    if (gen != self->generation_ || self->state_ != state::connecting) return;
+                    if (ec) return self->connect_failed("connect: " + ec.message());
+                    self->connected();
+                  });
+                });
           });
         });
   }
@@ -376,7 +460,7 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
     backoff_armed_ = false;
     try {
       backoff_timer_.expires_after(delay);
-      backoff_timer_.async_wait([self = shared_from_this()](error_code ec) {
+      backoff_timer_.async_wait([self = this->shared_from_this()](error_code ec) {
         self->backoff_armed_ = false;
         self->guarded([&] {
           if (ec || self->state_ != state::down) return;
@@ -438,7 +522,7 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
     }
     const std::uint64_t gen = generation_;
     asio::async_write(socket_, asio::buffer(write_buf_),
-                      [self = shared_from_this(), gen](error_code ec, std::size_t) {
+                      [self = this->shared_from_this(), gen](error_code ec, std::size_t) {
                         self->guarded([&] {
                           if (gen != self->generation_) return;
                           self->writing_ = false;
@@ -451,7 +535,7 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
 
   void start_read(std::uint64_t gen) {
     socket_.async_read_some(asio::buffer(read_buf_),
-                            [self = shared_from_this(), gen](error_code ec, std::size_t n) {
+                            [self = this->shared_from_this(), gen](error_code ec, std::size_t n) {
                               self->guarded([&] {
                                 if (gen != self->generation_) return;
                                 if (ec) return self->connection_lost("read: " + ec.message());
@@ -541,12 +625,21 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
 
   redis_config config_;
   executor_type executor_;
-  asio::strand<executor_type> strand_;
-  tcp::socket socket_;
-  tcp::resolver resolver_;
-  asio::steady_timer deadline_timer_;
-  asio::steady_timer connect_timer_;
-  asio::steady_timer backoff_timer_;
+  // The I/O objects' executor type is the strand itself, not an
+  // any_io_executor holding it: Asio takes a tracked copy of an I/O object's
+  // executor in every operation it starts (handler_work, a noexcept
+  // constructor), and a strand is too large for any_io_executor's small
+  // buffer, so that copy allocated, and a std::bad_alloc there was a
+  // std::terminate (in async_write, from flush()).
+  using strand_type = Strand;
+  using timer_type =
+      asio::basic_waitable_timer<clock_type, asio::wait_traits<clock_type>, strand_type>;
+  strand_type strand_;
+  asio::basic_stream_socket<tcp, strand_type> socket_;
+  asio::ip::basic_resolver<tcp, strand_type> resolver_;
+  timer_type deadline_timer_;
+  timer_type connect_timer_;
+  timer_type backoff_timer_;
   std::unique_ptr<redisReader, reader_deleter> reader_;
   std::deque<request> pending_;
   std::deque<request> inflight_;
@@ -554,7 +647,7 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
   std::array<char, 16 * 1024> read_buf_{};
   state state_ = state::idle;
   std::uint64_t generation_ = 0;
-  int attempt_ = 0;      // failed attempts in a row (backoff exponent)
+  int attempt_ = 0;       // failed attempts in a row (backoff exponent)
   bool healthy_ = false;  // this connection gave a reply that is not "unavailable"
   bool writing_ = false;
   bool deadline_armed_ = false;
@@ -570,8 +663,22 @@ class redis_connection::impl : public std::enable_shared_from_this<impl> {
   redis_connection_stats stats_;
 };
 
+std::shared_ptr<redis_connection::impl> make_impl(const redis_connection::executor_type& ex,
+                                                  redis_config config) {
+  using io = asio::io_context::executor_type;
+  using pool = asio::thread_pool::executor_type;
+  if (ex.target<io>())
+    return std::make_shared<connection_impl<asio::strand<io>>>(ex, std::move(config));
+  if (ex.target<pool>())
+    return std::make_shared<connection_impl<asio::strand<pool>>>(ex, std::move(config));
+  return std::make_shared<connection_impl<asio::strand<redis_connection::executor_type>>>(
+      ex, std::move(config));
+}
+
+}  // namespace
+
 redis_connection::redis_connection(const executor_type& ex, redis_config config)
-    : executor_(ex), impl_((validate(config), std::make_shared<impl>(ex, std::move(config)))) {
+    : executor_(ex), impl_((validate(config), make_impl(ex, std::move(config)))) {
   impl_->start();
 }
 

@@ -25,6 +25,14 @@
 // any_io_executor. That is what lets close(), cancel() and destructors
 // complete operations without any risk of std::terminate. With other
 // executors, Asio's type-erased post may allocate; see complete().
+// That includes a strand over an any_io_executor (asio::strand<
+// any_io_executor>, e.g. make_strand(any_io_executor)): our wrapper comes
+// from the block, but Asio 1.81's strand allocates with new each time it is
+// scheduled (strand_executor_service::do_execute queries `blocking` through
+// the type-erased inner executor, and that query of a class-type property
+// allocates), so a completion through it can throw std::bad_alloc (the
+// operation is then destroyed unrun). Strands over the concrete executors
+// (make_strand(io_context) or make_strand(thread_pool)) do not.
 //
 // Lifetime: an operation is owned by whoever holds it (a queue, a ready list,
 // Asio's scheduler once posted). If Asio destroys a posted step without
@@ -172,8 +180,10 @@ auto untracked(const E& e) {
 /// Calls `f(e)` with the concrete executor `e` behind `ex` when `ex` is an
 /// any_io_executor holding one whose execute() honours the
 /// `execution::allocator` property: io_context's and thread_pool's executors
-/// and strands over them or over an any_io_executor. Tracked executors are
-/// passed untracked (the caller holds work elsewhere). Otherwise `f(ex)`.
+/// and strands over them or over an any_io_executor (the last honour it, but
+/// allocate elsewhere when scheduled: see the header comment). Tracked
+/// executors are passed untracked (the caller holds work elsewhere).
+/// Otherwise `f(ex)`.
 template <typename Executor, typename F>
 void with_concrete_executor(const Executor& ex, F&& f) {
   using namespace executors;

@@ -9,9 +9,11 @@
 // - at most one wait is outstanding at any time. A wake wanted later than
 //   the outstanding wait lets that wait fire and waits again; one wanted
 //   earlier cancels it, and the cancelled wait's handler starts the new one.
-//   So the wait's memory, reserved here, is reused for every wait and
-//   re-arming never allocates (which is what lets cancellation, close() and
-//   the timer's own handler re-arm without a failure path);
+//   So the wait's memory, reserved here, is reused for every wait, and a
+//   wait that the reactor cannot queue (its heap of waits must grow: see
+//   start()) is replaced by a posted retry from the same memory: re-arming
+//   never fails (which is what lets cancellation, close() and the timer's
+//   own handler re-arm without a failure path);
 // - a limiter nobody waits on has no outstanding wait: it holds no work and
 //   runs no handler (disarm() cancels the wait).
 //
@@ -27,6 +29,7 @@
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/basic_waitable_timer.hpp>
+#include <boost/asio/post.hpp>
 
 #include <chrono>
 #include <cstdint>
@@ -56,9 +59,9 @@ class timer_driver {
   bool made() const noexcept { return timer_.has_value(); }
 
   /// Wants a wake at `at` (ns on Clock), replacing any earlier wish. Needs
-  /// make(). Allocates nothing once the first wait has been made; the first
-  /// wait of a timer may throw std::bad_alloc (the reactor's timer queue
-  /// grows), leaving the driver unarmed.
+  /// make(). Never throws for the executors with_context_executor knows (see
+  /// start()); with others it may throw std::bad_alloc, leaving the driver
+  /// unarmed.
   template <typename Owner>
   void arm(std::int64_t at, Owner& owner) {
     want_ = true;
@@ -108,27 +111,55 @@ class timer_driver {
     using allocator_type = upcall_allocator<void, std::allocator<void>, memory_type::size>;
 
     wait_handler(std::weak_ptr<Owner> owner, std::shared_ptr<memory_type> memory) noexcept
-        : owner_(std::move(owner)), memory_(std::move(memory)) {}
+        : owner_(std::move(owner)), block_(memory.get()), memory_(std::move(memory)) {}
 
     allocator_type get_allocator() const noexcept {
-      return allocator_type(memory_.get(), std::allocator<void>());
+      return allocator_type(block_, std::allocator<void>());
     }
 
     void operator()(const boost::system::error_code&) {
       if (auto p = owner_.lock()) p->on_timer();
     }
+    void operator()() {  // posted instead of a wait that could not be queued
+      if (auto p = owner_.lock()) p->on_timer();
+    }
 
    private:
     std::weak_ptr<Owner> owner_;
+    // The block, also in a handler moved from: when async_wait throws (the
+    // reactor's heap of waits could not grow), Asio frees the operation it
+    // had made through the allocator of the handler it was given, which has
+    // been moved into the operation by then. With the shared_ptr alone that
+    // allocator named no block, and the operation's memory, inside the
+    // block, went to std::allocator: free() of a pointer it never gave.
+    memory_type* block_;
     // Co-owned: a wait cancelled when its owner is destroyed completes later,
     // in this memory, after the owner (and the driver) are gone.
     std::shared_ptr<memory_type> memory_;
   };
 
+  /// Starts the wait. A wait is not always queued without allocating: the
+  /// reactor keeps the waits of every timer of the context (of this clock)
+  /// in one heap, a vector that grows when more of them wait at once than
+  /// ever before. So a re-arm in the timer's own handler, after another
+  /// timer took the place this one's last wait left, may have to grow it.
+  /// When that throws, the handler is posted instead, through the reserved
+  /// memory (the failed wait gave it back): it runs on_timer() soon, which
+  /// finds the instant not come and starts the wait again. Under lasting
+  /// memory exhaustion that is a retry loop; never a lost wake, never an
+  /// exception out of a handler, and arm() never throws (a request that
+  /// queued while the first wait failed still gets its wake).
   template <typename Owner>
   void start(Owner& owner) {
     timer_->expires_at(to_time_point(want_at_));  // no wait is outstanding: cancels nothing
-    timer_->async_wait(wait_handler<Owner>(owner.weak_from_this(), memory_));
+    try {
+      timer_->async_wait(wait_handler<Owner>(owner.weak_from_this(), memory_));
+    } catch (...) {
+      // Throws only with executors with_context_executor does not know.
+      with_context_executor(timer_->get_executor(), [&](const auto& ex) {
+        boost::asio::post(ex, wait_handler<Owner>(owner.weak_from_this(), memory_));
+      });
+    }
     outstanding_ = true;
     pending_at_ = want_at_;
   }
