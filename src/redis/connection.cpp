@@ -231,45 +231,18 @@ class connection_impl final : public redis_connection::impl,
   /// Memory for the posted close(): its function and, on a strand over a
   /// concrete executor, the strand's invoker, which Asio posts to the inner
   /// executor with the function's allocator when the strand is idle.
-  struct close_memory {
-    detail::upcall_memory<128> step, invoker;
-  };
+  using close_memory = detail::upcall_memory<128, 2>;
 
-  /// Allocates from close_memory; anything more from std::allocator (counted
-  /// in detail::upcall_fallback_allocations, which tests expect to stay 0).
-  template <typename T>
-  struct close_allocator {
-    using value_type = T;
-    close_memory* memory;
-    explicit close_allocator(close_memory* m) noexcept : memory(m) {}
-    template <typename U>
-    close_allocator(const close_allocator<U>& other) noexcept : memory(other.memory) {}
-    T* allocate(std::size_t n) {
-      for (auto* block : {&memory->step, &memory->invoker})
-        if (void* p = block->take(sizeof(T) * n, alignof(T))) return static_cast<T*>(p);
-      detail::upcall_fallback_allocations.fetch_add(1, std::memory_order_relaxed);
-      return std::allocator<T>().allocate(n);
-    }
-    void deallocate(T* p, std::size_t n) noexcept {
-      if (memory->step.give_back(p) || memory->invoker.give_back(p)) return;
-      std::allocator<T>().deallocate(p, n);
-    }
-    template <typename U>
-    bool operator==(const close_allocator<U>& other) const noexcept {
-      return memory == other.memory;
-    }
-    template <typename U>
-    bool operator!=(const close_allocator<U>& other) const noexcept {
-      return memory != other.memory;
-    }
-  };
-
-  /// The posted close(), allocated from memory reserved for it.
+  /// The posted close(), allocated from memory reserved for it (anything
+  /// more from std::allocator, counted in detail::upcall_fallback_allocations,
+  /// which tests expect to stay 0).
   struct close_step {
-    using allocator_type = close_allocator<void>;
+    using allocator_type = detail::upcall_allocator<void, std::allocator<void>, 128, 2>;
     std::shared_ptr<connection_impl> self;
     close_memory* memory;
-    allocator_type get_allocator() const noexcept { return allocator_type(memory); }
+    allocator_type get_allocator() const noexcept {
+      return allocator_type(memory, std::allocator<void>());
+    }
     void operator()() const noexcept { self->do_close(); }
   };
 

@@ -79,10 +79,12 @@ enum class finish_mode {
 /// executors the block is sized for).
 inline std::atomic<std::uint64_t> upcall_fallback_allocations{0};
 
-/// A block inside an operation that Asio's wrapper of one upcall step is
-/// allocated from: at most one step exists at a time (Asio frees a step's
-/// memory before running it, so the next step reuses the block).
-template <std::size_t N>
+/// Memory inside an operation that Asio's wrappers of its upcall steps are
+/// allocated from: `Slots` blocks of `N` bytes. One step exists at a time
+/// (Asio frees a step's memory before running it, so the next step reuses
+/// it), but a step posted to an idle strand also makes the strand schedule
+/// itself on its inner executor, with the same allocator: two blocks.
+template <std::size_t N, std::size_t Slots = 1>
 class upcall_memory {
  public:
   static constexpr std::size_t size = N;
@@ -92,43 +94,52 @@ class upcall_memory {
   upcall_memory& operator=(const upcall_memory&) = delete;
 
   void* take(std::size_t n, std::size_t align) noexcept {
-    if (used_ || n > N || align > alignof(std::max_align_t)) return nullptr;
-    used_ = true;
-    return data_;
+    if (n > N || align > alignof(std::max_align_t)) return nullptr;
+    for (std::size_t i = 0; i < Slots; ++i)
+      if (!used_[i]) {
+        used_[i] = true;
+        return data_[i];
+      }
+    return nullptr;
   }
 
-  /// True when `p` was this block (compared, never dereferenced).
+  /// True when `p` was one of these blocks (compared, never dereferenced).
   bool give_back(const void* p) noexcept {
-    if (p != static_cast<const void*>(data_)) return false;
-    used_ = false;
-    return true;
+    for (std::size_t i = 0; i < Slots; ++i)
+      if (p == static_cast<const void*>(data_[i])) {
+        used_[i] = false;
+        return true;
+      }
+    return false;
   }
 
  private:
-  alignas(std::max_align_t) unsigned char data_[N];
-  bool used_ = false;
+  alignas(std::max_align_t) unsigned char data_[Slots][N];
+  bool used_[Slots] = {};
 };
 
 /// Asio 1.26 wraps a posted or dispatched function object (for us: one
 /// pointer, with this allocator: two more) in an executor_op of 56 bytes for
-/// an io_context or a thread_pool and 72 for a strand.
-using op_memory = upcall_memory<96>;
+/// an io_context or a thread_pool and 72 for a strand; an idle strand's
+/// invoker, posted with the same allocator, takes 96 (io_context) to 104
+/// (thread_pool).
+using op_memory = upcall_memory<112, 2>;
 
 /// Serves allocations from an upcall_memory block, falling back to the
 /// handler's associated allocator (`Fallback`) for anything that does not fit.
-template <typename T, typename Fallback, std::size_t N>
+template <typename T, typename Fallback, std::size_t N, std::size_t Slots = 1>
 class upcall_allocator {
  public:
   using value_type = T;
   template <typename U>
   struct rebind {
-    using other = upcall_allocator<U, Fallback, N>;
+    using other = upcall_allocator<U, Fallback, N, Slots>;
   };
 
-  upcall_allocator(upcall_memory<N>* mem, const Fallback& fallback) noexcept
+  upcall_allocator(upcall_memory<N, Slots>* mem, const Fallback& fallback) noexcept
       : mem_(mem), fallback_(fallback) {}
   template <typename U>
-  upcall_allocator(const upcall_allocator<U, Fallback, N>& other) noexcept
+  upcall_allocator(const upcall_allocator<U, Fallback, N, Slots>& other) noexcept
       : mem_(other.mem_), fallback_(other.fallback_) {}
 
   T* allocate(std::size_t n) {
@@ -145,20 +156,22 @@ class upcall_allocator {
   }
 
   template <typename U>
-  friend bool operator==(const upcall_allocator& a, const upcall_allocator<U, Fallback, N>& b) {
+  friend bool operator==(const upcall_allocator& a,
+                         const upcall_allocator<U, Fallback, N, Slots>& b) {
     return a.mem_ == b.mem_;
   }
   template <typename U>
-  friend bool operator!=(const upcall_allocator& a, const upcall_allocator<U, Fallback, N>& b) {
+  friend bool operator!=(const upcall_allocator& a,
+                         const upcall_allocator<U, Fallback, N, Slots>& b) {
     return a.mem_ != b.mem_;
   }
 
  private:
-  template <typename, typename, std::size_t>
+  template <typename, typename, std::size_t, std::size_t>
   friend class upcall_allocator;
   using rebound = typename std::allocator_traits<Fallback>::template rebind_alloc<T>;
 
-  upcall_memory<N>* mem_;
+  upcall_memory<N, Slots>* mem_;
   [[no_unique_address]] Fallback fallback_;
 };
 
@@ -364,7 +377,7 @@ class handler_op final : public Base {
       return work_.has_value();
   }
 
-  using upcall_alloc = upcall_allocator<void, fallback_type, op_memory::size>;
+  using upcall_alloc = upcall_allocator<void, fallback_type, 112, 2>;
 
   /// A step of the completion, posted or dispatched; owns the operation until
   /// it runs (or, if Asio destroys it unrun, destroys the operation).
