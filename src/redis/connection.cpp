@@ -14,10 +14,11 @@
 // (requests written on it fail with redis_unavailable, the connection is
 // re-made after a backoff), so that no request is ever left without an answer.
 //
-// Reconnecting: a connection counts as healthy from its first reply that is
-// not "unavailable" (see classify_redis_error). A connection that fails, or
-// closes before it was healthy (a server that accepts then drops, a wrong
-// password), is a failed attempt: the next one waits reconnect_min, doubling
+// Reconnecting: a connection counts as healthy from its first reply to a
+// caller's request (not to AUTH or SELECT) that is not "unavailable" (see
+// classify_redis_error). A connection that fails, or closes before it was
+// healthy (a server that accepts then drops, a wrong password, an unknown
+// database), is a failed attempt: the next one waits reconnect_min, doubling
 // up to reconnect_max, and meanwhile requests fail at once. A healthy
 // connection that breaks is re-made at once.
 //
@@ -535,16 +536,20 @@ class connection_impl final : public redis_connection::impl,
       owned.reset();
       if (inflight_.empty()) return protocol_error("reply without a request");
       const bool is_error = reply.type == redis_reply::kind::error;
-      if (!is_error || classify_redis_error(reply.str) != redis_error_class::unavailable) {
-        healthy_ = true;
-        attempt_ = 0;
-      }
       request r = std::move(inflight_.front());
       inflight_.pop_front();
       if (r.k == kind::handshake) {
         // Wrong password, unknown database: a failed attempt (backoff grows).
+        // A handshake reply never makes the connection healthy: a refused
+        // AUTH ("WRONGPASS" is not "unavailable"), or an accepted AUTH before
+        // a refused SELECT, would reset the backoff on every attempt and
+        // retry every reconnect_min for ever.
         if (is_error) return connect_failed("handshake: " + reply.str);
         continue;
+      }
+      if (!is_error || classify_redis_error(reply.str) != redis_error_class::unavailable) {
+        healthy_ = true;
+        attempt_ = 0;
       }
       complete(std::move(r.op), is_error ? error_code(error::redis_error) : error_code(),
                std::move(reply));
