@@ -1,8 +1,10 @@
 // The Lua script run in a real redis-server, side by side with bucket_state:
 // fed the same requests at the same times (ns = us * 1000), they must agree
 // on every decision and on every wait. Also the construction checks, the
-// reply parser, expiry and the script's refusals.
+// reply parser, expiry, the script's refusals, and keys that hold someone
+// else's data (of every type) left byte for byte as they were.
 #include "redis_server.hpp"
+#include "test_support.hpp"
 
 #include <ratelimit/detail/bucket_state.hpp>
 #include <ratelimit/redis/detail/script.hpp>
@@ -298,6 +300,87 @@ BOOST_FIXTURE_TEST_CASE(script_refuses_bad_state, server_fixture) {
   BOOST_TEST(r.ec == error::make_error_code(error::redis_error));
   // The connection is fine after all that.
   BOOST_TEST(!exec(ctx, conn, {"PING"}).ec);
+}
+
+// A key that is not a bucket (another type, or a hash whose fields are not
+// exactly l, t, c) is someone else's data: whatever is asked through the
+// bucket, the script fails and leaves the key as it was, contents and
+// expiry. (The old script read a hash without our fields as a missing key:
+// it wrote its fields into it and set an expiry, and a request that left
+// the bucket full deleted the key.)
+BOOST_FIXTURE_TEST_CASE(foreign_keys_are_left_unchanged, server_fixture) {
+  const auto sr = rd::make_script_rate(10, per_second(100));  // configuration "10:1:10000"
+  const std::string full = std::to_string(10 * sr.tick);
+  struct foreign {
+    std::string key;
+    std::vector<std::vector<std::string>> make;
+  };
+  const std::vector<foreign> keys = {
+      {"f:string", {{"SET", "f:string", "hello"}}},
+      {"f:list", {{"RPUSH", "f:list", "a", "b", "c"}}},
+      {"f:set", {{"SADD", "f:set", "a", "b"}}},
+      {"f:zset", {{"ZADD", "f:zset", "1", "a", "2", "b"}}},
+      {"f:stream", {{"XADD", "f:stream", "1-1", "field", "value"}}},
+      {"f:hash-foreign", {{"HSET", "f:hash-foreign", "foo", "bar"}}},
+      // Our three fields, valid and of this configuration, plus someone's.
+      {"f:hash-ours-and-foreign",
+       {{"HSET", "f:hash-ours-and-foreign", "l", full, "t", "1", "c", "10:1:10000", "foo", "bar"}}},
+      // Some of ours only.
+      {"f:hash-l-t", {{"HSET", "f:hash-l-t", "l", full, "t", "1"}}},
+      {"f:hash-c", {{"HSET", "f:hash-c", "c", "10:1:10000"}}},
+      // Three fields, but not ours.
+      {"f:hash-l-t-x", {{"HSET", "f:hash-l-t-x", "l", full, "t", "1", "x", "10:1:10000"}}},
+  };
+  exec(ctx, conn, {"SCRIPT", "LOAD", std::string(rd::bucket_script)});
+  for (const bool with_ttl : {false, true}) {
+    for (const auto& f : keys) {
+      const std::string key = f.key + (with_ttl ? ":ttl" : "");
+      BOOST_TEST_CONTEXT("key " << key) {
+        for (auto cmd : f.make) {
+          cmd[1] = key;
+          BOOST_REQUIRE(!exec(ctx, conn, cmd).ec);
+        }
+        if (with_ttl) BOOST_REQUIRE(exec(ctx, conn, {"PEXPIRE", key, "600000"}).reply.integer == 1);
+        const auto dump = exec(ctx, conn, {"DUMP", key}).reply;
+        BOOST_REQUIRE((dump.type == redis_reply::kind::string));
+        const long long ttl = exec(ctx, conn, {"PTTL", key}).reply.integer;
+
+        // Through a bucket: a token and the whole capacity (the write
+        // branch: HSET, PEXPIRE), the next waiter after an error, a try.
+        redis_token_bucket bucket(conn, key, 10, per_second(100));
+        for (std::uint64_t n : {1, 10}) {
+          auto o = request(bucket, n);
+          BOOST_REQUIRE(run_until(ctx, [&] { return o->done(); }));
+          BOOST_TEST(o->ec == error::make_error_code(error::redis_error), n << " tokens");
+        }
+        std::optional<std::pair<boost::system::error_code, bool>> t;
+        bucket.async_try_get_token(1,
+                                   [&](boost::system::error_code ec, bool g) { t.emplace(ec, g); });
+        BOOST_REQUIRE(run_until(ctx, [&] { return t.has_value(); }));
+        BOOST_TEST((t->first == error::make_error_code(error::redis_error) && !t->second));
+        // The script directly: 0 tokens (the bucket stays full: the DEL
+        // branch; a bucket object grants 0 tokens without asking), and with
+        // the test hook's fixed time (HSET, PERSIST).
+        for (const auto& args :
+             {rd::script_args("", key, sr, 0, 0), rd::script_args("", key, sr, 1, 0, 1'000'000)}) {
+          const auto direct = exec(ctx, conn, args);
+          BOOST_TEST(direct.ec == error::make_error_code(error::redis_error),
+                     args[7] << " tokens: " << direct.reply.str);
+        }
+
+        const auto after = exec(ctx, conn, {"DUMP", key}).reply;
+        BOOST_TEST((after.type == redis_reply::kind::string), "the key is gone");
+        BOOST_TEST((after.str == dump.str), "the contents changed");
+        const long long ttl_after = exec(ctx, conn, {"PTTL", key}).reply.integer;
+        if (with_ttl) {
+          BOOST_TEST(ttl_after <= ttl);
+          BOOST_TEST(ttl_after > ttl - 5000, "the expiry changed: " << ttl << " -> " << ttl_after);
+        } else {
+          BOOST_TEST(ttl_after == -1, "an expiry was set: " << ttl_after);
+        }
+      }
+    }
+  }
 }
 
 BOOST_AUTO_TEST_SUITE_END()
