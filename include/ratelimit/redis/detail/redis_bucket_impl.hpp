@@ -161,6 +161,10 @@ class redis_bucket_impl
     // Every grant needs the connection's context (a reply, or a timer).
     ec = detail::blocking_wait_error(executor_);
     if (ec) return;
+    // Co-owns the impl until this thread returns: once `w` is queued,
+    // another thread may destroy the bucket (completing `w`) while this one
+    // is still in step() below, which reads members after unlocking.
+    const auto self = this->shared_from_this();
     sync_waiter w(n);
     auto result = w.get_future();
     {
