@@ -331,7 +331,9 @@ BOOST_FIXTURE_TEST_CASE(foreign_keys_are_left_unchanged, server_fixture) {
       // Three fields, but not ours.
       {"f:hash-l-t-x", {{"HSET", "f:hash-l-t-x", "l", full, "t", "1", "x", "10:1:10000"}}},
   };
-  exec(ctx, conn, {"SCRIPT", "LOAD", std::string(rd::bucket_script)});
+  const std::string sha = rd::script_sha1();
+  BOOST_REQUIRE(exec(ctx, conn, {"SCRIPT", "LOAD", std::string(rd::bucket_script)}).reply.str ==
+                sha);
   for (const bool with_ttl : {false, true}) {
     for (const auto& f : keys) {
       const std::string key = f.key + (with_ttl ? ":ttl" : "");
@@ -345,7 +347,20 @@ BOOST_FIXTURE_TEST_CASE(foreign_keys_are_left_unchanged, server_fixture) {
         BOOST_REQUIRE((dump.type == redis_reply::kind::string));
         const long long ttl = exec(ctx, conn, {"PTTL", key}).reply.integer;
 
-        // Through a bucket: a token and the whole capacity (the write
+        // The script directly, first: 0 tokens (a missing key is a full
+        // bucket, which stays full: the DEL branch; a bucket object grants 0
+        // tokens without asking), and with the test hook's fixed time (HSET,
+        // PERSIST).
+        for (const auto& args : {rd::script_args(sha, key, sr, 0, 0),
+                                 rd::script_args(sha, key, sr, 1, 0, 1'000'000)}) {
+          const auto direct = exec(ctx, conn, args);
+          BOOST_TEST(direct.ec == error::make_error_code(error::redis_error),
+                     args[7] << " tokens: " << direct.reply.str);
+          BOOST_TEST(exec(ctx, conn, {"EXISTS", key}).reply.integer == 1,
+                     "deleted by a request for " << args[7] << " tokens");
+        }
+
+        // Then through a bucket: a token and the whole capacity (the write
         // branch: HSET, PEXPIRE), the next waiter after an error, a try.
         redis_token_bucket bucket(conn, key, 10, per_second(100));
         for (std::uint64_t n : {1, 10}) {
@@ -358,15 +373,6 @@ BOOST_FIXTURE_TEST_CASE(foreign_keys_are_left_unchanged, server_fixture) {
                                    [&](boost::system::error_code ec, bool g) { t.emplace(ec, g); });
         BOOST_REQUIRE(run_until(ctx, [&] { return t.has_value(); }));
         BOOST_TEST((t->first == error::make_error_code(error::redis_error) && !t->second));
-        // The script directly: 0 tokens (the bucket stays full: the DEL
-        // branch; a bucket object grants 0 tokens without asking), and with
-        // the test hook's fixed time (HSET, PERSIST).
-        for (const auto& args :
-             {rd::script_args("", key, sr, 0, 0), rd::script_args("", key, sr, 1, 0, 1'000'000)}) {
-          const auto direct = exec(ctx, conn, args);
-          BOOST_TEST(direct.ec == error::make_error_code(error::redis_error),
-                     args[7] << " tokens: " << direct.reply.str);
-        }
 
         const auto after = exec(ctx, conn, {"DUMP", key}).reply;
         BOOST_TEST((after.type == redis_reply::kind::string), "the key is gone");
