@@ -114,7 +114,7 @@ class basic_redis_token_bucket {
   /// `redis_error` when Redis refuses (e.g. the key holds another type, a
   /// hash that is not a bucket, or a bucket of another configuration) and
   /// `redis_bad_reply` for a reply of the wrong shape. A request for 0 tokens
-  /// completes with success in its turn (after one round trip).
+  /// completes with success in its turn, without asking Redis.
   ///
   /// The handler is never invoked inside this function; it runs on its
   /// associated executor (the connection's by default).
