@@ -454,6 +454,11 @@ class handler_op final : public Base {
 
   /// The last step: frees the operation, then invokes the handler (keeping
   /// the work until the handler has returned, as Asio does).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+// GCC 12 sees the moved optional<work> as maybe uninitialized (a false positive).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
   void upcall() {
     [[maybe_unused]] auto work = std::move(work_);
     Handler handler(std::move(handler_));
@@ -461,6 +466,9 @@ class handler_op final : public Base {
     free();
     std::apply(std::move(handler), std::move(args));
   }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
   void free() noexcept {
     alloc_type alloc(fallback_allocator());
