@@ -180,9 +180,18 @@ class upcall_allocator {
 namespace executors {
 namespace asio = boost::asio;
 using io = asio::io_context::executor_type;
-using io_tracked = asio::io_context::basic_executor_type<std::allocator<void>, 4>;
 using pool = asio::thread_pool::executor_type;
-using pool_tracked = asio::thread_pool::basic_executor_type<std::allocator<void>, 4>;
+
+/// `E` tracking outstanding work, as Asio spells it. (Asio encodes the
+/// property in a template argument whose bits differ between io_context and
+/// thread_pool: 4 for the one, 8 for the other, where 4 means a continuation.
+/// Naming the type by hand with 4 for both missed tracked thread_pool
+/// executors, and with them would_deadlock from a pool thread.)
+template <typename E>
+using tracked_t = std::decay_t<decltype(asio::prefer(std::declval<const E&>(),
+                                                     asio::execution::outstanding_work.tracked))>;
+using io_tracked = tracked_t<io>;
+using pool_tracked = tracked_t<pool>;
 
 template <typename E>
 auto untracked(const E& e) {
