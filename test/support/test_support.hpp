@@ -14,8 +14,11 @@
 
 #include <ratelimit/token_bucket.hpp>
 
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/use_awaitable.hpp>
 #include <boost/test/unit_test.hpp>
 
 #include <atomic>
@@ -32,9 +35,10 @@ using test_bucket = basic_token_bucket<manual_clock, manual_wait_traits>;
 
 using namespace std::chrono_literals;
 
-/// What happened to one request.
+/// What happened to one request. `calls` is counted last, so a thread that
+/// sees done() may read the rest while the handler runs on another.
 struct outcome {
-  int calls = 0;
+  std::atomic<int> calls{0};
   bool destroyed_uncalled = false;
   boost::system::error_code ec;
   int order = -1;          // global completion sequence number
@@ -61,10 +65,10 @@ class checked_handler {
 
   void operator()(boost::system::error_code ec) {
     invoked_ = true;
-    ++o_->calls;
     o_->ec = ec;
     o_->order = completion_sequence()++;
     o_->thread = std::this_thread::get_id();
+    ++o_->calls;
   }
 
  private:
@@ -77,6 +81,28 @@ template <typename Bucket>
 std::shared_ptr<outcome> request(Bucket& bucket, std::uint64_t n = 1) {
   auto o = std::make_shared<outcome>();
   bucket.async_get_token(n, checked_handler(o));
+  return o;
+}
+
+/// Starts `start(asio::use_awaitable)` (an initiating call) in a coroutine on
+/// `where` (an execution context or an executor); the outcome records how the
+/// awaited operation ended, once the coroutine has run that far.
+template <typename Where, typename Start>
+std::shared_ptr<outcome> co_request(Where& where, Start start) {
+  auto o = std::make_shared<outcome>();
+  boost::asio::co_spawn(
+      where,
+      [o, start]() -> boost::asio::awaitable<void> {
+        boost::system::error_code ec;
+        try {
+          co_await start(boost::asio::use_awaitable);
+        } catch (const boost::system::system_error& e) {
+          ec = e.code();
+        }
+        checked_handler h(o);
+        h(ec);
+      },
+      boost::asio::detached);
   return o;
 }
 
@@ -117,6 +143,23 @@ bool eventually(Pred pred, std::chrono::milliseconds limit = std::chrono::second
     std::this_thread::sleep_for(std::chrono::microseconds(100));
   }
   return true;
+}
+
+/// Runs `ctx` (restarted) until it has no work left, as run() does; false if
+/// that takes longer than `limit` (then it is stopped: something was left
+/// holding work, e.g. a handler that was never completed).
+inline bool runs_dry(boost::asio::io_context& ctx,
+                     std::chrono::milliseconds limit = std::chrono::seconds(20)) {
+  ctx.restart();
+  std::atomic<bool> returned{false};
+  std::thread runner([&] {
+    ctx.run();
+    returned = true;
+  });
+  const bool ok = eventually([&] { return returned.load(); }, limit);
+  if (!ok) ctx.stop();
+  runner.join();
+  return ok;
 }
 
 /// An io_context run by `threads` background threads for the duration of a test.
