@@ -1,7 +1,8 @@
 // Object lifetime: nothing starts in the constructor; destroying or closing a
 // bucket with waiters completes them; nothing touches freed memory (run under
 // ASan), including destruction from inside a completion handler, late
-// cancellation signals and an io_context destroyed with completions pending.
+// cancellation signals and an io_context destroyed with completions pending;
+// the matrix of destroy/close/cancel against every kind of pending work.
 #include <ratelimit/token_bucket.hpp>
 
 #include "test_support.hpp"
@@ -10,8 +11,13 @@
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/deferred.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/use_future.hpp>
+
+#include <future>
+#include <thread>
 
 namespace asio = boost::asio;
 using namespace ratelimit::test;
@@ -48,7 +54,8 @@ BOOST_AUTO_TEST_CASE(completes_thousands_of_waiters_with_operation_aborted) {
   std::vector<std::shared_ptr<outcome>> r;
   {
     test_bucket bucket(ctx, 3, per_second(1), ratelimit::start_empty);
-    for (int i = 0; i < 5000; ++i) r.push_back(request(bucket, 1 + i % 3));
+    for (int i = 0; i < 5000; ++i)
+      r.push_back(request(bucket, 1 + i % 3));
     pump(ctx, std::chrono::milliseconds(2));
   }
   BOOST_TEST(settle(ctx, [&] { return r.back()->done(); }));
@@ -89,10 +96,12 @@ BOOST_AUTO_TEST_CASE(from_inside_its_own_completion_handler) {
     bucket.reset();  // destroy the bucket that is completing us
   });
   std::vector<std::shared_ptr<outcome>> rest;
-  for (int i = 0; i < 10; ++i) rest.push_back(request(*bucket));
+  for (int i = 0; i < 10; ++i)
+    rest.push_back(request(*bucket));
   BOOST_TEST(settle(ctx, [&] { return rest.back()->done(); }));
   BOOST_TEST(first->ok());
-  for (auto& o : rest) BOOST_TEST(o->ec == asio::error::operation_aborted);
+  for (auto& o : rest)
+    BOOST_TEST(o->ec == asio::error::operation_aborted);
 }
 
 BOOST_AUTO_TEST_CASE(from_inside_a_timer_driven_completion) {
@@ -107,12 +116,14 @@ BOOST_AUTO_TEST_CASE(from_inside_a_timer_driven_completion) {
     h(ec);
     bucket.reset();
   });
-  for (int i = 0; i < 3; ++i) r.push_back(request(*bucket));
+  for (int i = 0; i < 3; ++i)
+    r.push_back(request(*bucket));
   manual_clock::advance(5s);  // all five due in the same timer expiry
   BOOST_TEST(settle(ctx, [&] { return r.back()->done(); }));
   BOOST_TEST(killer->ok());
   BOOST_TEST(r[0]->ok());
-  for (int i = 1; i < 4; ++i) BOOST_TEST(r[i]->calls == 1);  // granted or aborted, once
+  for (int i = 1; i < 4; ++i)
+    BOOST_TEST(r[i]->calls == 1);  // granted or aborted, once
 }
 
 BOOST_AUTO_TEST_CASE(while_the_timer_is_armed) {
@@ -216,6 +227,149 @@ BOOST_AUTO_TEST_CASE(move_assignment_aborts_the_targets_waiters) {
   manual_clock::advance(1s);
   BOOST_TEST(settle(ctx, [&] { return ra->done(); }));
   BOOST_TEST(ra->ok());
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// --- The lifetime matrix ----------------------------------------------------
+//
+// Destroy, close or cancel a bucket while every kind of pending work exists:
+// (a) asynchronous waiters (callbacks, coroutines, a future), (b) threads
+// blocked in get_token and try_get_token_for, (c) operations made with
+// asio::deferred and not launched yet (launched afterwards), (d) completions
+// already posted but not yet run (on the bucket's context, and on another
+// handler executor). Every handler runs exactly once with the result it is
+// owed; nothing is left holding the context (run() returns); ASan finds no
+// access to freed memory. The old code launched deferred operations through
+// a raw pointer to the bucket's freed state (heap-use-after-free).
+
+namespace {
+
+enum class ending { destroy, close, cancel };
+
+const ending endings[] = {ending::destroy, ending::close, ending::cancel};
+
+const char* name(ending e) {
+  return e == ending::destroy ? "destroy" : e == ending::close ? "close" : "cancel";
+}
+
+/// What a request queued when `e` happens completes with.
+boost::system::error_code owed(ending e) {
+  if (e == ending::close) return ratelimit::error::bucket_closed;
+  return asio::error::operation_aborted;
+}
+
+/// The error a std::future<void> holds (none for a value).
+boost::system::error_code future_error(std::future<void>& f) {
+  try {
+    f.get();
+  } catch (const boost::system::system_error& e) {
+    return e.code();
+  }
+  return {};
+}
+
+}  // namespace
+
+BOOST_FIXTURE_TEST_SUITE(lifetime_matrix, clock_fixture)
+
+BOOST_AUTO_TEST_CASE(token_bucket_with_every_kind_of_pending_work) {
+  for (const ending how : endings) {
+    BOOST_TEST_CONTEXT(name(how)) {
+      manual_clock::reset();
+      asio::io_context ctx;          // polled by hand: completions wait until then
+      asio::io_context handler_ctx;  // where one completion waits, dispatched
+      auto bucket =
+          std::make_unique<test_bucket>(ctx, 2, per_second(1), ratelimit::initial_tokens{1});
+      test_bucket* b = bucket.get();
+
+      // (d) granted at once, then dispatched to a handler executor not running yet.
+      auto granted = std::make_shared<outcome>();
+      b->async_get_token(asio::bind_executor(handler_ctx, checked_handler(granted)));
+
+      // (a) waiters of every kind, and a deferred operation launched at once.
+      std::vector<std::shared_ptr<outcome>> waiters;
+      for (int i = 0; i < 3; ++i)
+        waiters.push_back(request(*b));
+      for (int i = 0; i < 3; ++i)
+        waiters.push_back(co_request(ctx, [b](auto token) { return b->async_get_token(token); }));
+      waiters.push_back(std::make_shared<outcome>());
+      b->async_get_token(asio::deferred)(checked_handler(waiters.back()));
+      std::future<void> future = b->async_get_token(asio::use_future);
+      BOOST_TEST_REQUIRE(settle(ctx, [&] { return b->waiting() == 8; }));
+
+      // (b) blocked threads.
+      boost::system::error_code get_ec, for_ec;
+      bool for_got = true;
+      std::thread getter([&] { b->get_token(1, get_ec); });
+      BOOST_TEST_REQUIRE(eventually([&] { return b->waiting() == 9; }));
+      std::thread timed([&] { for_got = b->try_get_token_for(1h, 1, for_ec); });
+      BOOST_TEST_REQUIRE(eventually([&] { return b->waiting() == 10; }));
+
+      // (c) deferred operations, not launched.
+      auto later1 = b->async_get_token(asio::deferred);
+      auto later2 = b->async_get_token(2, asio::deferred);
+
+      // (d) completions posted to the bucket's context, not run: a waiter
+      // cancelled by its own signal, and a request that fails at once.
+      asio::cancellation_signal sig;
+      auto cancelled = std::make_shared<outcome>();
+      b->async_get_token(asio::bind_cancellation_slot(sig.slot(), checked_handler(cancelled)));
+      sig.emit(asio::cancellation_type::terminal);
+      auto refused = request(*b, 3);
+      BOOST_TEST(b->waiting() == 10u);
+
+      switch (how) {
+        case ending::destroy:
+          bucket.reset();
+          break;
+        case ending::close:
+          b->close();
+          break;
+        case ending::cancel:
+          BOOST_TEST(b->cancel() == 10u);
+          break;
+      }
+      getter.join();
+      timed.join();
+      // One deferred operation is launched while the rest is still pending...
+      auto late1 = std::make_shared<outcome>();
+      std::move(later1)(checked_handler(late1));
+      if (how == ending::cancel) manual_clock::advance(1s);  // still open: granted
+      BOOST_TEST(runs_dry(ctx));
+      // ... one when nothing else is left that could keep the bucket's state
+      // alive (the old code's state was then freed: heap-use-after-free).
+      auto late2 = std::make_shared<outcome>();
+      std::move(later2)(checked_handler(late2));
+      if (how == ending::cancel) manual_clock::advance(2s);
+      BOOST_TEST(runs_dry(ctx));
+      BOOST_TEST(runs_dry(handler_ctx));
+      BOOST_TEST(granted->ok());
+      BOOST_TEST(!granted->destroyed_uncalled);
+      for (auto& w : waiters) {
+        BOOST_TEST(w->calls == 1);
+        BOOST_TEST(w->ec == owed(how));
+      }
+      BOOST_TEST((future.wait_for(0s) == std::future_status::ready));
+      BOOST_TEST(future_error(future) == owed(how));
+      BOOST_TEST(get_ec == owed(how));
+      BOOST_TEST(for_ec == owed(how));
+      BOOST_TEST(!for_got);
+      BOOST_TEST(cancelled->calls == 1);
+      BOOST_TEST(cancelled->ec == asio::error::operation_aborted);
+      BOOST_TEST(refused->calls == 1);
+      BOOST_TEST(refused->ec == ratelimit::error::exceeds_capacity);
+      for (auto& late : {late1, late2}) {
+        BOOST_TEST(late->calls == 1);
+        if (how == ending::cancel)
+          BOOST_TEST(!late->ec);
+        else
+          BOOST_TEST(late->ec == owed(how));
+      }
+      bucket.reset();
+      BOOST_TEST(runs_dry(ctx));
+    }
+  }
 }
 
 BOOST_AUTO_TEST_SUITE_END()
