@@ -2,17 +2,23 @@
 // bucket with waiters completes them; nothing touches freed memory (run under
 // ASan), including destruction from inside a completion handler, late
 // cancellation signals and an io_context destroyed with completions pending;
-// the matrix of destroy/close/cancel against every kind of pending work.
+// the matrix of destroy/close/cancel against every kind of pending work. And
+// what Asio users expect of an I/O object: moved-from objects, as_default_on,
+// the handler's allocator.
+#include <ratelimit/keyed_limiter.hpp>
 #include <ratelimit/token_bucket.hpp>
 
 #include "test_support.hpp"
 
+#include <boost/asio/bind_allocator.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/deferred.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/thread_pool.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/use_future.hpp>
 
@@ -370,6 +376,262 @@ BOOST_AUTO_TEST_CASE(token_bucket_with_every_kind_of_pending_work) {
       BOOST_TEST(runs_dry(ctx));
     }
   }
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// --- What Asio users expect of an I/O object --------------------------------
+
+namespace {
+
+using test_keyed = ratelimit::basic_keyed_limiter<int, std::hash<int>, std::equal_to<int>,
+                                                  manual_clock, manual_wait_traits>;
+
+/// Checks that `moved_from` behaves as a closed limiter still on `ctx`:
+/// `start(token)` starts a request on it.
+template <typename Start>
+void fails_closed_on(asio::io_context& ctx, Start start) {
+  auto r = std::make_shared<outcome>();
+  bool on_its_executor = false;
+  start([&, h = checked_handler(r)](boost::system::error_code ec) mutable {
+    on_its_executor = ctx.get_executor().running_in_this_thread();
+    h(ec);
+  });
+  BOOST_TEST(!r->done());  // never inline
+  auto deferred = std::make_shared<outcome>();
+  start(asio::deferred)(checked_handler(deferred));
+  BOOST_TEST(settle(ctx, [&] { return r->done() && deferred->done(); }));
+  BOOST_TEST(r->calls == 1);
+  BOOST_TEST(r->ec == ratelimit::error::bucket_closed);
+  BOOST_TEST(on_its_executor);
+  BOOST_TEST(deferred->ec == ratelimit::error::bucket_closed);
+}
+
+}  // namespace
+
+BOOST_FIXTURE_TEST_SUITE(asio_conventions, clock_fixture)
+
+// The old bucket dereferenced its null state (SIGSEGV) on any use after a move.
+BOOST_AUTO_TEST_CASE(a_moved_from_bucket_is_a_closed_bucket_on_its_executor) {
+  asio::io_context ctx;
+  test_bucket a(ctx, 2, per_second(1));
+  test_bucket b(std::move(a));
+  BOOST_TEST((a.get_executor() == asio::any_io_executor(ctx.get_executor())));
+  BOOST_TEST(!a.is_open());
+  BOOST_TEST(!a.try_get_token());
+  BOOST_TEST(!a.try_get_token(0));
+  BOOST_TEST(a.capacity() == 0u);
+  BOOST_TEST(a.available() == 0u);
+  BOOST_TEST(a.waiting() == 0u);
+  BOOST_TEST(a.cancel() == 0u);
+  a.close();
+  boost::system::error_code ec;
+  a.get_token(ec);
+  BOOST_TEST(ec == ratelimit::error::bucket_closed);
+  BOOST_TEST(!a.try_get_token_for(1s, 1, ec));
+  BOOST_TEST(ec == ratelimit::error::bucket_closed);
+  BOOST_CHECK_THROW(a.get_token(), boost::system::system_error);
+  BOOST_CHECK_THROW(a.set_rate(ratelimit::rate{0, 1s}), std::invalid_argument);  // still validates
+  a.set_rate(per_second(5));
+  a.set_capacity(5);
+  BOOST_TEST(a.capacity() == 0u);
+  fails_closed_on(ctx, [&](auto&& token) { return a.async_get_token(std::move(token)); });
+  // The bucket moved to works, and a moved-from one can be assigned to.
+  BOOST_TEST(b.try_get_token(2));
+  a = std::move(b);
+  manual_clock::advance(1s);
+  BOOST_TEST(a.try_get_token());
+}
+
+// The old keyed_limiter could not be moved at all (compile error).
+BOOST_AUTO_TEST_CASE(a_moved_from_keyed_limiter_is_a_closed_one_on_its_executor) {
+  asio::io_context ctx;
+  test_keyed a(ctx, 2, per_second(1), 4);
+  BOOST_TEST(a.try_get_token(1));
+  test_keyed b(std::move(a));
+  BOOST_TEST((a.get_executor() == asio::any_io_executor(ctx.get_executor())));
+  BOOST_TEST(!a.is_open());
+  BOOST_TEST(!a.try_get_token(1));
+  boost::system::error_code ec;
+  BOOST_TEST(!a.try_get_token(1, 1, ec));
+  BOOST_TEST(ec == ratelimit::error::bucket_closed);
+  BOOST_TEST(a.size() == 0u);
+  BOOST_TEST(!a.contains(1));
+  BOOST_TEST(a.available(1) == 0u);
+  BOOST_TEST(a.cancel() == 0u);
+  BOOST_TEST(a.evict() == 0u);
+  a.close();
+  a.get_token(1, ec);
+  BOOST_TEST(ec == ratelimit::error::bucket_closed);
+  BOOST_CHECK_THROW(a.get_token(1), boost::system::system_error);
+  fails_closed_on(ctx, [&](auto&& token) { return a.async_get_token(1, std::move(token)); });
+  BOOST_TEST(b.contains(1));  // the state moved with it
+  BOOST_TEST(b.try_get_token(1));
+  BOOST_TEST(!b.try_get_token(1));
+  a = std::move(b);
+  BOOST_TEST(a.contains(1));
+}
+
+// The old classes had no converting move (and the keyed limiter no move):
+// as_default_on did not compile.
+BOOST_AUTO_TEST_CASE(as_default_on_makes_use_awaitable_the_default_token) {
+  asio::io_context ctx;
+  test_bucket plain(ctx, 2, per_second(1), ratelimit::start_empty);
+  auto bucket = asio::use_awaitable_t<>::as_default_on(std::move(plain));
+  auto keyed = asio::use_awaitable_t<>::as_default_on(test_keyed(ctx, 2, per_second(1), 4));
+  static_assert(
+      std::is_same_v<decltype(bucket)::executor_type,
+                     asio::use_awaitable_t<>::executor_with_default<asio::any_io_executor>>);
+  static_assert(std::is_same_v<decltype(keyed)::executor_type, decltype(bucket)::executor_type>);
+  BOOST_TEST((bucket.get_executor() == asio::any_io_executor(ctx.get_executor())));
+  BOOST_TEST(keyed.try_get_token(7, 2));
+  int got = 0;
+  asio::co_spawn(
+      ctx,
+      [&]() -> asio::awaitable<void> {
+        co_await bucket.async_get_token();  // no token: use_awaitable
+        ++got;
+        co_await bucket.async_get_token(2);
+        ++got;
+        co_await keyed.async_get_token(7);
+        ++got;
+        co_await keyed.async_get_token(7, 2);
+        ++got;
+      },
+      asio::detached);
+  BOOST_TEST(settle(ctx, [&] { return bucket.waiting() == 1; }));
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return got == 1; }));
+  manual_clock::advance(2s);  // the bucket's 2, and key 7's first
+  BOOST_TEST(settle(ctx, [&] { return got == 3; }));
+  manual_clock::advance(2s);
+  BOOST_TEST(settle(ctx, [&] { return got == 4; }));
+  // The bucket it was made from is moved-from: closed, on the same executor.
+  BOOST_TEST(!plain.is_open());
+  fails_closed_on(ctx, [&](auto&& token) { return plain.async_get_token(std::move(token)); });
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// --- Allocation -------------------------------------------------------------
+//
+// An operation is allocated once, when it starts, with the handler's
+// associated allocator; completing it (posting it to the context, then
+// dispatching it to the handler's executor) allocates nothing, whether it is
+// granted at once, granted by the timer, cancelled or closed, and whichever
+// executor the handler runs on.
+
+namespace {
+
+struct allocation_counts {
+  std::atomic<int> allocated{0};
+  std::atomic<int> deallocated{0};
+};
+
+template <typename T>
+class counting_allocator {
+ public:
+  using value_type = T;
+
+  explicit counting_allocator(allocation_counts* c) noexcept : c_(c) {}
+  template <typename U>
+  counting_allocator(const counting_allocator<U>& other) noexcept : c_(other.c_) {}
+
+  T* allocate(std::size_t n) {
+    ++c_->allocated;
+    return std::allocator<T>().allocate(n);
+  }
+  void deallocate(T* p, std::size_t n) noexcept {
+    ++c_->deallocated;
+    std::allocator<T>().deallocate(p, n);
+  }
+
+  template <typename U>
+  friend bool operator==(const counting_allocator& a, const counting_allocator<U>& b) noexcept {
+    return a.c_ == b.c_;
+  }
+  template <typename U>
+  friend bool operator!=(const counting_allocator& a, const counting_allocator<U>& b) noexcept {
+    return a.c_ != b.c_;
+  }
+
+ private:
+  template <typename>
+  friend class counting_allocator;
+  allocation_counts* c_;
+};
+
+}  // namespace
+
+BOOST_FIXTURE_TEST_SUITE(allocation, clock_fixture)
+
+namespace {
+
+/// Starts four requests, each with its own counting allocator and `ex` as its
+/// handler's executor, on a bucket of `bucket_ex` (run by other threads):
+/// one granted at once, one by the timer, one cancelled, one closed. Each is
+/// allocated once, when it starts, and nothing at all is allocated after.
+void allocates_once_and_never_at_completion(const asio::any_io_executor& bucket_ex,
+                                            const asio::any_io_executor& ex) {
+  manual_clock::reset();
+  test_bucket bucket(bucket_ex, 2, per_second(1), ratelimit::initial_tokens{1});
+  allocation_counts counts;
+  std::vector<std::shared_ptr<outcome>> r(4);
+  asio::cancellation_signal sig;  // emitted here, before the request can complete
+  auto start = [&](std::shared_ptr<outcome>& o) {
+    o = std::make_shared<outcome>();
+    bucket.async_get_token(asio::bind_cancellation_slot(
+        sig.slot(), asio::bind_allocator(counting_allocator<int>(&counts),
+                                         asio::bind_executor(ex, checked_handler(o)))));
+  };
+  start(r[0]);  // granted at once
+  BOOST_TEST(counts.allocated == 1);
+  BOOST_TEST(eventually([&] { return r[0]->done(); }));
+  start(r[1]);  // granted by the timer
+  BOOST_TEST(eventually([&] { return bucket.waiting() == 1; }));
+  manual_clock::advance(1s);
+  BOOST_TEST(eventually([&] { return r[1]->done(); }));
+  start(r[2]);  // cancelled
+  sig.emit(asio::cancellation_type::terminal);
+  BOOST_TEST(eventually([&] { return r[2]->done(); }));
+  start(r[3]);                        // closed
+  BOOST_TEST(counts.allocated == 4);  // one each, when it started...
+  bucket.close();
+  BOOST_TEST(eventually([&] { return r[3]->done(); }));
+  BOOST_TEST(counts.allocated == 4);  // ... and none since
+  BOOST_TEST(eventually([&] { return counts.deallocated == 4; }));
+  BOOST_TEST(r[0]->ok());
+  BOOST_TEST(r[1]->ok());
+  BOOST_TEST(r[2]->ec == asio::error::operation_aborted);
+  BOOST_TEST(r[3]->ec == ratelimit::error::bucket_closed);
+}
+
+template <typename Executor>
+void for_every_handler_executor(const Executor& ex) {
+  const auto fallbacks = ratelimit::detail::upcall_fallback_allocations.load();
+  const asio::any_io_executor handler_executors[] = {
+      ex,  // the bucket's own
+      asio::prefer(ex, asio::execution::outstanding_work.tracked),
+      asio::make_strand(ex),
+      asio::make_strand(asio::any_io_executor(ex)),
+  };
+  for (const auto& handler_ex : handler_executors)
+    allocates_once_and_never_at_completion(asio::any_io_executor(ex), handler_ex);
+  // Every completion step fitted the memory reserved in its operation.
+  BOOST_TEST(ratelimit::detail::upcall_fallback_allocations.load() == fallbacks);
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(on_an_io_context) {
+  running_context rc(2);
+  for_every_handler_executor(rc.ctx.get_executor());
+}
+
+BOOST_AUTO_TEST_CASE(on_a_thread_pool) {
+  asio::thread_pool pool(2);
+  for_every_handler_executor(pool.get_executor());
+  pool.join();
 }
 
 BOOST_AUTO_TEST_SUITE_END()
