@@ -4,7 +4,12 @@
 #include "test_support.hpp"
 
 #include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/deferred.hpp>
+#include <boost/asio/use_future.hpp>
+
+#include <future>
 
 #include <atomic>
 #include <map>
@@ -374,6 +379,260 @@ BOOST_AUTO_TEST_CASE(concurrent_use_from_threads) {
   }
   guard.reset();
   runner.join();
+}
+
+// Threads blocked in get_token(key) while the limiter is destroyed: they
+// wake with operation_aborted. The old limiter let them back into its freed
+// state (the key's pin count, the index) after waking: heap-use-after-free
+// under ASan. Several threads and rounds, since a woken thread races the
+// destructor.
+BOOST_AUTO_TEST_CASE(destroyed_while_threads_block_in_get_token) {
+  // The limiter lies past the start of its heap block: ASan keeps records of
+  // its own at the start of a freed block, and a mutex there reads as locked
+  // (the old code's threads then hung instead of being reported).
+  struct padded {
+    std::array<std::byte, 64> pad{};
+    test_keyed limiter;
+    explicit padded(asio::io_context& ctx) : limiter(ctx, 1, per_second(1), 8) {}
+  };
+  asio::io_context ctx;  // never run: only the destruction can end the waits
+  for (int round = 0; round < 10; ++round) {
+    auto holder = std::make_unique<padded>(ctx);
+    test_keyed* l = &holder->limiter;
+    std::vector<boost::system::error_code> ecs(4);
+    std::atomic<int> returned{0};
+    std::vector<std::thread> threads;
+    for (int k = 0; k < 4; ++k) {
+      BOOST_TEST_REQUIRE(l->try_get_token(k));  // drained: get_token must wait
+      threads.emplace_back([&, k] {
+        l->get_token(k, ecs[k]);
+        ++returned;
+      });
+    }
+    // A request for 0 tokens is refused only while another waits on the key.
+    for (int k = 0; k < 4; ++k)
+      BOOST_TEST_REQUIRE(eventually([&] { return !l->try_get_token(k, 0); }));
+    holder.reset();
+    // Bounded: a thread lost in freed memory may never return (the old code
+    // hung here without ASan). Failing leaves it joinable: the test aborts.
+    BOOST_TEST_REQUIRE(eventually([&] { return returned == 4; }, 10s));
+    for (auto& t : threads)
+      t.join();
+    for (auto& ec : ecs)
+      BOOST_TEST(ec == asio::error::operation_aborted);
+  }
+  BOOST_TEST(runs_dry(ctx));
+}
+
+// A deferred request whose key was a temporary: the operation must hold its
+// own copy. The old limiter kept a reference (std::cref) to it, and reading
+// it at launch was an ASan stack-use-after-scope.
+BOOST_AUTO_TEST_CASE(a_deferred_request_keeps_its_own_copy_of_the_key) {
+  using string_keyed =
+      ratelimit::basic_keyed_limiter<std::string, std::hash<std::string>,
+                                     std::equal_to<std::string>, manual_clock, manual_wait_traits>;
+  asio::io_context ctx;
+  string_keyed l(ctx, 1, per_second(1), 8);
+  const std::string key(64, 'k');                                 // long enough to live on the heap
+  auto op = l.async_get_token(std::string(key), asio::deferred);  // the temporary dies here
+  auto op2 = l.async_get_token(std::string(key), 1, asio::deferred);
+  BOOST_TEST(l.size() == 0u);  // nothing started yet
+  auto r = std::make_shared<outcome>();
+  auto r2 = std::make_shared<outcome>();
+  std::move(op)(checked_handler(r));
+  std::move(op2)(checked_handler(r2));
+  BOOST_TEST(l.contains(key));
+  BOOST_TEST(l.size() == 1u);
+  BOOST_TEST(settle(ctx, [&] { return r->done(); }));
+  BOOST_TEST(r->ok());
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return r2->done(); }));
+  BOOST_TEST(r2->ok());
+}
+
+// try_get_token(key, n, ec) tells "limited" (false, ec clear) from a request
+// that cannot be served at all (false, ec set). (The old limiter had no such
+// overload: compile error.)
+BOOST_AUTO_TEST_CASE(try_get_token_with_an_error_code) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 2, per_second(1), 2);
+  boost::system::error_code ec = ratelimit::error::bucket_closed;  // cleared by every call
+  BOOST_TEST(l.try_get_token(1, 2, ec));
+  BOOST_TEST(!ec);
+  ec = ratelimit::error::bucket_closed;
+  BOOST_TEST(!l.try_get_token(1, 1, ec));  // limited: the tokens are not there
+  BOOST_TEST(!ec);
+  BOOST_TEST(!l.try_get_token(1, 3, ec));
+  BOOST_TEST(ec == ratelimit::error::exceeds_capacity);
+  BOOST_TEST(l.try_get_token(2, 1, ec));  // the second key fits
+  BOOST_TEST(!ec);
+  auto queued = keyed_request(l, 2, 2);  // waits for key 2's second token
+  BOOST_TEST(settle(ctx, [&] { return !l.try_get_token(2, 0); }));
+  BOOST_TEST(!l.try_get_token(2, 1, ec));  // limited: a request is queued ahead
+  BOOST_TEST(!ec);
+  BOOST_TEST(!l.try_get_token(3, 1, ec));  // a third key: no room, nothing evictable
+  BOOST_TEST(ec == ratelimit::error::too_many_keys);
+  BOOST_TEST(!l.try_get_token(3, 1));  // the short form just says no
+  l.close();
+  BOOST_TEST(!l.try_get_token(1, 1, ec));
+  BOOST_TEST(ec == ratelimit::error::bucket_closed);
+  BOOST_TEST(!l.try_get_token(4, 1, ec));
+  BOOST_TEST(ec == ratelimit::error::bucket_closed);
+  BOOST_TEST(settle(ctx, [&] { return queued->done(); }));
+  BOOST_TEST(queued->ec == ratelimit::error::bucket_closed);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// --- The lifetime matrix, for the keyed limiter -------------------------------
+//
+// As for token_bucket (test_lifetime.cpp): destroy, close or cancel the
+// limiter while there are (a) asynchronous waiters (callbacks, coroutines, a
+// future), (b) threads blocked in get_token, (c) deferred operations not yet
+// launched (launched afterwards; one with a temporary key), (d) completions
+// posted but not yet run. Every handler exactly once, with what it is owed;
+// run() returns; ASan clean. The old limiter failed here with
+// heap-use-after-free twice over: the woken blocked threads, and deferred
+// operations launched through a raw pointer to the freed limiter. (And before
+// any of that, through the dangling key of the coroutines' requests: an
+// awaitable made in co_request's lambda starts after the lambda's temporary
+// key is gone.)
+
+namespace {
+
+enum class ending { destroy, close, cancel };
+
+const char* name(ending e) {
+  return e == ending::destroy ? "destroy" : e == ending::close ? "close" : "cancel";
+}
+
+boost::system::error_code owed(ending e) {
+  if (e == ending::close) return ratelimit::error::bucket_closed;
+  return asio::error::operation_aborted;
+}
+
+boost::system::error_code future_error(std::future<void>& f) {
+  try {
+    f.get();
+  } catch (const boost::system::system_error& e) {
+    return e.code();
+  }
+  return {};
+}
+
+}  // namespace
+
+BOOST_FIXTURE_TEST_SUITE(keyed_lifetime_matrix, clock_fixture)
+
+BOOST_AUTO_TEST_CASE(keyed_limiter_with_every_kind_of_pending_work) {
+  for (const ending how : {ending::destroy, ending::close, ending::cancel}) {
+    BOOST_TEST_CONTEXT(name(how)) {
+      manual_clock::reset();
+      asio::io_context ctx;          // polled by hand: completions wait until then
+      asio::io_context handler_ctx;  // where one completion waits, dispatched
+      // Keys 0-3 are in use below, and none of them is evictable: a fifth is refused.
+      auto limiter = std::make_unique<test_keyed>(ctx, 2, per_second(1), 4);
+      test_keyed* l = limiter.get();
+
+      // (d) granted at once on key 0, then dispatched to a handler executor
+      // not running yet.
+      auto granted = std::make_shared<outcome>();
+      l->async_get_token(0, 2, asio::bind_executor(handler_ctx, checked_handler(granted)));
+
+      // (a) waiters of every kind on key 1, and a deferred operation launched at once.
+      BOOST_TEST_REQUIRE(l->try_get_token(1, 2));
+      std::vector<std::shared_ptr<outcome>> waiters;
+      for (int i = 0; i < 3; ++i)
+        waiters.push_back(keyed_request(*l, 1));
+      int coroutines_waiting = 0;  // (a coroutine runs to its wait in one go)
+      for (int i = 0; i < 3; ++i)
+        waiters.push_back(co_request(ctx, [l, &coroutines_waiting](auto token) {
+          ++coroutines_waiting;
+          return l->async_get_token(1, token);
+        }));
+      waiters.push_back(std::make_shared<outcome>());
+      l->async_get_token(1, asio::deferred)(checked_handler(waiters.back()));
+      std::future<void> future = l->async_get_token(1, asio::use_future);
+      BOOST_TEST_REQUIRE(settle(ctx, [&] { return coroutines_waiting == 3; }));
+
+      // (b) threads blocked on keys 2 and 3.
+      boost::system::error_code ec2, ec3;
+      BOOST_TEST_REQUIRE(l->try_get_token(2, 2));
+      BOOST_TEST_REQUIRE(l->try_get_token(3, 2));
+      std::atomic<int> returned{0};
+      std::thread t2([&] {
+        l->get_token(2, ec2);
+        ++returned;
+      });
+      std::thread t3([&] {
+        l->get_token(3, 2, ec3);
+        ++returned;
+      });
+      BOOST_TEST_REQUIRE(eventually([&] { return !l->try_get_token(2, 0); }));
+      BOOST_TEST_REQUIRE(eventually([&] { return !l->try_get_token(3, 0); }));
+
+      // (c) deferred operations, not launched; one for a temporary key.
+      auto later1 = l->async_get_token(1, asio::deferred);
+      auto later2 = l->async_get_token(int{2}, 2, asio::deferred);
+
+      // (d) completions posted to the limiter's context, not run: a waiter
+      // cancelled by its own signal, and requests that fail at once.
+      asio::cancellation_signal sig;
+      auto cancelled = std::make_shared<outcome>();
+      l->async_get_token(1, asio::bind_cancellation_slot(sig.slot(), checked_handler(cancelled)));
+      sig.emit(asio::cancellation_type::terminal);
+      auto too_big = keyed_request(*l, 1, 3);
+      auto no_room = keyed_request(*l, 4);
+
+      switch (how) {
+        case ending::destroy:
+          limiter.reset();
+          break;
+        case ending::close:
+          l->close();
+          break;
+        case ending::cancel:
+          BOOST_TEST(l->cancel() == 10u);  // 8 on key 1, a thread on each of 2 and 3
+          break;
+      }
+      BOOST_TEST_REQUIRE(eventually([&] { return returned == 2; }, 10s));  // (see above)
+      t2.join();
+      t3.join();
+      // One deferred operation is launched while the rest is still pending...
+      auto late1 = std::make_shared<outcome>();
+      std::move(later1)(checked_handler(late1));
+      if (how == ending::cancel) manual_clock::advance(1s);  // still open: granted
+      BOOST_TEST(runs_dry(ctx));
+      // ... one when nothing else is left that could keep the limiter's state alive.
+      auto late2 = std::make_shared<outcome>();
+      std::move(later2)(checked_handler(late2));
+      if (how == ending::cancel) manual_clock::advance(2s);
+      BOOST_TEST(runs_dry(ctx));
+      BOOST_TEST(runs_dry(handler_ctx));
+      BOOST_TEST(granted->ok());
+      for (auto& w : waiters) {
+        BOOST_TEST(w->calls == 1);
+        BOOST_TEST(w->ec == owed(how));
+      }
+      BOOST_TEST((future.wait_for(0s) == std::future_status::ready));
+      BOOST_TEST(future_error(future) == owed(how));
+      BOOST_TEST(ec2 == owed(how));
+      BOOST_TEST(ec3 == owed(how));
+      BOOST_TEST(cancelled->calls == 1);
+      BOOST_TEST(cancelled->ec == asio::error::operation_aborted);
+      BOOST_TEST(too_big->ec == ratelimit::error::exceeds_capacity);
+      BOOST_TEST(no_room->ec == ratelimit::error::too_many_keys);
+      for (auto& late : {late1, late2}) {
+        BOOST_TEST(late->calls == 1);
+        if (how == ending::cancel)
+          BOOST_TEST(!late->ec);
+        else
+          BOOST_TEST(late->ec == owed(how));
+      }
+      limiter.reset();
+      BOOST_TEST(runs_dry(ctx));
+    }
+  }
 }
 
 BOOST_AUTO_TEST_SUITE_END()
