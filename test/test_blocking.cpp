@@ -1,17 +1,46 @@
 // The blocking calls: get_token (throwing and error_code forms),
 // try_get_token_for, FIFO with asynchronous waiters, and the refusal to block
 // a thread that runs the bucket's own event loop.
+#include <ratelimit/keyed_limiter.hpp>
 #include <ratelimit/token_bucket.hpp>
 
 #include "test_support.hpp"
 
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/execution/outstanding_work.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/prefer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/thread_pool.hpp>
+
+#include <functional>
+#include <future>
 
 namespace asio = boost::asio;
 using namespace ratelimit::test;
 using ratelimit::per_second;
+
+namespace {
+
+using test_keyed = ratelimit::basic_keyed_limiter<int, std::hash<int>, std::equal_to<int>,
+                                                  manual_clock, manual_wait_traits>;
+
+/// Runs `call` (a blocking call returning its error) on a thread of its own
+/// and returns what it returned. A call still blocked after `limit` is a
+/// failure: it is reported, and `release` (which must end the wait, e.g. by
+/// closing the bucket) is run so that the test ends anyway.
+boost::system::error_code bounded(std::function<boost::system::error_code()> call,
+                                  std::function<void()> release,
+                                  std::chrono::seconds limit = std::chrono::seconds(10)) {
+  auto result = std::async(std::launch::async, std::move(call));
+  if (result.wait_for(limit) != std::future_status::ready) {
+    BOOST_ERROR("a blocking call did not return within " << limit.count() << " s");
+    release();
+  }
+  return result.get();
+}
+
+}  // namespace
 
 BOOST_FIXTURE_TEST_SUITE(get_token, clock_fixture)
 
@@ -232,6 +261,154 @@ BOOST_AUTO_TEST_CASE(errors) {
   bucket.close();
   BOOST_TEST(!bucket.try_get_token_for(1s, 1, ec));
   BOOST_TEST(ec == ratelimit::error::bucket_closed);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// --- A context nobody runs ------------------------------------------------------
+//
+// A blocking call that must wait needs someone to run the bucket's context.
+// When its io_context is stopped (run() has returned, typically for want of
+// a work guard), nobody will: the call fails at once with context_stopped.
+// The old code waited forever (the tests bound the wait: they would fail
+// after 10 s, then release the caller by closing the bucket).
+
+BOOST_FIXTURE_TEST_SUITE(on_a_stopped_context, clock_fixture)
+
+BOOST_AUTO_TEST_CASE(fails_at_once_with_context_stopped) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 1, per_second(1), ratelimit::start_empty);
+  ctx.run();  // no work: returns at once, and the context is stopped
+  BOOST_REQUIRE(ctx.stopped());
+  const auto release = [&] { bucket.close(); };
+  BOOST_TEST(bounded(
+                 [&] {
+                   boost::system::error_code ec;
+                   bucket.get_token(ec);
+                   return ec;
+                 },
+                 release) == ratelimit::error::context_stopped);
+  BOOST_TEST(bounded(
+                 [&] {
+                   boost::system::error_code ec;
+                   BOOST_TEST(!bucket.try_get_token_for(1h, 1, ec));
+                   return ec;
+                 },
+                 release) == ratelimit::error::context_stopped);
+  BOOST_TEST(bounded(
+                 [&]() -> boost::system::error_code {
+                   try {
+                     bucket.get_token();
+                   } catch (const boost::system::system_error& e) {
+                     return e.code();
+                   }
+                   return {};
+                 },
+                 release) == ratelimit::error::context_stopped);
+  BOOST_TEST(bucket.waiting() == 0u);  // nothing was queued
+  // Where no wait is needed, a stopped context does not matter.
+  manual_clock::advance(1s);
+  bucket.get_token();
+  // Nor is the verdict sticky: run the context again and the call waits.
+  ctx.restart();
+  running_context again;
+  test_bucket live(again.ctx, 1, per_second(1), ratelimit::start_empty);
+  std::thread advance([&] {
+    eventually([&] { return live.waiting() == 1; });
+    manual_clock::advance(1s);
+  });
+  BOOST_TEST(!bounded(
+      [&] {
+        boost::system::error_code ec;
+        live.get_token(ec);
+        return ec;
+      },
+      [&] { live.close(); }));
+  advance.join();
+}
+
+BOOST_AUTO_TEST_CASE(keyed_limiter_fails_at_once_with_context_stopped) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 1, per_second(1), 4);
+  BOOST_TEST(l.try_get_token(1));
+  ctx.run();
+  BOOST_REQUIRE(ctx.stopped());
+  BOOST_TEST(bounded(
+                 [&] {
+                   boost::system::error_code ec;
+                   l.get_token(1, ec);
+                   return ec;
+                 },
+                 [&] { l.close(); }) == ratelimit::error::context_stopped);
+  BOOST_TEST(l.try_get_token(1, 0));  // nothing was queued
+  l.get_token(2);                     // a new key's bucket is full: no wait needed
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// --- would_deadlock, whatever the executor --------------------------------------
+//
+// The bucket's executor may be any of: an io_context's or a thread_pool's
+// executor (plain or tracking work), a strand over one, a strand over an
+// any_io_executor holding one; always held in an any_io_executor. From a
+// handler running there, a blocking call that must wait fails at once.
+
+BOOST_FIXTURE_TEST_SUITE(would_deadlock_for_every_executor, clock_fixture)
+
+namespace {
+
+/// From a handler posted to `ex`: get_token, try_get_token_for and a keyed
+/// get_token, each of which would have to wait.
+std::vector<boost::system::error_code> blocking_calls_from_inside(const asio::any_io_executor& ex) {
+  test_bucket bucket(ex, 1, per_second(1), ratelimit::start_empty);
+  test_keyed keyed(ex, 1, per_second(1), 4);
+  BOOST_TEST(keyed.try_get_token(1));
+  std::promise<std::vector<boost::system::error_code>> p;
+  asio::post(ex, [&] {
+    std::vector<boost::system::error_code> ecs(3);
+    bucket.get_token(ecs[0]);
+    bucket.try_get_token_for(1h, 1, ecs[1]);
+    keyed.get_token(1, ecs[2]);
+    p.set_value(ecs);
+  });
+  auto f = p.get_future();
+  if (f.wait_for(10s) != std::future_status::ready) {
+    BOOST_ERROR("a blocking call waited on its own context's thread");
+    bucket.close();  // releases it
+    keyed.close();
+  }
+  return f.get();
+}
+
+template <typename Executor>
+void check_executors(const Executor& ex) {
+  auto tracked = asio::prefer(ex, asio::execution::outstanding_work.tracked);
+  const std::pair<const char*, asio::any_io_executor> kinds[] = {
+      {"plain", ex},
+      {"tracked", tracked},
+      {"strand", asio::make_strand(ex)},
+      {"strand, tracked", asio::make_strand(tracked)},
+      {"strand over any_io_executor", asio::make_strand(asio::any_io_executor(ex))},
+  };
+  for (const auto& [what, kind] : kinds) {
+    BOOST_TEST_CONTEXT(what) {
+      for (const auto& ec : blocking_calls_from_inside(kind))
+        BOOST_TEST(ec == ratelimit::error::would_deadlock);
+    }
+  }
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(io_context) {
+  running_context rc(2);
+  check_executors(rc.ctx.get_executor());
+}
+
+BOOST_AUTO_TEST_CASE(thread_pool) {
+  asio::thread_pool pool(2);
+  check_executors(pool.get_executor());
+  pool.join();
 }
 
 BOOST_AUTO_TEST_SUITE_END()
