@@ -94,10 +94,10 @@ std::string format_command(const std::vector<std::string>& args) {
     lens.push_back(a.size());
   }
   char* cmd = nullptr;
-  const int len = hiredis_should_fail(hiredis_call::format_command)
-                      ? -1
-                      : redisFormatCommandArgv(&cmd, static_cast<int>(args.size()), argv.data(),
-                                               lens.data());
+  const int len =
+      hiredis_should_fail(hiredis_call::format_command)
+          ? -1
+          : redisFormatCommandArgv(&cmd, static_cast<int>(args.size()), argv.data(), lens.data());
   if (len < 0 || !cmd) throw std::bad_alloc();
   std::unique_ptr<char, void (*)(char*)> owned(cmd, [](char* p) { redisFreeCommand(p); });
   return std::string(cmd, static_cast<std::size_t>(len));
@@ -196,7 +196,7 @@ class connection_impl final : public redis_connection::impl,
   void close() noexcept override {
     if (close_posted_.exchange(true)) return;
     try {
-      asio::post(strand_, close_step{this->shared_from_this(), &close_memory_});
+      asio::post(strand_, close_step{this->shared_from_this(), close_memory_.get()});
     } catch (...) {
       // Only if the strand itself cannot be scheduled (over an
       // any_io_executor, Asio posts its invoker without our allocator): the
@@ -633,7 +633,16 @@ class connection_impl final : public redis_connection::impl,
 
   std::atomic<bool> close_posted_{false};
   std::atomic<bool> close_wanted_{false};
-  close_memory close_memory_;
+  /// Apart from the connection, so that it outlives it while a block of it is
+  /// taken: when the context is destroyed with the close step queued on the
+  /// strand and the strand's invoker on the inner executor, the step (and with
+  /// it the last reference to the connection) goes first.
+  struct release_close_memory {
+    void operator()(close_memory* m) const noexcept {
+      m->release([](void* p) { delete static_cast<close_memory*>(p); }, m);
+    }
+  };
+  std::unique_ptr<close_memory, release_close_memory> close_memory_{new close_memory};
 
   mutable std::mutex info_mutex_;
   bool connected_flag_ = false;

@@ -104,18 +104,43 @@ class upcall_memory {
   }
 
   /// True when `p` was one of these blocks (compared, never dereferenced).
+  /// Giving back the last block of a released memory calls its release
+  /// function, which may free this object.
   bool give_back(const void* p) noexcept {
     for (std::size_t i = 0; i < Slots; ++i)
       if (p == static_cast<const void*>(data_[i])) {
         used_[i] = false;
+        if (release_fn_ && !in_use()) release_fn_(release_arg_);
         return true;
       }
     return false;
   }
 
+  bool in_use() const noexcept {
+    for (std::size_t i = 0; i < Slots; ++i)
+      if (used_[i]) return true;
+    return false;
+  }
+
+  /// The owner is done with this memory: calls `fn(arg)` (which frees it)
+  /// now when no block is taken, else when the last one is given back.
+  ///
+  /// A block can outlive the step it was taken for: a step posted to an idle
+  /// strand makes the strand post its invoker to the inner executor in a
+  /// second block, and when the context is destroyed with both queued, Asio
+  /// destroys the strand's queue (our step, and with it the owner) before the
+  /// scheduler's (the invoker, which then still lives in our memory).
+  void release(void (*fn)(void*), void* arg) noexcept {
+    if (!in_use()) return fn(arg);
+    release_fn_ = fn;
+    release_arg_ = arg;
+  }
+
  private:
   alignas(std::max_align_t) unsigned char data_[Slots][N];
   bool used_[Slots] = {};
+  void (*release_fn_)(void*) = nullptr;
+  void* release_arg_ = nullptr;
 };
 
 /// Asio 1.26 wraps a posted or dispatched function object (for us: one
@@ -246,13 +271,14 @@ void with_context_executor(const boost::asio::any_io_executor& ex, F&& f) {
 /// The executor a handler completes on: its associated executor, defaulting
 /// to the I/O object's.
 template <typename Handler>
-using handler_executor_t = boost::asio::associated_executor_t<Handler, boost::asio::any_io_executor>;
+using handler_executor_t =
+    boost::asio::associated_executor_t<Handler, boost::asio::any_io_executor>;
 
 /// That executor, tracking outstanding work while the operation exists.
 template <typename Handler>
-using tracked_executor_t = std::decay_t<decltype(boost::asio::prefer(
-    std::declval<const handler_executor_t<Handler>&>(),
-    boost::asio::execution::outstanding_work.tracked))>;
+using tracked_executor_t =
+    std::decay_t<decltype(boost::asio::prefer(std::declval<const handler_executor_t<Handler>&>(),
+                                              boost::asio::execution::outstanding_work.tracked))>;
 
 /// The allocator an operation is allocated with: the handler's own, or Asio's
 /// per-thread recycling allocator when it names none.
@@ -315,8 +341,8 @@ class plain_completion : public completion_base<Args...> {
 template <typename Handler>
 inline constexpr bool uses_io_executor =
     std::is_same_v<boost::asio::associated_executor_t<Handler, boost::asio::system_executor>,
-                   boost::asio::system_executor> &&
-    std::is_same_v<boost::asio::associated_executor_t<Handler, executors::io>, executors::io>;
+                   boost::asio::system_executor>&&
+        std::is_same_v<boost::asio::associated_executor_t<Handler, executors::io>, executors::io>;
 
 /// An operation: `Base` (a completion_base or a class derived from one) plus
 /// the handler, its work and the upcall memory.
@@ -430,14 +456,12 @@ class handler_op final : public Base {
       case action::post:
         if (op->own_executor()) {
           // Step 1 of 2: to the context behind the I/O executor, never inline.
-          with_context_executor(*io_ex, [op](const auto& ex) {
-            boost::asio::post(ex, step<false>(op));
-          });
+          with_context_executor(*io_ex,
+                                [op](const auto& ex) { boost::asio::post(ex, step<false>(op)); });
         } else {
           // The only step: to the I/O executor, never inline.
-          with_concrete_executor(*io_ex, [op](const auto& ex) {
-            boost::asio::post(ex, step<true>(op));
-          });
+          with_concrete_executor(*io_ex,
+                                 [op](const auto& ex) { boost::asio::post(ex, step<true>(op)); });
         }
         return;
       case action::dispatch:  // the caller runs on the I/O executor
@@ -455,9 +479,8 @@ class handler_op final : public Base {
   /// Step 2 of 2: to the handler's executor; inline when it already runs here.
   void dispatch_to_handler() {
     if constexpr (!uses_io_executor<Handler>) {
-      with_concrete_executor(*work_, [this](const auto& ex) {
-        boost::asio::dispatch(ex, step<true>(this));
-      });
+      with_concrete_executor(
+          *work_, [this](const auto& ex) { boost::asio::dispatch(ex, step<true>(this)); });
     }
   }
 
@@ -479,10 +502,17 @@ class handler_op final : public Base {
 #pragma GCC diagnostic pop
 #endif
 
+  /// Destroys and frees the operation; the memory (and so the operation)
+  /// lives on while a block of it is still taken (see upcall_memory::release).
   void free() noexcept {
-    alloc_type alloc(fallback_allocator());
-    alloc_traits::destroy(alloc, this);
-    alloc_traits::deallocate(alloc, this, 1);
+    memory_.release(&handler_op::free_now, this);
+  }
+
+  static void free_now(void* p) noexcept {
+    auto* op = static_cast<handler_op*>(p);
+    alloc_type alloc(op->fallback_allocator());
+    alloc_traits::destroy(alloc, op);
+    alloc_traits::deallocate(alloc, op, 1);
   }
 
   Handler handler_;
