@@ -135,7 +135,8 @@ struct exact_bucket {
 std::string str(uint128 v) {
   if (v == 0) return "0";
   std::string s;
-  for (; v; v /= 10) s.insert(s.begin(), char('0' + int(v % 10)));
+  for (; v; v /= 10)
+    s.insert(s.begin(), char('0' + int(v % 10)));
   return s;
 }
 
@@ -197,8 +198,8 @@ BOOST_AUTO_TEST_CASE(matches_reference_on_every_short_history) {
               ref.refill(t);
               if (s.available() != ref.available()) {
                 BOOST_FAIL("available differs: cap " << cap << " rate " << tokens << "/" << period
-                                                     << "ns initial " << initial << " code "
-                                                     << code << " step " << i);
+                                                     << "ns initial " << initial << " code " << code
+                                                     << " step " << i);
               }
               const bool got = s.try_take(t, want);
               if (got != ref.take(want)) BOOST_FAIL("decision differs at code " << code);
@@ -293,7 +294,8 @@ BOOST_AUTO_TEST_CASE(a_clock_going_back_mints_nothing) {
 
 BOOST_AUTO_TEST_CASE(a_clock_standing_still_mints_nothing) {
   bucket_state s(100, reduce(ratelimit::per_second(1'000'000'000)), 7, 0);
-  for (int i = 0; i < 1000; ++i) s.refill(7);
+  for (int i = 0; i < 1000; ++i)
+    s.refill(7);
   BOOST_TEST(s.available() == 0u);
 }
 

@@ -356,12 +356,12 @@ class basic_keyed_limiter {
   /// not a positive rate.
   basic_keyed_limiter(const executor_type& ex, std::uint64_t capacity, rate r, std::size_t max_keys)
       : executor_(ex),
-        impl_(std::make_shared<impl_type>(boost::asio::any_io_executor(ex), capacity, r,
-                                          max_keys)) {}
+        impl_(
+            std::make_shared<impl_type>(boost::asio::any_io_executor(ex), capacity, r, max_keys)) {}
 
   /// The same, on the executor of an execution context (e.g. an io_context).
   template <typename ExecutionContext>
-    requires std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&>
+  requires std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&>
   basic_keyed_limiter(ExecutionContext& ctx, std::uint64_t capacity, rate r, std::size_t max_keys)
       : basic_keyed_limiter(executor_type(ctx.get_executor()), capacity, r, max_keys) {}
 
@@ -372,11 +372,11 @@ class basic_keyed_limiter {
 
   /// Moves from a limiter with another executor type convertible to this one.
   template <typename Executor1>
-    requires(!std::is_same_v<Executor1, Executor> &&
-             std::is_convertible_v<const Executor1&, Executor>)
-  basic_keyed_limiter(
-      basic_keyed_limiter<Key, Hash, KeyEqual, Clock, WaitTraits, Executor1>&& other) noexcept
-      : executor_(other.executor_), impl_(std::move(other.impl_)) {}
+  requires(!std::is_same_v<Executor1, Executor> &&
+           std::is_convertible_v<const Executor1&, Executor>)
+      basic_keyed_limiter(
+          basic_keyed_limiter<Key, Hash, KeyEqual, Clock, WaitTraits, Executor1>&& other)
+  noexcept : executor_(other.executor_), impl_(std::move(other.impl_)) {}
 
   /// Shuts this limiter down (as its destructor would), then takes over `other`'s.
   basic_keyed_limiter& operator=(basic_keyed_limiter&& other) noexcept {
@@ -396,11 +396,10 @@ class basic_keyed_limiter {
   executor_type get_executor() const noexcept { return executor_; }
 
   /// Asynchronously waits for one token of `key`'s bucket.
-  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(void(boost::system::error_code))
-                Token = boost::asio::default_completion_token_t<executor_type>>
-    requires(!std::is_integral_v<std::remove_cvref_t<Token>>)
-  auto async_get_token(const Key& key,
-                       Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
+  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(void(boost::system::error_code)) Token =
+                boost::asio::default_completion_token_t<executor_type>>
+  requires(!std::is_integral_v<std::remove_cvref_t<Token>>) auto async_get_token(
+      const Key& key, Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
     return async_get_token(key, 1, std::forward<Token>(token));
   }
 

@@ -27,13 +27,19 @@ struct rate {
 };
 
 /// `n` tokens per second.
-constexpr rate per_second(std::uint64_t n) noexcept { return rate{n, std::chrono::seconds(1)}; }
+constexpr rate per_second(std::uint64_t n) noexcept {
+  return rate{n, std::chrono::seconds(1)};
+}
 
 /// `n` tokens per minute.
-constexpr rate per_minute(std::uint64_t n) noexcept { return rate{n, std::chrono::minutes(1)}; }
+constexpr rate per_minute(std::uint64_t n) noexcept {
+  return rate{n, std::chrono::minutes(1)};
+}
 
 /// `n` tokens per hour.
-constexpr rate per_hour(std::uint64_t n) noexcept { return rate{n, std::chrono::hours(1)}; }
+constexpr rate per_hour(std::uint64_t n) noexcept {
+  return rate{n, std::chrono::hours(1)};
+}
 
 /// How full a new bucket starts. The default is full (`capacity` tokens);
 /// `start_empty` starts it with none, `initial_tokens{k}` with `k` (at most the

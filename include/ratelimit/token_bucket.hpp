@@ -89,14 +89,13 @@ class basic_token_bucket {
 
   /// The same, on the executor of an execution context (e.g. an io_context).
   template <typename ExecutionContext>
-    requires std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&>
+  requires std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&>
   basic_token_bucket(ExecutionContext& ctx, std::uint64_t capacity, rate r = rate{})
       : basic_token_bucket(executor_type(ctx.get_executor()), capacity, r) {}
 
   template <typename ExecutionContext>
-    requires std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&>
-  basic_token_bucket(ExecutionContext& ctx, std::uint64_t capacity, rate r,
-                     initial_tokens initial)
+  requires std::is_convertible_v<ExecutionContext&, boost::asio::execution_context&>
+  basic_token_bucket(ExecutionContext& ctx, std::uint64_t capacity, rate r, initial_tokens initial)
       : basic_token_bucket(executor_type(ctx.get_executor()), capacity, r, initial) {}
 
   /// Moves the bucket; its waiters stay queued and complete as usual. The
@@ -111,10 +110,10 @@ class basic_token_bucket {
   /// Moves from a bucket with another executor type convertible to this one
   /// (what `as_default_on` does).
   template <typename Executor1>
-    requires(!std::is_same_v<Executor1, Executor> &&
-             std::is_convertible_v<const Executor1&, Executor>)
-  basic_token_bucket(basic_token_bucket<Clock, WaitTraits, Executor1>&& other) noexcept
-      : executor_(other.executor_), impl_(std::move(other.impl_)) {}
+  requires(!std::is_same_v<Executor1, Executor> &&
+           std::is_convertible_v<const Executor1&, Executor>)
+      basic_token_bucket(basic_token_bucket<Clock, WaitTraits, Executor1>&& other)
+  noexcept : executor_(other.executor_), impl_(std::move(other.impl_)) {}
 
   /// Closes this bucket (as its destructor would), then takes over `other`'s.
   basic_token_bucket& operator=(basic_token_bucket&& other) noexcept {
@@ -139,10 +138,10 @@ class basic_token_bucket {
   executor_type get_executor() const noexcept { return executor_; }
 
   /// Asynchronously waits for one token. Same as `async_get_token(1, token)`.
-  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(void(boost::system::error_code))
-                Token = boost::asio::default_completion_token_t<executor_type>>
-    requires(!std::is_integral_v<std::remove_cvref_t<Token>>)
-  auto async_get_token(Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
+  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(void(boost::system::error_code)) Token =
+                boost::asio::default_completion_token_t<executor_type>>
+  requires(!std::is_integral_v<std::remove_cvref_t<Token>>) auto async_get_token(
+      Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
     return async_get_token(1, std::forward<Token>(token));
   }
 

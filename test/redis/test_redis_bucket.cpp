@@ -522,12 +522,14 @@ BOOST_AUTO_TEST_CASE(lease_held_never_exceeds_the_lease_with_requests_in_flight)
   int running = 0;
   auto try_loop = [&]() -> asio::awaitable<void> {
     ++running;
-    while (!stop) co_await bucket.async_try_get_token(1, asio::as_tuple(asio::use_awaitable));
+    while (!stop)
+      co_await bucket.async_try_get_token(1, asio::as_tuple(asio::use_awaitable));
     --running;
   };
   auto wait_loop = [&]() -> asio::awaitable<void> {
     ++running;
-    while (!stop) co_await bucket.async_get_token(asio::as_tuple(asio::use_awaitable));
+    while (!stop)
+      co_await bucket.async_get_token(asio::as_tuple(asio::use_awaitable));
     --running;
   };
   for (int i = 0; i < tries; ++i)

@@ -172,7 +172,7 @@ class bucket_state {
   std::uint64_t ticks_until(uint128 n) const noexcept {
     const uint128 ticks = exact_ticks_until(n);
     return ticks >= static_cast<uint128>(max_time) ? static_cast<std::uint64_t>(max_time)
-                                                    : static_cast<std::uint64_t>(ticks);
+                                                   : static_cast<std::uint64_t>(ticks);
   }
 
   /// The time at which `n` tokens will be there (see ticks_until), saturating at max_time.

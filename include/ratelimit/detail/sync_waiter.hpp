@@ -56,8 +56,8 @@ inline bool context_runs_in_this_thread(const boost::asio::any_io_executor& ex) 
 inline bool context_stopped(const boost::asio::any_io_executor& ex) {
   bool stopped = false;
   with_context_executor(ex, [&](const auto& c) {
-    using context_type = std::remove_cvref_t<decltype(boost::asio::query(
-        c, boost::asio::execution::context))>;
+    using context_type =
+        std::remove_cvref_t<decltype(boost::asio::query(c, boost::asio::execution::context))>;
     if constexpr (std::is_same_v<context_type, boost::asio::io_context>)
       stopped = boost::asio::query(c, boost::asio::execution::context).stopped();
   });

@@ -41,7 +41,8 @@ namespace ratelimit::detail {
 template <typename Clock, typename WaitTraits>
 class timer_driver {
  public:
-  using timer_type = boost::asio::basic_waitable_timer<Clock, WaitTraits, boost::asio::any_io_executor>;
+  using timer_type =
+      boost::asio::basic_waitable_timer<Clock, WaitTraits, boost::asio::any_io_executor>;
 
   timer_driver() = default;
   timer_driver(const timer_driver&) = delete;
@@ -174,7 +175,7 @@ class timer_driver {
   bool cancelled_ = false;    // ... and it was cancelled
   bool want_ = false;         // a wake is wanted at want_at_
   std::int64_t want_at_ = 0;
-  std::int64_t pending_at_ = 0;  // the outstanding wait's expiry
+  std::int64_t pending_at_ = 0;          // the outstanding wait's expiry
   std::shared_ptr<memory_type> memory_;  // for the wait operation; made with the timer
 };
 

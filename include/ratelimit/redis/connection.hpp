@@ -72,7 +72,8 @@ inline void validate(const redis_config& c) {
   if (c.host.empty()) fail("host must not be empty");
   if (c.port == 0) fail("port must be 1 to 65535 (got 0)");
   if (!c.username.empty() && c.password.empty()) fail("username given without a password");
-  if (c.database < 0) fail("database must not be negative (got " + std::to_string(c.database) + ")");
+  if (c.database < 0)
+    fail("database must not be negative (got " + std::to_string(c.database) + ")");
   if (c.connect_timeout.count() <= 0)
     fail("connect_timeout must be positive (got " + ms(c.connect_timeout) + ")");
   if (c.request_timeout.count() <= 0)

@@ -76,13 +76,13 @@ inline void validate(const redis_bucket_options& o, std::uint64_t capacity) {
 
 /// Counters of one bucket object (tokens, not requests, unless said otherwise).
 struct redis_bucket_stats {
-  std::uint64_t round_trips = 0;       // script requests sent (requests, retries included)
-  std::uint64_t redis_tokens = 0;      // tokens taken from Redis (grants and leases)
-  std::uint64_t granted = 0;           // tokens granted to callers (all sources)
-  std::uint64_t lease_dropped = 0;     // leased tokens dropped unused (ttl, cancellation)
-  std::uint64_t fail_open_grants = 0;  // tokens granted because Redis was unavailable
-  std::uint64_t fallback_grants = 0;   // tokens granted by the local fallback bucket
-  std::uint64_t faults = 0;            // requests that found Redis unavailable
+  std::uint64_t round_trips = 0;          // script requests sent (requests, retries included)
+  std::uint64_t redis_tokens = 0;         // tokens taken from Redis (grants and leases)
+  std::uint64_t granted = 0;              // tokens granted to callers (all sources)
+  std::uint64_t lease_dropped = 0;        // leased tokens dropped unused (ttl, cancellation)
+  std::uint64_t fail_open_grants = 0;     // tokens granted because Redis was unavailable
+  std::uint64_t fallback_grants = 0;      // tokens granted by the local fallback bucket
+  std::uint64_t faults = 0;               // requests that found Redis unavailable
   std::uint64_t unavailable_replies = 0;  // ... of them, by an error reply meaning "not now"
 };
 
@@ -122,9 +122,9 @@ inline redis_error_class classify_redis_error(std::string_view message) noexcept
     }
     return redis_error_class::refused;
   }
-  static constexpr std::string_view not_now[] = {"LOADING",    "BUSY",        "READONLY",
-                                                 "MASTERDOWN", "TRYAGAIN",    "CLUSTERDOWN",
-                                                 "NOREPLICAS", "MISCONF",     "OOM"};
+  static constexpr std::string_view not_now[] = {"LOADING",    "BUSY",     "READONLY",
+                                                 "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN",
+                                                 "NOREPLICAS", "MISCONF",  "OOM"};
   for (std::string_view c : not_now)
     if (code == c) return redis_error_class::unavailable;
   if (code == "NOSCRIPT") return redis_error_class::script_missing;

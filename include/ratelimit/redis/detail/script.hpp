@@ -134,7 +134,9 @@ return {granted, taken, wait}
 )lua";
 
 /// The script's SHA1, as EVALSHA wants it (lower-case hex).
-inline std::string script_sha1(std::string_view text = bucket_script) { return sha1_hex(text); }
+inline std::string script_sha1(std::string_view text = bucket_script) {
+  return sha1_hex(text);
+}
 
 /// Largest integer a double (Lua 5.1 number) holds exactly, with all below it.
 inline constexpr std::uint64_t max_exact = std::uint64_t{1} << 53;
