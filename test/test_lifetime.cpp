@@ -179,24 +179,27 @@ BOOST_AUTO_TEST_CASE(io_context_destroyed_with_completions_pending) {
   sig.emit(asio::cancellation_type::terminal);  // the slot was cleared: no effect
 }
 
-// Regression: a completion for a handler bound to a strand runs in two steps;
-// after the first, the second sits in the strand's queue and the strand's
-// invoker in the context's, both in the operation's reserved memory. Asio
-// destroys the strand's queue first (and with it the operation): the memory
-// must live until the invoker, destroyed after it, gives its block back
-// (ASan: heap-use-after-free in scheduler::shutdown before the fix).
+// Regression: a completion for a handler bound to a strand of another context
+// runs in two steps; after the first, the second sits in the strand's queue
+// and the strand's invoker in that context's, both in the operation's
+// reserved memory. Destroying that context destroys the strand's queue first
+// (and with it the operation): the memory must live until the invoker,
+// destroyed after it, gives its block back (ASan: heap-use-after-free in
+// scheduler::shutdown before the fix).
 BOOST_AUTO_TEST_CASE(io_context_destroyed_with_a_completion_queued_on_a_strand) {
   auto r = std::make_shared<outcome>();
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 1, per_second(1));
   {
-    asio::io_context ctx;
-    test_bucket bucket(ctx, 1, per_second(1));
-    auto strand = asio::make_strand(ctx);
+    asio::io_context other;
+    auto strand = asio::make_strand(other);
     bucket.async_get_token(asio::bind_executor(strand, checked_handler(r)));
     BOOST_TEST(ctx.run_one() == 1);  // step 1: now queued on the idle strand
     BOOST_TEST(r->calls == 0);
   }
   BOOST_TEST(r->calls == 0);
   BOOST_TEST(r->destroyed_uncalled);
+  BOOST_TEST(ctx.poll() == 0u);  // nothing left behind
 }
 
 BOOST_AUTO_TEST_SUITE_END()
