@@ -4,8 +4,9 @@
 //   echo_client 127.0.0.1 5555 --lines 10
 //   +0.000 s  hello 1
 //   ...
+#include "cli.hpp"
+
 #include <boost/asio.hpp>
-#include <boost/program_options.hpp>
 
 #include <chrono>
 #include <cstdio>
@@ -14,40 +15,25 @@
 #include <string>
 
 namespace asio = boost::asio;
-namespace po = boost::program_options;
 using asio::ip::tcp;
 
 int main(int argc, char* argv[]) {
   std::string host, source, text = "hello";
-  unsigned short port = 0;
+  std::uint16_t port = 0;
   int lines = 10;
   double timeout = 30;
-  po::options_description opts(
-      "echo_client HOST PORT: sends lines to echo_server, prints the replies");
-  // clang-format off
-  opts.add_options()
-    ("help,h", "show this help")
-    ("host", po::value(&host)->required(), "server address")
-    ("port", po::value(&port)->required(), "server port")
-    ("lines,n", po::value(&lines)->default_value(lines), "lines to send (all at once)")
-    ("text", po::value(&text)->default_value(text), "each line is TEXT followed by its number")
-    ("source", po::value(&source), "local address to connect from (e.g. 127.0.0.2: another client)")
-    ("timeout", po::value(&timeout)->default_value(timeout), "seconds to wait for all replies");
-  // clang-format on
-  po::positional_options_description pos;
-  pos.add("host", 1).add("port", 1);
-  po::variables_map vm;
-  try {
-    po::store(po::command_line_parser(argc, argv).options(opts).positional(pos).run(), vm);
-    if (vm.count("help")) {
-      std::cout << opts << '\n';
-      return 0;
-    }
-    po::notify(vm);
-  } catch (const std::exception& e) {
-    std::cerr << "echo_client: " << e.what() << "\n\n" << opts << '\n';
-    return 2;
-  }
+  cli::parser cli("echo_client", "Sends lines to echo_server, prints the replies.", "HOST PORT");
+  cli.address("host", host, "server address")
+      .option("port", port, std::uint16_t(1), std::uint16_t(65535), "server port")
+      .option("lines", lines, 1, 1000000, "lines to send (all at once)")
+      .text("text", text, "each line is TEXT followed by its number")
+      .address("source", source, "local address to connect from (e.g. 127.0.0.2: another client)")
+      .option("timeout", timeout, 0.001, 31536000.0, "seconds to wait for all replies")
+      .operand("host")
+      .operand("port")
+      .required("host")
+      .required("port");
+  if (int rc = cli.parse(argc, argv); rc >= 0) return rc;
 
   try {
     asio::io_context ctx;

@@ -19,9 +19,10 @@
 #include <ratelimit.hpp>
 #include <ratelimit/keyed_limiter.hpp>
 
+#include "cli.hpp"
+
 #include <boost/asio.hpp>
 #include <boost/asio/experimental/awaitable_operators.hpp>
-#include <boost/program_options.hpp>
 
 #include <sys/resource.h>
 
@@ -30,13 +31,13 @@
 #include <ctime>
 #include <iomanip>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <sstream>
 #include <string>
 #include <variant>
 
 namespace asio = boost::asio;
-namespace po = boost::program_options;
 using asio::ip::tcp;
 using namespace asio::experimental::awaitable_operators;
 using namespace std::chrono_literals;
@@ -47,7 +48,7 @@ constexpr auto nothrow = asio::as_tuple(asio::use_awaitable);
 
 struct config {
   std::string bind = "0.0.0.0";
-  unsigned short port = 5555;
+  std::uint16_t port = 5555;
   std::uint64_t conn_rate = 10;    // new connections per second (burst: one second's worth)
   std::uint64_t msg_rate = 2;      // lines per second per client address
   std::uint64_t burst = 5;         // per-client bucket capacity
@@ -329,47 +330,32 @@ void raise_fd_limit() {
 int main(int argc, char* argv[]) {
   config cfg;
   std::string on_limit = "wait";
-  po::options_description opts(
-      "echo_server: a rate-limited TCP echo server (one line = one message)");
-  // clang-format off
-  opts.add_options()
-    ("help,h", "show this help")
-    ("bind", po::value(&cfg.bind)->default_value(cfg.bind), "address to listen on (0.0.0.0: every IPv4 interface; :: for IPv6 too)")
-    ("port", po::value(&cfg.port)->default_value(cfg.port), "TCP port (0: any free port)")
-    ("conn-rate", po::value(&cfg.conn_rate)->default_value(cfg.conn_rate), "new connections per second")
-    ("msg-rate", po::value(&cfg.msg_rate)->default_value(cfg.msg_rate), "lines per second per client address")
-    ("burst", po::value(&cfg.burst)->default_value(cfg.burst), "lines a client may send at once")
-    ("global-rate", po::value(&cfg.global_rate)->default_value(cfg.global_rate), "lines per second, all clients together")
-    ("on-limit", po::value(&on_limit)->default_value(on_limit), "wait: delay the client's lines; reject: answer each with an error line")
-    ("max-line", po::value(&cfg.max_line)->default_value(cfg.max_line), "longest line accepted, in bytes")
-    ("max-clients", po::value(&cfg.max_clients)->default_value(cfg.max_clients), "simultaneous connections")
-    ("max-keys", po::value(&cfg.max_keys)->default_value(cfg.max_keys), "client addresses tracked at once")
-    ("write-timeout", po::value(&cfg.write_timeout)->default_value(cfg.write_timeout), "seconds a client may leave its echoes unread")
-    ("shutdown-timeout", po::value(&cfg.shutdown_timeout)->default_value(cfg.shutdown_timeout), "seconds given to in-flight echoes at shutdown");
-  // clang-format on
-  po::variables_map vm;
-  try {
-    po::store(po::parse_command_line(argc, argv, opts), vm);
-    po::notify(vm);
-  } catch (const std::exception& e) {
-    std::cerr << "echo_server: " << e.what() << "\n\n" << opts << '\n';
-    return 2;
-  }
-  if (vm.count("help")) {
-    std::cout << opts << '\n';
-    return 0;
-  }
-  if (on_limit != "wait" && on_limit != "reject") {
-    std::cerr << "echo_server: --on-limit must be 'wait' or 'reject' (got '" << on_limit << "')\n";
-    return 2;
-  }
+  constexpr std::uint64_t any = std::numeric_limits<std::uint64_t>::max();
+  cli::parser cli("echo_server", "A rate-limited TCP echo server (one line = one message).");
+  cli.address("bind", cfg.bind,
+              "address to listen on (0.0.0.0: every IPv4 interface; :: for IPv6 too)")
+      .option("port", cfg.port, std::uint16_t(0), std::uint16_t(65535),
+              "TCP port (0: any free port)")
+      .option("conn-rate", cfg.conn_rate, std::uint64_t(1), any, "new connections per second")
+      .option("msg-rate", cfg.msg_rate, std::uint64_t(1), any,
+              "lines per second per client address")
+      .option("burst", cfg.burst, std::uint64_t(1), any, "lines a client may send at once")
+      .option("global-rate", cfg.global_rate, std::uint64_t(1), any,
+              "lines per second, all clients together")
+      .choice("on-limit", on_limit, {"wait", "reject"},
+              "wait: delay the client's lines; reject: answer each with an error line")
+      .option("max-line", cfg.max_line, std::size_t(1), std::size_t(1) << 30,
+              "longest line accepted, in bytes")
+      .option("max-clients", cfg.max_clients, std::size_t(1), std::size_t(1000000),
+              "simultaneous connections")
+      .option("max-keys", cfg.max_keys, std::size_t(1), std::size_t(100000000),
+              "client addresses tracked at once")
+      .option("write-timeout", cfg.write_timeout, 0.001, 31536000.0,
+              "seconds a client may leave its echoes unread")
+      .option("shutdown-timeout", cfg.shutdown_timeout, 0.0, 31536000.0,
+              "seconds given to in-flight echoes at shutdown");
+  if (int rc = cli.parse(argc, argv); rc >= 0) return rc;
   cfg.reject = on_limit == "reject";
-  if (cfg.conn_rate == 0 || cfg.msg_rate == 0 || cfg.burst == 0 || cfg.global_rate == 0 ||
-      cfg.max_line == 0 || cfg.max_clients == 0 || cfg.max_keys == 0 || cfg.write_timeout <= 0 ||
-      cfg.shutdown_timeout < 0) {
-    std::cerr << "echo_server: rates, --burst, --max-* and --write-timeout must be positive\n";
-    return 2;
-  }
 
   raise_fd_limit();
   try {

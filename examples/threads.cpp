@@ -3,14 +3,15 @@
 // one more thread runs the event loop that fires the bucket's timer. The first
 // N workers go at once (the burst), then one more each second.
 //
-//   threads [workers=6] [capacity=3] [interval_ms=1000]
+//   threads [WORKERS [CAPACITY [INTERVAL_MS]]]   (or --workers N --capacity N --interval-ms N)
 #include <ratelimit.hpp>
+
+#include "cli.hpp"
 
 #include <boost/asio.hpp>
 
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -19,13 +20,16 @@ namespace asio = boost::asio;
 using namespace std::chrono;
 
 int main(int argc, char* argv[]) {
-  const int workers = argc > 1 ? std::atoi(argv[1]) : 6;
-  const int capacity = argc > 2 ? std::atoi(argv[2]) : 3;
-  const int interval_ms = argc > 3 ? std::atoi(argv[3]) : 1000;
-  if (workers < 1 || capacity < 1 || interval_ms < 1) {
-    std::fprintf(stderr, "usage: threads [workers>=1] [capacity>=1] [interval_ms>=1]\n");
-    return 2;
-  }
+  int workers = 6, capacity = 3, interval_ms = 1000;
+  cli::parser cli("threads", "Worker threads share a bucket through the blocking get_token().",
+                  "[WORKERS [CAPACITY [INTERVAL_MS]]]");
+  cli.option("workers", workers, 1, 1000, "worker threads, each taking one token")
+      .option("capacity", capacity, 1, 1000000, "tokens the bucket holds (the burst)")
+      .option("interval-ms", interval_ms, 1, 86400000, "milliseconds between two new tokens")
+      .operand("workers")
+      .operand("capacity")
+      .operand("interval-ms");
+  if (int rc = cli.parse(argc, argv); rc >= 0) return rc;
 
   asio::io_context ctx;
   auto work = asio::make_work_guard(ctx);  // keep run() going while nobody waits

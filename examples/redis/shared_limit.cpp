@@ -3,7 +3,10 @@
 // Each process runs three coroutines for 2 seconds and prints its grants.
 //
 //   redis_shared_limit A 6379 & redis_shared_limit B 6379; wait
+//   (or --name A --port 6379 --host 127.0.0.1)
 #include <ratelimit/redis/redis_token_bucket.hpp>
+
+#include "../cli.hpp"
 
 #include <boost/asio.hpp>
 
@@ -15,9 +18,19 @@ namespace asio = boost::asio;
 using namespace std::chrono;
 
 int main(int argc, char** argv) {
-  const std::string name = argc > 1 ? argv[1] : "A";
+  std::string name = "A";
   ratelimit::redis_config cfg;  // 127.0.0.1
-  cfg.port = argc > 2 ? static_cast<std::uint16_t>(std::stoi(argv[2])) : 6379;
+  cfg.port = 6379;
+  cli::parser cli(
+      "redis_shared_limit",
+      "Three coroutines call a pretend API at 4 calls/s (burst 2) shared through Redis.",
+      "[NAME [PORT]]");
+  cli.text("name", name, "what this process prints before its lines")
+      .text("host", cfg.host, "the Redis server's host name or address")
+      .option("port", cfg.port, std::uint16_t(1), std::uint16_t(65535), "the Redis server's port")
+      .operand("name")
+      .operand("port");
+  if (int rc = cli.parse(argc, argv); rc >= 0) return rc;
 
   asio::io_context ctx;
   ratelimit::redis_connection redis(ctx, cfg);
