@@ -8,6 +8,8 @@
 //
 #include "bench.hpp"
 
+#include "../examples/cli.hpp"
+
 #include <dirent.h>
 #include <unistd.h>
 
@@ -129,11 +131,6 @@ std::FILE* open_trace() {
 
 namespace {
 
-const char* const usage =
-    "usage: bench_ratelimit --impl IMPL --workload W0|W1|W2|W3|W4|W5|W6|W6b [--quick] [--reps N]"
-    " [--waiters N]\n"
-    "       bench_ratelimit --list   (the valid impl/workload pairs)\n";
-
 // impl -> workloads it runs. The driver (scripts/bench) asks for this list.
 const std::map<std::string, std::string> pairs = {
     {"asio_ratelimit", "W0 W6 W6b"},           // W0: the clock it reads
@@ -159,37 +156,36 @@ int main(int argc, char** argv) {
   using bench::opt;
   opt.self = argv[0];
   if (const char* d = std::getenv("BENCH_TRACE_DIR")) opt.trace_dir = d;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fputs(usage, stderr);
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (a == "--impl") {
-      opt.impl = value();
-    } else if (a == "--workload") {
-      opt.workload = value();
-    } else if (a == "--quick") {
-      opt.quick = true;
-    } else if (a == "--reps") {
-      opt.reps = std::atoi(value().c_str());
-    } else if (a == "--waiters") {
-      opt.waiters = std::atol(value().c_str());
-    } else if (a == "--rate") {
-      opt.rate = std::atol(value().c_str());
-    } else if (a == "--child") {
-      opt.child = true;
-    } else if (a == "--list") {
-      for (const auto& [impl, wls] : pairs)
-        std::printf("%s %s\n", impl.c_str(), wls.c_str());
-      return 0;
-    } else {
-      std::fputs(usage, stderr);
-      return 2;
-    }
+  std::vector<std::string> impls;
+  for (const auto& p : pairs)
+    impls.push_back(p.first);
+  bool list = false;
+  cli::parser cli("bench_ratelimit",
+                  "One benchmark workload of ../shared/BENCHMARKS.md for one implementation "
+                  "(scripts/bench runs them all).");
+  cli.choice("impl", opt.impl, impls, "the implementation (see --list for its workloads)")
+      .choice("workload", opt.workload, {"W0", "W1", "W2", "W3", "W4", "W5", "W6", "W6b"},
+              "the workload")
+      .flag("quick", opt.quick, "a short run (a smoke test)")
+      .option("reps", opt.reps, 1, 10000, "measured repetitions")
+      .default_text("reps", "the workload's")
+      .option("waiters", opt.waiters, 0L, 1000000L,
+              "W5: the number of waiters (and grants per second); 0: the baseline child")
+      .default_text("waiters", "the workload's")
+      .option("rate", opt.rate, 1L, 1000000000L, "W5 child: grants per second")
+      .default_text("rate", "the waiters")
+      .flag("child", opt.child,
+            "W5: one repetition in this process (the parent re-executes itself)")
+      .flag("list", list, "print the valid impl/workload pairs");
+  if (int rc = cli.parse(argc, argv); rc >= 0) return rc;
+  if (list) {
+    for (const auto& [impl, wls] : pairs)
+      std::printf("%s %s\n", impl.c_str(), wls.c_str());
+    return 0;
+  }
+  if (opt.impl.empty() || opt.workload.empty()) {
+    std::fprintf(stderr, "bench_ratelimit: --impl and --workload are required (see --help)\n");
+    return 2;
   }
   const auto it = pairs.find(opt.impl);
   if (it == pairs.end() ||

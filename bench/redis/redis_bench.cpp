@@ -3,7 +3,7 @@
 // leasing, and redis-benchmark running EVALSHA of the same script on the same
 // server in the same run as the reference point.
 //
-//   bench_redis [--reps N] [--seconds S] [--coroutines C] [--port P]
+//   bench_redis [--reps N] [--seconds X] [--coroutines N] [--port N]
 //
 // Without --port it starts its own redis-server on a free 127.0.0.1 port (and
 // kills it at the end). One line per repetition on stdout:
@@ -15,6 +15,8 @@
 #include <ratelimit/redis/redis_token_bucket.hpp>
 
 #include <boost/asio.hpp>
+
+#include "../../examples/cli.hpp"
 
 #include <chrono>
 #include <cstdio>
@@ -177,19 +179,14 @@ int main(int argc, char** argv) {
   int reps = 5, coroutines = 200;
   double secs = 1.0;
   int port = 0;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string a = argv[i];
-    if (a == "--reps")
-      reps = std::atoi(argv[i + 1]);
-    else if (a == "--seconds")
-      secs = std::atof(argv[i + 1]);
-    else if (a == "--coroutines")
-      coroutines = std::atoi(argv[i + 1]);
-    else if (a == "--port")
-      port = std::atoi(argv[i + 1]);
-    else
-      fail("unknown option " + a);
-  }
+  cli::parser cli("bench_redis",
+                  "The Redis workload: grants per second through one connection, beside "
+                  "redis-benchmark.");
+  cli.option("reps", reps, 1, 1000, "measured repetitions")
+      .option("seconds", secs, 0.01, 3600.0, "seconds each repetition lasts")
+      .option("coroutines", coroutines, 1, 100000, "coroutines asking at once")
+      .option("port", port, 0, 65535, "a running redis-server's port (0: start one)");
+  if (int rc = cli.parse(argc, argv); rc >= 0) return rc;
   pid_t server = -1;
   if (port == 0) {
     port = free_port();

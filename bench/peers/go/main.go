@@ -25,13 +25,13 @@
 // --waiters N (W5) sets the waiter count and the rate to N/s so the ideal wall time stays 1 s;
 // --waiters 0 prints the baseline `peak_rss_kb=` per repetition instead.
 //
-// Usage: peer_go --workload W0|W1|W2|W3|W4|W5|W6|W6b [--quick] [--reps N] [--waiters N]
+// Usage: peer_go --workload W0|W1|W2|W3|W4|W5|W6|W6b [--quick] [--reps N] [--waiters N] (--help)
 package main
 
 import (
 	"bufio"
 	"context"
-	"flag"
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -54,12 +54,12 @@ const (
 )
 
 var (
-	workload = flag.String("workload", "", "W0|W1|W2|W3|W4|W5|W6|W6b")
-	quick    = flag.Bool("quick", false, "short smoke-test run")
-	reps     = flag.Int("reps", -1, "measured repetitions (default per workload)")
-	waiters  = flag.Int("waiters", -1, "W5: number of waiters (rate = waiters/s)")
-	child    = flag.Bool("child", false, "internal: one W5 repetition in this process")
-	rateFlag = flag.Float64("rate", 0, "internal: W5 child limiter rate")
+	workload = new(string)
+	quick    = new(bool)
+	reps     = func() *int { v := -1; return &v }()
+	waiters  = func() *int { v := -1; return &v }()
+	child    = new(bool)
+	rateFlag = new(float64)
 
 	sink uint64 // results of the measured ops end here so nothing is optimised away
 )
@@ -499,11 +499,151 @@ func idle(r float64) {
 	}
 }
 
-func main() {
-	flag.Parse()
-	if flag.NArg() != 0 {
-		die("unexpected arguments %v", flag.Args())
+// option is one command-line option, in the format of examples/cli.hpp (the
+// programs' command-line test reads its --help).
+type option struct {
+	name, metavar, help, allowed, def string
+	required, seen                    bool
+	set                               func(v string) error
+}
+
+func intOption(name, help, def string, target *int, lo, hi int) *option {
+	allowed := fmt.Sprintf("range: %d..%d", lo, hi)
+	return &option{name: name, metavar: "N", help: help, allowed: allowed, def: def, set: func(v string) error {
+		if v == "" || strings.ContainsAny(v[:1], "+ ") {
+			return fmt.Errorf("'%s' is not an integer (%s)", v, allowed)
+		}
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil && errors.Is(err, strconv.ErrRange) {
+			return fmt.Errorf("'%s' is out of range (%s)", v, allowed)
+		}
+		if err != nil {
+			return fmt.Errorf("'%s' is not an integer (%s)", v, allowed)
+		}
+		if n < int64(lo) || n > int64(hi) {
+			return fmt.Errorf("'%s' is out of range (%s)", v, allowed)
+		}
+		*target = int(n)
+		return nil
+	}}
+}
+
+func parseArgs(args []string) {
+	workloads := []string{"W0", "W1", "W2", "W3", "W4", "W5", "W6", "W6b"}
+	opts := []*option{
+		{name: "workload", metavar: "WORD", help: "the workload", allowed: "one of: " + strings.Join(workloads, ", "),
+			def: "", required: true, set: func(v string) error {
+				for _, w := range workloads {
+					if v == w {
+						*workload = v
+						return nil
+					}
+				}
+				return fmt.Errorf("'%s' is not allowed (one of: %s)", v, strings.Join(workloads, ", "))
+			}},
+		{name: "quick", help: "a short run (a smoke test)", set: func(string) error { *quick = true; return nil }},
+		intOption("reps", "measured repetitions", "the workload's", reps, 1, 10000),
+		intOption("waiters", "W5: the number of waiters (and grants per second); 0: the baseline child",
+			"the workload's", waiters, 0, 1000000),
+		{name: "child", help: "W5: one repetition in this process (the parent re-executes itself)",
+			set: func(string) error { *child = true; return nil }},
+		{name: "rate", metavar: "X", help: "W5 child: grants per second", allowed: "range: 1..1000000000",
+			def: "the waiters", set: func(v string) error {
+				x, err := strconv.ParseFloat(v, 64)
+				if v == "" || strings.ContainsAny(v[:1], "+ ") || strings.ContainsAny(v, "xXpP_") ||
+					(err != nil && !errors.Is(err, strconv.ErrRange)) || math.IsNaN(x) {
+					return fmt.Errorf("'%s' is not a number (range: 1..1000000000)", v)
+				}
+				if err != nil || x < 1 || x > 1e9 {
+					return fmt.Errorf("'%s' is out of range (range: 1..1000000000)", v)
+				}
+				*rateFlag = x
+				return nil
+			}},
 	}
+	usage := func() string {
+		var b strings.Builder
+		b.WriteString("usage: peer_go [OPTION]...\nThe Go peer (golang.org/x/time/rate): one benchmark workload (scripts/bench runs them all).\n\noptions:\n")
+		for _, o := range opts {
+			head := "  --" + o.name
+			if o.metavar != "" {
+				head += " " + o.metavar
+			}
+			pad := 24 - len(head)
+			if pad < 2 {
+				pad = 2
+			}
+			b.WriteString(head + strings.Repeat(" ", pad) + o.help)
+			if o.metavar != "" {
+				b.WriteString("  [" + o.allowed)
+				if o.required {
+					b.WriteString("; required")
+				} else if o.def != "" {
+					b.WriteString("; default: " + o.def)
+				}
+				b.WriteString("]")
+			}
+			b.WriteString("\n")
+		}
+		b.WriteString("  --help                show this help\n")
+		return b.String()
+	}
+	refuse := func(format string, a ...any) {
+		fmt.Fprintf(os.Stderr, "peer_go: "+format+"\n", a...)
+		os.Exit(2)
+	}
+	help := false
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--help" || a == "-h" {
+			help = true
+			continue
+		}
+		if !strings.HasPrefix(a, "--") {
+			if strings.HasPrefix(a, "-") {
+				refuse("unknown option '%s' (see --help)", a)
+			}
+			refuse("unexpected argument '%s' (see --help)", a)
+		}
+		name, value, hasValue := strings.Cut(a[2:], "=")
+		var o *option
+		for _, c := range opts {
+			if c.name == name {
+				o = c
+			}
+		}
+		if o == nil {
+			refuse("unknown option '--%s' (see --help)", name)
+		}
+		if o.metavar == "" && hasValue {
+			refuse("--%s takes no value (got '%s')", name, value)
+		}
+		if o.metavar != "" && !hasValue {
+			if i+1 >= len(args) {
+				refuse("--%s needs a value (%s)", name, o.allowed)
+			}
+			i++
+			value = args[i]
+		}
+		if o.seen {
+			refuse("--%s given twice", name)
+		}
+		o.seen = true
+		if err := o.set(value); err != nil {
+			refuse("--%s: %v", name, err)
+		}
+	}
+	if help {
+		fmt.Print(usage())
+		os.Exit(0)
+	}
+	if *workload == "" {
+		refuse("--workload is required (see --help)")
+	}
+}
+
+func main() {
+	parseArgs(os.Args[1:])
 	switch *workload {
 	case "W0", "W1", "W2", "W3":
 		throughput(*workload)

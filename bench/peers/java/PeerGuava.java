@@ -401,23 +401,90 @@ public final class PeerGuava {
         }
     }
 
-    public static void main(String[] args) throws Exception {
+    // ---- the command line, in the format of examples/cli.hpp (the programs' command-line
+    // test reads --help): every value in its range, or one line naming it and status 2.
+
+    static final String[] WORKLOADS = {"W0", "W1", "W2", "W3", "W4", "W5", "W6", "W6b"};
+
+    static void refuse(String msg) {
+        System.err.println("peer_guava: " + msg);
+        System.exit(2);
+    }
+
+    static long integer(String name, String v, long lo, long hi) {
+        String allowed = "range: " + lo + ".." + hi;
+        if (!v.matches("-?[0-9]+")) refuse("--" + name + ": '" + v + "' is not an integer (" + allowed + ")");
+        long n;
         try {
-            for (int i = 0; i < args.length; i++) {
-                switch (args[i]) {
-                    case "--workload": workload = args[++i]; break;
-                    case "--quick": quick = true; break;
-                    case "--reps": reps = Integer.parseInt(args[++i]); break;
-                    case "--waiters": waiters = Integer.parseInt(args[++i]); break;
-                    case "--child": child = true; break;
-                    case "--rate": childRate = Double.parseDouble(args[++i]); break;
-                    default: throw new IllegalArgumentException("unknown argument " + args[i]);
-                }
-            }
-        } catch (RuntimeException e) {
-            workload = "?";
-            warn(e.toString());
+            n = Long.parseLong(v);
+        } catch (NumberFormatException e) {
+            n = v.startsWith("-") ? Long.MIN_VALUE : Long.MAX_VALUE;
         }
+        if (n < lo || n > hi) refuse("--" + name + ": '" + v + "' is out of range (" + allowed + ")");
+        return n;
+    }
+
+    static void parseArgs(String[] args) {
+        String usage = "usage: peer_guava [OPTION]...\n"
+                + "The Java peer (Guava's RateLimiter): one benchmark workload (scripts/bench runs them all).\n\n"
+                + "options:\n"
+                + "  --workload WORD       the workload  [one of: " + String.join(", ", WORKLOADS) + "; required]\n"
+                + "  --quick               a short run (a smoke test)\n"
+                + "  --reps N              measured repetitions  [range: 1..10000; default: the workload's]\n"
+                + "  --waiters N           W5: the number of waiters (and grants per second); 0: the baseline child"
+                + "  [range: 0..1000000; default: the workload's]\n"
+                + "  --child               W5: one repetition in this process (the parent re-executes itself)\n"
+                + "  --rate X              W5 child: grants per second  [range: 1..1000000000; default: the waiters]\n"
+                + "  --help                show this help\n";
+        java.util.Set<String> seen = new java.util.HashSet<>();
+        java.util.Set<String> withValue = java.util.Set.of("workload", "reps", "waiters", "rate");
+        java.util.Set<String> flags = java.util.Set.of("quick", "child");
+        boolean help = false;
+        for (int i = 0; i < args.length; i++) {
+            String a = args[i];
+            if (a.equals("--help") || a.equals("-h")) { help = true; continue; }
+            if (!a.startsWith("--")) {
+                refuse(a.startsWith("-") ? "unknown option '" + a + "' (see --help)"
+                                         : "unexpected argument '" + a + "' (see --help)");
+            }
+            String name = a.substring(2), value = null;
+            int eq = name.indexOf('=');
+            if (eq >= 0) { value = name.substring(eq + 1); name = name.substring(0, eq); }
+            if (!withValue.contains(name) && !flags.contains(name)) refuse("unknown option '--" + name + "' (see --help)");
+            if (flags.contains(name) && value != null) refuse("--" + name + " takes no value (got '" + value + "')");
+            if (withValue.contains(name) && value == null) {
+                if (i + 1 >= args.length) refuse("--" + name + " needs a value");
+                value = args[++i];
+            }
+            if (!seen.add(name)) refuse("--" + name + " given twice");
+            switch (name) {
+                case "workload":
+                    if (!java.util.Arrays.asList(WORKLOADS).contains(value))
+                        refuse("--workload: '" + value + "' is not allowed (one of: " + String.join(", ", WORKLOADS) + ")");
+                    workload = value;
+                    break;
+                case "quick": quick = true; break;
+                case "child": child = true; break;
+                case "reps": reps = (int) integer(name, value, 1, 10000); break;
+                case "waiters": waiters = (int) integer(name, value, 0, 1000000); break;
+                case "rate": {
+                    String allowed = "range: 1..1000000000";
+                    if (!value.matches("-?([0-9]+\\.?[0-9]*|\\.[0-9]+)([eE][-+]?[0-9]+)?"))
+                        refuse("--rate: '" + value + "' is not a number (" + allowed + ")");
+                    double x = Double.parseDouble(value);
+                    if (!(x >= 1 && x <= 1e9)) refuse("--rate: '" + value + "' is out of range (" + allowed + ")");
+                    childRate = x;
+                    break;
+                }
+                default: break;
+            }
+        }
+        if (help) { System.out.print(usage); System.exit(0); }
+        if (workload.isEmpty()) refuse("--workload is required (see --help)");
+    }
+
+    public static void main(String[] args) throws Exception {
+        parseArgs(args);
         switch (workload) {
             case "W0": case "W1": case "W2": case "W3": throughput(workload); break;
             case "W4": paced(); break;
