@@ -3,7 +3,48 @@
 
 # The Debian packages every build needs.
 RATELIMIT_BASE_PACKAGES=(g++ cmake make ccache libboost1.81-dev libboost-test1.81-dev
-  libboost-context1.81-dev libboost-program-options1.81-dev)
+  libboost-context1.81-dev)
+
+# Command lines. Each script defines usage() (its help, on stdout) and parses
+# its whole command line before it installs or builds anything.
+
+# script_name: this script's path in the checkout (scripts/test, scripts/test.d/50-demo).
+script_name() {
+  local me root
+  me=$(realpath "$0")
+  root=$(realpath "$RATELIMIT_ROOT")
+  echo "${me#"$root"/}"
+}
+
+# usage_error MESSAGE: "SCRIPT: MESSAGE" and the usage on stderr, exit status 2.
+usage_error() {
+  echo "$(script_name): $1" >&2
+  usage >&2
+  exit 2
+}
+
+# no_arguments "$@": for the scripts that take none but --help.
+no_arguments() {
+  while [ $# -gt 0 ]; do
+    case $1 in
+      -h | --help) usage; exit 0 ;;
+      -*) usage_error "unknown option '$1'" ;;
+      *) usage_error "unexpected argument '$1'" ;;
+    esac
+  done
+}
+
+# need_value OPTION ARGC: refuses OPTION given last, without its value
+# (call with "$#" of the parsing loop, counting OPTION itself).
+need_value() { [ "$2" -ge 2 ] || usage_error "$1 needs a value"; }
+
+# check_int OPTION VALUE MIN MAX: refuses VALUE unless it is a decimal integer in MIN..MAX.
+check_int() {
+  local opt=$1 v=$2 min=$3 max=$4
+  if ! [[ $v =~ ^[0-9]{1,18}$ ]] || ((10#$v < min || 10#$v > max)); then
+    usage_error "$opt: '$v' is not an integer in $min..$max"
+  fi
+}
 
 # ensure_packages PKG...: installs (as root, or through sudo) those not installed yet.
 ensure_packages() {
