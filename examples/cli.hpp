@@ -13,15 +13,18 @@
 //   --NAME X      help text  [range: LO..HI; default: D]     a real number
 //   --NAME WORD   help text  [one of: a, b; default: a]
 //   --NAME ADDR   help text  [an IP address; default: D]
-//   --NAME TEXT   help text  [text; default: D]
+//   --NAME TEXT   help text  [text; default: D]              one line, not empty
 //   --NAME        help text                                  a flag
+//   operands: HOST (--host), PORT (--port)
 //
 // Values are given as `--name value` or `--name=value`. Operands (arguments
-// that are not options) fill the options named by operand(), in order. The
-// whole command line is checked before `--help` is answered, so
-// `prog --port 65535 --help` tells whether 65535 is accepted.
+// that are not options) set, in order, the operand options not given as
+// options. The whole command line is checked before `--help` is answered, so
+// `prog --port 65535 --help` tells whether 65535 is accepted. In messages, a
+// value's control characters are shown escaped (\n, \x1b), so that the
+// message stays one line.
 //
-//   cli::parser cli("echo_client", "sends lines to echo_server, prints the replies");
+//   cli::parser cli("echo_client", "Sends lines to echo_server.", "HOST PORT");
 //   cli.option("port", port, std::uint16_t(1), std::uint16_t(65535), "server port");
 //   if (int rc = cli.parse(argc, argv); rc >= 0) return rc;
 #ifndef RATELIMIT_EXAMPLES_CLI_HPP
@@ -33,16 +36,16 @@
 #include <charconv>
 #include <cmath>
 #include <concepts>
-#include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <iostream>
-#include <limits>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <type_traits>
 #include <vector>
 
 namespace cli {
@@ -53,6 +56,26 @@ class bad_input : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+/// `v` in single quotes, its control characters escaped (one line).
+inline std::string quoted(std::string_view v) {
+  static const char* const hex = "0123456789abcdef";
+  std::string s = "'";
+  for (unsigned char c : v) {
+    if (c == '\n') {
+      s += "\\n";
+    } else if (c == '\t') {
+      s += "\\t";
+    } else if (c < 0x20 || c == 0x7f) {
+      s += "\\x";
+      s += hex[c >> 4];
+      s += hex[c & 15];
+    } else {
+      s += static_cast<char>(c);
+    }
+  }
+  return s + "'";
+}
+
 /// The shortest text that reads back as `x`.
 inline std::string format_real(double x) {
   char buf[64];
@@ -61,29 +84,31 @@ inline std::string format_real(double x) {
 }
 
 /// Parses all of `text` as a decimal integer of type T: digits only (a sign
-/// only where T is signed), no spaces, no base prefix, within [min, max].
+/// only where T is signed, or for a negative number refused as out of range),
+/// no spaces, no base prefix, within [min, max].
 template <std::integral T>
 T parse_integer(std::string_view text, T min, T max, const std::string& allowed) {
-  T v{};
+  const auto out_of_range = [&] {
+    return bad_input(quoted(text) + " is out of range (" + allowed + ")");
+  };
   const char* first = text.data();
   const char* last = first + text.size();
-  const bool plain = !text.empty() && text.front() != '+';
-  auto [ptr, ec] = plain ? std::from_chars(first, last, v)
-                         : std::from_chars_result{first, std::errc::invalid_argument};
-  if (ec == std::errc::result_out_of_range ||
-      (ec == std::errc() && ptr == last && (v < min || v > max)))
-    throw bad_input("'" + std::string(text) + "' is out of range (" + allowed + ")");
-  if (ec != std::errc() || ptr != last) {
-    // "-1" for an unsigned option is out of range, not garbage.
-    if constexpr (std::is_unsigned_v<T>) {
-      long long s{};
-      auto [p2, e2] = std::from_chars(first, last, s);
-      if ((e2 == std::errc() && p2 == last && s < 0) ||
-          (e2 == std::errc::result_out_of_range && text.front() == '-'))
-        throw bad_input("'" + std::string(text) + "' is out of range (" + allowed + ")");
+  const bool negative = !text.empty() && text.front() == '-';
+  // Digits only after an optional '-'; from_chars does the rest.
+  const std::string_view digits = negative ? text.substr(1) : text;
+  if (digits.empty() || digits.find_first_not_of("0123456789") != std::string_view::npos)
+    throw bad_input(quoted(text) + " is not an integer (" + allowed + ")");
+  if constexpr (std::is_unsigned_v<T>) {
+    if (negative) {
+      if (digits.find_first_not_of('0') == std::string_view::npos && min == 0) return 0;  // -0
+      throw out_of_range();
     }
-    throw bad_input("'" + std::string(text) + "' is not an integer (" + allowed + ")");
   }
+  T v{};
+  auto [ptr, ec] = std::from_chars(first, last, v);
+  if (ec == std::errc::result_out_of_range || v < min || v > max) throw out_of_range();
+  if (ec != std::errc() || ptr != last)
+    throw bad_input(quoted(text) + " is not an integer (" + allowed + ")");
   return v;
 }
 
@@ -93,15 +118,21 @@ inline double parse_real(std::string_view text, double min, double max,
   double v{};
   const char* first = text.data();
   const char* last = first + text.size();
-  const bool plain = !text.empty() && text.front() != '+';
+  const bool plain = !text.empty() && (std::isdigit(static_cast<unsigned char>(text.front())) ||
+                                       text.front() == '-' || text.front() == '.');
   auto [ptr, ec] = plain ? std::from_chars(first, last, v, std::chars_format::general)
                          : std::from_chars_result{first, std::errc::invalid_argument};
-  if (ec == std::errc::result_out_of_range && ptr == last)
-    throw bad_input("'" + std::string(text) + "' is out of range (" + allowed + ")");
-  if (ec != std::errc() || ptr != last || std::isnan(v))
-    throw bad_input("'" + std::string(text) + "' is not a number (" + allowed + ")");
-  if (!(v >= min && v <= max))
-    throw bad_input("'" + std::string(text) + "' is out of range (" + allowed + ")");
+  if (ptr != last || (ec != std::errc() && ec != std::errc::result_out_of_range) || std::isnan(v) ||
+      std::isinf(v))
+    throw bad_input(quoted(text) + " is not a finite number (" + allowed + ")");
+  if (ec == std::errc::result_out_of_range) {
+    // Too large, or too close to 0 to be represented (1e-400).
+    const double approx = std::strtod(std::string(text).c_str(), nullptr);
+    if (approx == 0 || std::abs(approx) < 1)
+      throw bad_input(quoted(text) + " is too close to 0 to be represented (" + allowed + ")");
+    throw bad_input(quoted(text) + " is out of range (" + allowed + ")");
+  }
+  if (!(v >= min && v <= max)) throw bad_input(quoted(text) + " is out of range (" + allowed + ")");
   return v;
 }
 
@@ -136,7 +167,7 @@ class parser {
     return *this;
   }
 
-  /// A word out of `choices`.
+  /// A word out of `choices` (matched exactly).
   parser& choice(const std::string& name, std::string& target, std::vector<std::string> choices,
                  const std::string& help) {
     std::string allowed = "one of: ";
@@ -148,29 +179,29 @@ class parser {
           target = c;
           return;
         }
-      throw bad_input("'" + std::string(v) + "' is not allowed (" + allowed + ")");
+      throw bad_input(quoted(v) + " is not allowed (" + allowed + ")");
     });
     return *this;
   }
 
-  /// An IPv4 or IPv6 address; empty when not given and `target` was empty.
+  /// An IPv4 or IPv6 address.
   parser& address(const std::string& name, std::string& target, const std::string& help) {
-    const std::string allowed = "an IP address";
-    add(name, "ADDR", help, allowed, target, [&target, allowed](std::string_view v) {
+    add(name, "ADDR", help, "an IP address", target, [&target](std::string_view v) {
       boost::system::error_code ec;
       boost::asio::ip::make_address(std::string(v), ec);
-      if (ec) throw bad_input("'" + std::string(v) + "' is not an IP address");
+      if (ec) throw bad_input(quoted(v) + " is not an IP address");
       target = v;
     });
     return *this;
   }
 
-  /// Free text of one line (no control characters).
+  /// One line of text, not empty, without control characters.
   parser& text(const std::string& name, std::string& target, const std::string& help) {
     add(name, "TEXT", help, "text", target, [&target](std::string_view v) {
+      if (v.empty()) throw bad_input("the text is empty (one line of text)");
       for (unsigned char c : v)
         if (c < 0x20 || c == 0x7f)
-          throw bad_input("the value has a control character (one line of text)");
+          throw bad_input(quoted(v) + " has a control character (one line of text)");
       target = v;
     });
     return *this;
@@ -182,9 +213,10 @@ class parser {
     return *this;
   }
 
-  /// The next operand (argument that is not an option) sets option `name`.
-  parser& operand(const std::string& name) {
-    find(name);  // must exist
+  /// The next operand sets option `name`, named `label` in messages (e.g.
+  /// HOST for --host). Operands fill, in order, those not given as options.
+  parser& operand(const std::string& name, std::string label) {
+    find(name).label = std::move(label);
     operand_names_.push_back(name);
     return *this;
   }
@@ -201,16 +233,13 @@ class parser {
     return *this;
   }
 
-  /// Whether option `name` was given.
-  bool given(const std::string& name) const { return find(name).seen; }
-
   /// Parses the command line. Returns -1 when the program should go on; 0
   /// after printing --help; 2 after printing one line about bad input.
   int parse(int argc, char** argv) {
     try {
       bool help = false;
-      std::size_t next_operand = 0;
       bool only_operands = false;
+      std::vector<std::string_view> operands;
       for (int i = 1; i < argc; ++i) {
         std::string_view a = argv[i];
         if (!only_operands && a == "--") {
@@ -221,35 +250,42 @@ class parser {
           help = true;
           continue;
         }
-        if (!only_operands && a.size() > 1 && a.front() == '-' && !is_negative_number(a)) {
-          if (a.substr(0, 2) != "--")
-            throw bad_input("unknown option '" + std::string(a) + "' (see --help)");
-          std::string_view name = a.substr(2);
-          std::optional<std::string_view> value;
-          if (auto eq = name.find('='); eq != name.npos) {
-            value = name.substr(eq + 1);
-            name = name.substr(0, eq);
-          }
-          entry* e = lookup(name);
-          if (!e) throw bad_input("unknown option '--" + std::string(name) + "' (see --help)");
-          if (e->metavar.empty()) {
-            if (value)
-              throw bad_input("--" + e->name + " takes no value (got '" + std::string(*value) +
-                              "')");
-            set(*e, "");
-            continue;
-          }
-          if (!value) {
-            if (i + 1 >= argc)
-              throw bad_input("--" + e->name + " needs a value (" + e->allowed + ")");
-            value = argv[++i];
-          }
-          set(*e, *value);
+        if (only_operands || a.size() < 2 || a.front() != '-' || is_negative_number(a)) {
+          operands.push_back(a);
           continue;
         }
-        if (next_operand >= operand_names_.size())
-          throw bad_input("unexpected argument '" + std::string(a) + "' (see --help)");
-        set(find(operand_names_[next_operand++]), a);
+        if (a.substr(0, 2) != "--")
+          throw bad_input("unknown option " + quoted(a) + " (see --help)");
+        std::string_view name = a.substr(2);
+        std::optional<std::string_view> value;
+        if (auto eq = name.find('='); eq != name.npos) {
+          value = name.substr(eq + 1);
+          name = name.substr(0, eq);
+        }
+        entry* e = lookup(name);
+        if (!e)
+          throw bad_input("unknown option " + quoted("--" + std::string(name)) + " (see --help)");
+        if (e->metavar.empty()) {
+          if (value)
+            throw bad_input("--" + e->name + " takes no value (got " + quoted(*value) + ")");
+          set(*e, "");
+          continue;
+        }
+        if (!value) {
+          if (i + 1 >= argc)
+            throw bad_input("--" + e->name + " needs a value (" + e->allowed + ")");
+          value = argv[++i];
+        }
+        set(*e, *value);
+      }
+      // Operands fill the operand options not given as options, in order.
+      std::size_t slot = 0;
+      for (std::string_view a : operands) {
+        while (slot < operand_names_.size() && find(operand_names_[slot]).seen)
+          ++slot;
+        if (slot == operand_names_.size())
+          throw bad_input("unexpected argument " + quoted(a) + " (see --help)");
+        set(find(operand_names_[slot++]), a);
       }
       if (help) {
         std::cout << usage();
@@ -257,7 +293,8 @@ class parser {
       }
       for (const auto& e : entries_)
         if (e.required && !e.seen)
-          throw bad_input("--" + e.name + " is required (" + e.allowed + ")");
+          throw bad_input((e.label.empty() ? "" : e.label + " (") + "--" + e.name +
+                          (e.label.empty() ? "" : ")") + " is required (" + e.allowed + ")");
     } catch (const bad_input& e) {
       std::cerr << program_ << ": " << e.what() << '\n';
       return 2;
@@ -284,7 +321,15 @@ class parser {
       }
       os << '\n';
     }
-    os << "  --help                show this help\n";
+    os << "  --help, -h            show this help\n";
+    if (!operand_names_.empty()) {
+      os << "operands:";
+      for (std::size_t i = 0; i < operand_names_.size(); ++i) {
+        const entry& e = find(operand_names_[i]);
+        os << (i ? ", " : " ") << e.label << " (--" << e.name << ")";
+      }
+      os << '\n';
+    }
     return os.str();
   }
 
@@ -292,6 +337,7 @@ class parser {
   struct entry {
     std::string name, metavar, help, allowed, default_text;
     std::function<void(std::string_view)> apply;
+    std::string label;  // the operand's name, if it is one
     bool required = false;
     bool seen = false;
   };
@@ -305,8 +351,14 @@ class parser {
            std::string allowed, std::string default_text,
            std::function<void(std::string_view)> apply) {
     if (lookup(name)) throw std::logic_error("cli: option --" + name + " defined twice");
-    entries_.push_back({name, std::move(metavar), help, std::move(allowed), std::move(default_text),
-                        std::move(apply)});
+    entry e;
+    e.name = name;
+    e.metavar = std::move(metavar);
+    e.help = help;
+    e.allowed = std::move(allowed);
+    e.default_text = std::move(default_text);
+    e.apply = std::move(apply);
+    entries_.push_back(std::move(e));
   }
 
   entry* lookup(std::string_view name) {
@@ -321,7 +373,9 @@ class parser {
   const entry& find(const std::string& name) const { return const_cast<parser*>(this)->find(name); }
 
   void set(entry& e, std::string_view value) {
-    if (e.seen) throw bad_input("--" + e.name + " given twice");
+    if (e.seen)
+      throw bad_input("--" + e.name + (e.label.empty() ? "" : " (" + e.label + ")") +
+                      " given twice");
     e.seen = true;
     try {
       e.apply(value);

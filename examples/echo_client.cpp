@@ -29,8 +29,8 @@ int main(int argc, char* argv[]) {
       .text("text", text, "each line is TEXT followed by its number")
       .address("source", source, "local address to connect from (e.g. 127.0.0.2: another client)")
       .option("timeout", timeout, 0.001, 31536000.0, "seconds to wait for all replies")
-      .operand("host")
-      .operand("port")
+      .operand("host", "HOST")
+      .operand("port", "PORT")
       .required("host")
       .required("port");
   if (int rc = cli.parse(argc, argv); rc >= 0) return rc;

@@ -26,9 +26,9 @@ int main(int argc, char* argv[]) {
   cli.option("workers", workers, 1, 1000, "worker threads, each taking one token")
       .option("capacity", capacity, 1, 1000000, "tokens the bucket holds (the burst)")
       .option("interval-ms", interval_ms, 1, 86400000, "milliseconds between two new tokens")
-      .operand("workers")
-      .operand("capacity")
-      .operand("interval-ms");
+      .operand("workers", "WORKERS")
+      .operand("capacity", "CAPACITY")
+      .operand("interval-ms", "INTERVAL_MS");
   if (int rc = cli.parse(argc, argv); rc >= 0) return rc;
 
   asio::io_context ctx;

@@ -28,32 +28,37 @@ int main(int argc, char** argv) {
   cli.text("name", name, "what this process prints before its lines")
       .text("host", cfg.host, "the Redis server's host name or address")
       .option("port", cfg.port, std::uint16_t(1), std::uint16_t(65535), "the Redis server's port")
-      .operand("name")
-      .operand("port");
+      .operand("name", "NAME")
+      .operand("port", "PORT");
   if (int rc = cli.parse(argc, argv); rc >= 0) return rc;
 
-  asio::io_context ctx;
-  ratelimit::redis_connection redis(ctx, cfg);
-  ratelimit::redis_token_bucket bucket(redis, "example:payment-api", 2, ratelimit::per_second(4));
+  try {
+    asio::io_context ctx;
+    ratelimit::redis_connection redis(ctx, cfg);
+    ratelimit::redis_token_bucket bucket(redis, "example:payment-api", 2, ratelimit::per_second(4));
 
-  const auto t0 = steady_clock::now();
-  int granted = 0, running = 0;
-  auto caller = [&](int id) -> asio::awaitable<void> {
-    ++running;
-    while (steady_clock::now() - t0 < seconds(2)) {
-      auto [ec] = co_await bucket.async_get_token(asio::as_tuple(asio::use_awaitable));
-      if (ec) {
-        std::cout << name << id << ": " << ec.message() << "\n";  // e.g. "redis unavailable"
-        break;
+    const auto t0 = steady_clock::now();
+    int granted = 0, running = 0;
+    auto caller = [&](int id) -> asio::awaitable<void> {
+      ++running;
+      while (steady_clock::now() - t0 < seconds(2)) {
+        auto [ec] = co_await bucket.async_get_token(asio::as_tuple(asio::use_awaitable));
+        if (ec) {
+          std::cout << name << id << ": " << ec.message() << "\n";  // e.g. "redis unavailable"
+          break;
+        }
+        ++granted;
+        std::cout << name << id << " calls the API at "
+                  << duration_cast<milliseconds>(steady_clock::now() - t0).count() << " ms\n";
       }
-      ++granted;
-      std::cout << name << id << " calls the API at "
-                << duration_cast<milliseconds>(steady_clock::now() - t0).count() << " ms\n";
-    }
-    if (--running == 0) redis.close();  // lets ctx.run() return
-  };
-  for (int id = 1; id <= 3; ++id)
-    asio::co_spawn(ctx, caller(id), asio::detached);
-  ctx.run();
-  std::cout << name << ": " << granted << " calls\n";
+      if (--running == 0) redis.close();  // lets ctx.run() return
+    };
+    for (int id = 1; id <= 3; ++id)
+      asio::co_spawn(ctx, caller(id), asio::detached);
+    ctx.run();
+    std::cout << name << ": " << granted << " calls\n";
+  } catch (const std::exception& e) {  // e.g. a host name that does not resolve
+    std::cerr << "redis_shared_limit: " << e.what() << '\n';
+    return 1;
+  }
 }
