@@ -170,7 +170,8 @@ int main(int argc, char** argv) {
       .option("reps", opt.reps, 1, 10000, "measured repetitions")
       .default_text("reps", "the workload's")
       .option("waiters", opt.waiters, 0L, 1000000L,
-              "W5: the number of waiters (and grants per second); 0: the baseline child")
+              "W5: the number of waiters (and grants per second); 0: the baseline child; a "
+              "multiple of 1000 above 1000 for the blocking rows")
       .default_text("waiters", "the workload's")
       .option("rate", opt.rate, 1L, 1000000000L, "W5 child: grants per second")
       .default_text("rate", "the waiters")
@@ -185,6 +186,20 @@ int main(int argc, char** argv) {
   }
   if (opt.impl.empty() || opt.workload.empty()) {
     std::fprintf(stderr, "bench_ratelimit: --impl and --workload are required (see --help)\n");
+    return 2;
+  }
+  if (opt.workload != "W5" && (opt.waiters >= 0 || opt.rate >= 0 || opt.child)) {
+    std::fprintf(stderr, "bench_ratelimit: --waiters, --rate and --child are for W5 only\n");
+    return 2;
+  }
+  // W5's blocking rows park their waiters on a pool of 1000 threads, each
+  // taking the same share.
+  if ((opt.impl == "asio_ratelimit_blocking" || opt.impl == "textbook_thread") &&
+      opt.waiters > 1000 && opt.waiters % 1000 != 0) {
+    std::fprintf(stderr,
+                 "bench_ratelimit: --waiters: '%ld' is not a multiple of 1000 (%s parks its "
+                 "waiters on 1000 threads)\n",
+                 opt.waiters, opt.impl.c_str());
     return 2;
   }
   const auto it = pairs.find(opt.impl);

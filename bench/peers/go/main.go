@@ -507,21 +507,42 @@ type option struct {
 	set                               func(v string) error
 }
 
+// quoted is v in single quotes, its control characters escaped (one line).
+func quoted(v string) string {
+	var b strings.Builder
+	b.WriteByte('\'')
+	for i := 0; i < len(v); i++ {
+		c := v[i]
+		switch {
+		case c == '\n':
+			b.WriteString("\\n")
+		case c == '\t':
+			b.WriteString("\\t")
+		case c < 0x20 || c == 0x7f:
+			fmt.Fprintf(&b, "\\x%02x", c)
+		default:
+			b.WriteByte(c)
+		}
+	}
+	b.WriteByte('\'')
+	return b.String()
+}
+
 func intOption(name, help, def string, target *int, lo, hi int) *option {
 	allowed := fmt.Sprintf("range: %d..%d", lo, hi)
 	return &option{name: name, metavar: "N", help: help, allowed: allowed, def: def, set: func(v string) error {
 		if v == "" || strings.ContainsAny(v[:1], "+ ") {
-			return fmt.Errorf("'%s' is not an integer (%s)", v, allowed)
+			return fmt.Errorf("%s is not an integer (%s)", quoted(v), allowed)
 		}
 		n, err := strconv.ParseInt(v, 10, 64)
 		if err != nil && errors.Is(err, strconv.ErrRange) {
-			return fmt.Errorf("'%s' is out of range (%s)", v, allowed)
+			return fmt.Errorf("%s is out of range (%s)", quoted(v), allowed)
 		}
 		if err != nil {
-			return fmt.Errorf("'%s' is not an integer (%s)", v, allowed)
+			return fmt.Errorf("%s is not an integer (%s)", quoted(v), allowed)
 		}
 		if n < int64(lo) || n > int64(hi) {
-			return fmt.Errorf("'%s' is out of range (%s)", v, allowed)
+			return fmt.Errorf("%s is out of range (%s)", quoted(v), allowed)
 		}
 		*target = int(n)
 		return nil
@@ -539,7 +560,7 @@ func parseArgs(args []string) {
 						return nil
 					}
 				}
-				return fmt.Errorf("'%s' is not allowed (one of: %s)", v, strings.Join(workloads, ", "))
+				return fmt.Errorf("%s is not allowed (one of: %s)", quoted(v), strings.Join(workloads, ", "))
 			}},
 		{name: "quick", help: "a short run (a smoke test)", set: func(string) error { *quick = true; return nil }},
 		intOption("reps", "measured repetitions", "the workload's", reps, 1, 10000),
@@ -552,10 +573,10 @@ func parseArgs(args []string) {
 				x, err := strconv.ParseFloat(v, 64)
 				if v == "" || strings.ContainsAny(v[:1], "+ ") || strings.ContainsAny(v, "xXpP_") ||
 					(err != nil && !errors.Is(err, strconv.ErrRange)) || math.IsNaN(x) {
-					return fmt.Errorf("'%s' is not a number (range: 1..1000000000)", v)
+					return fmt.Errorf("%s is not a finite number (range: 1..1000000000)", quoted(v))
 				}
 				if err != nil || x < 1 || x > 1e9 {
-					return fmt.Errorf("'%s' is out of range (range: 1..1000000000)", v)
+					return fmt.Errorf("%s is out of range (range: 1..1000000000)", quoted(v))
 				}
 				*rateFlag = x
 				return nil
@@ -601,9 +622,9 @@ func parseArgs(args []string) {
 		}
 		if !strings.HasPrefix(a, "--") {
 			if strings.HasPrefix(a, "-") {
-				refuse("unknown option '%s' (see --help)", a)
+				refuse("unknown option %s (see --help)", quoted(a))
 			}
-			refuse("unexpected argument '%s' (see --help)", a)
+			refuse("unexpected argument %s (see --help)", quoted(a))
 		}
 		name, value, hasValue := strings.Cut(a[2:], "=")
 		var o *option
@@ -613,10 +634,10 @@ func parseArgs(args []string) {
 			}
 		}
 		if o == nil {
-			refuse("unknown option '--%s' (see --help)", name)
+			refuse("unknown option %s (see --help)", quoted("--"+name))
 		}
 		if o.metavar == "" && hasValue {
-			refuse("--%s takes no value (got '%s')", name, value)
+			refuse("--%s takes no value (got %s)", name, quoted(value))
 		}
 		if o.metavar != "" && !hasValue {
 			if i+1 >= len(args) {

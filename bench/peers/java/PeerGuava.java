@@ -411,16 +411,28 @@ public final class PeerGuava {
         System.exit(2);
     }
 
+    /** v in single quotes, its control characters escaped (one line). */
+    static String quoted(String v) {
+        StringBuilder b = new StringBuilder("'");
+        for (char c : v.toCharArray()) {
+            if (c == '\n') b.append("\\n");
+            else if (c == '\t') b.append("\\t");
+            else if (c < 0x20 || c == 0x7f) b.append(String.format("\\x%02x", (int) c));
+            else b.append(c);
+        }
+        return b.append("'").toString();
+    }
+
     static long integer(String name, String v, long lo, long hi) {
         String allowed = "range: " + lo + ".." + hi;
-        if (!v.matches("-?[0-9]+")) refuse("--" + name + ": '" + v + "' is not an integer (" + allowed + ")");
+        if (!v.matches("-?[0-9]+")) refuse("--" + name + ": " + quoted(v) + " is not an integer (" + allowed + ")");
         long n;
         try {
             n = Long.parseLong(v);
         } catch (NumberFormatException e) {
             n = v.startsWith("-") ? Long.MIN_VALUE : Long.MAX_VALUE;
         }
-        if (n < lo || n > hi) refuse("--" + name + ": '" + v + "' is out of range (" + allowed + ")");
+        if (n < lo || n > hi) refuse("--" + name + ": " + quoted(v) + " is out of range (" + allowed + ")");
         return n;
     }
 
@@ -444,23 +456,23 @@ public final class PeerGuava {
             String a = args[i];
             if (a.equals("--help") || a.equals("-h")) { help = true; continue; }
             if (!a.startsWith("--")) {
-                refuse(a.startsWith("-") ? "unknown option '" + a + "' (see --help)"
-                                         : "unexpected argument '" + a + "' (see --help)");
+                refuse(a.startsWith("-") ? "unknown option " + quoted(a) + " (see --help)"
+                                         : "unexpected argument " + quoted(a) + " (see --help)");
             }
             String name = a.substring(2), value = null;
             int eq = name.indexOf('=');
             if (eq >= 0) { value = name.substring(eq + 1); name = name.substring(0, eq); }
-            if (!withValue.contains(name) && !flags.contains(name)) refuse("unknown option '--" + name + "' (see --help)");
-            if (flags.contains(name) && value != null) refuse("--" + name + " takes no value (got '" + value + "')");
+            if (!withValue.contains(name) && !flags.contains(name)) refuse("unknown option " + quoted("--" + name) + " (see --help)");
+            if (flags.contains(name) && value != null) refuse("--" + name + " takes no value (got " + quoted(value) + ")");
             if (withValue.contains(name) && value == null) {
-                if (i + 1 >= args.length) refuse("--" + name + " needs a value");
+                if (i + 1 >= args.length) refuse("--" + name + " needs a value (see --help)");
                 value = args[++i];
             }
             if (!seen.add(name)) refuse("--" + name + " given twice");
             switch (name) {
                 case "workload":
                     if (!java.util.Arrays.asList(WORKLOADS).contains(value))
-                        refuse("--workload: '" + value + "' is not allowed (one of: " + String.join(", ", WORKLOADS) + ")");
+                        refuse("--workload: " + quoted(value) + " is not allowed (one of: " + String.join(", ", WORKLOADS) + ")");
                     workload = value;
                     break;
                 case "quick": quick = true; break;
@@ -470,9 +482,9 @@ public final class PeerGuava {
                 case "rate": {
                     String allowed = "range: 1..1000000000";
                     if (!value.matches("-?([0-9]+\\.?[0-9]*|\\.[0-9]+)([eE][-+]?[0-9]+)?"))
-                        refuse("--rate: '" + value + "' is not a number (" + allowed + ")");
+                        refuse("--rate: " + quoted(value) + " is not a finite number (" + allowed + ")");
                     double x = Double.parseDouble(value);
-                    if (!(x >= 1 && x <= 1e9)) refuse("--rate: '" + value + "' is out of range (" + allowed + ")");
+                    if (!(x >= 1 && x <= 1e9)) refuse("--rate: " + quoted(value) + " is out of range (" + allowed + ")");
                     childRate = x;
                     break;
                 }
