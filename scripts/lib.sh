@@ -41,9 +41,20 @@ need_value() { [ "$2" -ge 2 ] || usage_error "$1 needs a value"; }
 # check_int OPTION VALUE MIN MAX: refuses VALUE unless it is a decimal integer in MIN..MAX.
 check_int() {
   local opt=$1 v=$2 min=$3 max=$4
-  if ! [[ $v =~ ^[0-9]{1,18}$ ]] || ((10#$v < min || 10#$v > max)); then
-    usage_error "$opt: '$v' is not an integer in $min..$max"
+  if [[ $v =~ ^-?[0-9]+$ ]]; then
+    if [[ $v == -* ]] || [ ${#v} -gt 18 ] || ((10#$v < min || 10#$v > max)); then
+      usage_error "$opt: '$v' is out of range ($min..$max)"
+    fi
+  else
+    usage_error "$opt: '$v' is not an integer ($min..$max)"
   fi
+}
+
+# once OPTION: refuses OPTION given a second time (each script keeps the set in $seen_options).
+seen_options=" "
+once() {
+  [[ $seen_options != *" $1 "* ]] || usage_error "$1 given twice"
+  seen_options+="$1 "
 }
 
 # ensure_packages PKG...: installs (as root, or through sudo) those not installed yet.
