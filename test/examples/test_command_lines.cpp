@@ -100,6 +100,8 @@ struct option {
   bool required = false;
 };
 
+/// The options --help lists. Fails the test on a line starting with "  --"
+/// that it cannot read, so that no option escapes the test unnoticed.
 std::vector<option> options_of(const std::string& help) {
   static const std::regex with_value(R"(^  --([a-z0-9-]+) (N|X|WORD|ADDR|TEXT)\s.*\[([^\]]*)\]$)");
   static const std::regex a_flag(R"(^  --([a-z0-9-]+)\s{2,}\S.*$)");
@@ -107,6 +109,7 @@ std::vector<option> options_of(const std::string& help) {
   std::istringstream in(help);
   for (std::string line; std::getline(in, line);) {
     std::smatch m;
+    if (line.rfind("  --help", 0) == 0) continue;
     if (std::regex_match(line, m, with_value)) {
       option o{m[1], m[2], m[3]};
       if (auto semi = o.allowed.find(';'); semi != std::string::npos) {
@@ -114,11 +117,26 @@ std::vector<option> options_of(const std::string& help) {
         o.allowed.resize(semi);
       }
       opts.push_back(o);
-    } else if (std::regex_match(line, m, a_flag) && m[1] != "help") {
+    } else if (std::regex_match(line, m, a_flag)) {
       opts.push_back({m[1], "", ""});
+    } else {
+      BOOST_TEST(line.rfind("  --", 0) != 0, "an option line the test cannot read: " << line);
     }
   }
   return opts;
+}
+
+/// The options the operands set, in order ("operands: HOST (--host), PORT (--port)").
+std::vector<std::string> operands_of(const std::string& help) {
+  std::vector<std::string> names;
+  std::istringstream in(help);
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("operands:", 0) != 0) continue;
+    static const std::regex one(R"(\(--([a-z0-9-]+)\))");
+    for (std::sregex_iterator it(line.begin(), line.end(), one), end; it != end; ++it)
+      names.push_back((*it)[1]);
+  }
+  return names;
 }
 
 using int128 = __int128;
@@ -206,49 +224,87 @@ void accepted(const std::string& program, std::vector<std::string> args) {
   }
 }
 
+/// How a message must show `v`: in single quotes, \n for a newline and
+/// \xHH for the other control characters (so the message stays one line).
+std::string shown(const std::string& v) {
+  std::string s = "'";
+  for (unsigned char c : v) {
+    char buf[8];
+    if (c == '\n')
+      s += "\\n";
+    else if (c == '\t')
+      s += "\\t";
+    else if (c < 0x20 || c == 0x7f) {
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      s += buf;
+    } else
+      s += static_cast<char>(c);
+  }
+  return s + "'";
+}
+
 /// Bad values of an option, each with what its message must mention.
 std::vector<std::pair<std::string, std::vector<std::string>>> bad_values(const option& o) {
   std::vector<std::pair<std::string, std::vector<std::string>>> bad;
+  auto add = [&](const std::string& v, std::vector<std::string> also) {
+    also.insert(also.begin(), {"--" + o.name, shown(v)});
+    bad.push_back({v, also});
+  };
   if (o.metavar == "N") {
     const auto dots = o.allowed.find("..");
     const std::string lo = o.allowed.substr(7, dots - 7), hi = o.allowed.substr(dots + 2);
-    for (const std::string& v : std::vector<std::string>{
-             to_string(to_int128(lo) - 1), to_string(to_int128(hi) + 1), std::string("-1"),
-             std::string("abc"), std::string("1.5"), std::string("0x10"), std::string("+1"),
-             std::string(" 1"), std::string("1 "), std::string("1e3"), std::string(""),
-             std::string("99999999999999999999999999")}) {
+    const std::vector<std::string> values = {to_string(to_int128(lo) - 1),
+                                             to_string(to_int128(hi) + 1),
+                                             "-1",
+                                             "abc",
+                                             "1.5",
+                                             "0x10",
+                                             "+1",
+                                             " 1",
+                                             "1 ",
+                                             "1e3",
+                                             "",
+                                             "99999999999999999999999999",
+                                             "1\n2",
+                                             "1\x1b[2J",
+                                             "--1"};
+    for (const auto& v : values) {
       if (v == "-1" && to_int128(lo) <= -1) continue;
-      bad.push_back({v, {"--" + o.name, "'" + v + "'", lo + ".." + hi}});
+      add(v, {lo + ".." + hi});
     }
   } else if (o.metavar == "X") {
     const auto dots = o.allowed.find("..");
     const std::string lo = o.allowed.substr(7, dots - 7), hi = o.allowed.substr(dots + 2);
     const double l = std::strtod(lo.c_str(), nullptr), h = std::strtod(hi.c_str(), nullptr);
-    std::vector<std::string> vs = {"abc", "nan", "inf", "-inf", "1e999", "", "1,5", "0x1p3", "+1"};
+    std::vector<std::string> values = {"abc", "nan",   "inf", "-inf", "1e999", "",
+                                       "1,5", "0x1p3", "+1",  " 1",   "1 ",    "1\n2"};
+    if (l > 0) values.push_back("1e-400");  // not representable: not silently 0
     std::ostringstream below, above;
     below.precision(17);
     above.precision(17);
     below << (l > 0 ? l / 2 : l - 1);
     above << (h * 2 + 1);
-    vs.push_back(below.str());
-    vs.push_back(above.str());
-    for (const auto& v : vs)
-      bad.push_back({v, {"--" + o.name, "'" + v + "'", lo + ".." + hi}});
+    values.push_back(below.str());
+    values.push_back(above.str());
+    for (const auto& v : values)
+      add(v, {lo + ".." + hi});
   } else if (o.metavar == "WORD") {
-    for (const std::string& v : std::vector<std::string>{"bogus", ""})
-      bad.push_back({v, {"--" + o.name, "'" + v + "'", o.allowed}});
+    add("bogus", {o.allowed});
+    add("", {o.allowed});
+    add("x\ny", {o.allowed});
     // A choice in the other case: choices are matched exactly.
     std::string flipped = good_value(o);
     for (auto& c : flipped) {
       const auto u = static_cast<unsigned char>(c);
       c = static_cast<char>(std::isupper(u) ? std::tolower(u) : std::toupper(u));
     }
-    if (flipped != good_value(o)) bad.push_back({flipped, {"--" + o.name, "'" + flipped + "'"}});
+    if (flipped != good_value(o)) add(flipped, {});
   } else if (o.metavar == "ADDR") {
-    for (const std::string& v : std::vector<std::string>{"300.1.1.1", "localhost:80", "abc", ""})
-      bad.push_back({v, {"--" + o.name, "'" + v + "'", "IP address"}});
+    for (const std::string v : {"300.1.1.1", "localhost:80", "abc", "", "127.0.0.1\n"})
+      add(v, {"IP address"});
   } else if (o.metavar == "TEXT") {
-    bad.push_back({"two\nlines", {"--" + o.name}});
+    add("two\nlines", {});
+    bad.push_back({"", {"--" + o.name, "empty"}});
   }
   return bad;
 }
@@ -273,7 +329,7 @@ BOOST_AUTO_TEST_CASE(every_program_lists_its_options_in_help) {
       BOOST_TEST(r.status == 0);
       BOOST_TEST(r.err.empty());
       BOOST_TEST(r.out.rfind("usage: " + base_name(p), 0) == 0);
-      BOOST_TEST(!options_of(r.out).empty());
+      BOOST_TEST(!options_of(r.out).empty());  // the programs tested here all take options
       BOOST_TEST(run(p, {"-h"}).out == r.out);
     }
   }
@@ -354,7 +410,7 @@ BOOST_AUTO_TEST_CASE(unknown_options_stray_operands_and_missing_values_are_refus
     refused(p, with({"--bogus"}), {"'--bogus'"});
     refused(p, with({"--bogus=1"}), {"'--bogus'"});
     refused(p, with({"-x"}), {"'-x'"});
-    if (run(p, {"--help"}).out.find(" [OPTION]...\n") != std::string::npos)  // no operands
+    if (operands_of(run(p, {"--help"}).out).empty())
       refused(p, with({"stray"}), {"unexpected argument", "'stray'"});
     for (const auto& o : opts) {
       if (o.metavar.empty()) {
@@ -367,6 +423,47 @@ BOOST_AUTO_TEST_CASE(unknown_options_stray_operands_and_missing_values_are_refus
         if (o.required) refused(p, required_values(opts, o.name), {"--" + o.name, "required"});
       }
     }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(operands_are_checked_as_their_options) {
+  for (const auto& p : programs()) {
+    const std::string help = run(p, {"--help"}).out;
+    const auto opts = options_of(help);
+    const auto ops = operands_of(help);
+    auto option_named = [&](const std::string& name) {
+      for (const auto& o : opts)
+        if (o.name == name) return o;
+      BOOST_FAIL("operand of an unknown option --" << name);
+      return option{};
+    };
+    if (ops.empty()) continue;
+    std::vector<std::string> good;
+    for (const auto& name : ops)
+      good.push_back(good_value(option_named(name)));
+    accepted(p, good);
+    // One operand too many.
+    auto args = good;
+    args.push_back("extra");
+    refused(p, args, {"unexpected argument", "'extra'"});
+    // Each operand with each bad value of its option (those an option parser
+    // would not read as an option), the operands before it good.
+    for (std::size_t k = 0; k < ops.size(); ++k) {
+      for (const auto& [value, mentions] : bad_values(option_named(ops[k]))) {
+        if (value.size() > 1 && value[0] == '-' &&
+            !std::isdigit(static_cast<unsigned char>(value[1])))
+          continue;
+        std::vector<std::string> a(good.begin(), good.begin() + static_cast<std::ptrdiff_t>(k));
+        a.push_back(value);
+        refused(p, a, mentions);
+      }
+    }
+    // An operand fills the first operand option not given as an option.
+    args = {"--" + ops[0], good[0]};
+    args.insert(args.end(), good.begin() + 1, good.end());
+    accepted(p, args);
+    args.push_back("extra");
+    refused(p, args, {"unexpected argument", "'extra'"});
   }
 }
 
