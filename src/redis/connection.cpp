@@ -231,7 +231,9 @@ class connection_impl final : public redis_connection::impl,
 
   /// Memory for the posted close(): its function and, on a strand over a
   /// concrete executor, the strand's invoker, which Asio posts to the inner
-  /// executor with the function's allocator when the strand is idle.
+  /// executor with the function's allocator when the strand is idle. (A
+  /// strand over an any_io_executor, used only for executors we do not know,
+  /// takes neither from here: Asio allocates both with new.)
   using close_memory = detail::upcall_memory<128, 2>;
 
   /// The posted close(), allocated from memory reserved for it (anything

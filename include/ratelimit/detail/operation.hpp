@@ -26,18 +26,22 @@
 // complete operations without any risk of std::terminate. With other
 // executors, Asio's type-erased post may allocate; see complete().
 // That includes a strand over an any_io_executor (asio::strand<
-// any_io_executor>, e.g. make_strand(any_io_executor)): our wrapper comes
-// from the block, but Asio 1.81's strand allocates with new each time it is
-// scheduled (strand_executor_service::do_execute queries `blocking` through
-// the type-erased inner executor, and that query of a class-type property
-// allocates), so a completion through it can throw std::bad_alloc (the
-// operation is then destroyed unrun). Strands over the concrete executors
-// (make_strand(io_context) or make_strand(thread_pool)) do not.
+// any_io_executor>, e.g. make_strand(any_io_executor)): Asio 1.81's strand
+// takes our step's wrapper from std::allocator there (the type-erased inner
+// executor cannot be asked for an allocator property), and allocates again
+// each time it is scheduled (strand_executor_service::do_execute queries
+// `blocking` through the type-erased executor, and that query of a class-type
+// property allocates), so a completion through it can throw std::bad_alloc
+// (the operation is then destroyed unrun). Strands over the concrete
+// executors (make_strand(io_context) or make_strand(thread_pool)) do not.
 //
 // Lifetime: an operation is owned by whoever holds it (a queue, a ready list,
 // Asio's scheduler once posted). If Asio destroys a posted step without
 // running it (its context was shut down), the step's destructor destroys the
-// operation without invoking the handler, as Asio does with its own.
+// operation without invoking the handler, as Asio does with its own; its
+// memory (and so the operation's) is freed only once no block of it is taken
+// any more (a strand's invoker may still sit in the context's queue in the
+// second block: see upcall_memory::release).
 //
 #ifndef RATELIMIT_DETAIL_OPERATION_HPP
 #define RATELIMIT_DETAIL_OPERATION_HPP
@@ -106,6 +110,12 @@ class upcall_memory {
   /// True when `p` was one of these blocks (compared, never dereferenced).
   /// Giving back the last block of a released memory calls its release
   /// function, which may free this object.
+  ///
+  /// Called too for a block that came from the fallback allocator, possibly
+  /// after this memory was freed (a third step's wrapper, e.g. the inner
+  /// invoker of a strand over a strand): so nothing of this object may be read
+  /// before `p` is known to be one of its blocks (comparing against data_[i]
+  /// computes addresses, it loads nothing).
   bool give_back(const void* p) noexcept {
     for (std::size_t i = 0; i < Slots; ++i)
       if (p == static_cast<const void*>(data_[i])) {
