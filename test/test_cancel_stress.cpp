@@ -50,6 +50,7 @@
 #include <cstdlib>
 #include <deque>
 #include <random>
+#include <thread>
 
 namespace asio = boost::asio;
 using namespace ratelimit::test;
@@ -90,7 +91,8 @@ struct tally {
   std::atomic<std::uint64_t> aborted{0};
   std::atomic<std::uint64_t> other{0};  // any other result: a failure
   std::atomic<int> clients_done{0};
-  std::atomic<int> emitters{0};  // signal-emitting timers not yet run
+  std::atomic<int> emitters{0};   // signal-emitting timers not yet run
+  std::atomic<bool> stop{false};  // no new request after this
 };
 
 /// Where a client gets its tokens: its own bucket...
@@ -174,7 +176,7 @@ template <typename Source>
 asio::awaitable<void> coroutine_client(Source& src, timeline& tl, tally& t) {
   using namespace asio::experimental::awaitable_operators;
   asio::steady_timer deadline(co_await asio::this_coro::executor);
-  while (clk::now() < tl.end) {
+  while (clk::now() < tl.end && !t.stop.load()) {
     deadline.expires_at(tl.cancel_at());
     co_await (take(src, tl, t) || deadline.async_wait(asio::use_awaitable));
   }
@@ -190,7 +192,7 @@ class callback_client : public std::enable_shared_from_this<callback_client<Sour
       : src_(src), tl_(tl), t_(t), ex_(std::move(ex)) {}
 
   void next() {
-    if (clk::now() >= tl_.end) {
+    if (clk::now() >= tl_.end || t_.stop.load()) {
       ++t_.clients_done;
       return;
     }
@@ -269,7 +271,11 @@ void stress(bool callback_strands) {
     src.push_back(&sources.make(i));
     tls[i].after = clk::now();
   }
-  const auto end = clk::now() + stress_time();
+  // At least stress_time(), and on until the race has gone both ways often
+  // enough to mean anything (a loaded machine lands fewer cancellations in
+  // the window, and CI must not fail by chance), for at most 20 s more.
+  const auto start = clk::now();
+  const auto end = start + stress_time() + std::chrono::seconds(20);
   for (auto& tl : tls)
     tl.end = end;
   for (int i = 0; i < coroutine_clients; ++i)
@@ -280,6 +286,10 @@ void stress(bool callback_strands) {
     asio::post(
         ex, [c = std::make_shared<callback_client<source>>(*src[i], tls[i], t, ex)] { c->next(); });
   }
+  const auto enough = [&] { return t.granted.load() > 20u && t.aborted.load() > 20u; };
+  while (clk::now() < end && (clk::now() < start + stress_time() || !enough()))
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  t.stop = true;
   BOOST_TEST_REQUIRE(
       eventually([&] { return t.clients_done.load() == clients && t.emitters.load() == 0; },
                  stress_time() + std::chrono::seconds(60)));
