@@ -43,6 +43,7 @@
 #include <mutex>
 #include <optional>
 #include <ratio>
+#include <utility>
 
 namespace ratelimit::detail {
 
@@ -131,6 +132,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
         return;
       }
       w->unlink();  // never queued: nothing to cancel
+      posted_ = true;
     }
     w->set_result(ec);
     try {
@@ -154,7 +156,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     std::future<boost::system::error_code> result;
     std::shared_ptr<bucket_impl> self;
     for (;;) {
-      ready_list ready(executor_);  // grants that fall due meanwhile; finished after unlocking
+      ready_list ready(executor_, &posted_);  // grants that fall due meanwhile; finished after unlocking
       std::unique_lock lk(mutex_);
       if (closed_) {
         ec = closed_ec_;
@@ -190,7 +192,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
              std::future_status::ready) {
         if (now_ns() < deadline) continue;
         // Tokens due exactly at the deadline still count: serve first.
-        ready_list ready(executor_);
+        ready_list ready(executor_, &posted_);
         if (withdraw(&*w, ready, true)) return false;
         break;  // granted meanwhile: the result is on its way
       }
@@ -205,7 +207,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   /// waiter with operation_aborted if it is still queued; otherwise nothing.
   void cancel_linked(cancel_link_base* link) {
     const std::int64_t now = now_ns();
-    ready_list ready(executor_);
+    ready_list ready(executor_, &posted_);
     std::lock_guard lk(mutex_);
     waiter_base* w = link->waiter.load(std::memory_order_relaxed);
     if (!w || !w->queued) return;
@@ -223,7 +225,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
 
   /// Completes every queued waiter with operation_aborted; returns how many.
   std::size_t cancel() {
-    ready_list ready(executor_);
+    ready_list ready(executor_, &posted_);
     std::lock_guard lk(mutex_);
     const std::size_t n = queue_.size();
     drain(ready, boost::asio::error::operation_aborted);
@@ -233,7 +235,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   /// Closes the bucket: queued and later requests complete with `ec`
   /// (bucket_closed; operation_aborted when the bucket is destroyed).
   void close(boost::system::error_code ec) {
-    ready_list ready(executor_);
+    ready_list ready(executor_, &posted_);
     std::lock_guard lk(mutex_);
     closed_ = true;
     closed_ec_ = ec;
@@ -249,7 +251,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
 
   std::uint64_t available() {
     const std::int64_t now = now_ns();
-    ready_list ready(executor_);
+    ready_list ready(executor_, &posted_);
     std::lock_guard lk(mutex_);
     serve(now, ready);
     return state_.available();
@@ -271,7 +273,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   /// Used by keyed_limiter to find buckets it may evict.
   std::int64_t full_at() {
     const std::int64_t now = now_ns();
-    ready_list ready(executor_);
+    ready_list ready(executor_, &posted_);
     std::lock_guard lk(mutex_);
     serve(now, ready);
     return state_.ready_at(queued_tokens_ + state_.capacity());
@@ -285,7 +287,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   void set_rate(const ratelimit::rate& r) {
     const reduced_rate reduced = reduce(r);
     const std::int64_t now = now_ns();
-    ready_list ready(executor_);
+    ready_list ready(executor_, &posted_);
     std::lock_guard lk(mutex_);
     serve(now, ready);  // what fell due at the old rate
     state_.set_rate(reduced);
@@ -296,7 +298,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   void set_capacity(std::uint64_t capacity) {
     check_capacity(capacity);
     const std::int64_t now = now_ns();
-    ready_list ready(executor_);
+    ready_list ready(executor_, &posted_);
     std::lock_guard lk(mutex_);
     serve(now, ready);  // what fell due with the old capacity
     state_.set_capacity(capacity);
@@ -312,15 +314,25 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   }
 
   /// The timer's wait finished (timer_driver's handler).
+  ///
+  /// The grants are dispatched (run here, when the handler's executor
+  /// allows) unless a completion was posted since the timer last ran: that
+  /// one may still be in the executor's queue behind this handler, and
+  /// dispatching would deliver these grants before it, out of the order in
+  /// which they were handed over (a waiter aborted, then the waiters behind
+  /// it granted; an immediate grant, then the queued requests made after it).
+  /// Posting puts them behind it.
   void on_timer() {
     ready_list ready(executor_);
+    finish_mode mode;
     {
       const std::int64_t now = now_ns();
       std::lock_guard lk(mutex_);
       if (!timer_.on_wait(now, *this)) return;
+      mode = std::exchange(posted_, false) ? finish_mode::post : finish_mode::dispatch;
       serve(now, ready);
     }
-    ready.finish_all(finish_mode::dispatch);
+    ready.finish_all(mode);
   }
 
  private:
@@ -334,7 +346,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   /// Returns tokens taken by a request that could not be completed.
   void give_back(std::uint64_t n) {
     const std::int64_t now = now_ns();
-    ready_list ready(executor_);
+    ready_list ready(executor_, &posted_);
     std::lock_guard lk(mutex_);
     state_.give_back(n);
     serve(now, ready);
@@ -425,6 +437,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   timer_driver<Clock, WaitTraits> timer_;
   bool closed_ = false;
   boost::system::error_code closed_ec_;  // what requests get once closed
+  bool posted_ = false;  // a completion was posted since on_timer() last ran
 };
 
 }  // namespace ratelimit::detail

@@ -164,7 +164,11 @@ class waiter_queue {
 /// handler runs and nothing is posted under the lock).
 class ready_list {
  public:
-  explicit ready_list(const boost::asio::any_io_executor& io_ex) noexcept : io_ex_(io_ex) {}
+  /// With `posted`, every waiter appended sets `*posted` (under the owner's
+  /// lock, as appending is): the owner learns that a completion is on its
+  /// way through the executor's queue (see bucket_impl::on_timer).
+  explicit ready_list(const boost::asio::any_io_executor& io_ex, bool* posted = nullptr) noexcept
+      : io_ex_(io_ex), posted_(posted) {}
   ready_list(const ready_list&) = delete;
   ready_list& operator=(const ready_list&) = delete;
 
@@ -185,6 +189,7 @@ class ready_list {
     w->set_result(ec);
     (tail_ ? tail_->next : head_) = w;
     tail_ = w;
+    if (posted_) *posted_ = true;
   }
 
   /// Moves every waiter of `q`, in order, here, to be completed with `ec`.
@@ -218,6 +223,7 @@ class ready_list {
 
  private:
   const boost::asio::any_io_executor& io_ex_;
+  bool* posted_;
   waiter_base* head_ = nullptr;
   waiter_base* tail_ = nullptr;
 };
