@@ -29,10 +29,12 @@ BOOST_AUTO_TEST_CASE(starts_full_then_one_per_interval) {
   asio::io_context ctx;
   test_bucket bucket(ctx, 5, per_second(1));
   std::vector<std::shared_ptr<outcome>> r;
-  for (int i = 0; i < 8; ++i) r.push_back(request(bucket));
+  for (int i = 0; i < 8; ++i)
+    r.push_back(request(bucket));
   BOOST_TEST(settle(ctx, [&] { return r[4]->done(); }));
   pump(ctx);
-  for (int i = 0; i < 5; ++i) BOOST_TEST(r[i]->ok());
+  for (int i = 0; i < 5; ++i)
+    BOOST_TEST(r[i]->ok());
   BOOST_TEST(!r[5]->done());
   BOOST_TEST(bucket.waiting() == 3u);
 
@@ -121,11 +123,13 @@ BOOST_AUTO_TEST_CASE(a_late_timer_costs_the_waiters_no_tokens) {
   asio::io_context ctx;
   test_bucket bucket(ctx, 1, per_second(10), ratelimit::start_empty);
   std::vector<std::shared_ptr<outcome>> r;
-  for (int i = 0; i < 21; ++i) r.push_back(request(bucket));
+  for (int i = 0; i < 21; ++i)
+    r.push_back(request(bucket));
   manual_clock::advance(2s);
   BOOST_TEST(settle(ctx, [&] { return r[19]->done(); }));
   pump(ctx);
-  for (int i = 0; i < 20; ++i) BOOST_TEST(r[i]->ok());
+  for (int i = 0; i < 20; ++i)
+    BOOST_TEST(r[i]->ok());
   BOOST_TEST(!r[20]->done());  // the 21st token is due at 2.1 s, not earlier
   BOOST_TEST(bucket.available() == 0u);
   manual_clock::advance(100ms);
@@ -160,7 +164,8 @@ BOOST_AUTO_TEST_CASE(completion_order_is_arrival_order) {
   asio::io_context ctx;
   test_bucket bucket(ctx, 3, per_second(100), ratelimit::start_empty);
   std::vector<std::shared_ptr<outcome>> r;
-  for (int i = 0; i < 50; ++i) r.push_back(request(bucket, 1 + i % 3));
+  for (int i = 0; i < 50; ++i)
+    r.push_back(request(bucket, 1 + i % 3));
   for (int step = 0; step < 200 && !r.back()->done(); ++step) {
     manual_clock::advance(10ms);
     pump(ctx, 1ms);
@@ -247,7 +252,7 @@ BOOST_AUTO_TEST_CASE(immediate_grant_is_never_inline) {
   asio::io_context ctx;
   test_bucket bucket(ctx, 5, per_second(1));
   auto r = request(bucket);
-  BOOST_TEST(!r->done());  // not inside async_get_token
+  BOOST_TEST(!r->done());                // not inside async_get_token
   BOOST_TEST(bucket.available() == 4u);  // but the token is already taken
   BOOST_TEST(ctx.poll() == 1u);
   BOOST_TEST(r->ok());
@@ -439,7 +444,8 @@ BOOST_AUTO_TEST_CASE(many_waiters_one_wakeup_per_due_head) {
   asio::io_context ctx;
   test_bucket bucket(ctx, 100, per_second(1), ratelimit::start_empty);
   std::vector<std::shared_ptr<outcome>> r;
-  for (int i = 0; i < 100; ++i) r.push_back(request(bucket));
+  for (int i = 0; i < 100; ++i)
+    r.push_back(request(bucket));
   // Everybody is due after 100 s: one jump, and every waiter is served by
   // a single timer expiry (one handler) plus its own completion.
   manual_clock::advance(100s);
@@ -456,6 +462,129 @@ BOOST_AUTO_TEST_CASE(many_waiters_one_wakeup_per_due_head) {
   ctx.restart();
   BOOST_TEST(ctx.poll() == 0u);
   BOOST_TEST(ctx.stopped());  // the timer is not re-armed
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// retry_after(n) and try_get_token(n, retry_after): how long a request made
+// now would wait, exact to the nanosecond, counting the requests ahead; and
+// a request made then is granted exactly then.
+namespace {
+/// A wait in ns, -1 when there is none (Boost.Test prints numbers).
+long long ns(const std::optional<std::chrono::nanoseconds>& d) {
+  return d ? d->count() : -1;
+}
+template <typename Rep, typename Period>
+long long ns(std::chrono::duration<Rep, Period> d) {
+  return std::chrono::nanoseconds(d).count();
+}
+}  // namespace
+
+BOOST_FIXTURE_TEST_SUITE(retry_after, clock_fixture)
+
+BOOST_AUTO_TEST_CASE(zero_when_the_tokens_are_there_else_until_they_accrue) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 3, per_second(2));  // full: 3 tokens, one more every 500 ms
+  BOOST_TEST(ns(bucket.retry_after(3)) == 0);
+  BOOST_TEST(bucket.try_get_token(2));
+  BOOST_TEST(ns(bucket.retry_after(1)) == ns(0ns));
+  BOOST_TEST(ns(bucket.retry_after(2)) == ns(500ms));
+  BOOST_TEST(ns(bucket.retry_after(3)) == ns(1000ms));
+  manual_clock::advance(123ms);
+  BOOST_TEST(ns(bucket.retry_after(3)) == ns(877ms));
+  BOOST_TEST(bucket.available() == 1u);  // asking took nothing
+}
+
+BOOST_AUTO_TEST_CASE(counts_the_requests_queued_ahead) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 4, per_second(4), ratelimit::start_empty);  // one every 250 ms
+  auto a = request(bucket, 3);                                        // due at 750 ms
+  auto b = request(bucket, 1);                                        // due at 1000 ms
+  pump(ctx);
+  BOOST_TEST(ns(bucket.retry_after(1)) == ns(1250ms));
+  BOOST_TEST(ns(bucket.retry_after(4)) == ns(2000ms));
+  BOOST_TEST(ns(bucket.retry_after(0)) == ns(1000ms));  // 0 tokens: after those ahead (FIFO)
+  // A request made now is granted exactly then: not a nanosecond earlier.
+  const auto wait = *bucket.retry_after(2);
+  auto c = request(bucket, 2);
+  manual_clock::advance(wait - 1ns);
+  pump(ctx);
+  BOOST_TEST(a->ok());
+  BOOST_TEST(b->ok());
+  BOOST_TEST(!c->done());
+  manual_clock::advance(1ns);
+  BOOST_TEST(settle(ctx, [&] { return c->done(); }));
+  BOOST_TEST(c->ok());
+}
+
+BOOST_AUTO_TEST_CASE(changes_with_a_cancellation_ahead_and_with_the_rate) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 4, per_second(4), ratelimit::start_empty);
+  asio::cancellation_signal sig;
+  auto r = std::make_shared<outcome>();
+  bucket.async_get_token(3, asio::bind_cancellation_slot(sig.slot(), checked_handler(r)));
+  BOOST_TEST(ns(bucket.retry_after(1)) == ns(1000ms));
+  sig.emit(asio::cancellation_type::terminal);
+  BOOST_TEST(settle(ctx, [&] { return r->done(); }));
+  BOOST_TEST(ns(bucket.retry_after(1)) == ns(250ms));
+  bucket.set_rate(per_second(1));
+  BOOST_TEST(ns(bucket.retry_after(1)) == ns(1000ms));
+}
+
+BOOST_AUTO_TEST_CASE(a_whole_nanosecond_that_passes_the_capacity_is_counted) {
+  // 2 tokens per 3 ns, capacity 3, empty. A request for all 3 is granted at
+  // 5 ns (4.5 rounded up), when the level would be 10/3: capped at 3, the
+  // 1/3 token over is lost. The next token then takes 1.5 ns, rounded up: at
+  // 7 ns, not at 6 ns as the plain sum of the tokens (4 tokens, 6 ns) says.
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 3, ratelimit::rate{2, 3ns}, ratelimit::start_empty);
+  auto a = request(bucket, 3);
+  pump(ctx);
+  BOOST_TEST(ns(bucket.retry_after(1)) == ns(7ns));
+  auto b = request(bucket, 1);
+  manual_clock::advance(6ns);
+  pump(ctx);
+  BOOST_TEST(a->ok());
+  BOOST_TEST(!b->done());
+  manual_clock::advance(1ns);
+  BOOST_TEST(settle(ctx, [&] { return b->done(); }));
+  BOOST_TEST(b->ok());
+}
+
+BOOST_AUTO_TEST_CASE(empty_when_the_request_would_fail_at_once) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 3, per_second(1));
+  BOOST_TEST(!bucket.retry_after(4).has_value());
+  std::optional<std::chrono::nanoseconds> wait = 5s;
+  BOOST_TEST(!bucket.try_get_token(4, wait));
+  BOOST_TEST(!wait.has_value());
+  bucket.close();
+  BOOST_TEST(!bucket.retry_after(1).has_value());
+  BOOST_TEST(!bucket.try_get_token(1, wait));
+  BOOST_TEST(!wait.has_value());
+}
+
+BOOST_AUTO_TEST_CASE(try_get_token_tells_the_wait_when_it_refuses) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 2, per_second(10));  // one every 100 ms
+  std::optional<std::chrono::nanoseconds> wait;
+  BOOST_TEST(bucket.try_get_token(2, wait));
+  BOOST_TEST(ns(wait) == ns(0ns));
+  BOOST_TEST(!bucket.try_get_token(1, wait));
+  BOOST_TEST(ns(wait) == ns(100ms));
+  manual_clock::advance(40ms);
+  BOOST_TEST(!bucket.try_get_token(1, wait));
+  BOOST_TEST(ns(wait) == ns(60ms));
+  manual_clock::advance(60ms);
+  BOOST_TEST(bucket.try_get_token(1, wait));
+  BOOST_TEST(ns(wait) == ns(0ns));
+  // A due request queued ahead is served first, as the timer would.
+  auto r = request(bucket, 1);
+  manual_clock::advance(100ms);
+  BOOST_TEST(!bucket.try_get_token(1, wait));  // r took the token
+  BOOST_TEST(ns(wait) == ns(100ms));
+  BOOST_TEST(settle(ctx, [&] { return r->done(); }));
+  BOOST_TEST(r->ok());
 }
 
 BOOST_AUTO_TEST_SUITE_END()

@@ -65,6 +65,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <stdexcept>
 #include <type_traits>
@@ -208,6 +209,16 @@ class keyed_impl
     return it == map_.end() ? capacity_ : it->second.bucket->available();
   }
 
+  /// As available(key), it serves the bucket's due requests without
+  /// re-indexing it (the index may only be stale on the conservative side).
+  std::optional<std::int64_t> retry_after(const Key& key, std::uint64_t n) const {
+    std::lock_guard lk(mutex_);
+    if (closed_ || n > capacity_) return std::nullopt;
+    auto it = map_.find(key);
+    if (it == map_.end()) return 0;  // a new key's bucket starts full
+    return it->second.bucket->retry_after(n);
+  }
+
   bool contains(const Key& key) const {
     std::lock_guard lk(mutex_);
     return map_.find(key) != map_.end();
@@ -343,6 +354,7 @@ class basic_keyed_limiter {
   using key_type = Key;
   using executor_type = Executor;
   using clock_type = Clock;
+  using duration = typename Clock::duration;
 
   /// Rebinds the limiter to another executor type (for `as_default_on`).
   template <typename Executor1>
@@ -497,6 +509,21 @@ class basic_keyed_limiter {
 
   /// Whole tokens in `key`'s bucket now (`capacity()` for a key with no bucket).
   std::uint64_t available(const Key& key) const { return impl_ ? impl_->available(key) : 0; }
+
+  /// How long a request for `n` tokens of `key` made now would wait before it
+  /// is granted, as token_bucket::retry_after: zero for a key with no bucket
+  /// (its bucket would start full; whether the memory bound would admit the
+  /// key, try_get_token(key, n, ec) tells); empty when the request would fail
+  /// at once (`n > capacity()`, or closed).
+  /// @par Thread safety
+  /// May be called from any thread.
+  std::optional<duration> retry_after(const Key& key, std::uint64_t n = 1) const {
+    if (!impl_) return std::nullopt;
+    const auto wait = impl_->retry_after(key, n);
+    if (!wait) return std::nullopt;
+    const auto d = std::chrono::ceil<duration>(std::chrono::nanoseconds(*wait));
+    return d < duration::zero() ? duration::max() : d;
+  }
 
   /// True when `key` has a bucket now.
   bool contains(const Key& key) const { return impl_ && impl_->contains(key); }

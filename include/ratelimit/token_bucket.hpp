@@ -20,6 +20,7 @@
 #include <concepts>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <type_traits>
 #include <utility>
 
@@ -196,6 +197,40 @@ class basic_token_bucket {
   /// May be called from any thread.
   bool try_get_token(std::uint64_t n = 1) { return impl_ && impl_->try_get(n); }
 
+  /// As try_get_token(n), but first grants the queued requests that are due
+  /// (as the timer would), and tells how long a request made now would have
+  /// to wait: `retry_after` is zero when the tokens are taken; on refusal the
+  /// wait (as retry_after(n)), or empty when the request can never be granted
+  /// (`n > capacity()`, or the bucket is closed). For a server's
+  /// `Retry-After` or `RateLimit-Reset`.
+  /// @par Thread safety
+  /// May be called from any thread.
+  bool try_get_token(std::uint64_t n, std::optional<duration>& retry_after) {
+    retry_after.reset();
+    if (!impl_) return false;
+    std::optional<std::int64_t> wait;
+    const bool granted = impl_->try_get(n, wait);
+    if (wait) retry_after = to_duration(*wait);
+    return granted;
+  }
+
+  /// How long a request for `n` tokens made now would wait before it is
+  /// granted: zero when at once; otherwise until the tokens of every request
+  /// queued ahead of it (FIFO) and its own have accrued. Exact as of the call,
+  /// rounded up to the clock's tick: a later `set_rate`/`set_capacity`, a
+  /// cancellation or close ahead of it changes it. Empty when such a request
+  /// would fail at once (`n > capacity()`, or the bucket is closed);
+  /// saturates at the largest wait the clock can represent. Grants the
+  /// queued requests that are due first, as the timer would.
+  /// @par Thread safety
+  /// May be called from any thread.
+  std::optional<duration> retry_after(std::uint64_t n = 1) const {
+    if (!impl_) return std::nullopt;
+    const auto wait = impl_->retry_after(n);
+    if (!wait) return std::nullopt;
+    return to_duration(*wait);
+  }
+
   /// Blocks the calling thread until `n` tokens are granted, FIFO with the
   /// asynchronous waiters.
   ///
@@ -310,6 +345,11 @@ class basic_token_bucket {
   }
 
  private:
+  static duration to_duration(std::int64_t ns) noexcept {
+    const auto d = std::chrono::ceil<duration>(std::chrono::nanoseconds(ns));
+    return d < duration::zero() ? duration::max() : d;  // never wraps
+  }
+
   template <typename, typename, typename>
   friend class basic_token_bucket;
 

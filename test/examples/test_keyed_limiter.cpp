@@ -453,6 +453,27 @@ BOOST_AUTO_TEST_CASE(a_deferred_request_keeps_its_own_copy_of_the_key) {
 // try_get_token(key, n, ec) tells "limited" (false, ec clear) from a request
 // that cannot be served at all (false, ec set). (The old limiter had no such
 // overload: compile error.)
+BOOST_AUTO_TEST_CASE(retry_after_per_key) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 2, per_second(4), 100);  // one token every 250 ms per key
+  auto ns = [](const std::optional<std::chrono::nanoseconds>& d) { return d ? d->count() : -1LL; };
+  BOOST_TEST(ns(l.retry_after(7, 2)) == 0);  // no bucket yet: it would start full
+  BOOST_TEST(!l.contains(7));                // asking made none
+  BOOST_TEST(l.try_get_token(7, 2));
+  BOOST_TEST(ns(l.retry_after(7, 1)) == std::chrono::nanoseconds(250ms).count());
+  BOOST_TEST(ns(l.retry_after(7, 2)) == std::chrono::nanoseconds(500ms).count());
+  auto r = std::make_shared<outcome>();
+  l.async_get_token(7, 1, checked_handler(r));  // queued: due at 250 ms
+  BOOST_TEST(ns(l.retry_after(7, 1)) == std::chrono::nanoseconds(500ms).count());
+  BOOST_TEST(ns(l.retry_after(8, 2)) == 0);      // other keys are not slowed
+  BOOST_TEST(!l.retry_after(7, 3).has_value());  // more than the capacity
+  manual_clock::advance(250ms);
+  BOOST_TEST(settle(ctx, [&] { return r->done(); }));
+  BOOST_TEST(r->ok());
+  l.close();
+  BOOST_TEST(!l.retry_after(7, 1).has_value());
+}
+
 BOOST_AUTO_TEST_CASE(try_get_token_with_an_error_code) {
   asio::io_context ctx;
   test_keyed l(ctx, 2, per_second(1), 2);

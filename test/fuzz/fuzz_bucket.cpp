@@ -404,6 +404,15 @@ class harness {
     model_->serve_due(now());
     compare_completions();
     CHECK_EQ(bucket_->available(), model_->available(now()), "available()");
+    // retry_after: for 0, 1, all and one more than all tokens (reads no
+    // input, and serves only what available() just served).
+    for (const std::uint64_t n :
+         {std::uint64_t{0}, std::uint64_t{1}, model_->capacity(), model_->capacity() + 1}) {
+      const auto got = bucket_->retry_after(n);
+      const auto want = model_->retry_after(n, now());
+      CHECK_EQ(got.has_value(), want.has_value(), "retry_after() given");
+      if (got && want) CHECK_EQ(got->count(), *want, "retry_after()");
+    }
     CHECK_EQ(bucket_->waiting(), model_->waiting(), "waiting()");
     CHECK_EQ(bucket_->capacity(), model_->capacity(), "capacity()");
     CHECK_EQ(bucket_->get_rate().tokens, model_->rate().tokens, "get_rate().tokens");

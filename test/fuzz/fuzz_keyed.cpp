@@ -570,6 +570,13 @@ class harness {
     model_->serve_due(now());
     for (int k = 0; k < keys_; ++k)
       CHECK_EQ(limiter_->available(k), model_->available(k, now()), "available()");
+    for (int k = 0; k < keys_; ++k)
+      for (const std::uint64_t n : {std::uint64_t{1}, model_->capacity()}) {
+        const auto got = limiter_->retry_after(k, n);
+        const auto want = model_->retry_after(k, n, now());
+        CHECK_EQ(got.has_value(), want.has_value(), "retry_after() given");
+        if (got && want) CHECK_EQ(got->count(), *want, "retry_after()");
+      }
     settle();
     compare_completions();
     compare_keys();

@@ -242,6 +242,18 @@ class keyed_limiter_model {
     return n;
   }
 
+  /// retry_after(key, n) at `now`: a key with no bucket would get a full one
+  /// (zero), else its bucket's answer; nothing when the request would fail at
+  /// once (closed, n > capacity).
+  std::optional<std::int64_t> retry_after(const Key& key, std::uint64_t n, std::int64_t now) {
+    if (closed_ || n > capacity_) return std::nullopt;
+    auto it = buckets_.find(key);
+    if (it == buckets_.end()) return 0;
+    const auto wait = it->second.bucket.retry_after(n, now);
+    collect();
+    return wait;
+  }
+
   bool contains(const Key& key) const { return buckets_.count(key) != 0; }
   std::size_t size() const { return buckets_.size(); }
   std::vector<Key> keys() const {

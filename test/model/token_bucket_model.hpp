@@ -127,6 +127,44 @@ class token_bucket_model {
     return true;
   }
 
+  /// retry_after(n) at `now`, from its promise: how long a request for `n`
+  /// tokens made at `now` would wait, if nothing else happened, found by
+  /// making it on a copy of the model and letting time run until it is
+  /// granted; nothing when it would fail at once; INT64_MAX (saturated) when
+  /// it would be granted later than the clock can say. Grants what is due
+  /// first (as the implementation's observers do).
+  std::optional<std::int64_t> retry_after(std::uint64_t n, std::int64_t now) {
+    if (closed_ || n > capacity_) return std::nullopt;
+    serve(now);
+    token_bucket_model m = *this;
+    const std::uint64_t id = m.request(n, now);
+    std::int64_t t = now;
+    while (m.status(id) == result::pending) {
+      const waiter& w = m.queue_.front();
+      t = std::max(m.ready_at(w.n), w.queued_at);
+      if (t == end_of_time) break;
+      m.serve(t);
+    }
+    if (t <= now) return 0;
+    const integer d = integer(t) - now;  // may exceed INT64_MAX before the epoch
+    return d >= integer(end_of_time) ? end_of_time : d.convert_to<std::int64_t>();
+  }
+
+  /// try_get_token(n, retry_after) at `now`: grants what is due, takes `n`
+  /// if nobody is queued and they are there; `wait` is 0 then, otherwise
+  /// retry_after(n) (nothing when the request can never be granted).
+  bool try_get_or_wait(std::uint64_t n, std::int64_t now, std::optional<std::int64_t>& wait) {
+    wait.reset();
+    if (closed_ || n > capacity_) return false;
+    serve(now);
+    if (try_get(n, now)) {
+      wait = 0;
+      return true;
+    }
+    wait = retry_after(n, now);
+    return false;
+  }
+
   /// The bucket's timer has had its chance to fire at `now`: grant what is due.
   void serve_due(std::int64_t now) { serve(now); }
 

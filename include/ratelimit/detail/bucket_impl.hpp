@@ -90,6 +90,37 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     return state_.try_take(now, n);
   }
 
+  /// How long (ns) a request for `n` tokens made now would wait before it is
+  /// granted: 0 when at once; max_time - now when later than the clock can
+  /// say. Nothing when it would fail at once (closed, n > capacity). Serves
+  /// the queued requests that are due first, as the timer would.
+  std::optional<std::int64_t> retry_after(std::uint64_t n) {
+    const std::int64_t now = now_ns();
+    ready_list ready(executor_);
+    std::lock_guard lk(mutex_);
+    if (closed_ || n > state_.capacity()) return std::nullopt;
+    serve(now, ready);
+    return wait_from(now, n);
+  }
+
+  /// try_get that, on refusal, says how long a request made now would wait
+  /// (as retry_after): serves the due requests first, then takes `n` tokens
+  /// if nobody is queued and they are there. `wait` is 0 when granted.
+  bool try_get(std::uint64_t n, std::optional<std::int64_t>& wait) {
+    const std::int64_t now = now_ns();
+    ready_list ready(executor_);
+    std::lock_guard lk(mutex_);
+    wait.reset();
+    if (closed_ || n > state_.capacity()) return false;
+    serve(now, ready);
+    if (queue_.empty() && state_.try_take(now, n)) {
+      wait = 0;
+      return true;
+    }
+    wait = wait_from(now, n);
+    return false;
+  }
+
   /// Starts an asynchronous request for `n` tokens: granted at once, failed
   /// at once (both completing through the handler's executor, never inline),
   /// or queued. Throws, with nothing taken or queued, what allocating the
@@ -374,6 +405,33 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
         throw;
       }
     }
+  }
+
+  /// The wait of a request for `n` tokens made at `now`, after serve(now):
+  /// the queued requests are served, in order, on a copy of the state as
+  /// serve() would serve them, and then this one. (Not simply the time
+  /// `queued_tokens_ + n` tokens accrue: at a grant's whole nanosecond the
+  /// level may pass the capacity, and what passes it is lost.) O(queue).
+  std::int64_t wait_from(std::int64_t now, std::uint64_t n) const noexcept {
+    bucket_state s = state_;
+    s.refill(now);
+    std::int64_t t = now;
+    // Granted at once when nobody is queued and the tokens are there (even if
+    // the clock reads earlier than the latest time the state has seen).
+    if (queue_.empty() && s.has(n)) return 0;
+    for (waiter_base* w = queue_.front(); w; w = w->next) {
+      t = std::max(s.ready_at(w->tokens), t);
+      if (t == max_time) break;
+      s.refill(t);
+      if (!s.has(w->tokens)) break;  // only at the saturated end of time
+      s.take(w->tokens);
+    }
+    if (t != max_time) t = std::max(s.ready_at(n), t);
+    if (t <= now) return 0;
+    // In unsigned arithmetic: before the clock's epoch (now < 0) the wait may
+    // exceed max_time, and saturates there.
+    const std::uint64_t d = static_cast<std::uint64_t>(t) - static_cast<std::uint64_t>(now);
+    return d > static_cast<std::uint64_t>(max_time) ? max_time : static_cast<std::int64_t>(d);
   }
 
   /// Brings the bucket to `now`. Every head waiter whose tokens accrued by
