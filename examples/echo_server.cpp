@@ -5,8 +5,8 @@
 //   - lines per second per client address (ratelimit::keyed_limiter),
 //   - lines per second for the whole server (one global bucket).
 // A client over its limit waits (its lines are echoed, byte for byte, at the
-// limited rate), or with --on-limit=reject gets "error: rate limit exceeded"
-// for each line over the limit.
+// limited rate), or with --on-limit=reject gets "error: rate limit exceeded,
+// retry in 0.42 s" (when a line would pass) for each line over the limit.
 //
 //   echo_server --port 5555 --msg-rate 2 --burst 5
 //   nc 127.0.0.1 5555
@@ -28,11 +28,13 @@
 
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <ctime>
 #include <iomanip>
 #include <iostream>
 #include <limits>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <variant>
@@ -60,6 +62,16 @@ struct config {
   double write_timeout = 10;
   double shutdown_timeout = 3;
 };
+
+/// ", retry in 0.42 s": the wait rounded up to 10 ms (a line sent then
+/// passes, if nothing else is asked meanwhile); nothing when there is none.
+inline std::string retry_in(const std::optional<std::chrono::nanoseconds>& wait) {
+  if (!wait) return "";
+  const long long cs = (wait->count() + 9'999'999) / 10'000'000;  // centiseconds, rounded up
+  char buf[64];
+  std::snprintf(buf, sizeof buf, ", retry in %lld.%02lld s", cs / 100, cs % 100);
+  return buf;
+}
 
 /// One log line on stdout: "HH:MM:SS.mmm message".
 template <typename... Args>
@@ -201,11 +213,18 @@ class server {
         // try_get_token with an error_code tells "over the limit" (false,
         // no error) from "no room for another address" (too_many_keys).
         const bool got = clients_.try_get_token(addr, 1, lec);
-        if (!lec && !(got && global_.try_get_token())) {
+        std::optional<std::chrono::nanoseconds> wait;  // when a line would pass
+        bool passed = false;
+        if (!lec && got)
+          passed = global_.try_get_token(1, wait);
+        else if (!lec)
+          wait = clients_.retry_after(addr);
+        if (!lec && !passed) {
           if (!over_limit) log(tag, " over its limit: rejecting its lines");
           over_limit = true;
           ++stats.rejected;
-          if (!co_await write(sock, "error: rate limit exceeded\n", tag)) break;
+          if (!co_await write(sock, "error: rate limit exceeded" + retry_in(wait) + "\n", tag))
+            break;
           if (last) break;
           continue;
         }
