@@ -213,13 +213,12 @@ class server {
         // try_get_token with an error_code tells "over the limit" (false,
         // no error) from "no room for another address" (too_many_keys).
         const bool got = clients_.try_get_token(addr, 1, lec);
-        std::optional<std::chrono::nanoseconds> wait;  // when a line would pass
-        bool passed = false;
-        if (!lec && got)
-          passed = global_.try_get_token(1, wait);
-        else if (!lec)
-          wait = clients_.retry_after(addr);
-        if (!lec && !passed) {
+        if (!lec && !(got && global_.try_get_token())) {
+          // When a line would pass both limits: the later of the two waits.
+          // (The client's token is spent when only the global limit refuses;
+          // a joint request over both limits is for a later version.)
+          std::optional<std::chrono::nanoseconds> wait = clients_.retry_after(addr);
+          if (const auto g = global_.retry_after(); wait && g) wait = std::max(*wait, *g);
           if (!over_limit) log(tag, " over its limit: rejecting its lines");
           over_limit = true;
           ++stats.rejected;

@@ -551,6 +551,45 @@ BOOST_AUTO_TEST_CASE(a_whole_nanosecond_that_passes_the_capacity_is_counted) {
   BOOST_TEST(b->ok());
 }
 
+BOOST_AUTO_TEST_CASE(a_request_queued_at_a_later_reading_is_granted_no_earlier) {
+  // A head due but not served yet (the timer is late), a request queued
+  // behind it at a later reading, then the clock reads earlier (another
+  // thread's reading, or a clock that goes back): the queued request is
+  // granted when it came, not before, and so is one made now after it.
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 10, ratelimit::rate{1, 1ns}, ratelimit::start_empty);
+  const auto t0 = manual_clock::now();
+  auto a = request(bucket, 10);   // due at t0 + 10 ns
+  manual_clock::set(t0 + 100ns);  // the context does not run: the timer is late
+  auto b = request(bucket, 5);    // queued at t0 + 100 ns
+  manual_clock::set(t0 + 50ns);
+  BOOST_TEST(ns(bucket.retry_after(5)) == 50);  // not 0: b comes first, at t0 + 100 ns
+  std::optional<std::chrono::nanoseconds> wait;
+  BOOST_TEST(!bucket.try_get_token(5, wait));
+  BOOST_TEST(ns(wait) == 50);
+  // The timer waits for b's arrival instead of firing over and over.
+  ctx.restart();
+  BOOST_TEST(ctx.run_for(std::chrono::milliseconds(50)) < 10u);
+  BOOST_TEST(a->ok());
+  BOOST_TEST(!b->done());
+  manual_clock::set(t0 + 100ns);
+  BOOST_TEST(settle(ctx, [&] { return b->done(); }));
+  BOOST_TEST(b->ok());
+}
+
+BOOST_AUTO_TEST_CASE(try_get_token_with_a_wait_serves_the_due_requests_first) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 1, per_second(1), ratelimit::start_empty);
+  auto r = request(bucket, 1);  // due at 1 s
+  manual_clock::advance(2s);    // the timer has not run: r is due, and one more token is there
+  BOOST_TEST(!bucket.try_get_token(1));  // the plain try refuses while anyone is queued
+  std::optional<std::chrono::nanoseconds> wait;
+  BOOST_TEST(bucket.try_get_token(1, wait));  // r is served first (as of 1 s), then this one
+  BOOST_TEST(ns(wait) == 0);
+  BOOST_TEST(settle(ctx, [&] { return r->done(); }));
+  BOOST_TEST(r->ok());
+}
+
 BOOST_AUTO_TEST_CASE(empty_when_the_request_would_fail_at_once) {
   asio::io_context ctx;
   test_bucket bucket(ctx, 3, per_second(1));

@@ -512,17 +512,19 @@ class basic_keyed_limiter {
 
   /// How long a request for `n` tokens of `key` made now would wait before it
   /// is granted, as token_bucket::retry_after: zero for a key with no bucket
-  /// (its bucket would start full; whether the memory bound would admit the
-  /// key, try_get_token(key, n, ec) tells); empty when the request would fail
-  /// at once (`n > capacity()`, or closed).
+  /// (its bucket would start full; a new key the memory bound refuses, with
+  /// `max_keys()` keys and none evictable, still gets zero: try_get_token(key,
+  /// n, ec) tells that case); empty when the request would fail at once
+  /// (`n > capacity()`, or closed).
   /// @par Thread safety
   /// May be called from any thread.
   std::optional<duration> retry_after(const Key& key, std::uint64_t n = 1) const {
     if (!impl_) return std::nullopt;
     const auto wait = impl_->retry_after(key, n);
     if (!wait) return std::nullopt;
-    const auto d = std::chrono::ceil<duration>(std::chrono::nanoseconds(*wait));
-    return d < duration::zero() ? duration::max() : d;
+    using wide = std::chrono::duration<long double, std::nano>;
+    if (wide(*wait) >= wide(duration::max())) return duration::max();
+    return std::chrono::ceil<duration>(std::chrono::nanoseconds(*wait));
   }
 
   /// True when `key` has a bucket now.

@@ -215,13 +215,15 @@ class basic_token_bucket {
   }
 
   /// How long a request for `n` tokens made now would wait before it is
-  /// granted: zero when at once; otherwise until the tokens of every request
-  /// queued ahead of it (FIFO) and its own have accrued. Exact as of the call,
-  /// rounded up to the clock's tick: a later `set_rate`/`set_capacity`, a
-  /// cancellation or close ahead of it changes it. Empty when such a request
-  /// would fail at once (`n > capacity()`, or the bucket is closed);
-  /// saturates at the largest wait the clock can represent. Grants the
-  /// queued requests that are due first, as the timer would.
+  /// granted: zero when at once; otherwise until it would be granted after
+  /// the requests queued ahead of it (FIFO), each granted as the timer grants
+  /// it. Exact as of the call, rounded up to the clock's tick: a later
+  /// `set_rate`/`set_capacity`, a cancellation or close ahead of it changes
+  /// it. Empty when such a request would fail at once (`n > capacity()`, or
+  /// the bucket is closed). A wait past the end of the clock's range is the
+  /// time left until that end (`duration::max()` if even that does not fit).
+  /// Like available(), it grants the queued requests that are due first, as
+  /// the timer would.
   /// @par Thread safety
   /// May be called from any thread.
   std::optional<duration> retry_after(std::uint64_t n = 1) const {
@@ -345,9 +347,12 @@ class basic_token_bucket {
   }
 
  private:
+  /// `ns` (>= 0) in the clock's duration, rounded up; duration::max() when
+  /// it does not fit (never wraps).
   static duration to_duration(std::int64_t ns) noexcept {
-    const auto d = std::chrono::ceil<duration>(std::chrono::nanoseconds(ns));
-    return d < duration::zero() ? duration::max() : d;  // never wraps
+    using wide = std::chrono::duration<long double, std::nano>;
+    if (wide(ns) >= wide(duration::max())) return duration::max();
+    return std::chrono::ceil<duration>(std::chrono::nanoseconds(ns));
   }
 
   template <typename, typename, typename>

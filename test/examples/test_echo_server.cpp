@@ -381,7 +381,7 @@ BOOST_AUTO_TEST_CASE(reject_mode_answers_over_limit_lines_with_an_error) {
     BOOST_TEST_REQUIRE(line.rfind(head, 0) == 0, line);
     BOOST_TEST(line.substr(line.size() - 3) == " s\n");
     const double secs = std::stod(line.substr(head.size()));
-    BOOST_TEST(secs > 0.0);
+    BOOST_TEST(secs >= 0.8);  // the lines arrived together, within well under 200 ms
     BOOST_TEST(secs <= 1.0);
   }
   BOOST_TEST(s.log_contains("rejecting its lines"));

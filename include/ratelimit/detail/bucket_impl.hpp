@@ -409,7 +409,8 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
 
   /// The wait of a request for `n` tokens made at `now`, after serve(now):
   /// the queued requests are served, in order, on a copy of the state as
-  /// serve() would serve them, and then this one. (Not simply the time
+  /// serve() would serve them (each when its tokens are there, not before it
+  /// came), and then this one. (Not simply the time
   /// `queued_tokens_ + n` tokens accrue: at a grant's whole nanosecond the
   /// level may pass the capacity, and what passes it is lost.) O(queue).
   std::int64_t wait_from(std::int64_t now, std::uint64_t n) const noexcept {
@@ -420,7 +421,9 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     // the clock reads earlier than the latest time the state has seen).
     if (queue_.empty() && s.has(n)) return 0;
     for (waiter_base* w = queue_.front(); w; w = w->next) {
-      t = std::max(s.ready_at(w->tokens), t);
+      // As serve() grants it: when its tokens are there, not before it came
+      // (a request queued at a later reading of the clock than `now`).
+      t = std::max({s.ready_at(w->tokens), w->queued_at, t});
       if (t == max_time) break;
       s.refill(t);
       if (!s.has(w->tokens)) break;  // only at the saturated end of time
@@ -451,8 +454,8 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     state_.refill(now);
     if (queue_.empty())
       timer_.disarm();
-    else
-      arm(state_.ready_at(queue_.front()->tokens));
+    else  // when serve() will grant it (not before it came: else the timer spins)
+      arm(std::max(state_.ready_at(queue_.front()->tokens), queue_.front()->queued_at));
   }
 
   void drain(ready_list& ready, boost::system::error_code ec) {
