@@ -6,7 +6,14 @@
 // Each key gets the bucket machinery of basic_token_bucket (detail::bucket_impl:
 // the same FIFO waiter queue, timer, cancellation and token arithmetic), created
 // full on the key's first use. Nothing about waiting or tokens is re-implemented
-// here; this class only finds, creates and evicts buckets.
+// here; this class only finds, creates, configures and evicts buckets.
+//
+// Quotas: a key's own capacity and rate live in a map of their own (quotas_),
+// consulted only when a bucket is made (a limiter with none pays nothing for
+// them); a node caches its bucket's capacity for the checks made under our
+// lock. A change of a default or of a key's own settings is applied to the
+// buckets concerned under our lock (bucket_impl::set_capacity, set_rate: the
+// same re-timing as a single bucket's) and re-indexes them.
 //
 // Memory is bounded by `max_keys`. A bucket that has refilled to its capacity
 // and that nobody waits on is indistinguishable from the fresh bucket a new use
@@ -88,8 +95,16 @@ class keyed_impl
     const Key* key = nullptr;             // the map's key (stable: node-based map)
     typename index_type::iterator pos{};  // (time full again, this) in index_
     std::size_t pins = 0;                 // blocking callers using the bucket
+    std::uint64_t capacity = 0;           // the bucket's (the key's quota), read under our lock
   };
   using map_type = std::unordered_map<Key, node, Hash, KeyEqual>;
+
+  /// A key's own settings; what is empty follows the limiter's default.
+  struct own_quota {
+    std::optional<std::uint64_t> capacity;
+    std::optional<rate> r;
+  };
+  using quota_map = std::unordered_map<Key, own_quota, Hash, KeyEqual>;
 
  public:
   keyed_impl(const boost::asio::any_io_executor& ex, std::uint64_t capacity, rate r,
@@ -102,9 +117,66 @@ class keyed_impl
   keyed_impl(const keyed_impl&) = delete;
   keyed_impl& operator=(const keyed_impl&) = delete;
 
-  std::uint64_t capacity() const noexcept { return capacity_; }
-  rate get_rate() const noexcept { return rate_; }
+  std::uint64_t capacity() const {
+    std::lock_guard lk(mutex_);
+    return capacity_;
+  }
+  rate get_rate() const {
+    std::lock_guard lk(mutex_);
+    return rate_;
+  }
   std::size_t max_keys() const noexcept { return max_keys_; }
+
+  // --- quotas ---------------------------------------------------------------
+
+  /// The capacity and rate `key` gets: its own settings, else the defaults.
+  quota get_quota(const Key& key) const {
+    std::lock_guard lk(mutex_);
+    return quota_of(key);
+  }
+
+  std::size_t own_quotas() const {
+    std::lock_guard lk(mutex_);
+    return quotas_.size();
+  }
+
+  /// Changes the default capacity and/or rate: every key without its own
+  /// setting of it follows, its bucket re-timed at once.
+  void set_default(std::optional<std::uint64_t> capacity, std::optional<rate> r) {
+    if (capacity) check_capacity(*capacity);
+    if (r) reduce(*r);  // validates
+    std::lock_guard lk(mutex_);
+    if (capacity) capacity_ = *capacity;
+    if (r) rate_ = *r;
+    for (auto& [key, nd] : map_) {
+      const auto own = quotas_.find(key);
+      const bool own_capacity = own != quotas_.end() && own->second.capacity;
+      const bool own_rate = own != quotas_.end() && own->second.r;
+      apply(nd, own_capacity ? std::nullopt : capacity, own_rate ? std::nullopt : r);
+    }
+  }
+
+  /// Sets `key`'s own capacity and/or rate (what is empty is left as it is);
+  /// kept apart from its bucket, so also when the bucket is evicted.
+  void set_own(const Key& key, std::optional<std::uint64_t> capacity, std::optional<rate> r) {
+    if (capacity) check_capacity(*capacity);
+    if (r) reduce(*r);
+    std::lock_guard lk(mutex_);
+    own_quota& q = quotas_[key];  // may throw, before anything changed
+    if (capacity) q.capacity = capacity;
+    if (r) q.r = r;
+    if (auto it = map_.find(key); it != map_.end()) apply(it->second, capacity, r);
+  }
+
+  /// Drops `key`'s own settings: it follows the defaults again. False if it had none.
+  bool reset_own(const Key& key) {
+    std::lock_guard lk(mutex_);
+    auto own = quotas_.find(key);
+    if (own == quotas_.end()) return false;
+    quotas_.erase(own);
+    if (auto it = map_.find(key); it != map_.end()) apply(it->second, capacity_, rate_);
+    return true;
+  }
 
   bool try_get(const Key& key, std::uint64_t n, boost::system::error_code& ec) {
     ec = {};
@@ -206,16 +278,20 @@ class keyed_impl
   std::uint64_t available(const Key& key) const {
     std::lock_guard lk(mutex_);
     auto it = map_.find(key);
-    return it == map_.end() ? capacity_ : it->second.bucket->available();
+    return it == map_.end() ? quota_of(key).capacity : it->second.bucket->available();
   }
 
   /// As available(key), it serves the bucket's due requests without
   /// re-indexing it (the index may only be stale on the conservative side).
   std::optional<std::int64_t> retry_after(const Key& key, std::uint64_t n) const {
     std::lock_guard lk(mutex_);
-    if (closed_ || n > capacity_) return std::nullopt;
+    if (closed_) return std::nullopt;
     auto it = map_.find(key);
-    if (it == map_.end()) return 0;  // a new key's bucket starts full
+    if (it == map_.end()) {
+      if (n > quota_of(key).capacity) return std::nullopt;
+      return 0;  // a new key's bucket starts full
+    }
+    if (n > it->second.capacity) return std::nullopt;
     return it->second.bucket->retry_after(n);
   }
 
@@ -237,20 +313,28 @@ class keyed_impl
       ec = closed_ec_;
       return nullptr;
     }
-    if (n > capacity_) {
+    if (auto it = map_.find(key); it != map_.end()) {
+      if (n > it->second.capacity) {
+        ec = error::exceeds_capacity;
+        return nullptr;
+      }
+      return &it->second;
+    }
+    const quota q = quota_of(key);
+    if (n > q.capacity) {
       ec = error::exceeds_capacity;
       return nullptr;
     }
-    if (auto it = map_.find(key); it != map_.end()) return &it->second;
     if (map_.size() >= max_keys_ && !evict_one(now)) {
       ec = error::too_many_keys;
       return nullptr;
     }
-    auto bucket = std::make_shared<bucket_type>(executor_, capacity_, rate_, capacity_);
+    auto bucket = std::make_shared<bucket_type>(executor_, q.capacity, q.rate, q.capacity);
     auto it = map_.try_emplace(key).first;
     node& nd = it->second;
     nd.bucket = std::move(bucket);
     nd.key = &it->first;
+    nd.capacity = q.capacity;
     try {
       nd.pos = index_.emplace(now, &nd).first;
     } catch (...) {
@@ -262,6 +346,29 @@ class keyed_impl
 
   /// Moves `nd` to the time its bucket will be full again.
   void reindex(node* nd) { move_index(nd, nd->bucket->full_at()); }
+
+  /// The capacity and rate of `key`. Caller holds the lock.
+  quota quota_of(const Key& key) const {
+    quota q{capacity_, rate_};
+    if (quotas_.empty()) return q;  // no lookup for limiters without quotas
+    if (auto own = quotas_.find(key); own != quotas_.end()) {
+      if (own->second.capacity) q.capacity = *own->second.capacity;
+      if (own->second.r) q.rate = *own->second.r;
+    }
+    return q;
+  }
+
+  /// Changes `nd`'s bucket as basic_token_bucket::set_capacity and set_rate
+  /// do (queued requests re-timed; those over a smaller capacity fail).
+  /// Caller holds the lock; the values are valid. Never throws.
+  void apply(node& nd, std::optional<std::uint64_t> capacity, std::optional<rate> r) noexcept {
+    if (capacity && *capacity != nd.capacity) {
+      nd.bucket->set_capacity(*capacity);
+      nd.capacity = *capacity;
+    }
+    if (r) nd.bucket->set_rate(*r);
+    reindex(&nd);  // full sooner or later now
+  }
 
   /// Re-keys `nd`'s index entry to `t`. Moves the set's node instead of
   /// erasing and emplacing one: never allocates, so it cannot throw. (An
@@ -288,7 +395,7 @@ class keyed_impl
       // t <= now: a bucket full only as of a later reading of a clock that
       // went back is not interchangeable with a fresh one (which would refill
       // from `now`): for a full bucket nobody waits on, t is its latest time.
-      if (nd->pins == 0 && b.waiting() == 0 && b.available() == capacity_ && t <= now) {
+      if (nd->pins == 0 && b.waiting() == 0 && b.available() == nd->capacity && t <= now) {
         // Nobody else can reach this bucket now: every path to it takes our
         // lock, and it has no waiter for its timer or a cancellation to serve.
         index_.erase(nd->pos);
@@ -310,6 +417,7 @@ class keyed_impl
   boost::system::error_code closed_ec_;
   map_type map_;
   index_type index_;
+  quota_map quotas_;  // keys' own settings: configuration, kept across eviction
 };
 
 }  // namespace detail
@@ -317,7 +425,15 @@ class keyed_impl
 /// A token bucket per key: each key may take `capacity` tokens at once and
 /// then `r` on average, independently of the other keys.
 ///
-/// Every key's bucket behaves exactly as a `basic_token_bucket` of the same
+/// @par Quotas
+/// `capacity` and `r` are the defaults; a key may have its own (set_quota,
+/// set_rate(key, r), set_capacity(key, n)), kept as configuration apart from
+/// the buckets: across eviction, and outside `max_keys`. Both the defaults
+/// and a key's own settings may change at run time; a change applies to the
+/// buckets concerned at once, as basic_token_bucket's set_capacity then
+/// set_rate do.
+///
+/// Every key's bucket behaves exactly as a `basic_token_bucket` of the key's
 /// capacity and rate that starts full on the key's first use: FIFO among the
 /// requests for that key, completion through the handler's executor (never
 /// inside the initiating function), per-operation cancellation. Requests for
@@ -534,8 +650,71 @@ class basic_keyed_limiter {
   std::size_t size() const { return impl_ ? impl_->size() : 0; }
 
   std::size_t max_keys() const noexcept { return impl_ ? impl_->max_keys() : 0; }
-  std::uint64_t capacity() const noexcept { return impl_ ? impl_->capacity() : 0; }
-  rate get_rate() const noexcept { return impl_ ? impl_->get_rate() : rate{}; }
+
+  /// The default capacity: that of every key without its own (see set_quota).
+  std::uint64_t capacity() const { return impl_ ? impl_->capacity() : 0; }
+
+  /// The default rate: that of every key without its own (see set_quota).
+  rate get_rate() const { return impl_ ? impl_->get_rate() : rate{}; }
+
+  // --- run-time configuration ------------------------------------------------
+
+  /// Changes the default rate: every key without a rate of its own refills at
+  /// `r` from now on, as basic_token_bucket::set_rate (the level accrued so far
+  /// is kept; queued requests are re-timed at once). Takes O(size()).
+  /// @throws std::invalid_argument if `r` is not a positive rate (nothing changes).
+  /// @par Thread safety
+  /// May be called from any thread, concurrently with requests.
+  void set_rate(rate r) {
+    detail::reduce(r);
+    if (impl_) impl_->set_default(std::nullopt, r);
+  }
+
+  /// Changes the default capacity: every key without a capacity of its own
+  /// gets `capacity`, as basic_token_bucket::set_capacity (a bucket holding
+  /// more drops the excess; queued requests for more than `capacity` tokens
+  /// fail with `exceeds_capacity`, the others are re-timed). Takes O(size()).
+  /// @throws std::invalid_argument if `capacity` is 0 (nothing changes).
+  void set_capacity(std::uint64_t capacity) {
+    detail::check_capacity(capacity);
+    if (impl_) impl_->set_default(capacity, std::nullopt);
+  }
+
+  /// Gives `key` its own capacity and rate (a quota: a paying customer, an
+  /// internal service), applied at once to its bucket if it has one, as
+  /// set_capacity and set_rate do. A key's own quota is configuration, kept
+  /// apart from the buckets: it holds across eviction and does not count
+  /// towards max_keys() (the quotas are as many as you set; reset_quota
+  /// drops one). Later default changes do not touch it.
+  /// @throws std::invalid_argument for a capacity of 0 or a rate that is not
+  /// positive; std::bad_alloc (nothing changes).
+  void set_quota(const Key& key, quota q) {
+    detail::check_capacity(q.capacity);
+    detail::reduce(q.rate);
+    if (impl_) impl_->set_own(key, q.capacity, q.rate);
+  }
+
+  /// Gives `key` its own rate; its capacity stays (its own, or the default).
+  void set_rate(const Key& key, rate r) {
+    detail::reduce(r);
+    if (impl_) impl_->set_own(key, std::nullopt, r);
+  }
+
+  /// Gives `key` its own capacity; its rate stays (its own, or the default).
+  void set_capacity(const Key& key, std::uint64_t capacity) {
+    detail::check_capacity(capacity);
+    if (impl_) impl_->set_own(key, capacity, std::nullopt);
+  }
+
+  /// Drops `key`'s own capacity and rate: it follows the defaults again (its
+  /// bucket, if any, changed at once). Returns false if it had none.
+  bool reset_quota(const Key& key) { return impl_ && impl_->reset_own(key); }
+
+  /// The capacity and rate `key` gets now: its own where set, else the defaults.
+  quota get_quota(const Key& key) const { return impl_ ? impl_->get_quota(key) : quota{0, rate{}}; }
+
+  /// How many keys have a capacity or rate of their own.
+  std::size_t own_quotas() const { return impl_ ? impl_->own_quotas() : 0; }
 
  private:
   template <typename, typename, typename, typename, typename, typename>

@@ -41,6 +41,15 @@ constexpr rate per_hour(std::uint64_t n) noexcept {
   return rate{n, std::chrono::hours(1)};
 }
 
+/// The limit of one key of a keyed limiter: a bucket of `capacity` tokens
+/// refilling at `rate` (`keyed_limiter::set_quota`, `get_quota`).
+struct quota {
+  std::uint64_t capacity = 1;
+  ratelimit::rate rate;
+
+  friend constexpr bool operator==(const quota&, const quota&) = default;
+};
+
 /// How full a new bucket starts. The default is full (`capacity` tokens);
 /// `start_empty` starts it with none, `initial_tokens{k}` with `k` (at most the
 /// capacity).

@@ -657,3 +657,218 @@ BOOST_AUTO_TEST_CASE(keyed_limiter_with_every_kind_of_pending_work) {
 }
 
 BOOST_AUTO_TEST_SUITE_END()
+
+// Per-key quotas and run-time configuration: a key's own capacity and rate
+// (kept apart from its bucket, so across eviction), and set_rate /
+// set_capacity for every key and per key, re-timing queued requests as the
+// single bucket does.
+BOOST_FIXTURE_TEST_SUITE(keyed_quotas, clock_fixture)
+
+BOOST_AUTO_TEST_CASE(a_key_gets_its_own_capacity_and_rate) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 1, per_second(1), 100);
+  l.set_quota(7, {5, per_second(10)});
+  BOOST_TEST(l.size() == 0u);  // configuration only: no bucket is made
+  BOOST_TEST(l.own_quotas() == 1u);
+  BOOST_TEST((l.get_quota(7) == ratelimit::quota{5, per_second(10)}));
+  BOOST_TEST((l.get_quota(1) == ratelimit::quota{1, per_second(1)}));
+  BOOST_TEST(l.available(7) == 5u);  // a new key starts full, at its own capacity
+  BOOST_TEST(l.try_get_token(7, 5));
+  BOOST_TEST(l.retry_after(7, 1)->count() == std::chrono::nanoseconds(100ms).count());
+  BOOST_TEST(l.try_get_token(1));
+  BOOST_TEST(l.retry_after(1, 1)->count() == std::chrono::nanoseconds(1s).count());
+
+  boost::system::error_code ec;
+  BOOST_TEST(!l.try_get_token(1, 2, ec));  // over the default capacity
+  BOOST_TEST(ec == ratelimit::error::exceeds_capacity);
+  BOOST_TEST(!l.retry_after(1, 2));
+  BOOST_TEST(l.retry_after(7, 5).has_value());
+  BOOST_TEST(!l.retry_after(7, 6));
+  auto big = keyed_request(l, 8, 2);  // a new key over the default: no bucket
+  BOOST_TEST(settle(ctx, [&] { return big->done(); }));
+  BOOST_TEST(big->ec == ratelimit::error::exceeds_capacity);
+  BOOST_TEST(!l.contains(8));
+}
+
+BOOST_AUTO_TEST_CASE(a_quota_is_kept_when_the_bucket_is_evicted) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 1, per_second(1), 1);
+  BOOST_TEST(l.try_get_token(7));
+  l.set_quota(7, {3, per_second(3)});  // applied to the live bucket: 0 of 3 now
+  BOOST_TEST(l.available(7) == 0u);
+  manual_clock::advance(1s);  // full again: 3 of 3
+  BOOST_TEST(l.available(7) == 3u);
+  BOOST_TEST(l.try_get_token(2));  // at the bound: key 7 is evicted for key 2
+  BOOST_TEST(!l.contains(7));
+  manual_clock::advance(1s);
+  BOOST_TEST(l.try_get_token(7, 3));  // its quota held: a fresh bucket of 3
+  BOOST_TEST(!l.contains(2));
+  BOOST_TEST((l.get_quota(7) == ratelimit::quota{3, per_second(3)}));
+}
+
+BOOST_AUTO_TEST_CASE(set_rate_retimes_queued_requests_of_every_key_without_its_own) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 1, per_second(1), 100);
+  l.set_rate(9, per_second(1));  // key 9's own rate (1/s too)
+  BOOST_TEST(l.try_get_token(1));
+  BOOST_TEST(l.try_get_token(9));
+  auto a = keyed_request(l, 1), b = keyed_request(l, 9);
+  manual_clock::advance(50ms);
+  l.set_rate(per_second(10));  // the default: key 1 follows, key 9 keeps its own
+  BOOST_TEST((l.get_rate() == per_second(10)));
+  pump(ctx);
+  BOOST_TEST(!a->done());
+  manual_clock::advance(50ms);  // 100 ms at 1/s then 10/s: 0.05 + 0.5 = 0.55 token
+  pump(ctx);
+  BOOST_TEST(!a->done());
+  manual_clock::advance(45ms);  // 0.05 + 0.95 = 1 token: due exactly now
+  BOOST_TEST(settle(ctx, [&] { return a->done(); }));
+  BOOST_TEST(a->ok());
+  BOOST_TEST(!b->done());
+  BOOST_TEST((l.get_quota(9).rate == per_second(1)));
+  manual_clock::advance(855ms);  // 1 s for key 9
+  BOOST_TEST(settle(ctx, [&] { return b->done(); }));
+  BOOST_TEST(b->ok());
+}
+
+BOOST_AUTO_TEST_CASE(set_capacity_fails_queued_requests_over_it_and_keeps_own_capacities) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 4, per_second(1), 100);
+  l.set_capacity(2, 4);  // key 2: its own capacity of 4
+  BOOST_TEST(l.try_get_token(1, 4));
+  BOOST_TEST(l.try_get_token(2, 4));
+  auto a3 = keyed_request(l, 1, 3), a1 = keyed_request(l, 1, 1), b3 = keyed_request(l, 2, 3);
+  l.set_capacity(2);  // the default, for key 1
+  BOOST_TEST(l.capacity() == 2u);
+  BOOST_TEST(settle(ctx, [&] { return a3->done(); }));
+  BOOST_TEST(a3->ec == ratelimit::error::exceeds_capacity);
+  BOOST_TEST(!a1->done());  // re-timed behind nothing: due at 1 s
+  BOOST_TEST(!b3->done());
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return a1->done(); }));
+  BOOST_TEST(a1->ok());
+  manual_clock::advance(2s);
+  BOOST_TEST(settle(ctx, [&] { return b3->done(); }));
+  BOOST_TEST(b3->ok());
+  BOOST_TEST(l.get_quota(2).capacity == 4u);
+  BOOST_TEST(l.get_quota(1).capacity == 2u);
+  manual_clock::advance(10s);
+  BOOST_TEST(l.available(1) == 2u);  // the excess was dropped, the cap holds
+  BOOST_TEST(!l.try_get_token(1, 3));
+}
+
+BOOST_AUTO_TEST_CASE(reset_quota_returns_a_key_to_the_defaults) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 2, per_second(1), 100);
+  l.set_quota(5, {10, per_second(100)});
+  BOOST_TEST(l.available(5) == 10u);
+  BOOST_TEST(l.try_get_token(5, 1));
+  BOOST_TEST(l.reset_quota(5));
+  BOOST_TEST(!l.reset_quota(5));
+  BOOST_TEST(l.own_quotas() == 0u);
+  BOOST_TEST(l.available(5) == 2u);  // the live bucket: the excess dropped
+  BOOST_TEST((l.get_quota(5) == ratelimit::quota{2, per_second(1)}));
+  l.set_capacity(3);
+  BOOST_TEST(l.get_quota(5).capacity == 3u);  // it follows the defaults again
+}
+
+BOOST_AUTO_TEST_CASE(a_raised_capacity_makes_a_full_bucket_unevictable_until_it_refills) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 1, per_second(1), 1);
+  BOOST_TEST(l.try_get_token(1, 0));  // key 1 has a full bucket
+  l.set_capacity(2);                  // 1 of 2: not what a fresh bucket would hold
+  BOOST_TEST(!l.try_get_token(2));
+  boost::system::error_code ec;
+  BOOST_TEST(!l.try_get_token(2, 1, ec));
+  BOOST_TEST(ec == ratelimit::error::too_many_keys);
+  manual_clock::advance(1s);
+  BOOST_TEST(l.try_get_token(2, 2));  // key 1 refilled to 2: evicted
+  BOOST_TEST(!l.contains(1));
+}
+
+BOOST_AUTO_TEST_CASE(bad_values_are_refused_and_change_nothing) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 2, per_second(1), 100);
+  BOOST_CHECK_THROW(l.set_rate(ratelimit::rate{0, 1s}), std::invalid_argument);
+  BOOST_CHECK_THROW(l.set_rate(ratelimit::rate{1, 0s}), std::invalid_argument);
+  BOOST_CHECK_THROW(l.set_capacity(0), std::invalid_argument);
+  BOOST_CHECK_THROW(l.set_quota(1, {0, per_second(1)}), std::invalid_argument);
+  BOOST_CHECK_THROW(l.set_quota(1, {1, ratelimit::rate{1, -1s}}), std::invalid_argument);
+  BOOST_CHECK_THROW(l.set_rate(1, ratelimit::rate{0, 1s}), std::invalid_argument);
+  BOOST_CHECK_THROW(l.set_capacity(1, 0), std::invalid_argument);
+  BOOST_TEST(l.own_quotas() == 0u);
+  BOOST_TEST((l.get_quota(1) == ratelimit::quota{2, per_second(1)}));
+  BOOST_TEST(l.capacity() == 2u);
+  BOOST_TEST((l.get_rate() == per_second(1)));
+}
+
+BOOST_AUTO_TEST_CASE(a_moved_from_limiter_takes_configuration_as_a_no_op) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 2, per_second(1), 100);
+  test_keyed m(std::move(l));
+  l.set_rate(per_second(5));
+  l.set_quota(1, {3, per_second(3)});
+  BOOST_TEST(!l.reset_quota(1));
+  BOOST_TEST(l.own_quotas() == 0u);
+  BOOST_CHECK_THROW(l.set_capacity(0), std::invalid_argument);  // still validated
+  BOOST_TEST(m.capacity() == 2u);
+}
+
+// Many threads change the defaults and the quotas while others take tokens
+// and wait (run under TSan in the sanitizer tree): every request completes,
+// and nothing is granted beyond what the largest quota allows.
+BOOST_AUTO_TEST_CASE(configuration_changes_race_with_requests) {
+  running_context rc(2);
+  ratelimit::keyed_limiter<int> l(rc.ctx, 4, per_second(100000), 16);
+  std::atomic<int> done{0}, granted{0};
+  std::vector<std::thread> threads;
+  const auto start = std::chrono::steady_clock::now();
+  for (int t = 0; t < 2; ++t)
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(t);
+      for (int i = 0; i < 300; ++i) {
+        const int key = static_cast<int>(rng() % 8);
+        if (rng() % 2) {
+          granted += l.try_get_token(key);
+          ++done;
+        } else {
+          l.async_get_token(key, [&](boost::system::error_code ec) {
+            granted += !ec;
+            ++done;
+          });
+        }
+      }
+    });
+  threads.emplace_back([&] {
+    std::mt19937 rng(9);
+    for (int i = 0; i < 300; ++i) {
+      const int key = static_cast<int>(rng() % 8);
+      switch (rng() % 5) {
+        case 0:
+          l.set_rate(per_second(50000 + rng() % 100000));
+          break;
+        case 1:
+          l.set_capacity(1 + rng() % 4);
+          break;
+        case 2:
+          l.set_quota(key, {1 + rng() % 4, per_second(50000 + rng() % 100000)});
+          break;
+        case 3:
+          l.reset_quota(key);
+          break;
+        default:
+          l.set_capacity(key, 1 + rng() % 4);
+      }
+    }
+  });
+  for (auto& t : threads)
+    t.join();
+  BOOST_TEST(eventually([&] { return done == 600; }));
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  BOOST_TEST(granted > 0);
+  // Per key at most the largest capacity plus the fastest rate over the run.
+  BOOST_TEST(granted <= 8 * (4 + 150000 * seconds + 1));
+}
+
+BOOST_AUTO_TEST_SUITE_END()

@@ -8,7 +8,9 @@
 // due, its bucket is full again, or its cancelled request would have been
 // served and refilled: exactly, or 1 ns either side), async_get_token(key, n)
 // with a cancellation slot, try_get_token(key, n), cancel request k through its
-// slot, cancel(), close(), evict(), destroy (and start a new limiter). Each is
+// slot, cancel(), close(), evict(), a change of quota (the default rate or
+// capacity, a key's own rate, capacity or both, reset_quota), destroy (and start
+// a new limiter). Each is
 // applied to test/model/keyed_limiter_model.hpp too. Which key an eviction
 // removes is not promised: the harness observes it through contains() and the
 // model checks that it was allowed (see the model's header comment).
@@ -112,7 +114,8 @@ constexpr std::uint64_t u64_max = std::numeric_limits<std::uint64_t>::max();
 struct statistics {
   unsigned long long inputs = 0, steps = 0, admitted_by_eviction = 0, refused = 0,
                      refused_while_held_back = 0, evicted_while_held_back_possible = 0,
-                     kept_by_evict_while_held_back = 0, evict_calls_evicting = 0;
+                     kept_by_evict_while_held_back = 0, evict_calls_evicting = 0,
+                     reconfigurations = 0;
 };
 statistics stats;
 
@@ -437,7 +440,7 @@ class harness {
       case 6:
       case 15: {  // async_get_token(key, n), with a cancellation slot
         const int k = key();
-        const std::uint64_t n = in_.count(model_->capacity());
+        const std::uint64_t n = in_.count(model_->quota_of(k).capacity);
         poll = (op & 0x80) == 0;
         const std::uint64_t id = requests_.size();
         requests_.emplace_back();
@@ -457,7 +460,7 @@ class harness {
       case 7:
       case 8: {  // try_get_token(key, n)
         const int k = key();
-        const std::uint64_t n = in_.count(model_->capacity());
+        const std::uint64_t n = in_.count(model_->quota_of(k).capacity);
         poll = (op & 0x80) == 0;
         const std::vector<int> before = model_->keys();
         const bool was_full = at_bound_for(k, n);
@@ -495,7 +498,11 @@ class harness {
         model_->close(now());
         limiter_->close();
         break;
-      case 13: {  // evict()
+      case 13: {  // evict(); with the top bit, a change of quota
+        if (op & 0x80) {
+          reconfigure();
+          break;
+        }
         const std::vector<int> before = model_->keys();
         const std::size_t n = limiter_->evict();
         const std::vector<int> gone = vanished(before);
@@ -527,6 +534,61 @@ class harness {
     sync();
   }
 
+  /// set_rate, set_capacity (the defaults, or key k's), set_quota(k), reset_quota(k):
+  /// accepted or refused by both, then compared as every step is.
+  void reconfigure() {
+    const std::uint8_t how = in_.u8();
+    const int k = key();
+    ++stats.reconfigurations;
+    auto to_rate = [](model::model_rate r) {
+      return ratelimit::rate{r.tokens, std::chrono::nanoseconds(r.period)};
+    };
+    if (how % 6 == 5) {
+      const bool want = model_->reset_own(k, now());
+      CHECK_EQ(limiter_->reset_quota(k), want, "reset_quota");
+      return;
+    }
+    std::optional<std::uint64_t> c;
+    std::optional<model::model_rate> r;
+    if (how % 6 == 1 || how % 6 == 3 || how % 6 == 4) c = in_.capacity();
+    if (how % 6 == 0 || how % 6 == 2 || how % 6 == 4) r = in_.rate();
+    if (trace_)
+      std::fprintf(stderr, "  reconfigure %d key %d: capacity %llu rate %llu/%lld\n", how % 6, k,
+                   static_cast<unsigned long long>(c.value_or(0)),
+                   static_cast<unsigned long long>(r ? r->tokens : 0),
+                   static_cast<long long>(r ? r->period : 0));
+    bool model_ok = true, limiter_ok = true;
+    try {
+      if (how % 6 < 2)
+        c ? model_->set_default_capacity(*c, now()) : model_->set_default_rate(*r, now());
+      else
+        model_->set_own(k, c, r, now());
+    } catch (const std::invalid_argument&) {
+      model_ok = false;
+    }
+    try {
+      switch (how % 6) {
+        case 0:
+          limiter_->set_rate(to_rate(*r));
+          break;
+        case 1:
+          limiter_->set_capacity(*c);
+          break;
+        case 2:
+          limiter_->set_rate(k, to_rate(*r));
+          break;
+        case 3:
+          limiter_->set_capacity(k, *c);
+          break;
+        default:
+          limiter_->set_quota(k, ratelimit::quota{*c, to_rate(*r)});
+      }
+    } catch (const std::invalid_argument&) {
+      limiter_ok = false;
+    }
+    CHECK_EQ(limiter_ok, model_ok, "a quota change accepted by one, refused by the other");
+  }
+
   /// A request for `key` needs a new bucket at the bound (counted for the statistics).
   bool at_bound_for(int key, std::uint64_t n) const {
     return model_->is_open() && n <= model_->capacity() && !model_->contains(key) &&
@@ -556,8 +618,18 @@ class harness {
         std::fprintf(stderr, " %d%s", k, model_->held_until(k) ? "(stale)" : "");
       std::fprintf(stderr, "\n");
     }
-    for (int k = 0; k < keys_; ++k)
+    for (int k = 0; k < keys_; ++k) {
       CHECK_EQ(limiter_->contains(k), model_->contains(k), "contains()");
+      const ratelimit::quota got = limiter_->get_quota(k);
+      const auto want = model_->quota_of(k);
+      CHECK_EQ(got.capacity, want.capacity, "get_quota().capacity");
+      CHECK_EQ(got.rate.tokens, want.rate.tokens, "get_quota().rate.tokens");
+      CHECK_EQ(got.rate.period.count(), want.rate.period, "get_quota().rate.period");
+    }
+    CHECK_EQ(limiter_->capacity(), model_->capacity(), "capacity()");
+    CHECK_EQ(limiter_->get_rate().tokens, model_->rate().tokens, "get_rate().tokens");
+    CHECK_EQ(limiter_->get_rate().period.count(), model_->rate().period, "get_rate().period");
+    CHECK_EQ(limiter_->own_quotas(), model_->own_quotas(), "own_quotas()");
     CHECK_EQ(limiter_->size(), model_->size(), "size()");
     if (limiter_->size() > limiter_->max_keys()) fail("more keys than max_keys", limiter_->size());
     CHECK_EQ(limiter_->is_open(), model_->is_open(), "is_open()");
@@ -571,7 +643,7 @@ class harness {
     for (int k = 0; k < keys_; ++k)
       CHECK_EQ(limiter_->available(k), model_->available(k, now()), "available()");
     for (int k = 0; k < keys_; ++k)
-      for (const std::uint64_t n : {std::uint64_t{1}, model_->capacity()}) {
+      for (const std::uint64_t n : {std::uint64_t{1}, model_->quota_of(k).capacity}) {
         const auto got = limiter_->retry_after(k, n);
         const auto want = model_->retry_after(k, n, now());
         CHECK_EQ(got.has_value(), want.has_value(), "retry_after() given");
@@ -692,10 +764,10 @@ int main(int argc, char** argv) {
     std::printf(
         "steps %llu; new keys at the bound: %llu admitted by eviction (%llu with a key held "
         "back), %llu refused (%llu with a key held back); evict() calls that evicted %llu, "
-        "held-back keys evict() kept %llu\n",
+        "held-back keys evict() kept %llu; quota changes %llu\n",
         stats.steps, stats.admitted_by_eviction, stats.evicted_while_held_back_possible,
         stats.refused, stats.refused_while_held_back, stats.evict_calls_evicting,
-        stats.kept_by_evict_while_held_back);
+        stats.kept_by_evict_while_held_back, stats.reconfigurations);
   return 0;
 }
 #endif

@@ -23,6 +23,14 @@ def try_(key, n, unpolled=False): return [0x87 if unpolled else 0x07, key, n_(n)
 def cancel(rid, kind=0, unpolled=False):  # kind: 0 terminal, 1 partial, 2 total, 3 none
     return [0x09 | kind << 5 | (0x80 if unpolled else 0), rid >> 8, rid & 255]
 CANCEL_ALL, CLOSE, EVICT = [11], [12], [13]
+def cap_(c): return [8 * (c - 1) + 3]  # a capacity byte (1..6)
+def rate_(tokens, ms): return [8 * (tokens - 1) + 3, 4 + 8 * (ms - 1)]  # 1..4 tokens per 1..8 ms
+def set_rate(tokens, ms): return [0x8d, 0, 0] + rate_(tokens, ms)  # the default rate
+def set_cap(c): return [0x8d, 1, 0] + cap_(c)  # the default capacity
+def key_rate(key, tokens, ms): return [0x8d, 2, key] + rate_(tokens, ms)
+def key_cap(key, c): return [0x8d, 3, key] + cap_(c)
+def quota(key, c, tokens, ms): return [0x8d, 4, key] + cap_(c) + rate_(tokens, ms)
+def reset(key): return [0x8d, 5, key]
 def destroy(*c): return [14] + cfg(*c)
 
 seeds = {
@@ -64,6 +72,18 @@ seeds = {
       + adv_us(1) + try_(2, 'cap') + EVICT + adv_us(65535) + EVICT,
   'invalid_configurations': [1, 3, 4, 0, 1] + try_(0, 1) + destroy(1, 0, 2) + try_(1, 1)
       + [14, 3, 2, 4, 1, 1] + try_(0, 1),
+  'quota_own_capacity_and_rate': cfg(1, 2, 3) + quota(1, 4, 2, 1) + try_(1, 'cap')
+      + try_(0, 'cap+1') + get(1, 1) + get(1, 'cap') + adv_us(500) + get(2, 'cap+1') + adv_us(2000),
+  'quota_kept_across_eviction': cfg(1, 1, 3) + quota(0, 3, 3, 1) + try_(0, 'cap') + adv_us(1000)
+      + try_(1, 1) + adv_us(1000) + try_(0, 'cap') + reset(0) + try_(0, 1) + reset(0),
+  'default_changes_retime_waiters': cfg(2, 3, 3) + key_rate(1, 1, 8) + get(0, 'cap') + get(0, 1)
+      + get(1, 'cap') + get(1, 1) + set_rate(4, 1) + adv_us(300) + set_cap(1) + adv_us(1000)
+      + reset(1) + adv_us(1000) + get(2, 'cap'),
+  'capacity_down_fails_waiters_up_blocks_eviction': cfg(3, 1, 2) + get(0, 3) + get(0, 2)
+      + get(0, 1) + key_cap(0, 1) + adv_us(2000) + key_cap(0, 4) + try_(1, 1) + adv_us(5000)
+      + try_(1, 1),
+  'invalid_quotas': cfg(2, 2, 2) + [0x8d, 4, 0, 1] + rate_(1, 1) + [0x8d, 0, 0, 2, 4]
+      + [0x8d, 3, 1, 1] + [0x8d, 2, 1, 3, 2] + try_(0, 'cap') + key_cap(1, 2) + try_(1, 'cap'),
 }
 os.makedirs(out, exist_ok=True)
 for name, b in seeds.items():

@@ -70,6 +70,19 @@
 // (token_bucket_model.hpp): close(), cancel_all(), destroy() complete each
 // key's queue front to back.
 //
+// Quotas (README "Per-key limits": run-time configuration). A key's capacity
+// and rate are its own where set (set_quota, set_key_capacity, set_key_rate),
+// else the limiter's defaults; a key's own settings are configuration, kept
+// whether or not it has a bucket, so a key's bucket, new or re-made after
+// eviction, starts full at the key's capacity. A change that alters a key's
+// capacity or rate is applied to its bucket at once, as the bucket model's
+// set_capacity then set_rate (requests over a smaller capacity fail, the
+// others are re-timed; per key, in that order); a change of the defaults
+// applies to every key without its own setting of it. Every "the capacity"
+// above is the key's: a request over it fails at once, available() of a key
+// with no bucket is it, and a full bucket holds it. A change applied to a
+// key's bucket re-indexes the key, as a request does (it is no longer stale).
+//
 #ifndef RATELIMIT_TEST_KEYED_LIMITER_MODEL_HPP
 #define RATELIMIT_TEST_KEYED_LIMITER_MODEL_HPP
 
@@ -101,6 +114,41 @@ class keyed_limiter_model {
       : capacity_(capacity), rate_(r), max_keys_(max_keys) {
     token_bucket_model check(capacity, r, capacity, 0);  // validates capacity and rate
     if (max_keys == 0) throw std::invalid_argument("max_keys 0");
+  }
+
+  // --- configuration ----------------------------------------------------------
+
+  /// A key's capacity and rate: its own where set, else the defaults.
+  struct quota {
+    std::uint64_t capacity;
+    model_rate rate;
+  };
+  quota quota_of(const Key& key) const {
+    quota q{capacity_, rate_};
+    if (auto it = own_.find(key); it != own_.end()) {
+      if (it->second.capacity) q.capacity = *it->second.capacity;
+      if (it->second.rate) q.rate = *it->second.rate;
+    }
+    return q;
+  }
+  std::size_t own_quotas() const { return own_.size(); }
+
+  /// The defaults (std::invalid_argument for a capacity of 0 or a bad rate).
+  void set_default_rate(model_rate r, std::int64_t now) { configure(nullptr, {}, r, now); }
+  void set_default_capacity(std::uint64_t c, std::int64_t now) { configure(nullptr, c, {}, now); }
+  /// `key`'s own settings (what is empty is left as it is).
+  void set_own(const Key& key, std::optional<std::uint64_t> c, std::optional<model_rate> r,
+               std::int64_t now) {
+    configure(&key, c, r, now);
+  }
+  /// Drops `key`'s own settings; false if it had none.
+  bool reset_own(const Key& key, std::int64_t now) {
+    auto it = own_.find(key);
+    if (it == own_.end()) return false;
+    const quota before = quota_of(key);
+    own_.erase(it);
+    apply(key, before, now);
+    return true;
   }
 
   // --- requests -------------------------------------------------------------
@@ -213,7 +261,7 @@ class keyed_limiter_model {
     token_bucket_model& b = it->second.bucket;
     b.serve_due(now);
     collect();
-    return b.waiting() == 0 && b.available(now) == capacity_ && b.now() <= now;
+    return b.waiting() == 0 && b.available(now) == b.capacity() && b.now() <= now;
   }
 
   /// Evictable, yet the limiter may keep it (the documented conservative case).
@@ -236,7 +284,7 @@ class keyed_limiter_model {
   /// Whole tokens `key` could take now (the capacity for a key with no bucket).
   std::uint64_t available(const Key& key, std::int64_t now) {
     auto it = buckets_.find(key);
-    if (it == buckets_.end()) return capacity_;
+    if (it == buckets_.end()) return quota_of(key).capacity;
     const std::uint64_t n = it->second.bucket.available(now);
     collect();
     return n;
@@ -246,7 +294,7 @@ class keyed_limiter_model {
   /// (zero), else its bucket's answer; nothing when the request would fail at
   /// once (closed, n > capacity).
   std::optional<std::int64_t> retry_after(const Key& key, std::uint64_t n, std::int64_t now) {
-    if (closed_ || n > capacity_) return std::nullopt;
+    if (closed_ || n > quota_of(key).capacity) return std::nullopt;
     auto it = buckets_.find(key);
     if (it == buckets_.end()) return 0;
     const auto wait = it->second.bucket.retry_after(n, now);
@@ -263,7 +311,8 @@ class keyed_limiter_model {
     return k;
   }
   std::size_t max_keys() const { return max_keys_; }
-  std::uint64_t capacity() const { return capacity_; }
+  std::uint64_t capacity() const { return capacity_; }  // the default
+  model_rate rate() const { return rate_; }             // the default
   bool is_open() const { return !closed_; }
   std::uint64_t requests() const { return next_id_; }
   const Key& key_of(std::uint64_t id) const { return requests_.at(id).key; }
@@ -303,10 +352,11 @@ class keyed_limiter_model {
   /// Decides a request's fate before its key's bucket sees it: `pending` when
   /// it goes to the bucket (made if needed), or the error it fails with at once.
   result admit(const Key& key, std::uint64_t n, std::int64_t now, const std::vector<Key>& evicted) {
-    if (closed_ || n > capacity_ || buckets_.count(key)) {
+    const quota q = quota_of(key);
+    if (closed_ || n > q.capacity || buckets_.count(key)) {
       if (!evicted.empty()) fail("a request that needs no new bucket evicted key ", evicted[0]);
       if (closed_) return result::closed;
-      if (n > capacity_) return result::exceeds_capacity;
+      if (n > q.capacity) return result::exceeds_capacity;
       return result::pending;
     }
     if (buckets_.size() < max_keys_) {
@@ -324,7 +374,8 @@ class keyed_limiter_model {
       check_evictable(evicted[0], now, "a new key");
       buckets_.erase(evicted[0]);
     }
-    slot s{token_bucket_model(capacity_, rate_, capacity_, now), ++generations_, {}, 0, false, now};
+    slot s{
+        token_bucket_model(q.capacity, q.rate, q.capacity, now), ++generations_, {}, 0, false, now};
     buckets_.emplace(key, std::move(s));
     if (buckets_.size() > max_keys_) fail("more keys than max_keys after admitting key ", key);
     return result::pending;
@@ -338,7 +389,7 @@ class keyed_limiter_model {
     collect();
     if (b.waiting() != 0) fail(by, " evicted key ", key, ", which has ", b.waiting(), " waiters");
     const std::uint64_t a = b.available(now);
-    if (a != capacity_) fail(by, " evicted key ", key, ", not full: ", a, " of ", capacity_);
+    if (a != b.capacity()) fail(by, " evicted key ", key, ", not full: ", a, " of ", b.capacity());
     if (b.now() > now)
       fail(by, " evicted key ", key, ", full only as of a later clock reading (", b.now(),
            " > now ", now, ")");
@@ -351,6 +402,42 @@ class keyed_limiter_model {
   }
 
   void complete(std::uint64_t id, result how) { completions_.push_back({id, how}); }
+
+  /// Sets the defaults (key null) or `*key`'s own settings, then applies what
+  /// changed to the buckets. Validates first: a refused value changes nothing.
+  void configure(const Key* key, std::optional<std::uint64_t> c, std::optional<model_rate> r,
+                 std::int64_t now) {
+    token_bucket_model check(c.value_or(1), r.value_or(model_rate{1, 1}), 0, 0);
+    if (key) {
+      const quota before = quota_of(*key);
+      own& o = own_[*key];
+      if (c) o.capacity = c;
+      if (r) o.rate = r;
+      apply(*key, before, now);
+      return;
+    }
+    std::map<Key, quota> before;
+    for (const auto& [k, s] : buckets_)
+      before.emplace(k, quota_of(k));
+    if (c) capacity_ = *c;
+    if (r) rate_ = *r;
+    for (const auto& [k, q] : before)
+      apply(k, q, now);
+  }
+
+  /// `key`'s quota was `before`: its bucket (if any) gets the new one,
+  /// capacity first, then rate; a change re-indexes the key.
+  void apply(const Key& key, const quota& before, std::int64_t now) {
+    auto it = buckets_.find(key);
+    if (it == buckets_.end()) return;
+    const quota after = quota_of(key);
+    slot& s = it->second;
+    if (after.capacity != before.capacity) s.bucket.set_capacity(after.capacity, now);
+    if (!(after.rate.tokens == before.rate.tokens && after.rate.period == before.rate.period))
+      s.bucket.set_rate(after.rate, now);
+    requested(s, now);
+    collect();
+  }
 
   /// Appends the buckets' new completions (as limiter-wide ids).
   void collect() {
@@ -368,9 +455,15 @@ class keyed_limiter_model {
     throw violation(os.str());
   }
 
+  struct own {
+    std::optional<std::uint64_t> capacity;
+    std::optional<model_rate> rate;
+  };
+
   std::uint64_t capacity_;
   model_rate rate_;
   std::size_t max_keys_;
+  std::map<Key, own> own_;  // keys' own settings: configuration, kept across eviction
   bool closed_ = false;
   std::map<Key, slot> buckets_;
   std::uint64_t generations_ = 0;

@@ -367,4 +367,54 @@ BOOST_AUTO_TEST_CASE(invalid_configurations_are_refused) {
   BOOST_CHECK_NO_THROW(keyed(u64_max, model_rate{u64_max, i64_max}, 1));
 }
 
+// --- quotas and run-time changes ---------------------------------------------
+
+BOOST_AUTO_TEST_CASE(a_key_with_its_own_quota_keeps_it_across_eviction) {
+  keyed m(1, per_s, 1);
+  m.set_own(1, 3, model_rate{3, s}, 0);  // no bucket yet: configuration only
+  BOOST_TEST(!m.contains(1));
+  BOOST_TEST(m.available(1, 0) == 3u);
+  BOOST_TEST(m.try_get(1, 3, 0) == result::granted);
+  BOOST_TEST(m.try_get(2, 1, s - 1) == result::too_many_keys);  // 2.99.. of 3
+  BOOST_TEST(m.try_get(2, 1, s, {1}) == result::granted);       // full at 1 s: evicted
+  BOOST_TEST(m.available(1, s) == 3u);
+  BOOST_TEST(m.try_get(1, 4, 2 * s) == result::exceeds_capacity);
+  BOOST_TEST(m.try_get(2, 2, 2 * s) == result::exceeds_capacity);  // key 2: the default 1
+  BOOST_TEST(m.own_quotas() == 1u);
+  BOOST_TEST(m.reset_own(1, 2 * s));
+  BOOST_TEST(!m.reset_own(1, 2 * s));
+  BOOST_TEST(m.available(1, 2 * s) == 1u);
+}
+
+BOOST_AUTO_TEST_CASE(a_default_change_retimes_the_keys_without_their_own) {
+  keyed m(2, per_s, 4);
+  m.set_own(2, std::nullopt, per_s, 0);  // key 2: its own rate, the default capacity
+  BOOST_TEST(m.try_get(1, 2, 0) == result::granted);
+  BOOST_TEST(m.try_get(2, 2, 0) == result::granted);
+  const auto a = m.request(1, 2, 0);
+  const auto b = m.request(2, 2, 0);
+  m.set_default_rate(model_rate{4, s}, 0);  // key 1: due at 0.5 s; key 2 still at 2 s
+  m.serve_due(s / 2);
+  BOOST_TEST(m.completions() == done({{a, result::granted}}));
+  m.set_default_capacity(1, s / 2);  // key 2's request for 2 is now over its capacity
+  BOOST_TEST(m.completions() == done({{a, result::granted}, {b, result::exceeds_capacity}}));
+  BOOST_TEST(m.quota_of(2).capacity == 1u);
+  BOOST_TEST(m.quota_of(2).rate.tokens == 1u);
+  BOOST_TEST(m.quota_of(1).rate.tokens == 4u);
+  BOOST_CHECK_THROW(m.set_default_capacity(0, s), std::invalid_argument);
+  BOOST_CHECK_THROW(m.set_own(1, std::nullopt, model_rate{0, s}, s), std::invalid_argument);
+  BOOST_TEST(m.capacity() == 1u);
+  BOOST_TEST(m.own_quotas() == 1u);
+}
+
+BOOST_AUTO_TEST_CASE(a_raised_capacity_is_not_full_until_it_refills) {
+  keyed m(1, per_s, 1);
+  BOOST_TEST(m.try_get(1, 0, 0) == result::granted);  // key 1: full
+  m.set_default_capacity(2, 0);
+  BOOST_TEST(!m.evictable(1, 0));
+  BOOST_TEST(m.try_get(2, 1, 0) == result::too_many_keys);
+  BOOST_CHECK_THROW(keyed(m).try_get(2, 1, 0, {1}), violation);
+  BOOST_TEST(m.try_get(2, 1, s, {1}) == result::granted);
+}
+
 BOOST_AUTO_TEST_SUITE_END()
