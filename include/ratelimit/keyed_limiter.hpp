@@ -189,6 +189,23 @@ class keyed_impl
     return granted;
   }
 
+  /// try_get that says how long a request made now would wait: serves the
+  /// key's due requests first, then takes `n` tokens if nobody is queued and
+  /// they are there (`wait` 0), else sets `wait` (as retry_after); with `ec`
+  /// set and `wait` empty when the request cannot be served at all.
+  bool try_get(const Key& key, std::uint64_t n, std::optional<std::int64_t>& wait,
+               boost::system::error_code& ec) {
+    ec = {};
+    wait.reset();
+    const std::int64_t now = bucket_type::now_ns();
+    std::lock_guard lk(mutex_);
+    node* nd = acquire(key, n, now, ec);
+    if (!nd) return false;
+    const bool granted = nd->bucket->try_get(n, wait);
+    reindex(nd);
+    return granted;
+  }
+
   template <typename Handler>
   void async_get(Handler&& handler, const Key& key, std::uint64_t n) {
     using op_type = handler_op<waiter_base, std::decay_t<Handler>>;
@@ -580,6 +597,34 @@ class basic_keyed_limiter {
     return impl_->try_get(key, n, ec);
   }
 
+  /// As try_get_token(key, n, ec), but first grants the requests for `key`
+  /// that are due (as the timer would), and tells how long a request made
+  /// now would have to wait: `retry_after` is zero when the tokens are
+  /// taken, the wait (as retry_after(key, n)) when limited (`ec` clear), and
+  /// empty when the request cannot be served at all (`ec`: `too_many_keys`,
+  /// `exceeds_capacity`, `bucket_closed`). One call for a server's
+  /// `Retry-After`: no second lookup, no race between the try and the wait.
+  /// @par Thread safety
+  /// May be called from any thread.
+  bool try_get_token(const Key& key, std::uint64_t n, std::optional<duration>& retry_after,
+                     boost::system::error_code& ec) {
+    retry_after.reset();
+    if (!impl_) {
+      ec = error::bucket_closed;
+      return false;
+    }
+    std::optional<std::int64_t> wait;
+    const bool granted = impl_->try_get(key, n, wait, ec);
+    if (wait) retry_after = to_duration(*wait);
+    return granted;
+  }
+
+  /// As try_get_token(key, n, retry_after, ec), for callers that need no reason.
+  bool try_get_token(const Key& key, std::uint64_t n, std::optional<duration>& retry_after) {
+    boost::system::error_code ec;
+    return try_get_token(key, n, retry_after, ec);
+  }
+
   /// Blocks until `n` of `key`'s tokens are granted, FIFO with the
   /// asynchronous requests for `key`. A call that would have to wait fails
   /// at once with `would_deadlock` or `context_stopped` (see
@@ -638,9 +683,7 @@ class basic_keyed_limiter {
     if (!impl_) return std::nullopt;
     const auto wait = impl_->retry_after(key, n);
     if (!wait) return std::nullopt;
-    using wide = std::chrono::duration<long double, std::nano>;
-    if (wide(*wait) >= wide(duration::max())) return duration::max();
-    return std::chrono::ceil<duration>(std::chrono::nanoseconds(*wait));
+    return to_duration(*wait);
   }
 
   /// True when `key` has a bucket now.
@@ -748,6 +791,13 @@ class basic_keyed_limiter {
 
   void shutdown() noexcept {
     if (impl_) impl_->close(boost::asio::error::operation_aborted);
+  }
+
+  /// A wait in ns as a duration, rounded up to the clock's tick; saturates.
+  static duration to_duration(std::int64_t wait) {
+    using wide = std::chrono::duration<long double, std::nano>;
+    if (wide(wait) >= wide(duration::max())) return duration::max();
+    return std::chrono::ceil<duration>(std::chrono::nanoseconds(wait));
   }
 
   executor_type executor_;

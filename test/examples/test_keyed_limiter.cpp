@@ -474,6 +474,44 @@ BOOST_AUTO_TEST_CASE(retry_after_per_key) {
   BOOST_TEST(!l.retry_after(7, 1).has_value());
 }
 
+// One call for a server: take the token or learn how long to wait, and why
+// not when it can never be served.
+BOOST_AUTO_TEST_CASE(try_get_token_reports_the_retry_after) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 2, per_second(4), 2);  // one token every 250 ms per key
+  auto ns = [](const std::optional<std::chrono::nanoseconds>& d) { return d ? d->count() : -1LL; };
+  std::optional<std::chrono::nanoseconds> wait = 1s;
+  boost::system::error_code ec = ratelimit::error::bucket_closed;  // cleared by every call
+  BOOST_TEST(l.try_get_token(7, 2, wait, ec));
+  BOOST_TEST(ns(wait) == 0);
+  BOOST_TEST(!ec);
+  BOOST_TEST(!l.try_get_token(7, 1, wait, ec));
+  BOOST_TEST(ns(wait) == std::chrono::nanoseconds(250ms).count());
+  BOOST_TEST(!ec);
+  auto r = keyed_request(l, 7);  // queued: due at 250 ms
+  BOOST_TEST(!l.try_get_token(7, 1, wait));
+  BOOST_TEST(ns(wait) == std::chrono::nanoseconds(500ms).count());  // behind r
+  manual_clock::advance(500ms);  // r is due, its timer has not run: served first
+  BOOST_TEST(l.try_get_token(7, 1, wait, ec));
+  BOOST_TEST(ns(wait) == 0);
+  BOOST_TEST(settle(ctx, [&] { return r->done(); }));
+  BOOST_TEST(r->ok());
+  BOOST_TEST(!l.try_get_token(7, 3, wait, ec));  // over the capacity: never
+  BOOST_TEST(!wait.has_value());
+  BOOST_TEST(ec == ratelimit::error::exceeds_capacity);
+  BOOST_TEST(l.try_get_token(8, 2, wait, ec));  // the bound is 2 keys: 7 and 8
+  BOOST_TEST(!l.try_get_token(9, 1, wait, ec));
+  BOOST_TEST(!wait.has_value());
+  BOOST_TEST(ec == ratelimit::error::too_many_keys);
+  l.close();
+  BOOST_TEST(!l.try_get_token(7, 1, wait, ec));
+  BOOST_TEST(ec == ratelimit::error::bucket_closed);
+  test_keyed m(std::move(l));
+  BOOST_TEST(!l.try_get_token(7, 1, wait, ec));  // moved-from: closed
+  BOOST_TEST(ec == ratelimit::error::bucket_closed);
+  BOOST_TEST(!wait.has_value());
+}
+
 BOOST_AUTO_TEST_CASE(try_get_token_with_an_error_code) {
   asio::io_context ctx;
   test_keyed l(ctx, 2, per_second(1), 2);

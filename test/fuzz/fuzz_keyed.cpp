@@ -464,6 +464,25 @@ class harness {
         poll = (op & 0x80) == 0;
         const std::vector<int> before = model_->keys();
         const bool was_full = at_bound_for(k, n);
+        if (op & 0x40) {  // the overload that serves first and says the wait
+          std::optional<limiter_type::duration> got_wait;
+          boost::system::error_code ec;
+          const bool granted = limiter_->try_get_token(k, n, got_wait, ec);
+          const std::vector<int> gone = vanished(before);
+          note_admission(was_full, k, gone);
+          std::optional<std::int64_t> want_wait;
+          const model::result want = checked("try_get_token(retry_after)", [&] {
+            return model_->try_get_serving(k, n, now(), want_wait, gone);
+          });
+          const model::result got = granted ? model::result::granted
+                                    : ec    ? classify(ec)
+                                            : model::result::pending;
+          CHECK_EQ(static_cast<int>(got), static_cast<int>(want), "try_get_token(retry_after)");
+          CHECK_EQ(got_wait.has_value(), want_wait.has_value(), "try_get_token: wait given");
+          if (got_wait && want_wait)
+            CHECK_EQ(got_wait->count(), *want_wait, "try_get_token: retry_after");
+          break;
+        }
         const try_result got = limiter_try_get(*limiter_, k, n);
         const std::vector<int> gone = vanished(before);
         note_admission(was_full, k, gone);

@@ -31,6 +31,7 @@ def key_rate(key, tokens, ms): return [0x8d, 2, key] + rate_(tokens, ms)
 def key_cap(key, c): return [0x8d, 3, key] + cap_(c)
 def quota(key, c, tokens, ms): return [0x8d, 4, key] + cap_(c) + rate_(tokens, ms)
 def reset(key): return [0x8d, 5, key]
+def try_wait(key, n, unpolled=False): return [0xc7 if unpolled else 0x47, key, n_(n)]  # with retry_after
 def destroy(*c): return [14] + cfg(*c)
 
 seeds = {
@@ -82,6 +83,9 @@ seeds = {
   'capacity_down_fails_waiters_up_blocks_eviction': cfg(3, 1, 2) + get(0, 3) + get(0, 2)
       + get(0, 1) + key_cap(0, 1) + adv_us(2000) + key_cap(0, 4) + try_(1, 1) + adv_us(5000)
       + try_(1, 1),
+  'try_with_retry_after': cfg(2, 2, 3) + try_wait(0, 'cap') + get(0, 1) + get(0, 1) + try_wait(0, 1)
+      + adv_us(500) + try_wait(0, 1) + adv_us(1000, True) + try_wait(0, 1) + adv_us(3000, True)
+      + try_wait(0, 1) + try_wait(1, 'cap+1') + try_wait(1, 1) + try_wait(2, 1) + CLOSE + try_wait(0, 1),
   'invalid_quotas': cfg(2, 2, 2) + [0x8d, 4, 0, 1] + rate_(1, 1) + [0x8d, 0, 0, 2, 4]
       + [0x8d, 3, 1, 1] + [0x8d, 2, 1, 3, 2] + try_(0, 'cap') + key_cap(1, 2) + try_(1, 'cap'),
 }

@@ -186,6 +186,25 @@ class keyed_limiter_model {
     return granted ? result::granted : result::pending;
   }
 
+  /// try_get_token(key, n, retry_after, ec) at `now`: as try_get, but the
+  /// key's due requests are granted first, and `wait` is what retry_after(key,
+  /// n) says when refused for want of tokens (`pending`), 0 when granted,
+  /// empty when it fails at once.
+  result try_get_serving(const Key& key, std::uint64_t n, std::int64_t now,
+                         std::optional<std::int64_t>& wait, const std::vector<Key>& evicted = {}) {
+    wait.reset();
+    const result at_once = admit(key, n, now, evicted);
+    if (at_once != result::pending) return at_once;
+    slot& s = buckets_.at(key);
+    s.bucket.serve_due(now);
+    collect();
+    const bool granted = s.bucket.try_get(n, now);
+    wait = granted ? std::optional<std::int64_t>(0) : s.bucket.retry_after(n, now);
+    collect();
+    requested(s, now);
+    return granted ? result::granted : result::pending;
+  }
+
   /// Per-operation cancellation of request `id`: a no-op unless it is queued.
   void cancel(std::uint64_t id, std::int64_t now) {
     if (id >= requests_.size()) return;
