@@ -2,7 +2,8 @@
 //
 // Three limits, where a real server needs them:
 //   - new connections per second (one bucket in front of accept),
-//   - lines per second per client address (ratelimit::keyed_limiter),
+//   - lines per second per client address (ratelimit::keyed_limiter; one
+//     address, --trusted, may have its own quota: set_quota),
 //   - lines per second for the whole server (one global bucket).
 // A client over its limit waits (its lines are echoed, byte for byte, at the
 // limited rate), or with --on-limit=reject gets "error: rate limit exceeded,
@@ -55,7 +56,10 @@ struct config {
   std::uint64_t msg_rate = 2;      // lines per second per client address
   std::uint64_t burst = 5;         // per-client bucket capacity
   std::uint64_t global_rate = 50;  // lines per second for the whole server (burst: one second)
-  bool reject = false;             // --on-limit=reject
+  std::string trusted;             // a client address with its own quota (none when empty)
+  std::uint64_t trusted_rate = 20;
+  std::uint64_t trusted_burst = 50;
+  bool reject = false;  // --on-limit=reject
   std::size_t max_line = 4096;
   std::size_t max_clients = 10000;
   std::size_t max_keys = 100000;
@@ -102,13 +106,22 @@ class server {
         acceptor_(ctx, tcp::endpoint(asio::ip::make_address(cfg.bind), cfg.port)),
         connections_(ctx, cfg.conn_rate, ratelimit::per_second(cfg.conn_rate)),
         global_(ctx, cfg.global_rate, ratelimit::per_second(cfg.global_rate)),
-        clients_(ctx, cfg.burst, ratelimit::per_second(cfg.msg_rate), cfg.max_keys) {}
+        clients_(ctx, cfg.burst, ratelimit::per_second(cfg.msg_rate), cfg.max_keys) {
+    // A quota is configuration: it holds whether or not the address has a
+    // bucket now, and across eviction.
+    if (!cfg.trusted.empty())
+      clients_.set_quota(asio::ip::make_address(cfg.trusted),
+                         {cfg.trusted_burst, ratelimit::per_second(cfg.trusted_rate)});
+  }
 
   void start() {
     log("echo_server listening on ", acceptor_.local_endpoint(), " (per client: ", cfg_.msg_rate,
         " lines/s, burst ", cfg_.burst, "; all clients: ", cfg_.global_rate,
         " lines/s; new connections: ", cfg_.conn_rate,
         "/s; over the limit: ", cfg_.reject ? "reject" : "wait", ")");
+    if (!cfg_.trusted.empty())
+      log("trusted client ", cfg_.trusted, ": ", cfg_.trusted_rate, " lines/s, burst ",
+          cfg_.trusted_burst);
     asio::co_spawn(ctx_, accept_loop(), asio::detached);
     asio::co_spawn(ctx_, wait_for_signal(), asio::detached);
   }
@@ -230,9 +243,11 @@ class server {
       } else {
         bool waited = false;
         if (!clients_.try_get_token(addr, 1, lec) && !lec) {
-          if (!over_limit)
-            log(tag, " over its limit (", cfg_.msg_rate, " lines/s, burst ", cfg_.burst,
+          if (!over_limit) {
+            const ratelimit::quota q = clients_.get_quota(addr);  // its own, or the default
+            log(tag, " over its limit (", q.rate.tokens, " lines/s, burst ", q.capacity,
                 "): delaying its lines");
+          }
           waited = true;
           std::tie(lec) = co_await clients_.async_get_token(addr, nothrow);
         }
@@ -360,6 +375,13 @@ int main(int argc, char* argv[]) {
       .option("burst", cfg.burst, std::uint64_t(1), any, "lines a client may send at once")
       .option("global-rate", cfg.global_rate, std::uint64_t(1), any,
               "lines per second, all clients together")
+      .address("trusted", cfg.trusted,
+               "a client address with its own limits (--trusted-rate, --trusted-burst)")
+      .default_text("trusted", "none")
+      .option("trusted-rate", cfg.trusted_rate, std::uint64_t(1), any,
+              "lines per second for the trusted client")
+      .option("trusted-burst", cfg.trusted_burst, std::uint64_t(1), any,
+              "lines the trusted client may send at once")
       .choice("on-limit", on_limit, {"wait", "reject"},
               "wait: delay the client's lines; reject: answer each with an error line")
       .option("max-line", cfg.max_line, std::size_t(1), std::size_t(1) << 30,

@@ -387,6 +387,26 @@ BOOST_AUTO_TEST_CASE(reject_mode_answers_over_limit_lines_with_an_error) {
   BOOST_TEST(s.log_contains("rejecting its lines"));
 }
 
+// --trusted gives one address its own quota (keyed_limiter::set_quota): a
+// burst of 6 where every other client gets 2.
+BOOST_AUTO_TEST_CASE(a_trusted_client_has_its_own_quota) {
+  server_process s({"--on-limit", "reject", "--msg-rate", "1", "--burst", "2", "--trusted",
+                    "127.0.0.1", "--trusted-rate", "1", "--trusted-burst", "6"});
+  keep_log_on_failure k{s};
+  client c(s.endpoint());
+  std::string all;
+  for (int i = 1; i <= 8; ++i)
+    all += numbered("line", i);
+  BOOST_REQUIRE(!c.send(all));
+  for (int i = 1; i <= 6; ++i)
+    BOOST_TEST(c.read_line() == numbered("line", i));
+  for (int i = 7; i <= 8; ++i) {
+    const std::string line = c.read_line();
+    BOOST_TEST(line.rfind("error: rate limit exceeded, retry in ", 0) == 0, line);
+  }
+  BOOST_TEST(s.log_contains("trusted client 127.0.0.1: 1 lines/s, burst 6"));
+}
+
 BOOST_AUTO_TEST_CASE(an_oversized_line_is_survived) {
   server_process s(with(unlimited, {"--max-line", "1000"}));
   keep_log_on_failure k{s};
