@@ -221,6 +221,13 @@ class parser {
     return *this;
   }
 
+  /// True when option `name` was given (after parse()).
+  bool given(const std::string& name) const {
+    for (const auto& e : entries_)
+      if (e.name == name) return e.seen;
+    return false;
+  }
+
   /// Option `name` must be given (as an option or an operand).
   parser& required(const std::string& name) {
     find(name).required = true;

@@ -110,7 +110,7 @@ class server {
     // A quota is configuration: it holds whether or not the address has a
     // bucket now, and across eviction.
     if (!cfg.trusted.empty())
-      clients_.set_quota(asio::ip::make_address(cfg.trusted),
+      clients_.set_quota(client_address(asio::ip::make_address(cfg.trusted)),
                          {cfg.trusted_burst, ratelimit::per_second(cfg.trusted_rate)});
   }
 
@@ -165,6 +165,14 @@ class server {
     log("no longer accepting connections");
   }
 
+  /// The address a client is limited by: an IPv4 client of a server bound to
+  /// `::` arrives as ::ffff:a.b.c.d, and is the same client as a.b.c.d.
+  static asio::ip::address client_address(const asio::ip::address& a) {
+    if (a.is_v6() && a.to_v6().is_v4_mapped())
+      return asio::ip::make_address_v4(asio::ip::v4_mapped, a.to_v6());
+    return a;
+  }
+
   static std::string peer(const tcp::socket& s) {
     boost::system::error_code ec;
     auto ep = s.remote_endpoint(ec);
@@ -178,7 +186,7 @@ class server {
     boost::system::error_code ec;
     const auto remote = sock.remote_endpoint(ec);
     if (ec) co_return;  // reset before we got to it
-    const asio::ip::address addr = remote.address();
+    const asio::ip::address addr = client_address(remote.address());
     std::ostringstream tag_os;
     tag_os << '#' << id << ' ' << remote;
     const std::string tag = tag_os.str();
@@ -225,12 +233,14 @@ class server {
       if (cfg_.reject) {
         // try_get_token with an error_code tells "over the limit" (false,
         // no error) from "no room for another address" (too_many_keys).
-        const bool got = clients_.try_get_token(addr, 1, lec);
+        // One call takes the client's token or says when it would be there.
+        std::optional<std::chrono::nanoseconds> wait;
+        const bool got = clients_.try_get_token(addr, 1, wait, lec);
         if (!lec && !(got && global_.try_get_token())) {
           // When a line would pass both limits: the later of the two waits.
           // (The client's token is spent when only the global limit refuses;
           // a joint request over both limits is for a later version.)
-          std::optional<std::chrono::nanoseconds> wait = clients_.retry_after(addr);
+          if (got) wait = clients_.retry_after(addr);
           if (const auto g = global_.retry_after(); wait && g) wait = std::max(*wait, *g);
           if (!over_limit) log(tag, " over its limit: rejecting its lines");
           over_limit = true;
@@ -396,12 +406,15 @@ int main(int argc, char* argv[]) {
               "seconds given to in-flight echoes at shutdown");
   if (int rc = cli.parse(argc, argv); rc >= 0) return rc;
   cfg.reject = on_limit == "reject";
+  const bool trusted_limits = cli.given("trusted-rate") || cli.given("trusted-burst");
 
   raise_fd_limit();
   try {
     asio::io_context ctx(1);
     server s(ctx, cfg);
     s.start();
+    if (trusted_limits && cfg.trusted.empty())
+      log("--trusted-rate and --trusted-burst have no effect without --trusted");
     ctx.run();
   } catch (const std::exception& e) {
     std::cerr << "echo_server: " << e.what() << '\n';

@@ -234,6 +234,24 @@ BOOST_AUTO_TEST_CASE(completions_arrive_in_the_order_they_were_handed_over) {
   BOOST_TEST(x->order < y->order);
 }
 
+// The same when the grant handed over first was made by retry_after (which
+// grants the due requests, as the timer would): the stale wait's handler,
+// queued when set_rate moved the head's instant, must not run y before x.
+BOOST_AUTO_TEST_CASE(grants_made_by_retry_after_keep_their_order) {
+  asio::io_context ctx;
+  test_bucket bucket(ctx, 2, per_second(1), ratelimit::start_empty);
+  auto x = request(bucket);        // due at 1 s
+  auto y = request(bucket);        // due at 2 s
+  bucket.set_rate(per_second(2));  // x at 0.5 s, y at 1 s: the 1 s wait is cancelled
+  manual_clock::advance(500ms);
+  BOOST_TEST(bucket.retry_after(1).has_value());  // grants x
+  manual_clock::advance(500ms);
+  BOOST_TEST(settle(ctx, [&] { return x->done() && y->done(); }));
+  BOOST_TEST(x->ok());
+  BOOST_TEST(y->ok());
+  BOOST_TEST(x->order < y->order);
+}
+
 BOOST_AUTO_TEST_CASE(later_request_waits_even_when_tokens_cover_it) {
   asio::io_context ctx;
   test_bucket bucket(ctx, 5, per_second(1), ratelimit::initial_tokens{2});
@@ -624,6 +642,51 @@ BOOST_AUTO_TEST_CASE(try_get_token_tells_the_wait_when_it_refuses) {
   BOOST_TEST(ns(wait) == ns(100ms));
   BOOST_TEST(settle(ctx, [&] { return r->done(); }));
   BOOST_TEST(r->ok());
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// A clock whose duration is narrower than the library's int64 nanoseconds
+// (int32 milliseconds end 24.8 days after the epoch): a wait beyond its end
+// saturates there instead of wrapping into the past, where the timer fired at
+// once, found the instant not come, and waited again, over and over.
+namespace {
+struct narrow_clock {
+  using rep = std::int32_t;
+  using period = std::milli;
+  using duration = std::chrono::duration<rep, period>;
+  using time_point = std::chrono::time_point<narrow_clock>;
+  static constexpr bool is_steady = true;
+  static inline std::atomic<rep> ms{0};
+  static time_point now() noexcept { return time_point(duration(ms.load())); }
+};
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(narrow_clocks)
+
+BOOST_AUTO_TEST_CASE(a_wait_past_the_clock_s_end_does_not_spin) {
+  using driver = ratelimit::detail::timer_driver<narrow_clock, asio::wait_traits<narrow_clock>>;
+  constexpr std::int64_t day = 86'400'000'000'000;
+  BOOST_TEST((driver::to_time_point(31 * day) == narrow_clock::time_point::max()));
+  BOOST_TEST((driver::to_time_point(-31 * day) == narrow_clock::time_point::min()));
+  BOOST_TEST(driver::to_time_point(1'500'000).time_since_epoch().count() == 2);  // rounded up
+  narrow_clock::ms = 86'400'000;  // one day after the epoch
+  asio::io_context ctx;
+  ratelimit::basic_token_bucket<narrow_clock> bucket(ctx, 1, ratelimit::rate{1, 720h},
+                                                     ratelimit::start_empty);
+  auto r = request(bucket);  // due 30 days on: past the clock's end
+  BOOST_TEST((bucket.retry_after(1) == narrow_clock::duration::max()));
+  std::size_t handlers = 0;
+  const auto end = std::chrono::steady_clock::now() + 200ms;
+  while (std::chrono::steady_clock::now() < end) {
+    ctx.restart();
+    handlers += ctx.poll();
+  }
+  BOOST_TEST(handlers < 10u);
+  BOOST_TEST(!r->done());
+  bucket.cancel();
+  BOOST_TEST(settle(ctx, [&] { return r->done(); }));
+  BOOST_TEST(r->ec == asio::error::operation_aborted);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

@@ -231,6 +231,27 @@ BOOST_AUTO_TEST_CASE(counts_the_waiters_ahead) {
   BOOST_TEST(got.load() == 1);
 }
 
+// "Known at once" is exact: the waiter ahead is granted at a whole
+// nanosecond when its bucket of capacity 1 is a little over full (2e-9 of a
+// token is lost to the capacity), so the next token is due at 666 666 668 ns,
+// not at the 666 666 667 ns where two tokens' worth of accrual would put it.
+// A deadline at 666 666 667 ns cannot be met and fails at once instead of
+// waiting for it.
+BOOST_AUTO_TEST_CASE(false_at_once_counts_what_the_capacity_takes_at_a_grant) {
+  running_context rc;
+  test_bucket bucket(rc.ctx, 1, ratelimit::rate{3, 1s}, ratelimit::start_empty);
+  auto ahead = request(bucket);  // due at 333 333 334 ns
+  auto call =
+      std::async(std::launch::async, [&] { return bucket.try_get_token_for(666'666'667ns, 1); });
+  const bool returned = call.wait_for(10s) == std::future_status::ready;
+  BOOST_TEST(returned);                      // at once, the manual clock standing still
+  if (!returned) manual_clock::advance(1s);  // let it go
+  BOOST_TEST(!call.get());
+  BOOST_TEST(bucket.retry_after(1)->count() == 666'666'668);
+  manual_clock::advance(333'333'334ns);
+  BOOST_TEST(eventually([&] { return ahead->done(); }));
+}
+
 BOOST_AUTO_TEST_CASE(gives_up_at_the_deadline_taking_nothing) {
   running_context rc;
   test_bucket bucket(rc.ctx, 5, per_second(1), ratelimit::start_empty);

@@ -229,6 +229,9 @@ class keyed_impl
         reindex(nd);
         return;
       }
+      // Failed at once: a request for a key with a bucket (over its capacity)
+      // completes after what that bucket handed over before, as submit() would.
+      if (auto it = map_.find(key); it != map_.end()) it->second.bucket->note_posted();
     }
     op->set_result(ec);
     op->complete(finish_mode::post, executor_);
@@ -377,8 +380,10 @@ class keyed_impl
 
   /// Changes `nd`'s bucket as basic_token_bucket::set_capacity and set_rate
   /// do (queued requests re-timed; those over a smaller capacity fail).
-  /// Caller holds the lock; the values are valid. Never throws.
-  void apply(node& nd, std::optional<std::uint64_t> capacity, std::optional<rate> r) noexcept {
+  /// Caller holds the lock; the values are valid. Throws only what re-arming
+  /// a bucket's timer may throw with executors other than those of an
+  /// io_context or thread_pool (timer_driver::arm): std::bad_alloc.
+  void apply(node& nd, std::optional<std::uint64_t> capacity, std::optional<rate> r) {
     if (capacity && *capacity != nd.capacity) {
       nd.bucket->set_capacity(*capacity);
       nd.capacity = *capacity;
@@ -576,9 +581,9 @@ class basic_keyed_limiter {
   }
 
   /// Takes `n` of `key`'s tokens if they are there now and no request for
-  /// `key` is queued; never waits. False also when `n > capacity()`, when the
-  /// limiter is closed, and when `key` is new and cannot be admitted; the
-  /// overload with an error_code tells these apart.
+  /// `key` is queued; never waits. False also when n exceeds the key's capacity
+  /// (`get_quota(key).capacity`), when the limiter is closed, and when `key` is new and cannot be
+  /// admitted; the overload with an error_code tells these apart.
   /// @par Thread safety May be called from any thread.
   bool try_get_token(const Key& key, std::uint64_t n = 1) {
     boost::system::error_code ec;
@@ -668,7 +673,8 @@ class basic_keyed_limiter {
   /// False once close() has been called (and for a moved-from limiter).
   bool is_open() const { return impl_ && impl_->is_open(); }
 
-  /// Whole tokens in `key`'s bucket now (`capacity()` for a key with no bucket).
+  /// Whole tokens in `key`'s bucket now (its capacity, `get_quota(key).capacity`, for a key with no
+  /// bucket).
   std::uint64_t available(const Key& key) const { return impl_ ? impl_->available(key) : 0; }
 
   /// How long a request for `n` tokens of `key` made now would wait before it
@@ -676,7 +682,7 @@ class basic_keyed_limiter {
   /// (its bucket would start full; a new key the memory bound refuses, with
   /// `max_keys()` keys and none evictable, still gets zero: try_get_token(key,
   /// n, ec) tells that case); empty when the request would fail at once
-  /// (`n > capacity()`, or closed).
+  /// (`n` over the key's capacity, or closed).
   /// @par Thread safety
   /// May be called from any thread.
   std::optional<duration> retry_after(const Key& key, std::uint64_t n = 1) const {

@@ -220,8 +220,9 @@ class basic_token_bucket {
   /// it. Exact as of the call, rounded up to the clock's tick: a later
   /// `set_rate`/`set_capacity`, a cancellation or close ahead of it changes
   /// it. Empty when such a request would fail at once (`n > capacity()`, or
-  /// the bucket is closed). A wait past the end of the clock's range is the
-  /// time left until that end (`duration::max()` if even that does not fit).
+  /// the bucket is closed). A wait past the end of the bucket's time range
+  /// (INT64_MAX ns after the clock's epoch) is the time left until that end;
+  /// a wait that does not fit `duration` is `duration::max()`.
   /// Like available(), it grants the queued requests that are due first, as
   /// the timer would.
   /// @par Thread safety

@@ -405,6 +405,13 @@ BOOST_AUTO_TEST_CASE(a_trusted_client_has_its_own_quota) {
     BOOST_TEST(line.rfind("error: rate limit exceeded, retry in ", 0) == 0, line);
   }
   BOOST_TEST(s.log_contains("trusted client 127.0.0.1: 1 lines/s, burst 6"));
+  // Another address keeps the default burst of 2.
+  client other(s.endpoint(), "127.0.0.2");
+  BOOST_REQUIRE(!other.send(numbered("o", 1) + numbered("o", 2) + numbered("o", 3)));
+  BOOST_TEST(other.read_line() == numbered("o", 1));
+  BOOST_TEST(other.read_line() == numbered("o", 2));
+  const std::string third = other.read_line();
+  BOOST_TEST(third.rfind("error: rate limit exceeded, retry in ", 0) == 0, third);
 }
 
 BOOST_AUTO_TEST_CASE(an_oversized_line_is_survived) {

@@ -512,6 +512,24 @@ BOOST_AUTO_TEST_CASE(try_get_token_reports_the_retry_after) {
   BOOST_TEST(!wait.has_value());
 }
 
+// A request failed at once for a key with a bucket completes after what that
+// bucket handed over before it, as with a token_bucket: here a stale wait's
+// handler (set_rate moved the head's instant) grants x after the failure was
+// posted, and must not run x's handler first.
+BOOST_AUTO_TEST_CASE(a_failure_at_once_keeps_its_place_in_the_order) {
+  asio::io_context ctx;
+  test_keyed l(ctx, 1, per_second(1), 10);
+  BOOST_TEST(l.try_get_token(7));
+  auto x = keyed_request(l, 7);  // due at 1 s
+  l.set_rate(7, per_second(2));  // due at 0.5 s: the 1 s wait is cancelled
+  manual_clock::advance(500ms);
+  auto f = keyed_request(l, 7, 2);  // over the key's capacity: fails at once
+  BOOST_TEST(settle(ctx, [&] { return x->done() && f->done(); }));
+  BOOST_TEST(f->ec == ratelimit::error::exceeds_capacity);
+  BOOST_TEST(x->ok());
+  BOOST_TEST(f->order < x->order);
+}
+
 BOOST_AUTO_TEST_CASE(try_get_token_with_an_error_code) {
   asio::io_context ctx;
   test_keyed l(ctx, 2, per_second(1), 2);

@@ -81,7 +81,9 @@
 // applies to every key without its own setting of it. Every "the capacity"
 // above is the key's: a request over it fails at once, available() of a key
 // with no bucket is it, and a full bucket holds it. A change applied to a
-// key's bucket re-indexes the key, as a request does (it is no longer stale).
+// key's bucket re-indexes the key, as a request does (it is no longer stale);
+// the README says a change re-indexes every bucket it visits, and a change of
+// the defaults visits every bucket, also those of keys with their own settings.
 //
 #ifndef RATELIMIT_TEST_KEYED_LIMITER_MODEL_HPP
 #define RATELIMIT_TEST_KEYED_LIMITER_MODEL_HPP

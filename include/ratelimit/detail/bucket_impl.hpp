@@ -96,7 +96,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   /// the queued requests that are due first, as the timer would.
   std::optional<std::int64_t> retry_after(std::uint64_t n) {
     const std::int64_t now = now_ns();
-    ready_list ready(executor_);
+    ready_list ready(executor_, &posted_);
     std::lock_guard lk(mutex_);
     if (closed_ || n > state_.capacity()) return std::nullopt;
     serve(now, ready);
@@ -108,7 +108,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   /// if nobody is queued and they are there. `wait` is 0 when granted.
   bool try_get(std::uint64_t n, std::optional<std::int64_t>& wait) {
     const std::int64_t now = now_ns();
-    ready_list ready(executor_);
+    ready_list ready(executor_, &posted_);
     std::lock_guard lk(mutex_);
     wait.reset();
     if (closed_ || n > state_.capacity()) return false;
@@ -187,7 +187,8 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     std::future<boost::system::error_code> result;
     std::shared_ptr<bucket_impl> self;
     for (;;) {
-      ready_list ready(executor_, &posted_);  // grants that fall due meanwhile; finished after unlocking
+      ready_list ready(executor_,
+                       &posted_);  // grants that fall due meanwhile; finished after unlocking
       std::unique_lock lk(mutex_);
       if (closed_) {
         ec = closed_ec_;
@@ -199,7 +200,9 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
       }
       if (queue_.empty() && state_.try_take(now, n)) return true;
       serve(now, ready);
-      if (state_.ready_at(queued_tokens_ + n) > deadline) return false;
+      // Known at once: the request would be granted after the deadline (the
+      // queue served as serve() will serve it; O(queue), and only with a deadline).
+      if (deadline != max_time && add_ns(now, wait_from(now, n)) > deadline) return false;
       if (!checked) {
         // Asked outside the lock (it may consult thread-local state of the
         // context), then everything is decided again.
@@ -233,6 +236,14 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   }
 
   // --- cancellation, close ------------------------------------------------
+
+  /// A completion concerning this bucket is being posted by someone else (a
+  /// keyed limiter failing a request for its key at once): the timer's next
+  /// grants must go behind it (see on_timer).
+  void note_posted() {
+    std::lock_guard lk(mutex_);
+    posted_ = true;
+  }
 
   /// Per-operation cancellation (from a cancel_link): completes the linked
   /// waiter with operation_aborted if it is still queued; otherwise nothing.
@@ -354,7 +365,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   /// it granted; an immediate grant, then the queued requests made after it).
   /// Posting puts them behind it.
   void on_timer() {
-    ready_list ready(executor_);
+    ready_list ready(executor_, nullptr);  // finished below, in the mode chosen
     finish_mode mode;
     {
       const std::int64_t now = now_ns();
@@ -498,7 +509,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   timer_driver<Clock, WaitTraits> timer_;
   bool closed_ = false;
   boost::system::error_code closed_ec_;  // what requests get once closed
-  bool posted_ = false;  // a completion was posted since on_timer() last ran
+  bool posted_ = false;                  // a completion was posted since on_timer() last ran
 };
 
 }  // namespace ratelimit::detail

@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <type_traits>
 
 namespace ratelimit::detail {
 
@@ -96,9 +97,21 @@ class timer_driver {
     return false;
   }
 
+  /// `ns` (after the clock's epoch) as a time_point of Clock, rounded up to
+  /// its tick; saturated at the ends of a clock whose duration cannot hold it
+  /// (a narrow one: int32 milliseconds end after 24.8 days), so that a wait
+  /// beyond them waits for the end instead of wrapping to the past (a timer
+  /// that fires at once, over and over).
   static typename Clock::time_point to_time_point(std::int64_t ns) noexcept {
-    return typename Clock::time_point(
-        std::chrono::ceil<typename Clock::duration>(std::chrono::nanoseconds(ns)));
+    using duration = typename Clock::duration;
+    if constexpr (std::is_same_v<duration, std::chrono::nanoseconds>)
+      return typename Clock::time_point(duration(ns));  // every value fits
+    using wide = std::chrono::duration<long double, std::nano>;
+    if (wide(std::chrono::nanoseconds(ns)) > wide(duration::max()) - wide(duration(1)))
+      return Clock::time_point::max();
+    if (wide(std::chrono::nanoseconds(ns)) < wide(duration::min()) + wide(duration(1)))
+      return Clock::time_point::min();
+    return typename Clock::time_point(std::chrono::ceil<duration>(std::chrono::nanoseconds(ns)));
   }
 
  private:

@@ -166,8 +166,9 @@ class ready_list {
  public:
   /// With `posted`, every waiter appended sets `*posted` (under the owner's
   /// lock, as appending is): the owner learns that a completion is on its
-  /// way through the executor's queue (see bucket_impl::on_timer).
-  explicit ready_list(const boost::asio::any_io_executor& io_ex, bool* posted = nullptr) noexcept
+  /// way through the executor's queue (see bucket_impl::on_timer). Always
+  /// given, null only where that cannot matter, so that no new caller forgets it.
+  ready_list(const boost::asio::any_io_executor& io_ex, bool* posted) noexcept
       : io_ex_(io_ex), posted_(posted) {}
   ready_list(const ready_list&) = delete;
   ready_list& operator=(const ready_list&) = delete;

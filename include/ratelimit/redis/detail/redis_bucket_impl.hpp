@@ -106,7 +106,7 @@ class redis_bucket_impl
     }
     boost::system::error_code ec;
     {
-      ready_list ready(executor_);
+      ready_list ready(executor_, nullptr);
       std::unique_lock lk(mutex_);
       if (closed_) {
         ec = closed_ec_;
@@ -168,7 +168,7 @@ class redis_bucket_impl
     sync_waiter w(n);
     auto result = w.get_future();
     {
-      ready_list ready(executor_);
+      ready_list ready(executor_, nullptr);
       std::unique_lock lk(mutex_);
       if (closed_) {
         ec = closed_ec_;
@@ -187,7 +187,7 @@ class redis_bucket_impl
   // --- cancellation, close --------------------------------------------------
 
   void cancel_linked(detail::cancel_link_base* link) {
-    ready_list ready(executor_);
+    ready_list ready(executor_, nullptr);
     std::unique_lock lk(mutex_);
     waiter_base* w = link->waiter.load(std::memory_order_relaxed);
     if (!w || !w->queued) return;
@@ -206,7 +206,7 @@ class redis_bucket_impl
   }
 
   std::size_t cancel() {
-    ready_list ready(executor_);
+    ready_list ready(executor_, nullptr);
     std::unique_lock lk(mutex_);
     const std::size_t n = queue_.size();
     ready.take_all(queue_, boost::asio::error::operation_aborted);
@@ -221,7 +221,7 @@ class redis_bucket_impl
   void close(boost::system::error_code ec) {
     std::vector<try_result*> tries;
     {
-      ready_list ready(executor_);
+      ready_list ready(executor_, nullptr);
       std::unique_lock lk(mutex_);
       closed_ = true;
       closed_ec_ = ec;
@@ -251,7 +251,7 @@ class redis_bucket_impl
 
   /// The timer's wait finished (timer_driver's handler).
   void on_timer() {
-    ready_list ready(executor_);
+    ready_list ready(executor_, nullptr);
     std::unique_lock lk(mutex_);
     if (!timer_.on_wait(now_ns(), *this)) return;
     step(std::move(lk), ready, finish_mode::dispatch);
@@ -465,7 +465,7 @@ class redis_bucket_impl
       ec = error::redis_unavailable;
     }
     const std::int64_t now = now_ns();
-    ready_list ready(executor_);
+    ready_list ready(executor_, nullptr);
     std::unique_lock lk(mutex_);
     request_out_ = false;
     extras_in_flight_ -= extra;
@@ -565,7 +565,7 @@ class redis_bucket_impl
     bool granted = false;
     bool mine = false;
     {
-      ready_list ready(executor_);
+      ready_list ready(executor_, nullptr);
       std::unique_lock lk(mutex_);
       extras_in_flight_ -= extra;
       if (!ec && res.granted) {
