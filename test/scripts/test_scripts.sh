@@ -145,5 +145,22 @@ for path in "$root"/scripts/* "$root"/scripts/*/*; do
     sed "s|^$script ||" | sort -u)
 done
 
+# Refusals of option combinations, which --help states but the loop above cannot derive.
+for v in "--port 6000" "--port=6000" "--bind 0.0.0.0" "--bind=::"; do
+  # shellcheck disable=SC2086 # the option and its value, split on purpose
+  expect 2 scripts/demo --serve -- $v
+  mentions "${v%%[ =]*}"
+done
+reaches scripts/demo --serve -- --msg-rate 3  # other echo_server options pass through
+expect 2 scripts/fuzz --time 10 --runs 10
+mentions "--time and --runs"
+expect 2 scripts/fuzz --runs 10 --time 10
+mentions "--time and --runs"
+for other in "--seed 3" "--target keyed" "--runs 5" "--fast"; do
+  # shellcheck disable=SC2086
+  expect 2 scripts/fuzz --ci $other
+  mentions "--ci"
+done
+
 echo "$checks checks, $failures failures"
 [ "$failures" -eq 0 ]
