@@ -39,6 +39,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -333,6 +334,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     std::lock_guard lk(mutex_);
     serve(now, ready);  // what fell due at the old rate
     state_.set_rate(reduced);
+    tail_.reset();
     rate_ = r;
     serve(now, ready);  // reschedule at the new one
   }
@@ -344,6 +346,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     std::lock_guard lk(mutex_);
     serve(now, ready);  // what fell due with the old capacity
     state_.set_capacity(capacity);
+    tail_.reset();
     for (waiter_base* w = queue_.front(); w;) {
       waiter_base* next = w->next;
       if (w->tokens > capacity) {
@@ -391,10 +394,20 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     ready_list ready(executor_, &posted_);
     std::lock_guard lk(mutex_);
     state_.give_back(n);
+    tail_.reset();
     serve(now, ready);
   }
 
+  /// Takes `w` out of the queue other than by granting it as the head.
   void dequeue(waiter_base* w) noexcept {
+    queue_.erase(w);
+    queued_tokens_ -= w->tokens;
+    tail_.reset();
+  }
+
+  /// Takes the head out of the queue as serve() grants it: the state moved
+  /// exactly as tail_'s fold moved for it, so tail_ stays valid.
+  void pop_granted(waiter_base* w) noexcept {
     queue_.erase(w);
     queued_tokens_ -= w->tokens;
   }
@@ -408,6 +421,8 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     w->queued_at = now;
     queue_.push_back(w);
     queued_tokens_ += w->tokens;
+    if (was_empty) tail_.emplace(tail{state_, std::numeric_limits<std::int64_t>::min(), false});
+    if (tail_) tail_->fold(*w);
     if (was_empty) {
       try {
         arm(state_.ready_at(w->tokens));
@@ -424,21 +439,28 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   /// came), and then this one. (Not simply the time
   /// `queued_tokens_ + n` tokens accrue: at a grant's whole nanosecond the
   /// level may pass the capacity, and what passes it is lost.) O(queue).
+  ///
+  /// The queue's part is kept in tail_ (the fold over the queued requests),
+  /// extended by enqueue(), kept by serve()'s grants (which move the state as
+  /// the fold did) and dropped by anything else that changes the queue or the
+  /// state; so in a steady state this is O(1). It does not depend on `now`:
+  /// after serve(now) the head is due after `now` (or the time has saturated).
   std::int64_t wait_from(std::int64_t now, std::uint64_t n) const noexcept {
-    bucket_state s = state_;
-    s.refill(now);
     std::int64_t t = now;
-    // Granted at once when nobody is queued and the tokens are there (even if
-    // the clock reads earlier than the latest time the state has seen).
-    if (queue_.empty() && s.has(n)) return 0;
-    for (waiter_base* w = queue_.front(); w; w = w->next) {
-      // As serve() grants it: when its tokens are there, not before it came
-      // (a request queued at a later reading of the clock than `now`).
-      t = std::max({s.ready_at(w->tokens), w->queued_at, t});
-      if (t == max_time) break;
-      s.refill(t);
-      if (!s.has(w->tokens)) break;  // only at the saturated end of time
-      s.take(w->tokens);
+    bucket_state s = state_;
+    if (queue_.empty()) {
+      s.refill(now);
+      // Granted at once when nobody is queued and the tokens are there (even
+      // if the clock reads earlier than the latest time the state has seen).
+      if (s.has(n)) return 0;
+    } else {
+      if (!tail_) {
+        tail_.emplace(tail{state_, std::numeric_limits<std::int64_t>::min(), false});
+        for (const waiter_base* w = queue_.front(); w; w = w->next)
+          tail_->fold(*w);
+      }
+      s = tail_->s;
+      t = std::max(tail_->t, now);
     }
     if (t != max_time) t = std::max(s.ready_at(n), t);
     if (t <= now) return 0;
@@ -459,7 +481,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
       state_.refill(at);
       if (!state_.has(w->tokens)) break;  // only at the saturated end of time
       state_.take(w->tokens);
-      dequeue(w);
+      pop_granted(w);
       ready.push_back(w, {});
     }
     state_.refill(now);
@@ -472,6 +494,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   void drain(ready_list& ready, boost::system::error_code ec) {
     ready.take_all(queue_, ec);
     queued_tokens_ = 0;
+    tail_.reset();
     timer_.disarm();
   }
 
@@ -500,8 +523,34 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     timer_.arm(at, *this);
   }
 
+  /// The state after every queued request has been granted as serve() will
+  /// grant it, and when the last of them is (see wait_from).
+  struct tail {
+    bucket_state s;
+    std::int64_t t;
+    bool stopped;  // at the saturated end of time: no later request changes it
+
+    /// One more queued request, granted when its tokens are there, not
+    /// before it came nor before the one ahead (as serve() grants it).
+    void fold(const waiter_base& w) noexcept {
+      if (stopped) return;
+      t = std::max({s.ready_at(w.tokens), w.queued_at, t});
+      if (t == max_time) {
+        stopped = true;
+        return;
+      }
+      s.refill(t);
+      if (!s.has(w.tokens)) {  // only at the saturated end of time
+        stopped = true;
+        return;
+      }
+      s.take(w.tokens);
+    }
+  };
+
   mutable spin_mutex mutex_;
   bucket_state state_;
+  mutable std::optional<tail> tail_;  // when valid (see wait_from)
   ratelimit::rate rate_;
   waiter_queue queue_;
   uint128 queued_tokens_ = 0;  // sum of the queued requests
