@@ -1,0 +1,523 @@
+//
+// test/model/joint_model.hpp: the reference model of a joint acquire.
+//
+// A joint acquire is one request that takes n_b tokens from each of several
+// token buckets at once. This model is written from that promise (there is no
+// implementation to copy), to be obviously correct rather than fast; inputs
+// are small (a handful of buckets, a few dozen queued requests). It shares no
+// code with the library, and only the types and conventions of
+// token_bucket_model.hpp (exact rational levels, integer ns times, `result`,
+// `completion`, `model_rate`, the set_rate rounding rule).
+//
+// Buckets: capacity C >= 1, rate r = tokens/period, a level that refills
+// exactly (rational) and is capped at C, as in token_bucket_model.
+//
+// Requests: one or more parts (bucket, n), on distinct buckets. A request gets
+// the next id when made: ONE order across all buckets.
+//
+// The plan (conservative backfilling), recomputed from scratch whenever
+// anything changes: the queued requests are placed in id order; request R is
+// placed at T_R = the earliest whole ns t >= max(when R was made, now()) such
+// that, for each part (b, n) of R, adding "take n at t" to b's plan (the takes
+// of the requests placed before R, at their own T) leaves every take of b's
+// plan feasible: just before each take, the level (refilled, capped, minus the
+// planned takes before it) holds its amount. Takes at one instant go in id
+// order, so R's take at t comes after every planned take at <= t.
+//
+// Grants: when time reaches T_R, in any call whose `now` >= T_R, all of R's
+// parts are taken as of T_R (every bucket advanced to T_R first, not to `now`)
+// and R completes `granted`. Due requests are granted in (T, id) order, the
+// plan recomputed after each grant. Until then nothing is taken for R.
+//
+// Time: every call takes `now`; an earlier one than now() has no effect (the
+// latest time seen counts). Every call first grants what is due at `now`
+// (token_bucket_model's request(), try_get(), cancel() of a non-head and
+// close() do not: a harness that compares the two serves due before each
+// operation, as the fuzz harness lets the timer fire after every clock move).
+//
+// End of representable time: when no t <= INT64_MAX is feasible, R is placed
+// "never" (planned_at() is empty, retry_after() says INT64_MAX - now, as
+// token_bucket_model's does); its takes stay in the plan at INT64_MAX, where
+// one of them cannot be met, so no later request on that bucket can be placed
+// either (as a head that never comes blocks token_bucket_model's queue). It
+// waits for a re-plan or its end.
+//
+// Decisions where the promise is silent (each is tested):
+// - Parts naming one bucket twice, no parts, or an unknown bucket: the call
+//   throws std::invalid_argument and nothing happens (no id is consumed).
+// - A request that fails at once consumes an id; `closed` wins over
+//   `exceeds_capacity` when both apply (as in token_bucket_model).
+// - A part of 0 tokens is feasible anywhere, so it never waits and delays no
+//   one (token_bucket_model queues request(0) behind its waiters: the
+//   single-bucket equivalence holds for requests of n >= 1).
+// - try_get() gets no id and does not change the plan of the queued requests
+//   (taking at T = now with an id after all of theirs keeps every planned take
+//   feasible, and a lower level can only place them later, never earlier).
+// - give_back(id, k, now) grants what is due at `now` (old level) first, then
+//   gives back g_b = min(k, what part b still holds) to each part's bucket,
+//   level capped at its capacity (what the cap swallows is lost but counts as
+//   given back), then re-plans: waiters that become due are granted as of
+//   `now`. It returns g_b per part, in the request's part order; an id that
+//   is not a granted request (queued, failed, unknown) gives nothing back and
+//   returns zeros. Grants by try_get() have no id and cannot be given back.
+// - close(b): grants what is due at `now` first; then the queued requests with
+//   a part on b complete `closed` (id order), then what that unblocked.
+// - cancel(id) of a queued request: the grants it unblocked, then `aborted`
+//   (token_bucket_model's order).
+// - set_capacity(b, c): grants due at the old settings, then the level capped
+//   at c, then the queued requests with a part on b over c complete
+//   `exceeds_capacity` (id order), then the grants that follow.
+// - set_rate(b, r): grants due at the old rate, the new rate with
+//   token_bucket_model's rounding, then the grants that follow.
+//
+#ifndef RATELIMIT_TEST_JOINT_MODEL_HPP
+#define RATELIMIT_TEST_JOINT_MODEL_HPP
+
+#include "token_bucket_model.hpp"
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <optional>
+#include <set>
+#include <stdexcept>
+#include <vector>
+
+namespace ratelimit::model {
+
+/// One part of a joint request: `n` tokens from bucket `bucket`.
+struct part {
+  std::size_t bucket;
+  std::uint64_t n;
+};
+
+class joint_model {
+ public:
+  static constexpr std::int64_t end_of_time = std::numeric_limits<std::int64_t>::max();
+
+  explicit joint_model(std::int64_t now) : now_(now) {}
+
+  /// A new bucket at `now`; returns its index (0, 1, 2...). Throws
+  /// std::invalid_argument as token_bucket_model's constructor does.
+  std::size_t add_bucket(std::uint64_t capacity, model_rate r, std::uint64_t initial,
+                         std::int64_t now) {
+    check_rate(r);
+    if (capacity == 0) throw std::invalid_argument("capacity 0");
+    if (initial > capacity) throw std::invalid_argument("initial > capacity");
+    serve(now);
+    buckets_.push_back({capacity, r, rational(initial), false});
+    return buckets_.size() - 1;
+  }
+
+  // --- requests -------------------------------------------------------------
+
+  /// A joint request at `now`; returns its id. Granted in this call if it is
+  /// placed at T = now.
+  std::uint64_t request(const std::vector<part>& parts, std::int64_t now) {
+    check_parts(parts);
+    serve(now);
+    const std::uint64_t id = next_id_++;
+    if (const auto fail = fails_at_once(parts)) {
+      complete(id, *fail);
+    } else {
+      queued_[id] = {parts, now_};
+      serve(now_);
+    }
+    return id;
+  }
+
+  /// Takes the parts now exactly when a request made now would be placed at
+  /// T = now: returns `granted`; otherwise `pending` (nothing taken), or the
+  /// at-once failure. No id, no change to the plan.
+  result try_get(const std::vector<part>& parts, std::int64_t now) {
+    check_parts(parts);
+    serve(now);
+    if (const auto fail = fails_at_once(parts)) return *fail;
+    const auto t = place(parts, now_, plan_takes(plan()));
+    if (!t || *t != now_) return result::pending;
+    for (const part& p : parts)
+      buckets_[p.bucket].level -= p.n;
+    return result::granted;
+  }
+
+  /// How long a request made at `now` would wait (T - now, 0 when it would be
+  /// granted at once, saturated at INT64_MAX; INT64_MAX - now when it would
+  /// never be placed); nothing when it would fail at once. Makes nothing.
+  std::optional<std::int64_t> retry_after(const std::vector<part>& parts, std::int64_t now) {
+    check_parts(parts);
+    serve(now);
+    if (fails_at_once(parts)) return std::nullopt;
+    const std::int64_t t = place(parts, now_, plan_takes(plan())).value_or(end_of_time);
+    if (t <= now) return 0;
+    const integer d = integer(t) - now;
+    return d >= integer(end_of_time) ? end_of_time : d.convert_to<std::int64_t>();
+  }
+
+  /// The timer has had its chance to fire at `now`: grant what is due.
+  void serve_due(std::int64_t now) { serve(now); }
+
+  /// Cancellation of request `id`: a no-op unless it is queued.
+  void cancel(std::uint64_t id, std::int64_t now) {
+    serve(now);
+    if (queued_.erase(id) == 0) return;
+    serve(now_);
+    complete(id, result::aborted);
+  }
+
+  void close(std::size_t b, std::int64_t now) {
+    check_bucket(b);
+    serve(now);
+    buckets_[b].closed = true;
+    fail_queued_on(b, result::closed, std::nullopt);
+    serve(now_);
+  }
+
+  // --- configuration ----------------------------------------------------------
+
+  void set_capacity(std::size_t b, std::uint64_t c, std::int64_t now) {
+    check_bucket(b);
+    if (c == 0) throw std::invalid_argument("capacity 0");
+    serve(now);
+    bucket& k = buckets_[b];
+    k.capacity = c;
+    if (k.level > c) k.level = c;
+    fail_queued_on(b, result::exceeds_capacity, c);
+    serve(now_);
+  }
+
+  void set_rate(std::size_t b, model_rate r, std::int64_t now) {
+    check_bucket(b);
+    check_rate(r);
+    serve(now);
+    bucket& k = buckets_[b];
+    // token_bucket_model's rule: round down to a multiple of 2^-64 of the new unit.
+    const integer u = denominator(rational(integer(r.tokens), integer(r.period)));
+    const integer scale = u << 64;
+    k.level = rational(floor_of(k.level * scale), scale);
+    k.rate = r;
+    serve(now_);
+  }
+
+  /// Returns up to `k` tokens to each part of granted request `id` (see the
+  /// header comment); what was given back per part, in part order.
+  std::vector<std::uint64_t> give_back(std::uint64_t id, std::uint64_t k, std::int64_t now) {
+    serve(now);
+    auto it = held_.find(id);
+    if (it == held_.end()) return {};
+    std::vector<std::uint64_t> given;
+    for (held_part& h : it->second) {
+      const std::uint64_t g = std::min(k, h.held);
+      h.held -= g;
+      bucket& b = buckets_[h.bucket];
+      b.level += g;
+      if (b.level > b.capacity) b.level = b.capacity;
+      given.push_back(g);
+    }
+    serve(now_);
+    return given;
+  }
+
+  // --- observers --------------------------------------------------------------
+
+  std::uint64_t available(std::size_t b, std::int64_t now) {
+    check_bucket(b);
+    serve(now);
+    return floor_of(buckets_[b].level).convert_to<std::uint64_t>();
+  }
+  /// The level of bucket `b` as of now(), exactly.
+  const rational& level(std::size_t b) const { return buckets_.at(b).level; }
+  std::uint64_t capacity(std::size_t b) const { return buckets_.at(b).capacity; }
+  model_rate rate(std::size_t b) const { return buckets_.at(b).rate; }
+  bool is_open(std::size_t b) const { return !buckets_.at(b).closed; }
+  std::size_t buckets() const { return buckets_.size(); }
+  std::int64_t now() const { return now_; }
+  std::uint64_t requests() const { return next_id_; }
+  std::size_t waiting() const { return queued_.size(); }
+
+  const std::vector<completion>& completions() const { return completions_; }
+
+  result status(std::uint64_t id) const {
+    for (const completion& c : completions_)
+      if (c.id == id) return c.how;
+    return result::pending;
+  }
+
+  /// When granted request `id` was granted (its T); nothing otherwise.
+  std::optional<std::int64_t> granted_at(std::uint64_t id) const {
+    const auto it = granted_at_.find(id);
+    if (it == granted_at_.end()) return std::nullopt;
+    return it->second;
+  }
+
+  /// T of queued request `id` in the current plan; nothing when it is not
+  /// queued or never placed.
+  std::optional<std::int64_t> planned_at(std::uint64_t id) const {
+    const auto p = plan();
+    const auto it = p.find(id);
+    if (it == p.end()) return std::nullopt;
+    return it->second;
+  }
+
+  /// For the model's own tests: would "take n at t", after the planned takes
+  /// of every queued request on b, leave b's plan feasible?
+  bool feasible_at(std::size_t b, std::uint64_t n, std::int64_t t) const {
+    std::vector<take> takes = plan_takes(plan())[b];
+    takes.push_back({t, next_id_, n});
+    return feasible(buckets_[b], takes);
+  }
+
+  /// For the model's own tests: the earliest t >= from (and >= now()) for
+  /// which feasible_at(b, n, t) holds, computed as placement does.
+  std::optional<std::int64_t> earliest_feasible(std::size_t b, std::uint64_t n,
+                                                std::int64_t from) const {
+    return earliest_feasible(buckets_[b], n, std::max(from, now_), plan_takes(plan())[b]);
+  }
+
+ private:
+  struct bucket {
+    std::uint64_t capacity;
+    model_rate rate;
+    rational level;  // as of now_
+    bool closed;
+  };
+  struct queued_request {
+    std::vector<part> parts;
+    std::int64_t made_at;
+  };
+  struct take {
+    std::int64_t at;
+    std::uint64_t id;
+    std::uint64_t n;
+  };
+  struct held_part {
+    std::size_t bucket;
+    std::uint64_t held;  // granted and not given back yet
+  };
+  using plan_type = std::map<std::uint64_t, std::optional<std::int64_t>>;  // id -> T
+
+  static integer floor_of(const rational& q) { return numerator(q) / denominator(q); }
+  static integer ceil_of(const rational& q) {  // q >= 0
+    return (numerator(q) + denominator(q) - 1) / denominator(q);
+  }
+
+  static void check_rate(model_rate r) {
+    if (r.tokens == 0) throw std::invalid_argument("rate of 0 tokens");
+    if (r.period <= 0) throw std::invalid_argument("period <= 0");
+  }
+  void check_bucket(std::size_t b) const {
+    if (b >= buckets_.size()) throw std::invalid_argument("no such bucket");
+  }
+  void check_parts(const std::vector<part>& parts) const {
+    if (parts.empty()) throw std::invalid_argument("no parts");
+    std::set<std::size_t> seen;
+    for (const part& p : parts) {
+      check_bucket(p.bucket);
+      if (!seen.insert(p.bucket).second) throw std::invalid_argument("a bucket named twice");
+    }
+  }
+
+  std::optional<result> fails_at_once(const std::vector<part>& parts) const {
+    for (const part& p : parts)
+      if (buckets_[p.bucket].closed) return result::closed;
+    for (const part& p : parts)
+      if (p.n > buckets_[p.bucket].capacity) return result::exceeds_capacity;
+    return std::nullopt;
+  }
+
+  /// `level` at `from`, refilled at b's rate to `to` (no change if `to` is
+  /// earlier), capped at b's capacity.
+  static rational accrued(const bucket& b, const rational& level, std::int64_t from,
+                          std::int64_t to) {
+    if (to <= from) return level;
+    const rational l =
+        level + rational((integer(to) - from) * b.rate.tokens, integer(b.rate.period));
+    return l > b.capacity ? rational(b.capacity) : l;
+  }
+
+  /// The first whole ns >= s by which `level` (at s, refilling) holds n;
+  /// nothing when that is later than INT64_MAX.
+  static std::optional<std::int64_t> ready(const bucket& b, const rational& level, std::int64_t s,
+                                           std::uint64_t n) {
+    if (level >= n) return s;
+    const integer ticks = ceil_of((n - level) * b.rate.period / b.rate.tokens);
+    if (ticks > integer(end_of_time) - s) return std::nullopt;
+    return (s + ticks).convert_to<std::int64_t>();
+  }
+
+  static void sort_takes(std::vector<take>& takes) {
+    std::sort(takes.begin(), takes.end(), [](const take& x, const take& y) {
+      return x.at != y.at ? x.at < y.at : x.id < y.id;
+    });
+  }
+
+  /// Simulates b from its level at now_ through `takes` in (time, id) order:
+  /// does every take find its amount?
+  bool feasible(const bucket& b, std::vector<take> takes) const {
+    sort_takes(takes);
+    rational level = b.level;
+    std::int64_t t = now_;
+    for (const take& k : takes) {
+      level = accrued(b, level, t, k.at);
+      t = std::max(t, k.at);
+      if (level < k.n) return false;
+      level -= k.n;
+    }
+    return true;
+  }
+
+  /// The earliest whole ns t >= from (from >= now_) at which "take n at t",
+  /// after `takes` (all of smaller ids), leaves the plan feasible; nothing if
+  /// no t <= INT64_MAX does.
+  ///
+  /// Feasibility is not monotone in t, but it is an interval within each
+  /// segment [s, e) between consecutive planned take times (the takes before
+  /// t are then fixed; L_s is the level just after those at <= s):
+  /// - the take itself finds n iff min(C, L_s + r(t - s)) >= n, i.e. iff
+  ///   t >= ready(L_s, s, n);
+  /// - the level just before the next planned take (at e) is
+  ///   min(C, min(C, L_s + r(t - s)) - n + r(e - t))
+  ///   = min(C, min(C - r t, L_s - r s) - n + r e), non-increasing in t; and
+  ///   the later takes are all met iff that level is at least some amount
+  ///   (the level after a point is monotone in the level at that point).
+  /// So in each segment the feasible set is empty or starts at
+  /// max(s, from, ready): that candidate is checked by direct simulation,
+  /// and if it fails, every later t of the segment fails too.
+  std::optional<std::int64_t> earliest_feasible(const bucket& b, std::uint64_t n, std::int64_t from,
+                                                std::vector<take> takes) const {
+    sort_takes(takes);
+    std::vector<std::int64_t> starts{now_};
+    for (const take& k : takes)
+      if (k.at > starts.back()) starts.push_back(k.at);
+    for (std::size_t i = 0; i < starts.size(); ++i) {
+      const std::int64_t s = starts[i];
+      const bool last = i + 1 == starts.size();
+      if (!last && starts[i + 1] <= from) continue;
+      // The level just after every planned take at <= s.
+      rational level = b.level;
+      std::int64_t t = now_;
+      for (const take& k : takes) {
+        if (k.at > s) break;
+        level = accrued(b, level, t, k.at);
+        t = std::max(t, k.at);
+        level -= k.n;
+      }
+      level = accrued(b, level, t, s);
+      const auto r = ready(b, level, s, n);
+      if (!r) {
+        if (last) return std::nullopt;
+        continue;
+      }
+      const std::int64_t c = std::max({s, from, *r});
+      if (!last && c >= starts[i + 1]) continue;
+      std::vector<take> with = takes;
+      with.push_back({c, end_id, n});
+      if (feasible(b, with)) return c;
+    }
+    return std::nullopt;
+  }
+
+  static constexpr std::uint64_t end_id = std::numeric_limits<std::uint64_t>::max();
+
+  /// T for a request of `parts` made at `from`, after the planned `takes`
+  /// (per bucket, all of smaller ids): the earliest t feasible on every part.
+  std::optional<std::int64_t> place(const std::vector<part>& parts, std::int64_t from,
+                                    const std::vector<std::vector<take>>& takes) const {
+    std::int64_t t = std::max(from, now_);
+    for (;;) {
+      std::int64_t next = t;
+      for (const part& p : parts) {
+        const auto e = earliest_feasible(buckets_[p.bucket], p.n, t, takes[p.bucket]);
+        if (!e) return std::nullopt;
+        next = std::max(next, *e);
+      }
+      if (next == t) return t;
+      t = next;
+    }
+  }
+
+  /// The plan of every queued request, from scratch, in id order.
+  plan_type plan() const {
+    std::vector<std::vector<take>> takes(buckets_.size());
+    plan_type p;
+    for (const auto& [id, r] : queued_) {
+      const auto t = place(r.parts, r.made_at, takes);
+      p[id] = t;
+      for (const part& q : r.parts)
+        takes[q.bucket].push_back({t.value_or(end_of_time), id, q.n});
+    }
+    return p;
+  }
+
+  std::vector<std::vector<take>> plan_takes(const plan_type& p) const {
+    std::vector<std::vector<take>> takes(buckets_.size());
+    for (const auto& [id, t] : p)
+      for (const part& q : queued_.at(id).parts)
+        takes[q.bucket].push_back({t.value_or(end_of_time), id, q.n});
+    return takes;
+  }
+
+  /// Moves every bucket to `now` (if later than now_), refilling.
+  void see(std::int64_t now) {
+    if (now <= now_) return;
+    for (bucket& b : buckets_)
+      b.level = accrued(b, b.level, now_, now);
+    now_ = now;
+  }
+
+  /// Grants every request due by `now`, in (T, id) order, each as of its T,
+  /// re-planning after each; then moves to `now`.
+  void serve(std::int64_t now) {
+    for (;;) {
+      const plan_type p = plan();
+      std::optional<std::pair<std::int64_t, std::uint64_t>> first;
+      for (const auto& [id, t] : p)
+        if (t && *t <= now && (!first || std::pair(*t, id) < *first)) first = std::pair(*t, id);
+      if (!first) break;
+      const auto [t, id] = *first;
+      see(t);
+      std::vector<held_part> held;
+      for (const part& q : queued_.at(id).parts) {
+        bucket& b = buckets_[q.bucket];
+        if (b.level < q.n) throw std::logic_error("joint_model: a planned take found no tokens");
+        b.level -= q.n;
+        held.push_back({q.bucket, q.n});
+      }
+      queued_.erase(id);
+      held_[id] = held;
+      granted_at_[id] = t;
+      complete(id, result::granted);
+    }
+    see(now);
+  }
+
+  /// The queued requests with a part on b (of more than `over` tokens, if
+  /// given) complete `how`, in id order.
+  void fail_queued_on(std::size_t b, result how, std::optional<std::uint64_t> over) {
+    for (auto it = queued_.begin(); it != queued_.end();) {
+      bool hit = false;
+      for (const part& q : it->second.parts)
+        hit = hit || (q.bucket == b && (!over || q.n > *over));
+      if (hit) {
+        complete(it->first, how);
+        it = queued_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  void complete(std::uint64_t id, result how) { completions_.push_back({id, how}); }
+
+  std::int64_t now_;
+  std::vector<bucket> buckets_;
+  std::map<std::uint64_t, queued_request> queued_;  // by id
+  std::map<std::uint64_t, std::vector<held_part>> held_;
+  std::map<std::uint64_t, std::int64_t> granted_at_;
+  std::uint64_t next_id_ = 0;
+  std::vector<completion> completions_;
+};
+
+}  // namespace ratelimit::model
+
+#endif  // RATELIMIT_TEST_JOINT_MODEL_HPP
