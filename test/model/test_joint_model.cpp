@@ -160,6 +160,14 @@ BOOST_AUTO_TEST_CASE(backfill_into_a_full_bucket_both_sides_of_the_boundary) {
     BOOST_TEST(m.earliest_feasible(0, 4, 18 * ms) == opt(18 * ms));
     BOOST_TEST(m.earliest_feasible(0, 4, 18 * ms + 1) == opt(22 * ms));
   }
+  {  // K = (A:4, C:1), C ready at 19 ms: A is feasible at 0 and at 19 ms it is
+     // not, so K is placed at 22 ms (the iteration over the parts).
+    joint_model m = make();
+    m.add_bucket(10, model_rate{1, 19 * ms}, 0, 0);  // C = 2
+    const auto k = m.request({{0, 4}, {2, 1}}, 0);
+    BOOST_TEST(m.planned_at(k) == opt(22 * ms));
+    BOOST_TEST(m.planned_at(0) == opt(20 * ms));
+  }
 }
 
 // 2b. Backfill of queued requests: A (capacity 5, 1/ms) starts empty; J =
@@ -455,6 +463,31 @@ BOOST_AUTO_TEST_CASE(all_or_nothing_on_cancel_close_and_set_capacity) {
   }
 }
 
+// A request that leaves re-places only those made after it (here earlier);
+// close(b) ends a request with a part of 0 tokens on b too.
+BOOST_AUTO_TEST_CASE(leaving_re_plans_later_requests_only) {
+  joint_model m(0);
+  m.add_bucket(10, model_rate{1, ms}, 0, 0);
+  m.add_bucket(10, model_rate{1, ms}, 0, 0);
+  const auto r1 = m.request({{0, 2}}, 0);          // 2 ms
+  const auto j = m.request({{0, 5}, {1, 5}}, 0);   // A: 0 after r1, 5 at 7 ms
+  const auto r3 = m.request({{0, 3}}, 0);          // 0 after j: 10 ms
+  const auto z = m.request({{0, 10}, {1, 0}}, 0);  // 0 after r3: 20 ms
+  BOOST_TEST(m.planned_at(j) == opt(7 * ms));
+  BOOST_TEST(m.planned_at(r3) == opt(10 * ms));
+  BOOST_TEST(m.planned_at(z) == opt(20 * ms));
+  m.cancel(j, 1 * ms);
+  BOOST_TEST(m.planned_at(r1) == opt(2 * ms));  // before j: unmoved
+  BOOST_TEST(m.planned_at(r3) == opt(5 * ms));  // after j: earlier
+  BOOST_TEST(m.planned_at(z) == opt(15 * ms));
+  m.close(1, 1 * ms);
+  BOOST_TEST(m.completions() == done({{j, result::aborted}, {z, result::closed}}));
+  BOOST_TEST(m.planned_at(r3) == opt(5 * ms));
+  m.serve_due(5 * ms);
+  BOOST_TEST(m.status(r3) == result::granted);
+  BOOST_TEST(m.available(0, 5 * ms) == 0u);
+}
+
 // 6. Requests naming buckets in opposite orders all complete, each at the
 //    instant worked out by hand (A, B: capacity 10, 1/ms, empty at 0).
 BOOST_AUTO_TEST_CASE(opposite_orders_all_complete) {
@@ -476,6 +509,22 @@ BOOST_AUTO_TEST_CASE(opposite_orders_all_complete) {
                                       {r4, result::granted}}));
   BOOST_TEST(m.available(0, 21 * ms) == 0u);
   BOOST_TEST(m.available(1, 21 * ms) == 0u);
+}
+
+// Grants due at one instant complete in id order, in one call.
+BOOST_AUTO_TEST_CASE(grants_at_one_instant_in_id_order) {
+  joint_model m(0);
+  m.add_bucket(10, model_rate{1, ms}, 0, 0);
+  m.add_bucket(10, model_rate{1, ms}, 0, 0);
+  const auto r1 = m.request({{1, 3}}, 0);
+  const auto r2 = m.request({{0, 3}}, 0);
+  const auto r3 = m.request({{0, 1}, {1, 1}}, 0);  // 4 ms
+  BOOST_TEST(m.planned_at(r1) == opt(3 * ms));
+  BOOST_TEST(m.planned_at(r2) == opt(3 * ms));
+  BOOST_TEST(m.planned_at(r3) == opt(4 * ms));
+  m.serve_due(10 * ms);
+  BOOST_TEST(m.completions() ==
+             done({{r1, result::granted}, {r2, result::granted}, {r3, result::granted}}));
 }
 
 // 7. give_back: up to k per part, never more than that part was granted, each
@@ -529,6 +578,18 @@ BOOST_AUTO_TEST_CASE(retry_after_is_the_T_the_request_gets) {
       now += static_cast<std::int64_t>(g.in(0, 4));
       const auto parts = random_parts(g, nb, 7);
       const auto w = m.retry_after(parts, now);
+      // Brute force: T = now + w is the first t >= now at which every part is feasible.
+      const auto all_parts_feasible = [&](std::int64_t t) {
+        bool ok = true;
+        for (const part& p : parts)
+          ok = ok && m.feasible_at(p.bucket, p.n, t);
+        return ok;
+      };
+      if (w && *w < 200) {
+        BOOST_TEST(all_parts_feasible(m.now() + *w));
+        for (std::int64_t t = m.now(); t < m.now() + *w; ++t)
+          BOOST_TEST(!all_parts_feasible(t));
+      }
       joint_model copy = m;
       const result tried = copy.try_get(parts, now);
       const auto id = m.request(parts, now);
