@@ -29,6 +29,15 @@
 // and R completes `granted`. Due requests are granted in (T, id) order, the
 // plan recomputed after each grant. Until then nothing is taken for R.
 //
+// Single bucket: for requests of n >= 1 at rates of at most 1 token per ns,
+// the plan is strict FIFO and the model agrees with token_bucket_model
+// (tested). Faster, the rule lets a later request take tokens that would
+// overflow the capacity within the nanosecond a waiter's grant is rounded up
+// to (capacity 2, 3 tokens per 2 ns, empty: 2 tokens are placed at 2 ns, a
+// later 1 token at 1 ns), where token_bucket_model stays FIFO. The model
+// follows the plan rule; which of the two the implementation promises is an
+// open question.
+//
 // Time: every call takes `now`; an earlier one than now() has no effect (the
 // latest time seen counts). Every call first grants what is due at `now`
 // (token_bucket_model's request(), try_get(), cancel() of a non-head and
