@@ -38,13 +38,19 @@ std::ostream& operator<<(std::ostream& os, const completion& c) {
 }
 }  // namespace ratelimit::model
 
-namespace std {
-// For Boost.Test's messages about optional times.
-std::ostream& operator<<(std::ostream& os, const std::optional<std::int64_t>& t) {
-  if (!t) return os << "nullopt";
-  return os << *t;
-}
-}  // namespace std
+// For Boost.Test's messages about optional times: Boost.Test's own hook for
+// a type one cannot give an operator<< (adding one to namespace std is
+// undefined behaviour).
+template <>
+struct boost::test_tools::tt_detail::print_log_value<std::optional<std::int64_t>> {
+  void operator()(std::ostream& os, const std::optional<std::int64_t>& t) {
+    if (t) {
+      os << *t;
+    } else {
+      os << "nullopt";
+    }
+  }
+};
 
 namespace {
 
