@@ -15,28 +15,43 @@
 // Requests: one or more parts (bucket, n), on distinct buckets. A request gets
 // the next id when made: ONE order across all buckets.
 //
-// The plan (conservative backfilling), recomputed from scratch whenever
-// anything changes: the queued requests are placed in id order; request R is
-// placed at T_R = the earliest whole ns t >= max(when R was made, now()) such
-// that, for each part (b, n) of R, adding "take n at t" to b's plan (the takes
-// of the requests placed before R, at their own T) leaves every take of b's
-// plan feasible: just before each take, the level (refilled, capped, minus the
-// planned takes before it) holds its amount. Takes at one instant go in id
-// order, so R's take at t comes after every planned take at <= t.
+// Single and joint: a request is joint when two or more of its parts have
+// n >= 1, single when exactly one does. Parts of 0 tokens are not parts for
+// the order: they neither wait for anyone nor make a request joint (a request
+// of (b:2, c:0) is a single request on b).
+//
+// The plan (strict FIFO per bucket, with backfilling past joint requests
+// only), recomputed from scratch whenever anything changes: the queued
+// requests are placed in id order; request R is placed at T_R = the earliest
+// whole ns t such that
+// - t >= max(when R was made, now());
+// - FIFO among singles: t >= T_Y for every queued single request Y of smaller
+//   id whose part of n >= 1 is on a bucket where R has a part of n >= 1 (at
+//   INT64_MAX, below, when Y is placed never). R may thus be placed before an
+//   earlier request on a bucket only when that request is joint;
+// - cannot move T: for each part (b, n) of R, adding "take n at t" to b's
+//   plan (the takes of the requests placed before R, at their own T) leaves
+//   every take of b's plan feasible: just before each take, the level
+//   (refilled, capped, minus the planned takes before it) holds its amount.
+//   Takes at one instant go in id order, so R's take at t comes after every
+//   planned take at <= t.
+// A single request R behind only singles on its bucket is therefore placed at
+// the first t >= T of the last of them (and >= when it was made) at which the
+// level after their takes holds n: token_bucket_model's rule. Behind a joint
+// request J (the FIFO rule does not count J) it goes first whenever that
+// cannot move T, even using tokens that would otherwise overflow the capacity
+// before J's T.
 //
 // Grants: when time reaches T_R, in any call whose `now` >= T_R, all of R's
 // parts are taken as of T_R (every bucket advanced to T_R first, not to `now`)
 // and R completes `granted`. Due requests are granted in (T, id) order, the
 // plan recomputed after each grant. Until then nothing is taken for R.
 //
-// Single bucket: for requests of n >= 1 at rates of at most 1 token per ns,
-// the plan is strict FIFO and the model agrees with token_bucket_model
-// (tested). Faster, the rule lets a later request take tokens that would
-// overflow the capacity within the nanosecond a waiter's grant is rounded up
-// to (capacity 2, 3 tokens per 2 ns, empty: 2 tokens are placed at 2 ns, a
-// later 1 token at 1 ns), where token_bucket_model stays FIFO. The model
-// follows the plan rule; which of the two the implementation promises is an
-// open question.
+// Single bucket: for requests of n >= 1 the plan is strict FIFO and the
+// model agrees with token_bucket_model at every rate (tested, including rates
+// above 1 token per ns, where plain feasibility would let a later request
+// take tokens that overflow within the nanosecond a waiter's grant is rounded
+// up to: the FIFO rule forbids it, as token_bucket_model does).
 //
 // Time: every call takes `now`; an earlier one than now() has no effect (the
 // latest time seen counts). Every call first grants what is due at `now`
@@ -56,12 +71,16 @@
 //   throws std::invalid_argument and nothing happens (no id is consumed).
 // - A request that fails at once consumes an id; `closed` wins over
 //   `exceeds_capacity` when both apply (as in token_bucket_model).
-// - A part of 0 tokens is feasible anywhere, so it never waits and delays no
-//   one (token_bucket_model queues request(0) behind its waiters: the
-//   single-bucket equivalence holds for requests of n >= 1).
+// - A part of 0 tokens is feasible anywhere and is no part for the order, so
+//   it never waits and delays no one (token_bucket_model queues request(0)
+//   behind its waiters: the single-bucket equivalence holds for requests of
+//   n >= 1). A request all of whose parts are 0 tokens is granted at once.
 // - try_get() gets no id and does not change the plan of the queued requests
 //   (taking at T = now with an id after all of theirs keeps every planned take
 //   feasible, and a lower level can only place them later, never earlier).
+//   It is placed as a request made now would be, so it takes nothing while a
+//   single request waits on a bucket where the try has a part of n >= 1
+//   (that request's T is later than now).
 // - give_back(id, k, now) grants what is due at `now` (old level) first, then
 //   gives back g_b = min(k, what part b still holds) to each part's bucket,
 //   level capped at its capacity (what the cap swallows is lost but counts as
@@ -269,15 +288,17 @@ class joint_model {
   }
 
   /// For the model's own tests: would "take n at t", after the planned takes
-  /// of every queued request on b, leave b's plan feasible?
+  /// of every queued request on b, leave b's plan feasible? (Feasibility
+  /// only: placement also waits for the singles ahead, see the header.)
   bool feasible_at(std::size_t b, std::uint64_t n, std::int64_t t) const {
     std::vector<take> takes = plan_takes(plan())[b];
-    takes.push_back({t, next_id_, n});
+    takes.push_back({t, next_id_, n, false});
     return feasible(buckets_[b], takes);
   }
 
   /// For the model's own tests: the earliest t >= from (and >= now()) for
-  /// which feasible_at(b, n, t) holds, computed as placement does.
+  /// which feasible_at(b, n, t) holds, computed as placement does (placement
+  /// starts `from` at the FIFO bound).
   std::optional<std::int64_t> earliest_feasible(std::size_t b, std::uint64_t n,
                                                 std::int64_t from) const {
     return earliest_feasible(buckets_[b], n, std::max(from, now_), plan_takes(plan())[b]);
@@ -298,6 +319,7 @@ class joint_model {
     std::int64_t at;
     std::uint64_t id;
     std::uint64_t n;
+    bool single;  // the take of a single request (one part of n >= 1)
   };
   struct held_part {
     std::size_t bucket;
@@ -420,7 +442,7 @@ class joint_model {
       const std::int64_t c = std::max({s, from, *r});
       if (!last && c >= starts[i + 1]) continue;
       std::vector<take> with = takes;
-      with.push_back({c, end_id, n});
+      with.push_back({c, end_id, n, false});
       if (feasible(b, with)) return c;
     }
     return std::nullopt;
@@ -428,11 +450,24 @@ class joint_model {
 
   static constexpr std::uint64_t end_id = std::numeric_limits<std::uint64_t>::max();
 
+  /// A request is single when exactly one of its parts has n >= 1 (parts of
+  /// 0 tokens are not parts for the order), joint when two or more do.
+  static bool is_single(const std::vector<part>& parts) {
+    return std::count_if(parts.begin(), parts.end(), [](const part& p) { return p.n > 0; }) == 1;
+  }
+
   /// T for a request of `parts` made at `from`, after the planned `takes`
-  /// (per bucket, all of smaller ids): the earliest t feasible on every part.
+  /// (per bucket, all of smaller ids): the earliest t, no earlier than the T
+  /// of any single request ahead of it on the bucket of one of its parts of
+  /// n >= 1 (FIFO among singles; only joint requests are passed), feasible
+  /// on every part.
   std::optional<std::int64_t> place(const std::vector<part>& parts, std::int64_t from,
                                     const std::vector<std::vector<take>>& takes) const {
     std::int64_t t = std::max(from, now_);
+    for (const part& p : parts)
+      if (p.n > 0)
+        for (const take& k : takes[p.bucket])
+          if (k.single) t = std::max(t, k.at);  // a single placed never: at INT64_MAX
     for (;;) {
       std::int64_t next = t;
       for (const part& p : parts) {
@@ -452,17 +487,21 @@ class joint_model {
     for (const auto& [id, r] : queued_) {
       const auto t = place(r.parts, r.made_at, takes);
       p[id] = t;
+      const bool single = is_single(r.parts);
       for (const part& q : r.parts)
-        takes[q.bucket].push_back({t.value_or(end_of_time), id, q.n});
+        takes[q.bucket].push_back({t.value_or(end_of_time), id, q.n, single && q.n > 0});
     }
     return p;
   }
 
   std::vector<std::vector<take>> plan_takes(const plan_type& p) const {
     std::vector<std::vector<take>> takes(buckets_.size());
-    for (const auto& [id, t] : p)
-      for (const part& q : queued_.at(id).parts)
-        takes[q.bucket].push_back({t.value_or(end_of_time), id, q.n});
+    for (const auto& [id, t] : p) {
+      const auto& parts = queued_.at(id).parts;
+      const bool single = is_single(parts);
+      for (const part& q : parts)
+        takes[q.bucket].push_back({t.value_or(end_of_time), id, q.n, single && q.n > 0});
+    }
     return takes;
   }
 

@@ -11,7 +11,9 @@
 
 #include <boost/test/unit_test.hpp>
 
+#include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <limits>
 #include <optional>
 #include <ostream>
@@ -19,6 +21,7 @@
 #include <vector>
 
 using ratelimit::model::completion;
+using ratelimit::model::integer;
 using ratelimit::model::joint_model;
 using ratelimit::model::model_rate;
 using ratelimit::model::part;
@@ -72,7 +75,10 @@ struct rng {
     return z ^ (z >> 31);
   }
   /// Uniform in [lo, hi].
-  std::uint64_t in(std::uint64_t lo, std::uint64_t hi) { return lo + next() % (hi - lo + 1); }
+  std::uint64_t in(std::uint64_t lo, std::uint64_t hi) {
+    const std::uint64_t span = hi - lo + 1;  // 0: the whole range
+    return span == 0 ? next() : lo + next() % span;
+  }
   bool one_in(std::uint64_t n) { return next() % n == 0; }
 };
 
@@ -304,22 +310,41 @@ BOOST_AUTO_TEST_CASE(later_requests_never_move_earlier_ones) {
 //    completions, exact level, available(), retry_after(), try_get(), through
 //    requests (n >= 1), tries, cancels, set_rate, set_capacity, close and
 //    time steps. Both are served at every step, as the fuzz harness does.
-//    Rates are at most 1 token per ns: faster, the plan rule backfills into
-//    what overflows within the nanosecond a grant is rounded up to, which
-//    token_bucket_model does not (the next test).
+//    At every rate, including more than 1 token per ns (3 per 2 ns, u64 max
+//    per ns), where plain feasibility would backfill into what overflows
+//    within the nanosecond a grant is rounded up to (the next test), and
+//    with capacities up to u64 max.
 BOOST_AUTO_TEST_CASE(single_bucket_sequences_match_token_bucket_model) {
   rng g{7};
+  constexpr std::uint64_t u64_max = std::numeric_limits<std::uint64_t>::max();
+  constexpr std::int64_t s = 1'000'000'000;
   const std::int64_t periods[] = {1, 3, 7, 1000, ms, 3 * ms};
-  // At most 1 token per ns: see single_bucket_backfill_of_what_overflows_before_the_whole_ns.
+  // Those test_model.cpp uses, and more than 1 token per ns.
+  const model_rate special[] = {{3, 2},
+                                {7, 11},
+                                {5, 1},
+                                {3, s},
+                                {s, s},
+                                {1, 3600 * s},
+                                {1, i64_max},
+                                {u64_max, 1},
+                                {u64_max, 7},
+                                {u64_max, ms},
+                                {u64_max, i64_max},
+                                {u64_max - 1, 2}};
   const auto rate = [&] {
+    if (g.one_in(3)) return special[g.in(0, std::size(special) - 1)];
     const std::int64_t p = periods[g.in(0, 5)];
-    return model_rate{g.in(1, std::min<std::uint64_t>(5, static_cast<std::uint64_t>(p))), p};
+    return model_rate{g.in(1, 5), p};
   };
-  int steps = 0, waits = 0;
-  for (int round = 0; round < 150; ++round) {
-    const std::uint64_t cap = g.in(1, 8);
+  const auto capacity = [&]() -> std::uint64_t {
+    return g.one_in(10) ? u64_max - g.in(0, 1) : g.in(1, 8);
+  };
+  int steps = 0, waits = 0, fast = 0;
+  for (int round = 0; round < 200; ++round) {
+    const std::uint64_t cap = capacity();
     const model_rate r0 = rate();
-    const std::uint64_t init = g.in(0, cap);
+    const std::uint64_t init = g.one_in(2) ? 0 : g.in(0, cap);
     token_bucket_model t(cap, r0, init, 0);
     joint_model j(0);
     j.add_bucket(cap, r0, init, 0);
@@ -328,7 +353,10 @@ BOOST_AUTO_TEST_CASE(single_bucket_sequences_match_token_bucket_model) {
       now += static_cast<std::int64_t>(g.in(0, 3)) * (g.one_in(2) ? 1 : periods[g.in(0, 5)]);
       t.serve_due(now);
       j.serve_due(now);
-      const std::uint64_t n = g.in(1, t.capacity() + 1);
+      const std::uint64_t c = t.capacity();
+      std::uint64_t n = g.in(1, std::min<std::uint64_t>(c, 8));
+      if (g.one_in(5)) n = c < u64_max ? c + g.in(0, 1) : c;  // all of it, or too many
+      if (integer(t.rate().tokens) > t.rate().period) ++fast;
       switch (g.in(0, 9)) {
         case 0:
         case 1:
@@ -351,9 +379,9 @@ BOOST_AUTO_TEST_CASE(single_bucket_sequences_match_token_bucket_model) {
           j.set_rate(0, r, now);
         } break;
         case 6: {
-          const std::uint64_t c = g.in(1, 8);
-          t.set_capacity(c, now);
-          j.set_capacity(0, c, now);
+          const std::uint64_t to = capacity();
+          t.set_capacity(to, now);
+          j.set_capacity(0, to, now);
         } break;
         case 7:
           if (g.one_in(10)) {
@@ -380,35 +408,111 @@ BOOST_AUTO_TEST_CASE(single_bucket_sequences_match_token_bucket_model) {
       }
     }
   }
-  BOOST_TEST(steps == 150 * 60);
+  BOOST_TEST(steps == 200 * 60);
   BOOST_TEST(waits > 0);
+  BOOST_TEST(fast > 1000);  // rates above 1 token per ns are exercised
 }
 
-// Where the plan rule and token_bucket_model part: the rule lets a later
-// request take tokens that would overflow the capacity before the whole ns a
-// waiter is granted at. Capacity 2, 3 tokens per 2 ns, empty at 0: R1 = 2
-// tokens, there at 4/3 ns, granted at 2 ns (when 3 would have accrued: 1
-// overflows). R2 = 1 token taken at 1 ns (1.5 - 1) still leaves 0.5 + 1.5 = 2
-// at 2 ns, so the rule places R2 at 1 ns, before R1. token_bucket_model
-// (strict FIFO) grants R2 after R1: 0 at 2 ns, 1 token at 2 + 2/3 -> 3 ns.
-// This is possible only at more than 1 token per ns (what overflows within a
-// ns is then at least a token).
-BOOST_AUTO_TEST_CASE(single_bucket_backfill_of_what_overflows_before_the_whole_ns) {
-  joint_model m(0);
-  m.add_bucket(2, model_rate{3, 2}, 0, 0);
-  const auto r1 = m.request({{0, 2}}, 0);
-  const auto r2 = m.request({{0, 1}}, 0);
-  BOOST_TEST(m.planned_at(r1) == opt(2));
-  BOOST_TEST(m.planned_at(r2) == opt(1));
-  m.serve_due(3);
-  BOOST_TEST(m.completions() == done({{r2, result::granted}, {r1, result::granted}}));
+// FIFO among singles, even where feasibility alone would let a later request
+// through: capacity 2, 3 tokens per 2 ns, empty at 0. R1 = 2 tokens, there
+// at 4/3 ns, granted at 2 ns (when 3 would have accrued: 1 overflows). R2 = 1
+// token taken at 1 ns (1.5 - 1) would still leave 0.5 + 1.5 = 2 at 2 ns, so
+// plain backfilling would place R2 at 1 ns, before R1; but R1 is a single
+// request, so R2 waits for it: 0 at 2 ns, 1 token at 2 + 2/3 -> 3 ns, as in
+// token_bucket_model. A part of 0 tokens does not make a request joint.
+BOOST_AUTO_TEST_CASE(single_requests_never_pass_a_single_request) {
+  for (const bool zero_part : {false, true}) {
+    joint_model m(0);
+    m.add_bucket(2, model_rate{3, 2}, 0, 0);
+    m.add_bucket(1, model_rate{1, 2}, 0, 0);
+    const auto r1 = zero_part ? m.request({{0, 2}, {1, 0}}, 0) : m.request({{0, 2}}, 0);
+    BOOST_TEST(m.feasible_at(0, 1, 1));  // feasibility alone would allow 1 ns
+    BOOST_TEST(m.retry_after({{0, 1}}, 0) == opt(3));
+    BOOST_TEST(m.try_get({{0, 1}}, 1) == result::pending);  // nor a try behind R1
+    const auto r2 = m.request({{0, 1}}, 1);
+    BOOST_TEST(m.planned_at(r1) == opt(2));
+    BOOST_TEST(m.planned_at(r2) == opt(3));
+    m.serve_due(2);
+    BOOST_TEST(m.completions() == done({{r1, result::granted}}));
+    m.serve_due(3);
+    BOOST_TEST(m.completions() == done({{r1, result::granted}, {r2, result::granted}}));
+    BOOST_TEST(m.level(0) == rational(1, 2));
+  }
   token_bucket_model t(2, model_rate{3, 2}, 0, 0);
   t.request(2, 0);
-  t.request(1, 0);
+  t.request(1, 1);
   t.serve_due(2);
   BOOST_TEST(t.completions() == done({{0, result::granted}}));
   t.serve_due(3);
   BOOST_TEST(t.completions() == done({{0, result::granted}, {1, result::granted}}));
+  BOOST_TEST(t.level() == rational(1, 2));
+}
+
+// The exception: behind a JOINT request, a single request still backfills,
+// using tokens that would otherwise overflow before the joint request's T.
+// The same bucket A (capacity 2, 3 per 2 ns, empty) and B (capacity 1, 1 per
+// 2 ns, empty): J = (A:2, B:1) is placed at 2 ns (A has 2 at 4/3 ns, B 1 at
+// 2 ns). S = A:1 at 1 ns leaves 0.5, 2 again at 2 ns: J is not moved, so S
+// goes first, at 1 ns.
+BOOST_AUTO_TEST_CASE(a_single_request_backfills_past_a_joint_one_with_overflow_tokens) {
+  joint_model m(0);
+  m.add_bucket(2, model_rate{3, 2}, 0, 0);
+  m.add_bucket(1, model_rate{1, 2}, 0, 0);
+  const auto j = m.request({{0, 2}, {1, 1}}, 0);
+  BOOST_TEST(m.planned_at(j) == opt(2));
+  BOOST_TEST(m.retry_after({{0, 1}}, 0) == opt(1));
+  const auto s = m.request({{0, 1}}, 0);
+  BOOST_TEST(m.planned_at(s) == opt(1));
+  BOOST_TEST(m.planned_at(j) == opt(2));  // not moved
+  // A second A:1 behind S: not before S (1 ns); at 1 ns S leaves 0.5; at 2 ns
+  // J takes first (id order) and leaves 0: 1 token at 2 + 2/3 -> 3 ns.
+  const auto s2 = m.request({{0, 1}}, 0);
+  BOOST_TEST(m.planned_at(s2) == opt(3));
+  m.serve_due(3);
+  BOOST_TEST(m.completions() ==
+             done({{s, result::granted}, {j, result::granted}, {s2, result::granted}}));
+  BOOST_TEST(m.granted_at(s) == opt(1));
+  BOOST_TEST(m.granted_at(j) == opt(2));
+}
+
+// A single request behind a single request behind a joint one: it may pass
+// the joint request but not the single. A (capacity 5, 1/ms, empty), B
+// (capacity 10, 1 per 10 ms, empty): J = (A:3, B:2) at 20 ms. At 18 ms A is
+// full (5). S1 = A:5 would leave 0 + 2 < 3 at 20 ms: after J, 2 left, 5 at
+// 23 ms. S2 = A:1 at 18 ms would move no one (4, 5 at 20 ms, J leaves 2, 5
+// at 23 ms) but S1 is single and ahead of it: 0 after S1 at 23 ms, 24 ms.
+BOOST_AUTO_TEST_CASE(a_single_request_passes_a_joint_one_but_not_a_single_one) {
+  const auto make = [] {
+    joint_model m(0);
+    m.add_bucket(5, model_rate{1, ms}, 0, 0);
+    m.add_bucket(10, model_rate{1, 10 * ms}, 0, 0);
+    m.request({{0, 3}, {1, 2}}, 0);
+    return m;
+  };
+  joint_model m = make();
+  const auto s1 = m.request({{0, 5}}, 18 * ms);
+  BOOST_TEST(m.planned_at(0) == opt(20 * ms));
+  BOOST_TEST(m.planned_at(s1) == opt(23 * ms));
+  BOOST_TEST(m.feasible_at(0, 1, 18 * ms));  // feasibility alone would allow 18 ms
+  BOOST_TEST(m.retry_after({{0, 1}}, 18 * ms) == opt(6 * ms));
+  const auto s2 = m.request({{0, 1}}, 18 * ms);
+  BOOST_TEST(m.status(s2) == result::pending);
+  BOOST_TEST(m.planned_at(s2) == opt(24 * ms));
+  m.serve_due(30 * ms);
+  BOOST_TEST(m.completions() ==
+             done({{0, result::granted}, {s1, result::granted}, {s2, result::granted}}));
+  BOOST_TEST(m.granted_at(s2) == opt(24 * ms));
+  // Without S1, S2 passes J: granted at once.
+  joint_model n = make();
+  const auto alone = n.request({{0, 1}}, 18 * ms);
+  BOOST_TEST(n.status(alone) == result::granted);
+  BOOST_TEST(n.planned_at(0) == opt(20 * ms));
+  // A joint request behind S1 may not pass it either (C is free).
+  joint_model k = make();
+  k.add_bucket(10, model_rate{1, ms}, 10, 0);
+  k.request({{0, 5}}, 18 * ms);
+  const auto jk = k.request({{0, 1}, {2, 1}}, 18 * ms);
+  BOOST_TEST(k.planned_at(jk) == opt(24 * ms));
 }
 
 // 5. All or nothing: a queued joint request that is cancelled, closed or made
@@ -572,33 +676,63 @@ BOOST_AUTO_TEST_CASE(give_back_caps_and_wakes_a_waiter) {
 //    0 exactly when try_get would take it; nothing when it fails at once.
 BOOST_AUTO_TEST_CASE(retry_after_is_the_T_the_request_gets) {
   rng g{99};
-  int waited = 0, at_once = 0;
-  for (int round = 0; round < 80; ++round) {
+  int waited = 0, at_once = 0, held_by_a_single = 0, bounded = 0;
+  const auto nonzero = [](const std::vector<part>& parts) {
+    std::vector<std::size_t> b;
+    for (const part& p : parts)
+      if (p.n > 0) b.push_back(p.bucket);
+    return b;
+  };
+  for (int round = 0; round < 120; ++round) {
     joint_model m(0);
     const std::size_t nb = g.in(2, 3);
+    const bool fast = round % 2 == 1;  // more than 1 token per ns: overflow within a ns
     for (std::size_t b = 0; b < nb; ++b)
-      m.add_bucket(g.in(1, 6), model_rate{g.in(1, 3), static_cast<std::int64_t>(g.in(1, 5))},
+      m.add_bucket(g.in(1, 6),
+                   fast ? model_rate{g.in(2, 7), static_cast<std::int64_t>(g.in(1, 2))}
+                        : model_rate{g.in(1, 3), static_cast<std::int64_t>(g.in(1, 5))},
                    g.in(0, 1), 0);
     std::int64_t now = 0;
+    std::vector<std::vector<part>> made;  // by id
     for (int step = 0; step < 12; ++step) {
-      now += static_cast<std::int64_t>(g.in(0, 4));
-      const auto parts = random_parts(g, nb, 7);
+      now += static_cast<std::int64_t>(g.in(0, fast ? 1 : 4));
+      auto parts = random_parts(g, nb, 7);
+      if (g.one_in(6)) parts[g.in(0, parts.size() - 1)].n = 0;  // not a part for the order
       const auto w = m.retry_after(parts, now);
-      // Brute force: T = now + w is the first t >= now at which every part is feasible.
+      // Brute force: T = now + w is the first t >= now, and >= the T of every
+      // queued single request (one part of n >= 1) on a bucket where this one
+      // has a part of n >= 1, at which every part is feasible.
       const auto all_parts_feasible = [&](std::int64_t t) {
         bool ok = true;
         for (const part& p : parts)
           ok = ok && m.feasible_at(p.bucket, p.n, t);
         return ok;
       };
+      std::int64_t bound = m.now();
+      for (std::uint64_t id = 0; id < made.size(); ++id) {
+        const auto ahead = nonzero(made[id]);
+        const auto mine = nonzero(parts);
+        if (m.status(id) != result::pending || ahead.size() != 1 ||
+            std::find(mine.begin(), mine.end(), ahead[0]) == mine.end())
+          continue;
+        bound = std::max(bound, m.planned_at(id).value_or(i64_max));
+      }
       if (w && *w < 200) {
+        BOOST_TEST(m.now() + *w >= bound);
         BOOST_TEST(all_parts_feasible(m.now() + *w));
-        for (std::int64_t t = m.now(); t < m.now() + *w; ++t)
-          BOOST_TEST(!all_parts_feasible(t));
+        for (std::int64_t t = bound; t < m.now() + *w; ++t)
+          BOOST_TEST(!all_parts_feasible(t), "round " << round << " step " << step << " t " << t);
+        if (bound > m.now()) ++bounded;
+        for (std::int64_t t = m.now(); t < bound; ++t)
+          if (all_parts_feasible(t)) {
+            ++held_by_a_single;  // feasibility alone would have placed it earlier
+            break;
+          }
       }
       joint_model copy = m;
       const result tried = copy.try_get(parts, now);
       const auto id = m.request(parts, now);
+      made.push_back(parts);
       if (!w) {
         BOOST_TEST(m.status(id) == result::exceeds_capacity);
         BOOST_TEST(tried == result::exceeds_capacity);
@@ -618,6 +752,8 @@ BOOST_AUTO_TEST_CASE(retry_after_is_the_T_the_request_gets) {
   }
   BOOST_TEST(waited > 0);
   BOOST_TEST(at_once > 0);
+  BOOST_TEST_MESSAGE("bounded " << bounded << " held " << held_by_a_single);
+  BOOST_TEST(held_by_a_single > 0);  // the FIFO bound does bind
 }
 
 // earliest_feasible (segments, one candidate each) against brute force:
