@@ -55,6 +55,13 @@ struct boost::test_tools::tt_detail::print_log_value<std::optional<std::int64_t>
   }
 };
 
+// The sanitizer trees run a quarter of the random rounds (the plain tree all).
+#if defined(RATELIMIT_TEST_SANITIZED)
+constexpr int rounds_divisor = 4;
+#else
+constexpr int rounds_divisor = 1;
+#endif
+
 namespace {
 
 constexpr std::int64_t ms = 1'000'000;
@@ -240,7 +247,7 @@ BOOST_AUTO_TEST_CASE(later_requests_never_move_earlier_ones) {
   };
   rng g{42};
   int checked = 0, backfilled = 0;
-  for (int round = 0; round < 60; ++round) {
+  for (int round = 0; round < 60 / rounds_divisor; ++round) {
     const std::size_t nb = g.in(2, 3);
     std::vector<std::pair<std::uint64_t, model_rate>> config;
     for (std::size_t b = 0; b < nb; ++b)
@@ -302,7 +309,7 @@ BOOST_AUTO_TEST_CASE(later_requests_never_move_earlier_ones) {
       ++checked;
     }
   }
-  BOOST_TEST(checked == 60 * 9);
+  BOOST_TEST(checked == 60 / rounds_divisor * 9);
   BOOST_TEST(backfilled > 0);  // the generator does exercise backfilling
 }
 
@@ -341,7 +348,7 @@ BOOST_AUTO_TEST_CASE(single_bucket_sequences_match_token_bucket_model) {
     return g.one_in(10) ? u64_max - g.in(0, 1) : g.in(1, 8);
   };
   int steps = 0, waits = 0, fast = 0;
-  for (int round = 0; round < 200; ++round) {
+  for (int round = 0; round < 200 / rounds_divisor; ++round) {
     const std::uint64_t cap = capacity();
     const model_rate r0 = rate();
     const std::uint64_t init = g.one_in(2) ? 0 : g.in(0, cap);
@@ -408,9 +415,9 @@ BOOST_AUTO_TEST_CASE(single_bucket_sequences_match_token_bucket_model) {
       }
     }
   }
-  BOOST_TEST(steps == 200 * 60);
+  BOOST_TEST(steps == 200 / rounds_divisor * 60);
   BOOST_TEST(waits > 0);
-  BOOST_TEST(fast > 1000);  // rates above 1 token per ns are exercised
+  BOOST_TEST(fast > 1000 / rounds_divisor);  // rates above 1 token per ns are exercised
 }
 
 // FIFO among singles, even where feasibility alone would let a later request
@@ -683,7 +690,7 @@ BOOST_AUTO_TEST_CASE(retry_after_is_the_T_the_request_gets) {
       if (p.n > 0) b.push_back(p.bucket);
     return b;
   };
-  for (int round = 0; round < 120; ++round) {
+  for (int round = 0; round < 120 / rounds_divisor; ++round) {
     joint_model m(0);
     const std::size_t nb = g.in(2, 3);
     const bool fast = round % 2 == 1;  // more than 1 token per ns: overflow within a ns
@@ -761,7 +768,7 @@ BOOST_AUTO_TEST_CASE(retry_after_is_the_T_the_request_gets) {
 BOOST_AUTO_TEST_CASE(earliest_feasible_matches_brute_force) {
   rng g{2024};
   int compared = 0, not_monotone = 0;
-  for (int round = 0; round < 300; ++round) {
+  for (int round = 0; round < 300 / rounds_divisor; ++round) {
     joint_model m(0);
     const std::size_t nb = 2;
     for (std::size_t b = 0; b < nb; ++b) {
