@@ -202,7 +202,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
       if (queue_.empty() && state_.try_take(now, n)) return true;
       serve(now, ready);
       // Known at once: the request would be granted after the deadline (the
-      // queue served as serve() will serve it; O(queue), and only with a deadline).
+      // queue served as serve() will serve it: see wait_from).
       if (deadline != max_time && add_ns(now, wait_from(now, n)) > deadline) return false;
       if (!checked) {
         // Asked outside the lock (it may consult thread-local state of the
@@ -438,7 +438,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   /// serve() would serve them (each when its tokens are there, not before it
   /// came), and then this one. (Not simply the time
   /// `queued_tokens_ + n` tokens accrue: at a grant's whole nanosecond the
-  /// level may pass the capacity, and what passes it is lost.) O(queue).
+  /// level may pass the capacity, and what passes it is lost.)
   ///
   /// The queue's part is kept in tail_ (the fold over the queued requests),
   /// extended by enqueue(), kept by serve()'s grants (which move the state as
