@@ -149,7 +149,7 @@ class keyed_impl
     if (capacity) capacity_ = *capacity;
     if (r) rate_ = *r;
     for (auto& [key, nd] : map_) {
-      const auto own = quotas_.find(key);
+      const auto own = quotas_.empty() ? quotas_.end() : quotas_.find(key);
       const bool own_capacity = own != quotas_.end() && own->second.capacity;
       const bool own_rate = own != quotas_.end() && own->second.r;
       apply(nd, own_capacity ? std::nullopt : capacity, own_rate ? std::nullopt : r);
@@ -216,7 +216,7 @@ class keyed_impl
       std::unique_lock lk(mutex_);
       node* nd = nullptr;
       try {
-        nd = acquire(key, n, now, ec);
+        nd = acquire(key, n, now, ec, false);
         if (nd) link_cancellation(op->handler(), op, *nd->bucket);
       } catch (...) {
         lk.unlock();
@@ -225,13 +225,12 @@ class keyed_impl
       }
       if (nd) {
         // Grants are posted, never run here, so holding our lock is safe.
+        // A request over the key's capacity fails in submit(), after what
+        // the bucket handed over before it.
         nd->bucket->submit(op);  // on failure it destroyed `op`
         reindex(nd);
         return;
       }
-      // Failed at once: a request for a key with a bucket (over its capacity)
-      // completes after what that bucket handed over before, as submit() would.
-      if (auto it = map_.find(key); it != map_.end()) it->second.bucket->note_posted();
     }
     op->set_result(ec);
     op->complete(finish_mode::post, executor_);
@@ -327,14 +326,18 @@ class keyed_impl
 
  private:
   /// The node for `key`, created if needed; null with `ec` set when the
-  /// request must fail at once. Caller holds the lock.
-  node* acquire(const Key& key, std::uint64_t n, std::int64_t now, boost::system::error_code& ec) {
+  /// request must fail at once. With `check_existing` false, a key that has
+  /// a bucket is returned even for more than its capacity: the bucket's own
+  /// submit() fails the request then, in its place in the bucket's order of
+  /// completions. Caller holds the lock.
+  node* acquire(const Key& key, std::uint64_t n, std::int64_t now, boost::system::error_code& ec,
+                bool check_existing = true) {
     if (closed_) {
       ec = closed_ec_;
       return nullptr;
     }
     if (auto it = map_.find(key); it != map_.end()) {
-      if (n > it->second.capacity) {
+      if (check_existing && n > it->second.capacity) {
         ec = error::exceeds_capacity;
         return nullptr;
       }
@@ -620,7 +623,7 @@ class basic_keyed_limiter {
     }
     std::optional<std::int64_t> wait;
     const bool granted = impl_->try_get(key, n, wait, ec);
-    if (wait) retry_after = to_duration(*wait);
+    if (wait) retry_after = detail::to_duration<duration>(*wait);
     return granted;
   }
 
@@ -689,7 +692,7 @@ class basic_keyed_limiter {
     if (!impl_) return std::nullopt;
     const auto wait = impl_->retry_after(key, n);
     if (!wait) return std::nullopt;
-    return to_duration(*wait);
+    return detail::to_duration<duration>(*wait);
   }
 
   /// True when `key` has a bucket now.
@@ -797,13 +800,6 @@ class basic_keyed_limiter {
 
   void shutdown() noexcept {
     if (impl_) impl_->close(boost::asio::error::operation_aborted);
-  }
-
-  /// A wait in ns as a duration, rounded up to the clock's tick; saturates.
-  static duration to_duration(std::int64_t wait) {
-    using wide = std::chrono::duration<long double, std::nano>;
-    if (wide(wait) >= wide(duration::max())) return duration::max();
-    return std::chrono::ceil<duration>(std::chrono::nanoseconds(wait));
   }
 
   executor_type executor_;

@@ -210,7 +210,7 @@ class basic_token_bucket {
     if (!impl_) return false;
     std::optional<std::int64_t> wait;
     const bool granted = impl_->try_get(n, wait);
-    if (wait) retry_after = to_duration(*wait);
+    if (wait) retry_after = detail::to_duration<duration>(*wait);
     return granted;
   }
 
@@ -231,7 +231,7 @@ class basic_token_bucket {
     if (!impl_) return std::nullopt;
     const auto wait = impl_->retry_after(n);
     if (!wait) return std::nullopt;
-    return to_duration(*wait);
+    return detail::to_duration<duration>(*wait);
   }
 
   /// Blocks the calling thread until `n` tokens are granted, FIFO with the
@@ -348,14 +348,6 @@ class basic_token_bucket {
   }
 
  private:
-  /// `ns` (>= 0) in the clock's duration, rounded up; duration::max() when
-  /// it does not fit (never wraps).
-  static duration to_duration(std::int64_t ns) noexcept {
-    using wide = std::chrono::duration<long double, std::nano>;
-    if (wide(ns) >= wide(duration::max())) return duration::max();
-    return std::chrono::ceil<duration>(std::chrono::nanoseconds(ns));
-  }
-
   template <typename, typename, typename>
   friend class basic_token_bucket;
 

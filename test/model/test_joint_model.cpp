@@ -29,18 +29,6 @@ using ratelimit::model::rational;
 using ratelimit::model::result;
 using ratelimit::model::token_bucket_model;
 
-namespace ratelimit::model {
-// For Boost.Test's messages.
-std::ostream& operator<<(std::ostream& os, result r) {
-  const char* names[] = {"pending", "granted", "exceeds_capacity",
-                         "closed",  "aborted", "too_many_keys"};
-  return os << names[static_cast<int>(r)];
-}
-std::ostream& operator<<(std::ostream& os, const completion& c) {
-  return os << "{" << c.id << ", " << c.how << "}";
-}
-}  // namespace ratelimit::model
-
 // For Boost.Test's messages about optional times: Boost.Test's own hook for
 // a type one cannot give an operator<< (adding one to namespace std is
 // undefined behaviour).

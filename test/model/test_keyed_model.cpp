@@ -24,18 +24,6 @@ using ratelimit::model::token_bucket_model;
 using ratelimit::model::violation;
 using keyed = ratelimit::model::keyed_limiter_model<int>;
 
-namespace ratelimit::model {
-// For Boost.Test's messages.
-std::ostream& operator<<(std::ostream& os, result r) {
-  const char* names[] = {"pending", "granted", "exceeds_capacity",
-                         "closed",  "aborted", "too_many_keys"};
-  return os << names[static_cast<int>(r)];
-}
-std::ostream& operator<<(std::ostream& os, const completion& c) {
-  return os << "{" << c.id << ", " << c.how << "}";
-}
-}  // namespace ratelimit::model
-
 namespace {
 
 constexpr std::int64_t ms = 1'000'000;

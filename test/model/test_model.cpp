@@ -21,18 +21,6 @@ using ratelimit::model::rational;
 using ratelimit::model::result;
 using ratelimit::model::token_bucket_model;
 
-namespace ratelimit::model {
-// For Boost.Test's messages.
-std::ostream& operator<<(std::ostream& os, result r) {
-  const char* names[] = {"pending", "granted", "exceeds_capacity",
-                         "closed",  "aborted", "too_many_keys"};
-  return os << names[static_cast<int>(r)];
-}
-std::ostream& operator<<(std::ostream& os, const completion& c) {
-  return os << "{" << c.id << ", " << c.how << "}";
-}
-}  // namespace ratelimit::model
-
 namespace {
 
 constexpr std::int64_t ms = 1'000'000;

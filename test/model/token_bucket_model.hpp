@@ -54,6 +54,7 @@
 #include <limits>
 #include <list>
 #include <optional>
+#include <ostream>
 #include <stdexcept>
 #include <vector>
 
@@ -78,6 +79,16 @@ struct completion {
   result how;
   friend bool operator==(const completion&, const completion&) = default;
 };
+
+// For the messages of the tests that compare them (Boost.Test prints with these).
+inline std::ostream& operator<<(std::ostream& os, result r) {
+  const char* names[] = {"pending", "granted", "exceeds_capacity",
+                         "closed",  "aborted", "too_many_keys"};
+  return os << names[static_cast<int>(r)];
+}
+inline std::ostream& operator<<(std::ostream& os, const completion& c) {
+  return os << "{" << c.id << ", " << c.how << "}";
+}
 
 struct model_rate {
   std::uint64_t tokens;

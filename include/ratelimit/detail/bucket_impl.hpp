@@ -238,14 +238,6 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
 
   // --- cancellation, close ------------------------------------------------
 
-  /// A completion concerning this bucket is being posted by someone else (a
-  /// keyed limiter failing a request for its key at once): the timer's next
-  /// grants must go behind it (see on_timer).
-  void note_posted() {
-    std::lock_guard lk(mutex_);
-    posted_ = true;
-  }
-
   /// Per-operation cancellation (from a cancel_link): completes the linked
   /// waiter with operation_aborted if it is still queued; otherwise nothing.
   void cancel_linked(cancel_link_base* link) {

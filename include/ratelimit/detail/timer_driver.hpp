@@ -39,6 +39,17 @@
 
 namespace ratelimit::detail {
 
+/// A wait of `ns` nanoseconds (>= 0) as a `Duration`, rounded up to its tick;
+/// Duration::max() when it does not fit (never wraps). The one conversion of
+/// every "how long" answer the limiters give (retry_after and the tries that
+/// report it).
+template <typename Duration>
+Duration to_duration(std::int64_t ns) noexcept {
+  using wide = std::chrono::duration<long double, std::nano>;
+  if (wide(ns) >= wide(Duration::max())) return Duration::max();
+  return std::chrono::ceil<Duration>(std::chrono::nanoseconds(ns));
+}
+
 template <typename Clock, typename WaitTraits>
 class timer_driver {
  public:
