@@ -231,16 +231,15 @@ class server {
 
       boost::system::error_code lec;
       if (cfg_.reject) {
-        // try_get_token with an error_code tells "over the limit" (false,
-        // no error) from "no room for another address" (too_many_keys).
-        // One call takes the client's token or says when it would be there.
-        std::optional<std::chrono::nanoseconds> wait;
-        const bool got = clients_.try_get_token(addr, 1, wait, lec);
-        if (!lec && !(got && global_.try_get_token())) {
+        // try_acquire with an error_code tells "over the limit" (empty, no
+        // error) from "no room for another address" (too_many_keys). When the
+        // client's token is there but the global limit refuses, the receipt
+        // gives it back: a rejected line spends nothing.
+        std::optional<ratelimit::receipt> mine = clients_.try_acquire(addr, 1, lec);
+        if (!lec && !(mine && global_.try_get_token())) {
+          if (mine) mine->give_back_all();
           // When a line would pass both limits: the later of the two waits.
-          // (The client's token is spent when only the global limit refuses;
-          // a joint request over both limits is for a later version.)
-          if (got) wait = clients_.retry_after(addr);
+          std::optional<std::chrono::nanoseconds> wait = clients_.retry_after(addr);
           if (const auto g = global_.retry_after(); wait && g) wait = std::max(*wait, *g);
           if (!over_limit) log(tag, " over its limit: rejecting its lines");
           over_limit = true;
@@ -252,19 +251,24 @@ class server {
         }
       } else {
         bool waited = false;
-        if (!clients_.try_get_token(addr, 1, lec) && !lec) {
+        std::optional<ratelimit::receipt> mine = clients_.try_acquire(addr, 1, lec);
+        if (!mine && !lec) {
           if (!over_limit) {
             const ratelimit::quota q = clients_.get_quota(addr);  // its own, or the default
             log(tag, " over its limit (", q.rate.tokens, " lines/s, burst ", q.capacity,
                 "): delaying its lines");
           }
           waited = true;
-          std::tie(lec) = co_await clients_.async_get_token(addr, nothrow);
+          auto [ec, r] = co_await clients_.async_acquire(addr, 1, nothrow);
+          lec = ec;
+          mine = std::move(r);
         }
         if (!lec && !global_.try_get_token()) {
           if (!waited) log(tag, " waits for the global limit (", cfg_.global_rate, " lines/s)");
           waited = true;
           std::tie(lec) = co_await global_.async_get_token(nothrow);
+          // Not sent (shutdown): the client's token goes back.
+          if (lec && mine) mine->give_back_all();
         }
         over_limit = waited;
         stats.delayed += waited;

@@ -7,6 +7,7 @@
 #include <ratelimit/error.hpp>
 #include <ratelimit/keyed_limiter.hpp>
 #include <ratelimit/rate.hpp>
+#include <ratelimit/receipt.hpp>
 #include <ratelimit/token_bucket.hpp>
 
 #endif  // RATELIMIT_HPP

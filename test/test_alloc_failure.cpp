@@ -33,6 +33,7 @@
 #include "alloc_harness.hpp"
 
 #include <ratelimit/keyed_limiter.hpp>
+#include <ratelimit/receipt.hpp>
 #include <ratelimit/token_bucket.hpp>
 
 #include <boost/asio/executor_work_guard.hpp>
@@ -311,6 +312,65 @@ void keyed_rearm_with_full_timer_heap(env& e) {
   }
 }
 
+// --- receipts -------------------------------------------------------------------
+
+/// async_acquire granted at once and by the timer (each receipt made when the
+/// request starts); try_acquire; give-backs that grant a queued waiter.
+void bucket_acquire(env& e) {
+  std::optional<bucket_t> b;
+  if (!make(e, b, 3, per_second(1))) return;
+  std::optional<ratelimit::receipt> r;
+  e.call("try_acquire", [&] { r = b->try_acquire(2); });
+  e.start<ratelimit::receipt>(
+      [&](auto&& token) { return b->async_acquire(1, std::forward<decltype(token)>(token)); });
+  e.start<ratelimit::receipt>([&](auto&& token) {  // queues
+    return b->async_acquire(2, std::forward<decltype(token)>(token));
+  });
+  e.pump();
+  e.call("give_back", [&] {
+    if (r) r->give_back(2);  // grants the waiter
+  });
+  e.pump();
+  e.start<ratelimit::receipt>([&](auto&& token) {  // queues: the timer grants it
+    return b->async_acquire(1, std::forward<decltype(token)>(token));
+  });
+  e.pump();
+  e.advance(1s);
+  b.reset();
+}
+
+/// A key's receipt owns a record of the key (allocated when the request
+/// starts, before anything is taken); give-backs reach the key's bucket,
+/// also after it was evicted and made again.
+void keyed_acquire(env& e) {
+  std::optional<keyed_t> l;
+  if (!make(e, l, 2, per_second(1), 2)) return;
+  std::optional<ratelimit::receipt> r;
+  e.call("try_acquire", [&] { r = l->try_acquire(1, 2); });
+  e.start<ratelimit::receipt>([&](auto&& token) {  // queues on key 1
+    return l->async_acquire(1, 1, std::forward<decltype(token)>(token));
+  });
+  e.start<ratelimit::receipt>([&](auto&& token) {  // a new key
+    return l->async_acquire(2, 2, std::forward<decltype(token)>(token));
+  });
+  e.pump();
+  e.call("give_back", [&] {
+    if (r) r->give_back(1);  // grants key 1's waiter
+  });
+  e.pump();
+  e.advance(3s);  // both full again: evictable
+  e.call("evict", [&] { l->evict(); });
+  e.call("try_acquire", [&] { l->try_acquire(1, 2); });  // key 1 again, drained
+  e.call("give_back", [&] {
+    if (r) r->give_back_all();  // to key 1's new bucket
+  });
+  e.pump();
+  l.reset();
+  e.call("give_back (limiter gone)", [&] {
+    if (r) r->give_back(1);
+  });
+}
+
 struct scenario {
   const char* name;
   void (*body)(env&);
@@ -333,6 +393,8 @@ const scenario scenarios[] = {
     {"keyed.eviction", keyed_eviction, callbacks | bit(kind::deferred), false},
     {"keyed.too_many_keys", keyed_too_many_keys, callbacks | bit(kind::awaitable), false},
     {"keyed.rearm_with_full_timer_heap", keyed_rearm_with_full_timer_heap, callbacks, false},
+    {"bucket.acquire", bucket_acquire, all_kinds, true},
+    {"keyed.acquire", keyed_acquire, all_kinds, false},
 };
 
 /// Shows that leaks are seen: one block leaked on purpose. The live count

@@ -56,9 +56,11 @@
 
 #include <ratelimit/detail/bucket_impl.hpp>
 #include <ratelimit/detail/operation.hpp>
+#include <ratelimit/detail/receipt_handler.hpp>
 #include <ratelimit/detail/waiter.hpp>
 #include <ratelimit/error.hpp>
 #include <ratelimit/rate.hpp>
+#include <ratelimit/receipt.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/async_result.hpp>
@@ -260,6 +262,34 @@ class keyed_impl
       }
     } guard{this, nd};
     bucket->get_blocking(n, max_time, ec);
+  }
+
+  /// Where a receipt for `key` gives back to: a record of the key, owned by
+  /// the receipt, that refers to this limiter weakly. It gives back to the
+  /// bucket the key has when it is used: a bucket evicted meanwhile was full
+  /// and unused, so the key's new bucket (or none, which would be full) is
+  /// in the state the old one would be in. Made before the request takes
+  /// anything. @throws std::bad_alloc, what copying the key throws.
+  receipt_target receipt_target_of(const Key& key) {
+    struct key_ref {
+      std::weak_ptr<keyed_impl> limiter;
+      Key key;
+    };
+    auto ref = std::make_shared<key_ref>(key_ref{this->weak_from_this(), key});
+    return receipt_target{{}, std::move(ref), [](void* p, std::uint64_t n) {
+                            auto* r = static_cast<key_ref*>(p);
+                            if (auto limiter = r->limiter.lock()) limiter->return_tokens(r->key, n);
+                          }};
+  }
+
+  /// Gives `n` tokens back to `key`'s bucket (a receipt's give_back); none
+  /// when the key has no bucket (it would be full).
+  void return_tokens(const Key& key, std::uint64_t n) {
+    std::lock_guard lk(mutex_);
+    auto it = map_.find(key);
+    if (it == map_.end()) return;
+    it->second.bucket->return_tokens(n);
+    reindex(&it->second);  // fuller: full sooner
   }
 
   void close(boost::system::error_code ec) {
@@ -658,6 +688,70 @@ class basic_keyed_limiter {
     impl_->get_blocking(key, n, ec);
   }
 
+  // --- with a receipt -------------------------------------------------------
+
+  /// As async_get_token(key, n), and the handler also receives a receipt for
+  /// the tokens taken, which gives back to `key`'s bucket (see
+  /// `ratelimit::receipt`). Everything else is as for async_get_token(key, n).
+  ///
+  /// @par Completion Signature
+  /// `void(boost::system::error_code ec, ratelimit::receipt r)`: on success
+  /// `r.granted() == n`; on failure `r` is empty.
+  ///
+  /// @par Exceptions
+  /// As async_get_token(key, n); the receipt's record of the key is made
+  /// here too (std::bad_alloc, or what copying the key throws).
+  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(void(boost::system::error_code, receipt))
+                Token = boost::asio::default_completion_token_t<executor_type>>
+  auto async_acquire(const Key& key, std::uint64_t n,
+                     Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
+    return boost::asio::async_initiate<Token, void(boost::system::error_code, receipt)>(
+        initiate_get_token(impl_, executor_), token, key, n, with_receipt{});
+  }
+
+  /// As get_token(key, n), returning the grant's receipt.
+  /// @throws boost::system::system_error as get_token(key, n); std::bad_alloc.
+  receipt acquire(const Key& key, std::uint64_t n = 1) {
+    boost::system::error_code ec;
+    receipt r = acquire(key, n, ec);
+    if (ec) throw boost::system::system_error(ec, "ratelimit::keyed_limiter::acquire");
+    return r;
+  }
+
+  /// As get_token(key, n, ec), returning the grant's receipt (empty on failure).
+  /// @throws std::bad_alloc (making the receipt, before anything is taken).
+  receipt acquire(const Key& key, std::uint64_t n, boost::system::error_code& ec) {
+    if (!impl_) {
+      ec = error::bucket_closed;
+      return receipt();
+    }
+    detail::receipt_target target = impl_->receipt_target_of(key);
+    impl_->get_blocking(key, n, ec);
+    if (ec) return receipt();
+    return detail::receipt_access::make(std::move(target), n);
+  }
+
+  /// As try_get_token(key, n, ec): the grant's receipt when the tokens were
+  /// taken, empty when not (`ec` says why when the request cannot be served).
+  /// @throws std::bad_alloc (making the receipt, before anything is taken).
+  std::optional<receipt> try_acquire(const Key& key, std::uint64_t n,
+                                     boost::system::error_code& ec) {
+    ec = {};
+    if (!impl_) {
+      ec = error::bucket_closed;
+      return std::nullopt;
+    }
+    detail::receipt_target target = impl_->receipt_target_of(key);
+    if (!impl_->try_get(key, n, ec)) return std::nullopt;
+    return detail::receipt_access::make(std::move(target), n);
+  }
+
+  /// As try_acquire(key, n, ec), for callers that need no reason.
+  std::optional<receipt> try_acquire(const Key& key, std::uint64_t n = 1) {
+    boost::system::error_code ec;
+    return try_acquire(key, n, ec);
+  }
+
   /// Closes every bucket: queued and later requests complete with
   /// `ratelimit::error::bucket_closed`; try_get_token returns false. Idempotent.
   void close() {
@@ -772,6 +866,8 @@ class basic_keyed_limiter {
   template <typename, typename, typename, typename, typename, typename>
   friend class basic_keyed_limiter;
 
+  struct with_receipt {};  // selects the async_acquire form of the initiation
+
   /// As basic_token_bucket's: a deferred operation co-owns the limiter's state.
   class initiate_get_token {
    public:
@@ -792,6 +888,19 @@ class basic_keyed_limiter {
         detail::post_completion(std::forward<Handler>(handler),
                                 boost::asio::any_io_executor(ref_.get_executor()),
                                 boost::system::error_code(error::bucket_closed));
+    }
+
+    /// async_acquire: the same request, its handler wrapped to receive the receipt.
+    template <typename Handler>
+    void operator()(Handler&& handler, const Key& key, std::uint64_t n, with_receipt) const {
+      if (impl_type* impl = ref_.get())
+        impl->async_get(detail::with_receipt_of(std::forward<Handler>(handler),
+                                                impl->receipt_target_of(key), n),
+                        key, n);
+      else
+        detail::post_completion(std::forward<Handler>(handler),
+                                boost::asio::any_io_executor(ref_.get_executor()),
+                                boost::system::error_code(error::bucket_closed), receipt());
     }
 
    private:

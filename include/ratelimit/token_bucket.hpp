@@ -5,8 +5,10 @@
 #define RATELIMIT_TOKEN_BUCKET_HPP
 
 #include <ratelimit/detail/bucket_impl.hpp>
+#include <ratelimit/detail/receipt_handler.hpp>
 #include <ratelimit/error.hpp>
 #include <ratelimit/rate.hpp>
+#include <ratelimit/receipt.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/async_result.hpp>
@@ -300,6 +302,50 @@ class basic_token_bucket {
     return impl_->get_blocking(n, impl_type::add_ns(impl_type::now_ns(), limit), ec);
   }
 
+  // --- with a receipt -------------------------------------------------------
+
+  /// As async_get_token(n), and the handler also receives a receipt for the
+  /// tokens taken, through which it can give back what it does not use
+  /// (see `ratelimit::receipt`). Everything else (errors, completion,
+  /// allocation, cancellation, exceptions) is as for async_get_token(n).
+  ///
+  /// @par Completion Signature
+  /// `void(boost::system::error_code ec, ratelimit::receipt r)`: on success
+  /// `r.granted() == n`; on failure `r` is empty.
+  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(void(boost::system::error_code, receipt))
+                Token = boost::asio::default_completion_token_t<executor_type>>
+  auto async_acquire(std::uint64_t n,
+                     Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
+    return boost::asio::async_initiate<Token, void(boost::system::error_code, receipt)>(
+        initiate_get_token(impl_, executor_), token, n, with_receipt{});
+  }
+
+  /// As get_token(n), returning the grant's receipt.
+  /// @throws boost::system::system_error as get_token().
+  receipt acquire(std::uint64_t n = 1) {
+    boost::system::error_code ec;
+    receipt r = acquire(n, ec);
+    if (ec) throw boost::system::system_error(ec, "ratelimit::acquire");
+    return r;
+  }
+
+  /// As get_token(n, ec), returning the grant's receipt (empty on failure).
+  receipt acquire(std::uint64_t n, boost::system::error_code& ec) {
+    if (!impl_) {
+      ec = error::bucket_closed;
+      return receipt();
+    }
+    if (!impl_->get_blocking(n, detail::max_time, ec)) return receipt();
+    return detail::receipt_access::make(impl_->receipt_target_of(), n);
+  }
+
+  /// As try_get_token(n): the grant's receipt when the tokens were taken,
+  /// empty when not.
+  std::optional<receipt> try_acquire(std::uint64_t n = 1) {
+    if (!impl_ || !impl_->try_get(n)) return std::nullopt;
+    return detail::receipt_access::make(impl_->receipt_target_of(), n);
+  }
+
   /// Closes the bucket: every queued request and every later one completes
   /// with `ratelimit::error::bucket_closed`; `try_get_token` returns false.
   /// Idempotent. @par Thread safety May be called from any thread.
@@ -351,6 +397,8 @@ class basic_token_bucket {
   template <typename, typename, typename>
   friend class basic_token_bucket;
 
+  struct with_receipt {};  // selects the async_acquire form of the initiation
+
   /// Reaches the impl through an initiation_ref: a deferred operation
   /// co-owns it, so one launched after the bucket is gone completes with
   /// operation_aborted.
@@ -373,6 +421,19 @@ class basic_token_bucket {
         detail::post_completion(std::forward<Handler>(handler),
                                 boost::asio::any_io_executor(ref_.get_executor()),
                                 boost::system::error_code(error::bucket_closed));
+    }
+
+    /// async_acquire: the same request, its handler wrapped to receive the receipt.
+    template <typename Handler>
+    void operator()(Handler&& handler, std::uint64_t n, with_receipt) const {
+      if (impl_type* impl = ref_.get())
+        impl->async_get(
+            detail::with_receipt_of(std::forward<Handler>(handler), impl->receipt_target_of(), n),
+            n);
+      else
+        detail::post_completion(std::forward<Handler>(handler),
+                                boost::asio::any_io_executor(ref_.get_executor()),
+                                boost::system::error_code(error::bucket_closed), receipt());
     }
 
    private:

@@ -387,6 +387,36 @@ BOOST_AUTO_TEST_CASE(reject_mode_answers_over_limit_lines_with_an_error) {
   BOOST_TEST(s.log_contains("rejecting its lines"));
 }
 
+// A line the global limit rejects spends none of the client's tokens (its
+// receipt gives the token back): the client keeps them for when the global
+// limit has room again, and the rejection's retry-after is the global wait.
+BOOST_AUTO_TEST_CASE(a_client_over_the_global_limit_in_reject_mode_keeps_its_own_tokens) {
+  server_process s(
+      {"--on-limit", "reject", "--msg-rate", "1", "--burst", "3", "--global-rate", "2"});
+  keep_log_on_failure k{s};
+  client c(s.endpoint());
+  // Lines 1 and 2 pass (global burst 2); 3 and 4 find the client's last
+  // token but no global one.
+  BOOST_REQUIRE(!c.send(numbered("line", 1) + numbered("line", 2) + numbered("line", 3) +
+                        numbered("line", 4)));
+  BOOST_TEST(c.read_line() == numbered("line", 1));
+  BOOST_TEST(c.read_line() == numbered("line", 2));
+  for (int i = 3; i <= 4; ++i) {
+    const std::string line = c.read_line();
+    const std::string head = "error: rate limit exceeded, retry in ";
+    BOOST_TEST_REQUIRE(line.rfind(head, 0) == 0, line);
+    // The global token is due 0.5 s after the burst; the client's own token
+    // is still there (had it been spent, the client's next would be 1 s away).
+    const double secs = std::stod(line.substr(head.size()));
+    BOOST_TEST(secs <= 0.5);
+  }
+  // 0.6 s later the global limit has a token again and the client still has
+  // its own (spent, it would have had none until 1 s).
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  BOOST_REQUIRE(!c.send(numbered("line", 5)));
+  BOOST_TEST(c.read_line() == numbered("line", 5));
+}
+
 // --trusted gives one address its own quota (keyed_limiter::set_quota): a
 // burst of 6 where every other client gets 2.
 BOOST_AUTO_TEST_CASE(a_trusted_client_has_its_own_quota) {

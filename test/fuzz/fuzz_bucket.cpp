@@ -201,6 +201,15 @@ struct request_record {
   boost::asio::cancellation_signal signal;
   int calls = 0;
   bool destroyed_uncalled = false;
+  std::optional<ratelimit::receipt> receipt;  // an async_acquire's, once granted
+  std::uint64_t held = 0;                     // what the receipt should still hold
+};
+
+/// A receipt of try_acquire, with what it should still hold.
+struct try_record {
+  ratelimit::receipt receipt;
+  std::uint64_t held;
+  std::uint64_t bucket;  // the bucket's number (receipts of old buckets give back to nothing)
 };
 
 class harness {
@@ -234,6 +243,16 @@ class harness {
       live_ = false;
       ++h_->requests_[id_].calls;
       h_->delivered_.push_back({id_, classify(ec)});
+    }
+
+    /// async_acquire's completion: the receipt holds what was granted, or nothing.
+    void operator()(boost::system::error_code ec, ratelimit::receipt r) {
+      request_record& rec = h_->requests_[id_];
+      CHECK_EQ(r.granted(), ec ? std::uint64_t{0} : rec.held, "receipt granted()");
+      CHECK_EQ(r.held(), r.granted(), "a new receipt holds what it granted");
+      rec.held = r.held();
+      rec.receipt.emplace(std::move(r));
+      (*this)(ec);
     }
 
    private:
@@ -281,6 +300,42 @@ class harness {
   void destroy() {
     bucket_.reset();
     model_->destroy(now());
+    ++buckets_;
+  }
+
+  /// Gives back k tokens of a receipt chosen by the input (an async_acquire's
+  /// or a try_acquire's, of this bucket or of one destroyed): it returns
+  /// min(k, what it holds), never more in all; the current bucket's level
+  /// rises by that (the model's), an old bucket's receipt gives to nothing.
+  void give_back(std::uint8_t op) {
+    const std::size_t choices = requests_.size() + tries_.size();
+    if (choices == 0) return;
+    const std::size_t i = in_.bytes(2) % choices;
+    const std::uint64_t k = in_.count(model_->capacity() + 1);
+    ratelimit::receipt* r;
+    std::uint64_t* held;
+    bool current;
+    if (i < requests_.size()) {
+      request_record& rec = requests_[i];
+      if (!rec.receipt) return;  // not an acquire, or not granted (yet)
+      r = &*rec.receipt;
+      held = &rec.held;
+      current = i >= base_;
+    } else {
+      try_record& t = tries_[i - requests_.size()];
+      r = &t.receipt;
+      held = &t.held;
+      current = t.bucket == buckets_;
+    }
+    const std::uint64_t g = std::min(k, *held);
+    if (trace_)
+      std::fprintf(stderr, "  give back %llu of %llu (%s bucket, op %d)\n",
+                   static_cast<unsigned long long>(k), static_cast<unsigned long long>(*held),
+                   current ? "this" : "an old", op);
+    if (current) model_->give_back(g, now());
+    CHECK_EQ(r->give_back(k), g, "give_back() returned");
+    *held -= g;
+    CHECK_EQ(r->held(), *held, "held()");
   }
 
   void step() {
@@ -316,14 +371,29 @@ class harness {
         requests_.emplace_back();
         const std::uint64_t model_id = model_->request(n, now());
         CHECK_EQ(base_ + model_id, id, "request ids out of step");
-        bucket_->async_get_token(n, boost::asio::bind_cancellation_slot(
-                                        requests_.back().signal.slot(), handler(this, id)));
+        auto h =
+            boost::asio::bind_cancellation_slot(requests_.back().signal.slot(), handler(this, id));
+        if (op % 16 == 6 && (op & 0x40)) {  // the same request, with a receipt
+          requests_.back().held = n;        // (what it will grant, if it does)
+          bucket_->async_acquire(n, std::move(h));
+        } else {
+          bucket_->async_get_token(n, std::move(h));
+        }
         break;
       }
-      case 7: {  // try_get_token(n)
+      case 7: {  // try_get_token(n), or try_acquire(n)
         const std::uint64_t n = in_.count(model_->capacity());
         poll = (op & 0x80) == 0;
-        CHECK_EQ(bucket_->try_get_token(n), model_->try_get(n, now()), "try_get_token");
+        if (op & 0x40) {
+          auto r = bucket_->try_acquire(n);
+          CHECK_EQ(r.has_value(), model_->try_get(n, now()), "try_acquire");
+          if (r) {
+            CHECK_EQ(r->granted(), n, "try_acquire's receipt");
+            tries_.push_back({std::move(*r), n, buckets_});
+          }
+        } else {
+          CHECK_EQ(bucket_->try_get_token(n), model_->try_get(n, now()), "try_get_token");
+        }
         break;
       }
       case 8:
@@ -338,7 +408,12 @@ class harness {
         requests_[id].signal.emit(type);
         break;
       }
-      case 10: {  // cancel()
+      case 10: {
+        if ((op & 0x60) == 0x60) {  // give back k tokens of a receipt
+          give_back(op);
+          break;
+        }
+        // cancel()
         const std::size_t expected = model_->cancel_all(now());
         CHECK_EQ(bucket_->cancel(), expected, "cancel() count");
         break;
@@ -461,9 +536,11 @@ class harness {
   std::vector<model::completion> expected_;   // as the models said (global ids)
   std::optional<bucket_type> bucket_;
   std::optional<model::token_bucket_model> model_;
-  std::uint64_t base_ = 0;    // global id of the current model's request 0
-  std::size_t seen_ = 0;      // model completions copied to expected_
-  std::size_t compared_ = 0;  // completions known to match
+  std::deque<try_record> tries_;
+  std::uint64_t buckets_ = 0;  // buckets destroyed so far (the current one's number)
+  std::uint64_t base_ = 0;     // global id of the current model's request 0
+  std::size_t seen_ = 0;       // model completions copied to expected_
+  std::size_t compared_ = 0;   // completions known to match
 };
 
 }  // namespace

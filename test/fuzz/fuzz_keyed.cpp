@@ -259,6 +259,16 @@ struct request_record {
   int key = 0;
   int calls = 0;
   bool destroyed_uncalled = false;
+  std::optional<ratelimit::receipt> receipt;  // an async_acquire's, once granted
+  std::uint64_t held = 0;                     // what the receipt should still hold
+};
+
+/// A receipt of try_acquire, with what it should still hold.
+struct try_record {
+  ratelimit::receipt receipt;
+  std::uint64_t held;
+  int key;
+  std::uint64_t limiter;  // the limiter's number (receipts of old limiters give to nothing)
 };
 
 struct keyed_completion {
@@ -299,6 +309,16 @@ class harness {
       request_record& r = h_->requests_[id_];
       ++r.calls;
       h_->delivered_.push_back({r.key, {id_, classify(ec)}});
+    }
+
+    /// async_acquire's completion: the receipt holds what was granted, or nothing.
+    void operator()(boost::system::error_code ec, ratelimit::receipt r) {
+      request_record& rec = h_->requests_[id_];
+      CHECK_EQ(r.granted(), ec ? std::uint64_t{0} : rec.held, "receipt granted()");
+      CHECK_EQ(r.held(), r.granted(), "a new receipt holds what it granted");
+      rec.held = r.held();
+      rec.receipt.emplace(std::move(r));
+      (*this)(ec);
     }
 
    private:
@@ -364,6 +384,46 @@ class harness {
   void destroy() {
     limiter_.reset();
     model_->destroy(now());
+    ++limiters_;
+  }
+
+  /// Gives back k tokens of a receipt chosen by the input (an async_acquire's
+  /// or a try_acquire's, of this limiter or of one destroyed): it returns
+  /// min(k, what it holds), never more in all; the key's bucket in this
+  /// limiter, if it has one, rises by that (the model's); an old limiter's
+  /// receipt gives to nothing.
+  void give_back(std::uint8_t op) {
+    const std::size_t choices = requests_.size() + tries_.size();
+    if (choices == 0) return;
+    const std::size_t i = in_.bytes(2) % choices;
+    const std::uint64_t k = in_.count(17);
+    ratelimit::receipt* r;
+    std::uint64_t* held;
+    int key;
+    bool current;
+    if (i < requests_.size()) {
+      request_record& rec = requests_[i];
+      if (!rec.receipt) return;  // not an acquire, or not granted (yet)
+      r = &*rec.receipt;
+      held = &rec.held;
+      key = rec.key;
+      current = i >= base_;
+    } else {
+      try_record& t = tries_[i - requests_.size()];
+      r = &t.receipt;
+      held = &t.held;
+      key = t.key;
+      current = t.limiter == limiters_;
+    }
+    const std::uint64_t g = std::min(k, *held);
+    if (trace_)
+      std::fprintf(stderr, "  give back %llu of %llu to key %d (%s limiter, op %d)\n",
+                   static_cast<unsigned long long>(k), static_cast<unsigned long long>(*held), key,
+                   current ? "this" : "an old", op);
+    if (current) model_->give_back(key, g, now());
+    CHECK_EQ(r->give_back(k), g, "give_back() returned");
+    *held -= g;
+    CHECK_EQ(r->held(), *held, "held()");
   }
 
   /// The keys the model has and the limiter no longer has (the limiter may
@@ -447,9 +507,14 @@ class harness {
         requests_.back().key = k;
         const std::vector<int> before = model_->keys();
         const bool was_full = at_bound_for(k, n);
-        limiter_->async_get_token(
-            k, n,
-            boost::asio::bind_cancellation_slot(requests_.back().signal.slot(), handler(this, id)));
+        auto h =
+            boost::asio::bind_cancellation_slot(requests_.back().signal.slot(), handler(this, id));
+        if (op % 16 == 15 && (op & 0x40)) {  // the same request, with a receipt
+          requests_.back().held = n;         // (what it will grant, if it does)
+          limiter_->async_acquire(k, n, std::move(h));
+        } else {
+          limiter_->async_get_token(k, n, std::move(h));
+        }
         const std::vector<int> gone = vanished(before);
         note_admission(was_full, k, gone);
         const std::uint64_t model_id =
@@ -483,6 +548,23 @@ class harness {
             CHECK_EQ(got_wait->count(), *want_wait, "try_get_token: retry_after");
           break;
         }
+        if (op % 16 == 8 && (op & 0x20)) {  // try_acquire(key, n, ec)
+          boost::system::error_code ec;
+          std::optional<ratelimit::receipt> r = limiter_->try_acquire(k, n, ec);
+          const std::vector<int> gone = vanished(before);
+          note_admission(was_full, k, gone);
+          const model::result want =
+              checked("try_acquire", [&] { return model_->try_get(k, n, now(), gone); });
+          const model::result got = r    ? model::result::granted
+                                    : ec ? classify(ec)
+                                         : model::result::pending;
+          CHECK_EQ(static_cast<int>(got), static_cast<int>(want), "try_acquire");
+          if (r) {
+            CHECK_EQ(r->granted(), n, "try_acquire's receipt");
+            tries_.push_back({std::move(*r), n, k, limiters_});
+          }
+          break;
+        }
         const try_result got = limiter_try_get(*limiter_, k, n);
         const std::vector<int> gone = vanished(before);
         note_admission(was_full, k, gone);
@@ -508,7 +590,12 @@ class harness {
         requests_[id].signal.emit(type);
         break;
       }
-      case 11: {  // cancel()
+      case 11: {
+        if ((op & 0x60) == 0x60) {  // give back k tokens of a receipt
+          give_back(op);
+          break;
+        }
+        // cancel()
         const std::size_t expected = model_->cancel_all(now());
         CHECK_EQ(limiter_->cancel(), expected, "cancel() count");
         break;
@@ -730,12 +817,14 @@ class harness {
   std::vector<keyed_completion> expected_;   // as the models said (global ids)
   std::optional<limiter_type> limiter_;
   std::optional<model_type> model_;
-  int keys_ = 1;              // keys 0..keys_-1
-  std::uint64_t base_ = 0;    // global id of the current model's request 0
-  std::size_t seen_ = 0;      // model completions copied to expected_
-  std::size_t compared_ = 0;  // completions known to match
-  bool synced_ = false;       // compared since the last operation
-  bool unsettled_ = false;    // the clock advanced and no timer has had its chance
+  int keys_ = 1;  // keys 0..keys_-1
+  std::deque<try_record> tries_;
+  std::uint64_t limiters_ = 0;  // limiters destroyed so far (the current one's number)
+  std::uint64_t base_ = 0;      // global id of the current model's request 0
+  std::size_t seen_ = 0;        // model completions copied to expected_
+  std::size_t compared_ = 0;    // completions known to match
+  bool synced_ = false;         // compared since the last operation
+  bool unsettled_ = false;      // the clock advanced and no timer has had its chance
 };
 
 }  // namespace

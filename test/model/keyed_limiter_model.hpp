@@ -207,6 +207,19 @@ class keyed_limiter_model {
     return granted ? result::granted : result::pending;
   }
 
+  /// A receipt for `key` gives back `n` tokens (the caller bounds `n` by
+  /// what the receipt holds): to the key's bucket as it is now, as
+  /// token_bucket_model::give_back; to nothing when the key has no bucket
+  /// (evicted, so full: a fresh one would be full too).
+  void give_back(const Key& key, std::uint64_t n, std::int64_t now) {
+    auto it = buckets_.find(key);
+    if (it == buckets_.end()) return;
+    slot& s = it->second;
+    s.bucket.give_back(n, now);
+    requested(s, now);
+    collect();
+  }
+
   /// Per-operation cancellation of request `id`: a no-op unless it is queued.
   void cancel(std::uint64_t id, std::int64_t now) {
     if (id >= requests_.size()) return;

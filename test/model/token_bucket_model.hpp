@@ -205,6 +205,21 @@ class token_bucket_model {
     drain(result::aborted);
   }
 
+  /// A receipt gives back `n` tokens (the caller has already bounded `n` by
+  /// what that receipt still holds: the promise "at most what it granted" is
+  /// checked by the harness against its own count). What is due at `now` is
+  /// granted first, at the old level; then the level rises by `n`, capped at
+  /// the capacity (the excess is lost), and the waiters that makes due are
+  /// granted, as of now. Given back to a closed bucket, tokens still count
+  /// (available() shows them); nobody waits there.
+  void give_back(std::uint64_t n, std::int64_t now) {
+    serve(now);
+    level_ += n;
+    if (level_ > capacity_) level_ = capacity_;
+    given_back_ += n;
+    serve(now);
+  }
+
   // --- configuration ----------------------------------------------------------
 
   void set_rate(model_rate r, std::int64_t now) {
@@ -290,6 +305,9 @@ class token_bucket_model {
 
   /// Total tokens granted so far.
   u128 granted_tokens() const { return granted_; }
+
+  /// Total tokens given back so far (before the cap).
+  u128 given_back_tokens() const { return given_back_; }
 
  private:
   struct waiter {
@@ -378,6 +396,7 @@ class token_bucket_model {
   model_rate rate_;
   std::int64_t now_;
   rational level_;  // tokens
+  u128 given_back_ = 0;
   bool closed_ = false;
   std::list<waiter> queue_;
   std::uint64_t next_id_ = 0;

@@ -66,7 +66,9 @@
 #include <boost/asio/thread_pool.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/use_future.hpp>
+
 #include <boost/system/system_error.hpp>
+#include <ratelimit/receipt.hpp>
 
 #include <array>
 #include <atomic>
@@ -160,6 +162,7 @@ struct outcome {
   // use_future
   std::optional<std::future<void>> fut;
   std::optional<std::future<bool>> fut_bool;
+  std::optional<std::future<ratelimit::receipt>> fut_receipt;
   bool future = false;  // a use_future request (the future is set once accepted)
   // use_awaitable
   std::atomic<int> frames{0};       // coroutine frames alive (sentinel)
@@ -177,6 +180,7 @@ struct outcome {
     granted = false;
     fut.reset();
     fut_bool.reset();
+    fut_receipt.reset();
     future = false;
     frames = frames_made = inner_threw = spawn_done = other_error = 0;
     coroutine = false;
@@ -211,7 +215,13 @@ class recorder {
     outcome* o = std::exchange(o_, nullptr);
     if (!o) return;
     o->ec = ec;
-    if constexpr (sizeof...(Args) == 1) o->granted = (args, ...);
+    // One more argument: a try's bool (granted), or a receipt (granted on success).
+    if constexpr (sizeof...(Args) == 1) {
+      if constexpr ((std::is_same_v<Args, bool> && ...))
+        o->granted = (args, ...);
+      else
+        o->granted = !ec;
+    }
     ++o->calls;
   }
 
@@ -437,8 +447,10 @@ class env {
       case kind::future:
         if constexpr (sizeof...(Args) == 0)
           o->fut.emplace(init(asio::bind_cancellation_slot(slot, asio::use_future)));
-        else
+        else if constexpr ((std::is_same_v<Args, bool> && ...))
           o->fut_bool.emplace(init(asio::bind_cancellation_slot(slot, asio::use_future)));
+        else
+          o->fut_receipt.emplace(init(asio::bind_cancellation_slot(slot, asio::use_future)));
         return;
       case kind::awaitable: {
         o->coroutine = true;
@@ -452,8 +464,11 @@ class env {
               try {
                 if constexpr (sizeof...(Args) == 0) {
                   co_await std::move(op)(asio::use_awaitable);
-                } else {
+                } else if constexpr ((std::is_same_v<Args, bool> && ...)) {
                   o->granted = co_await std::move(op)(asio::use_awaitable);
+                } else {
+                  co_await std::move(op)(asio::use_awaitable);  // a receipt
+                  o->granted = true;
                 }
                 o->ec = {};
                 ++o->calls;
@@ -486,38 +501,33 @@ class env {
 inline void check_outcomes() {
   for (std::size_t i = 0; i < outcomes_used; ++i) {
     outcome& o = outcomes[i];
-    if (o.future && !o.fut && !o.fut_bool) {
+    if (o.future && !o.fut && !o.fut_bool && !o.fut_receipt) {
       AF_CHECK(o.started != outcome::start::accepted);
       continue;
     }
-    if (o.fut) {
-      if (o.started == outcome::start::accepted) {
-        AF_CHECK(o.fut->wait_for(0s) == std::future_status::ready);
-        if (o.fut->wait_for(0s) == std::future_status::ready) {
-          try {
-            o.fut->get();
-          } catch (const boost::system::system_error&) {
-          } catch (const std::bad_alloc&) {  // asio's handler building the system_error
-          } catch (const std::future_error&) {
-            AF_CHECK(!"use_future: the handler was destroyed uncalled (broken promise)");
-          }
-        }
+    // An accepted use_future request has its result (or its error) by now.
+    auto check_future = [&](auto& fut) {
+      if (o.started != outcome::start::accepted) return;
+      AF_CHECK(fut.wait_for(0s) == std::future_status::ready);
+      if (fut.wait_for(0s) != std::future_status::ready) return;
+      try {
+        fut.get();
+      } catch (const boost::system::system_error&) {
+      } catch (const std::bad_alloc&) {  // asio's handler building the system_error
+      } catch (const std::future_error&) {
+        AF_CHECK(!"use_future: the handler was destroyed uncalled (broken promise)");
       }
+    };
+    if (o.fut) {
+      check_future(*o.fut);
       continue;
     }
     if (o.fut_bool) {
-      if (o.started == outcome::start::accepted) {
-        AF_CHECK(o.fut_bool->wait_for(0s) == std::future_status::ready);
-        if (o.fut_bool->wait_for(0s) == std::future_status::ready) {
-          try {
-            o.fut_bool->get();
-          } catch (const boost::system::system_error&) {
-          } catch (const std::bad_alloc&) {  // asio's handler building the system_error
-          } catch (const std::future_error&) {
-            AF_CHECK(!"use_future: the handler was destroyed uncalled (broken promise)");
-          }
-        }
-      }
+      check_future(*o.fut_bool);
+      continue;
+    }
+    if (o.fut_receipt) {
+      check_future(*o.fut_receipt);
       continue;
     }
     if (o.coroutine) {

@@ -28,6 +28,7 @@
 
 #include <ratelimit/detail/bucket_state.hpp>
 #include <ratelimit/detail/operation.hpp>
+#include <ratelimit/detail/receipt_target.hpp>
 #include <ratelimit/detail/spin_mutex.hpp>
 #include <ratelimit/detail/sync_waiter.hpp>
 #include <ratelimit/detail/timer_driver.hpp>
@@ -172,7 +173,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     } catch (...) {
       // Only with executors whose post allocates: the waiter was destroyed;
       // undo the grant, so that a request that throws takes nothing.
-      if (!ec) give_back(n);
+      if (!ec) return_tokens(n);
       throw;
     }
   }
@@ -234,6 +235,32 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     }
     ec = result.get();
     return !ec;
+  }
+
+  // --- giving back ----------------------------------------------------------
+
+  /// Returns `n` tokens of a grant (a receipt's give_back, or a grant whose
+  /// completion could not be handed over): first grants what is due at the
+  /// old level, as any call does, then adds them (capped at the capacity),
+  /// then grants the waiters they make due, as of now. (Below the capacity
+  /// accrual is linear, so adding them as of the state's last time would end
+  /// in the same level; serving first keeps every grant's instant honest.)
+  void return_tokens(std::uint64_t n) {
+    const std::int64_t now = now_ns();
+    ready_list ready(executor_, &posted_);
+    std::lock_guard lk(mutex_);
+    serve(now, ready);
+    state_.give_back(n);
+    tail_.reset();
+    serve(now, ready);
+  }
+
+  /// Where a receipt of this bucket gives back to (weakly: a receipt that
+  /// outlives the bucket gives back to nothing).
+  receipt_target receipt_target_of() noexcept {
+    return receipt_target{this->weak_from_this(), nullptr, [](void* p, std::uint64_t n) {
+                            static_cast<bucket_impl*>(p)->return_tokens(n);
+                          }};
   }
 
   // --- cancellation, close ------------------------------------------------
@@ -378,16 +405,6 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
       throw std::invalid_argument("ratelimit: initial tokens (" + std::to_string(initial) +
                                   ") exceed the capacity (" + std::to_string(capacity) + ")");
     return initial;
-  }
-
-  /// Returns tokens taken by a request that could not be completed.
-  void give_back(std::uint64_t n) {
-    const std::int64_t now = now_ns();
-    ready_list ready(executor_, &posted_);
-    std::lock_guard lk(mutex_);
-    state_.give_back(n);
-    tail_.reset();
-    serve(now, ready);
   }
 
   /// Takes `w` out of the queue other than by granting it as the head.
