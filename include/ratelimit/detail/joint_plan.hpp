@@ -1,0 +1,195 @@
+//
+// ratelimit/detail/joint_plan.hpp: when each queued request of a joint
+// acquire is granted, in exact integer arithmetic, with no Asio in it.
+//
+// A joint request takes n_b tokens from each of several buckets, all at one
+// instant T. Every request, single or joint, has its place in one order (an
+// id, increasing). The plan places the queued requests in id order; request
+// R goes to the earliest whole nanosecond T_R such that
+// - T_R >= when R was made, and >= now;
+// - FIFO among singles: T_R >= T_Y for every queued single request Y ahead
+//   of R (smaller id) on a bucket where R has a part of n >= 1 (a single is
+//   a request with exactly one part of n >= 1; parts of 0 tokens are no
+//   parts for the order);
+// - it cannot move anyone: for each part (b, n) of R, "take n at T_R" added
+//   to b's plan (the takes of the requests placed before R, at their own T,
+//   in (time, id) order; R's after every take at <= T_R) leaves every take
+//   of that plan feasible: just before it, the level (refilled, capped,
+//   minus the takes before it) holds its amount.
+// So a request behind a joint request J in a fast bucket is granted before
+// J's T exactly when that cannot move J's T; and no request is ever delayed
+// by one made after it. A request no T <= INT64_MAX can hold is placed
+// "never": its takes stay in the plan at INT64_MAX (where one of them cannot
+// be met), so nothing after it on those buckets can be placed either.
+//
+// This is test/model/joint_model.hpp's rule (the reference model, written
+// from the promise in exact rationals), computed on bucket_state, whose
+// answers in whole tokens and whole nanoseconds are those of the exact level
+// (bucket_state.hpp). test/model/test_joint_plan.cpp compares the two on
+// random sequences of requests, grants, cancellations and reconfigurations.
+//
+// Cost: placing a request of k parts is O(sum over its buckets of m_b^2)
+// for m_b planned takes on bucket b (each segment between planned takes is
+// tried once, and a try simulates the bucket through its plan). The joint
+// acquire re-plans only the buckets a change can reach.
+//
+// Thread safety: none; a value, guarded by its owner.
+//
+#ifndef RATELIMIT_DETAIL_JOINT_PLAN_HPP
+#define RATELIMIT_DETAIL_JOINT_PLAN_HPP
+
+#include <ratelimit/detail/bucket_state.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <span>
+#include <vector>
+
+namespace ratelimit::detail {
+
+/// One part of a request: `n` tokens from bucket number `bucket`.
+struct joint_part {
+  std::size_t bucket;
+  std::uint64_t n;
+};
+
+/// True when exactly one part asks for tokens: the request is single (it
+/// keeps FIFO with the singles on its bucket); two or more: joint.
+inline bool is_single(std::span<const joint_part> parts) noexcept {
+  return std::count_if(parts.begin(), parts.end(), [](const joint_part& p) { return p.n > 0; }) ==
+         1;
+}
+
+/// The first whole nanosecond >= `s` at which `b` (refilled to `s` and
+/// refilling) holds `n`; nothing when that is later than INT64_MAX.
+inline std::optional<std::int64_t> ready_from(bucket_state b, std::int64_t s, std::uint64_t n) {
+  b.refill(s);
+  if (b.has(n)) return s;
+  const std::int64_t t = b.ready_at(n);
+  if (t != max_time) return t;
+  // Saturated: exactly INT64_MAX, or later.
+  b.refill(max_time);
+  if (b.has(n)) return max_time;
+  return std::nullopt;
+}
+
+/// The plan of the queued requests over a set of buckets, built in id order.
+class joint_planner {
+ public:
+  /// `states`: every bucket as of `now` (refilled to it); they must outlive
+  /// the planner and not change while it is used.
+  joint_planner(std::span<const bucket_state> states, std::int64_t now)
+      : states_(states), now_(now), takes_(states.size()) {}
+
+  /// T for a request of `parts` made at `made_at`, with an id after every
+  /// request added so far; nothing when never.
+  std::optional<std::int64_t> place(std::span<const joint_part> parts, std::int64_t made_at) const {
+    std::int64_t t = std::max(made_at, now_);
+    for (const joint_part& p : parts)
+      if (p.n > 0)
+        for (const take& k : takes_[p.bucket])
+          if (k.single) t = std::max(t, k.at);  // a single placed never: at INT64_MAX
+    for (;;) {
+      std::int64_t next = t;
+      for (const joint_part& p : parts) {
+        const auto e = earliest_feasible(p.bucket, p.n, t);
+        if (!e) return std::nullopt;
+        next = std::max(next, *e);
+      }
+      if (next == t) return t;
+      t = next;
+    }
+  }
+
+  /// Adds the takes of request `id` (greater than every id added so far),
+  /// placed at `t` (never: nothing).
+  void add(std::uint64_t id, std::span<const joint_part> parts, std::optional<std::int64_t> t) {
+    const bool single = is_single(parts);
+    const std::int64_t at = t.value_or(max_time);
+    for (const joint_part& p : parts) {
+      std::vector<take>& ks = takes_[p.bucket];
+      const take k{at, id, p.n, single && p.n > 0};
+      // (time, id) order; ids only grow, so after every take at <= `at`.
+      auto pos = std::upper_bound(ks.begin(), ks.end(), at,
+                                  [](std::int64_t a, const take& x) { return a < x.at; });
+      ks.insert(pos, k);
+    }
+  }
+
+ private:
+  struct take {
+    std::int64_t at;
+    std::uint64_t id;
+    std::uint64_t n;
+    bool single;
+  };
+
+  /// Does bucket `b`, from its state at now through its planned takes and
+  /// "take n at c" (after every planned take at <= c), find every amount?
+  bool feasible_with(std::size_t b, std::uint64_t n, std::int64_t c) const {
+    bucket_state s = states_[b];
+    bool placed = false;
+    for (const take& k : takes_[b]) {
+      if (!placed && k.at > c) {
+        s.refill(c);
+        if (!s.has(n)) return false;
+        s.take(n);
+        placed = true;
+      }
+      s.refill(k.at);
+      if (!s.has(k.n)) return false;
+      s.take(k.n);
+    }
+    if (!placed) {
+      s.refill(c);
+      if (!s.has(n)) return false;
+    }
+    return true;
+  }
+
+  /// The earliest t >= from (from >= now) at which "take n at t" on bucket
+  /// `b` leaves its plan feasible; nothing if no t <= INT64_MAX does.
+  ///
+  /// Within each segment [s, e) between consecutive planned take times the
+  /// feasible t form an interval starting at max(s, from, ready) (the take
+  /// finds n from `ready` on, and the level before each later take does not
+  /// grow with t): that candidate is checked, and if it fails no later t of
+  /// the segment can succeed (joint_model.hpp derives it).
+  std::optional<std::int64_t> earliest_feasible(std::size_t b, std::uint64_t n,
+                                                std::int64_t from) const {
+    const std::vector<take>& ks = takes_[b];
+    bucket_state level = states_[b];  // just after the takes at <= s, as s advances
+    std::size_t next = 0;             // the first take after s
+    std::int64_t s = now_;
+    for (;;) {
+      while (next < ks.size() && ks[next].at <= s) {
+        level.refill(ks[next].at);
+        level.take(std::min(ks[next].n, level.available()));  // (only infeasible plans lack it)
+        ++next;
+      }
+      const bool last = next == ks.size();
+      const std::int64_t e = last ? max_time : ks[next].at;
+      if (last || e > from) {
+        const auto r = ready_from(level, s, n);
+        if (!r) {
+          if (last) return std::nullopt;
+        } else {
+          const std::int64_t c = std::max({s, from, *r});
+          if ((last || c < e) && feasible_with(b, n, c)) return c;
+        }
+      }
+      if (last) return std::nullopt;
+      s = e;
+    }
+  }
+
+  std::span<const bucket_state> states_;
+  std::int64_t now_;
+  std::vector<std::vector<take>> takes_;  // per bucket, in (time, id) order
+};
+
+}  // namespace ratelimit::detail
+
+#endif  // RATELIMIT_DETAIL_JOINT_PLAN_HPP

@@ -1,0 +1,278 @@
+//
+// ratelimit/detail/joint_scheduler.hpp: a set of buckets and the requests,
+// single and joint, queued on them: what is granted when, what fails, what
+// is given back. Pure: time is an argument of every call, nothing waits,
+// nothing completes; the caller (the joint acquire's Asio layer) locks,
+// times and completes. Every decision is joint_planner's (joint_plan.hpp).
+//
+// The calls and their order of effects are those of the reference model
+// (test/model/joint_model.hpp), which documents every decision; in brief:
+// every call first grants what is due at `now` (in (T, id) order, each as of
+// its T); a request that fails at once consumes an id (`closed` before
+// `exceeds_capacity`); cancel, close, set_capacity, set_rate and give_back
+// re-plan and grant what becomes due, as of now. Completions are appended to
+// a list the caller drains.
+//
+#ifndef RATELIMIT_DETAIL_JOINT_SCHEDULER_HPP
+#define RATELIMIT_DETAIL_JOINT_SCHEDULER_HPP
+
+#include <ratelimit/detail/bucket_state.hpp>
+#include <ratelimit/detail/joint_plan.hpp>
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <set>
+#include <span>
+#include <stdexcept>
+#include <vector>
+
+namespace ratelimit::detail {
+
+enum class joint_outcome { granted, exceeds_capacity, closed, aborted };
+
+struct joint_completion {
+  std::uint64_t id;
+  joint_outcome how;
+  friend bool operator==(const joint_completion&, const joint_completion&) = default;
+};
+
+class joint_scheduler {
+ public:
+  explicit joint_scheduler(std::int64_t now) : now_(now) {}
+
+  /// A bucket of `capacity` tokens at `r`, holding `initial` at `now`;
+  /// returns its number. Throws std::invalid_argument for invalid values.
+  std::size_t add_bucket(std::uint64_t capacity, const rate& r, std::uint64_t initial,
+                         std::int64_t now) {
+    const reduced_rate rr = reduce(r);
+    check_capacity(capacity);
+    if (initial > capacity)
+      throw std::invalid_argument("ratelimit: initial tokens exceed capacity");
+    serve(now);
+    states_.emplace_back(capacity, rr, now_, initial);
+    closed_.push_back(false);
+    return states_.size() - 1;
+  }
+
+  // --- requests -------------------------------------------------------------
+
+  std::uint64_t request(std::span<const joint_part> parts, std::int64_t now) {
+    check_parts(parts);
+    serve(now);
+    const std::uint64_t id = next_id_++;
+    if (const auto fail = fails_at_once(parts)) {
+      complete(id, *fail);
+    } else {
+      queued_.emplace(id, queued{std::vector<joint_part>(parts.begin(), parts.end()), now_});
+      serve(now_);
+    }
+    return id;
+  }
+
+  /// Grants now (`granted`) exactly when a request made now would be placed
+  /// at now; nothing when refused for want of tokens; or the at-once failure.
+  /// Takes no id and changes no queued request's T.
+  std::optional<joint_outcome> try_get(std::span<const joint_part> parts, std::int64_t now) {
+    check_parts(parts);
+    serve(now);
+    if (const auto fail = fails_at_once(parts)) return fail;
+    const auto t = plan_of_queue().place(parts, now_);
+    if (!t || *t != now_) return std::nullopt;
+    for (const joint_part& q : parts)
+      states_[q.bucket].take(q.n);
+    return joint_outcome::granted;
+  }
+
+  /// T - now for a request made now (0: at once; INT64_MAX - now: never;
+  /// saturated at INT64_MAX); nothing when it would fail at once.
+  std::optional<std::int64_t> retry_after(std::span<const joint_part> parts, std::int64_t now) {
+    check_parts(parts);
+    serve(now);
+    if (fails_at_once(parts)) return std::nullopt;
+    const std::int64_t t = plan_of_queue().place(parts, now_).value_or(max_time);
+    if (t <= now) return 0;
+    const std::uint64_t d = static_cast<std::uint64_t>(t) - static_cast<std::uint64_t>(now);
+    return d > static_cast<std::uint64_t>(max_time) ? max_time : static_cast<std::int64_t>(d);
+  }
+
+  void serve_due(std::int64_t now) { serve(now); }
+
+  void cancel(std::uint64_t id, std::int64_t now) {
+    serve(now);
+    if (queued_.erase(id) == 0) return;
+    serve(now_);
+    complete(id, joint_outcome::aborted);
+  }
+
+  void close(std::size_t b, std::int64_t now) {
+    check_bucket(b);
+    serve(now);
+    closed_[b] = true;
+    fail_queued_on(b, joint_outcome::closed, std::nullopt);
+    serve(now_);
+  }
+
+  void set_capacity(std::size_t b, std::uint64_t c, std::int64_t now) {
+    check_bucket(b);
+    check_capacity(c);
+    serve(now);
+    states_[b].set_capacity(c);
+    fail_queued_on(b, joint_outcome::exceeds_capacity, c);
+    serve(now_);
+  }
+
+  void set_rate(std::size_t b, const rate& r, std::int64_t now) {
+    check_bucket(b);
+    const reduced_rate rr = reduce(r);
+    serve(now);
+    states_[b].set_rate(rr);
+    serve(now_);
+  }
+
+  /// Gives back up to `k` tokens to each part of granted request `id`;
+  /// returns what each part gave (in part order; empty if `id` is no
+  /// granted request).
+  std::vector<std::uint64_t> give_back(std::uint64_t id, std::uint64_t k, std::int64_t now) {
+    serve(now);
+    auto it = held_.find(id);
+    if (it == held_.end()) return {};
+    std::vector<std::uint64_t> given;
+    for (held_part& h : it->second) {
+      const std::uint64_t g = std::min(k, h.held);
+      h.held -= g;
+      states_[h.bucket].give_back(g);
+      given.push_back(g);
+    }
+    serve(now_);
+    return given;
+  }
+
+  // --- observers --------------------------------------------------------------
+
+  std::uint64_t available(std::size_t b, std::int64_t now) {
+    check_bucket(b);
+    serve(now);
+    return states_[b].available();
+  }
+
+  std::optional<std::int64_t> planned_at(std::uint64_t id) const {
+    const auto p = plan();
+    const auto it = p.find(id);
+    if (it == p.end()) return std::nullopt;
+    return it->second;
+  }
+
+  std::size_t waiting() const { return queued_.size(); }
+  std::int64_t now() const { return now_; }
+  const std::vector<joint_completion>& completions() const { return completions_; }
+
+ private:
+  struct queued {
+    std::vector<joint_part> parts;
+    std::int64_t made_at;
+  };
+  struct held_part {
+    std::size_t bucket;
+    std::uint64_t held;
+  };
+  using plan_type = std::map<std::uint64_t, std::optional<std::int64_t>>;
+
+  void check_bucket(std::size_t b) const {
+    if (b >= states_.size()) throw std::invalid_argument("ratelimit: no such bucket");
+  }
+  void check_parts(std::span<const joint_part> parts) const {
+    if (parts.empty()) throw std::invalid_argument("ratelimit: a request needs a part");
+    std::set<std::size_t> seen;
+    for (const joint_part& p : parts) {
+      check_bucket(p.bucket);
+      if (!seen.insert(p.bucket).second)
+        throw std::invalid_argument("ratelimit: a request names a bucket twice");
+    }
+  }
+
+  std::optional<joint_outcome> fails_at_once(std::span<const joint_part> parts) const {
+    for (const joint_part& p : parts)
+      if (closed_[p.bucket]) return joint_outcome::closed;
+    for (const joint_part& p : parts)
+      if (p.n > states_[p.bucket].capacity()) return joint_outcome::exceeds_capacity;
+    return std::nullopt;
+  }
+
+  /// The planner with every queued request added, in id order.
+  joint_planner plan_of_queue(plan_type* out = nullptr) const {
+    joint_planner p(states_, now_);
+    for (const auto& [id, r] : queued_) {
+      const auto t = p.place(r.parts, r.made_at);
+      if (out) (*out)[id] = t;
+      p.add(id, r.parts, t);
+    }
+    return p;
+  }
+
+  plan_type plan() const {
+    plan_type out;
+    plan_of_queue(&out);
+    return out;
+  }
+
+  void see(std::int64_t now) {
+    if (now <= now_) return;
+    for (bucket_state& s : states_)
+      s.refill(now);
+    now_ = now;
+  }
+
+  /// Grants every request due by `now`, in (T, id) order, each as of its T.
+  void serve(std::int64_t now) {
+    while (!queued_.empty()) {
+      const plan_type p = plan();
+      std::optional<std::pair<std::int64_t, std::uint64_t>> first;
+      for (const auto& [id, t] : p)
+        if (t && *t <= now && (!first || std::pair(*t, id) < *first)) first = std::pair(*t, id);
+      if (!first) break;
+      const auto [t, id] = *first;
+      see(t);
+      std::vector<held_part> held;
+      for (const joint_part& q : queued_.at(id).parts) {
+        bucket_state& s = states_[q.bucket];
+        if (!s.has(q.n)) throw std::logic_error("ratelimit: a planned take found no tokens");
+        s.take(q.n);
+        held.push_back({q.bucket, q.n});
+      }
+      queued_.erase(id);
+      held_[id] = std::move(held);
+      complete(id, joint_outcome::granted);
+    }
+    see(now);
+  }
+
+  void fail_queued_on(std::size_t b, joint_outcome how, std::optional<std::uint64_t> over) {
+    for (auto it = queued_.begin(); it != queued_.end();) {
+      bool hit = false;
+      for (const joint_part& q : it->second.parts)
+        hit = hit || (q.bucket == b && (!over || q.n > *over));
+      if (hit) {
+        complete(it->first, how);
+        it = queued_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  void complete(std::uint64_t id, joint_outcome how) { completions_.push_back({id, how}); }
+
+  std::int64_t now_;
+  std::vector<bucket_state> states_;
+  std::vector<bool> closed_;
+  std::map<std::uint64_t, queued> queued_;
+  std::map<std::uint64_t, std::vector<held_part>> held_;
+  std::uint64_t next_id_ = 0;
+  std::vector<joint_completion> completions_;
+};
+
+}  // namespace ratelimit::detail
+
+#endif  // RATELIMIT_DETAIL_JOINT_SCHEDULER_HPP

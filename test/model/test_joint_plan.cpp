@@ -1,0 +1,341 @@
+// The joint acquire's scheduling core (detail/joint_scheduler.hpp, on
+// detail/joint_plan.hpp: integer arithmetic on bucket_state) against the
+// reference model (model/joint_model.hpp: exact rationals, written from the
+// promise), on random sequences of every call, compared after every step:
+// completions (ids, results, order), each bucket's available(), each queued
+// request's planned T, retry_after and try_get for random parts, and what
+// give_back returns. Rates include more than one token per ns, rates that do
+// not divide a nanosecond, and the extremes; capacities up to 2^64-1; times
+// up to the end of representable time (requests placed never).
+#include "joint_model.hpp"
+
+#include <ratelimit/detail/joint_scheduler.hpp>
+
+#include <boost/test/unit_test.hpp>
+
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#if defined(RATELIMIT_TEST_SANITIZED)
+constexpr int rounds_divisor = 4;
+#else
+constexpr int rounds_divisor = 1;
+#endif
+
+namespace {
+
+using ratelimit::detail::joint_completion;
+using ratelimit::detail::joint_outcome;
+using ratelimit::detail::joint_part;
+using ratelimit::detail::joint_scheduler;
+using ratelimit::model::joint_model;
+using ratelimit::model::model_rate;
+using ratelimit::model::part;
+using ratelimit::model::result;
+
+constexpr std::int64_t ms = 1'000'000;
+constexpr std::int64_t s = 1'000'000'000;
+constexpr std::int64_t i64_max = std::numeric_limits<std::int64_t>::max();
+constexpr std::uint64_t u64_max = std::numeric_limits<std::uint64_t>::max();
+
+struct rng {
+  std::uint64_t state;
+  std::uint64_t next() {
+    std::uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  std::uint64_t in(std::uint64_t lo, std::uint64_t hi) {
+    const std::uint64_t span = hi - lo + 1;
+    return span == 0 ? next() : lo + next() % span;
+  }
+  bool one_in(std::uint64_t n) { return next() % n == 0; }
+};
+
+result as_result(joint_outcome o) {
+  switch (o) {
+    case joint_outcome::granted:
+      return result::granted;
+    case joint_outcome::exceeds_capacity:
+      return result::exceeds_capacity;
+    case joint_outcome::closed:
+      return result::closed;
+    case joint_outcome::aborted:
+      return result::aborted;
+  }
+  return result::pending;
+}
+
+ratelimit::rate as_rate(model_rate r) {
+  return {r.tokens, std::chrono::nanoseconds(r.period)};
+}
+
+std::vector<joint_part> as_parts(const std::vector<part>& parts) {
+  std::vector<joint_part> out;
+  for (const part& p : parts)
+    out.push_back({p.bucket, p.n});
+  return out;
+}
+
+/// One random run of `steps` calls on `buckets` buckets.
+struct run {
+  rng g;
+  std::size_t buckets;
+  bool tight;  // small capacities and slow rates: long queues, many backfills
+  joint_model m{0};
+  joint_scheduler x{0};
+  std::int64_t now = 0;
+  std::size_t seen = 0;
+  std::vector<std::uint64_t> capacities;
+  int compared_plans = 0, granted = 0, backfilled = 0, never = 0;
+
+  model_rate rate() {
+    const model_rate special[] = {{3, 2},        {7, 11},          {5, 1},       {3, s},
+                                  {1, 3600 * s}, {1, i64_max},     {u64_max, 1}, {u64_max, 7},
+                                  {u64_max, ms}, {u64_max - 1, 2}, {2, 3},       {1, 1}};
+    if (!tight && g.one_in(3)) return special[g.in(0, std::size(special) - 1)];
+    const std::int64_t periods[] = {1, 3, 7, 1000, ms, 3 * ms};
+    return {g.in(1, 5), periods[g.in(0, std::size(periods) - 1)]};
+  }
+  std::uint64_t capacity() { return !tight && g.one_in(10) ? u64_max - g.in(0, 1) : g.in(1, 8); }
+
+  std::vector<part> parts() {
+    std::vector<part> ps;
+    for (std::size_t b = 0; b < buckets; ++b)
+      if (g.one_in(2)) {
+        const std::uint64_t c = capacities[b];
+        std::uint64_t n = g.in(0, std::min<std::uint64_t>(c, 9));
+        if (g.one_in(12)) n = c;
+        if (g.one_in(25)) n = c + (c != u64_max);  // over the capacity
+        ps.push_back({b, n});
+      }
+    if (ps.empty()) ps.push_back({g.in(0, buckets - 1), g.in(1, 3)});
+    if (g.one_in(2)) std::swap(ps.front(), ps.back());
+    return ps;
+  }
+
+  std::int64_t step_time() {
+    switch (g.in(0, 9)) {
+      case 0:
+        return 0;
+      case 1:
+        return 1;
+      case 2:
+        return static_cast<std::int64_t>(g.in(1, 1000));
+      case 3:
+        return static_cast<std::int64_t>(g.in(1, 10)) * ms;
+      case 4:
+        return static_cast<std::int64_t>(g.in(1, 3)) * s;
+      case 5:
+        return g.one_in(8) ? i64_max / 2 : static_cast<std::int64_t>(g.in(1, 100)) * ms;
+      default:
+        return static_cast<std::int64_t>(g.in(1, 300)) * 1000;
+    }
+  }
+
+  void advance() {
+    const std::int64_t d = step_time();
+    now = now > i64_max - d ? i64_max : now + d;
+    if (g.one_in(20)) now -= static_cast<std::int64_t>(g.in(0, 5000));  // back: no effect
+  }
+
+  void compare(const char* after) {
+    BOOST_TEST_CONTEXT("after " << after << " at " << now) {
+      const auto& mc = m.completions();
+      const auto& xc = x.completions();
+      BOOST_TEST_REQUIRE(xc.size() == mc.size());
+      for (; seen < mc.size(); ++seen) {
+        BOOST_TEST_REQUIRE(xc[seen].id == mc[seen].id);
+        BOOST_TEST_REQUIRE((as_result(xc[seen].how) == mc[seen].how));
+        granted += mc[seen].how == result::granted;
+      }
+      for (std::size_t b = 0; b < buckets; ++b)
+        BOOST_TEST_REQUIRE(x.available(b, now) == m.available(b, now));
+      BOOST_TEST_REQUIRE(x.waiting() == m.waiting());
+      for (std::uint64_t id = 0; id < m.requests(); ++id) {
+        const auto want = m.planned_at(id);
+        const auto got = x.planned_at(id);
+        BOOST_TEST_REQUIRE(got.has_value() == want.has_value());
+        if (want) {
+          BOOST_TEST_REQUIRE(*got == *want);
+          ++compared_plans;
+        } else if (m.status(id) == result::pending) {
+          ++never;
+        }
+      }
+    }
+  }
+
+  void go(int steps) {
+    const std::size_t n = buckets;
+    for (std::size_t b = 0; b < n; ++b) {
+      const std::uint64_t c = capacity();
+      const model_rate r = rate();
+      const std::uint64_t initial = g.one_in(2) ? c : g.in(0, std::min<std::uint64_t>(c, 8));
+      capacities.push_back(c);
+      BOOST_TEST_REQUIRE(m.add_bucket(c, r, initial, now) == b);
+      BOOST_TEST_REQUIRE(x.add_bucket(c, as_rate(r), initial, now) == b);
+    }
+    std::vector<std::uint64_t> ids;
+    for (int i = 0; i < steps; ++i) {
+      switch (g.in(0, 15)) {
+        case 0:
+        case 1:
+        case 2:
+          advance();
+          m.serve_due(now);
+          x.serve_due(now);
+          compare("time");
+          break;
+        case 3:
+        case 4:
+        case 5:
+        case 6: {
+          const auto ps = parts();
+          const auto id = m.request(ps, now);
+          BOOST_TEST_REQUIRE(x.request(as_parts(ps), now) == id);
+          ids.push_back(id);
+          compare("request");
+          break;
+        }
+        case 7: {
+          const auto ps = parts();
+          const result want = m.try_get(ps, now);
+          const auto got = x.try_get(as_parts(ps), now);
+          BOOST_TEST_REQUIRE((got ? as_result(*got) : result::pending) == want);
+          compare("try_get");
+          break;
+        }
+        case 8: {
+          const auto ps = parts();
+          const auto want = m.retry_after(ps, now);
+          const auto got = x.retry_after(as_parts(ps), now);
+          BOOST_TEST_REQUIRE(got.has_value() == want.has_value());
+          if (got) BOOST_TEST_REQUIRE(*got == *want);
+          compare("retry_after");
+          break;
+        }
+        case 9:
+        case 10:
+          if (!ids.empty()) {
+            const auto id = ids[g.in(0, ids.size() - 1)];
+            m.cancel(id, now);
+            x.cancel(id, now);
+            compare("cancel");
+          }
+          break;
+        case 11:
+          if (!ids.empty()) {
+            const auto id = ids[g.in(0, ids.size() - 1)];
+            const std::uint64_t k = g.in(0, 6);
+            const auto want = m.give_back(id, k, now);
+            const auto got = x.give_back(id, k, now);
+            BOOST_TEST_REQUIRE(got == want);
+            compare("give_back");
+          }
+          break;
+        case 12:
+          if (g.one_in(3)) {
+            const std::size_t b = g.in(0, n - 1);
+            const model_rate r = rate();
+            m.set_rate(b, r, now);
+            x.set_rate(b, as_rate(r), now);
+            compare("set_rate");
+          }
+          break;
+        case 13:
+          if (g.one_in(3)) {
+            const std::size_t b = g.in(0, n - 1);
+            const std::uint64_t c = capacity();
+            capacities[b] = c;
+            m.set_capacity(b, c, now);
+            x.set_capacity(b, c, now);
+            compare("set_capacity");
+          }
+          break;
+        case 14:
+          if (g.one_in(8)) {
+            const std::size_t b = g.in(0, n - 1);
+            m.close(b, now);
+            x.close(b, now);
+            compare("close");
+          }
+          break;
+        default:
+          // To the T of a queued request: exactly, or 1 ns before or after.
+          for (std::uint64_t id : ids)
+            if (const auto t = m.planned_at(id); t && *t > now) {
+              const int d = static_cast<int>(g.in(0, 2)) - 1;
+              now = d > 0 && *t == i64_max ? *t : *t + d;
+              m.serve_due(now);
+              x.serve_due(now);
+              compare("to a T");
+              break;
+            }
+          break;
+      }
+    }
+  }
+};
+
+/// 800 rounds (fewer do not always catch a candidate placed before its lower
+/// bound: 240 did not); RATELIMIT_JOINT_PLAN_ROUNDS=n for a longer search.
+int rounds() {
+  const char* e = std::getenv("RATELIMIT_JOINT_PLAN_ROUNDS");
+  return e ? std::atoi(e) : 800;
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(joint_plan)
+
+BOOST_AUTO_TEST_CASE(matches_the_reference_model_on_random_sequences) {
+  int plans = 0, grants = 0, nevers = 0;
+  for (int round = 0; round < rounds() / rounds_divisor; ++round) {
+    BOOST_TEST_CONTEXT("round " << round) {
+      run r{rng{static_cast<std::uint64_t>(round) * 7919 + 1}, 2 + round % 3, round % 2 == 0};
+      r.go(120);
+      plans += r.compared_plans;
+      grants += r.granted;
+      nevers += r.never;
+    }
+  }
+  BOOST_TEST_MESSAGE("plans compared " << plans << ", grants " << grants << ", never placed "
+                                       << nevers);
+  BOOST_TEST(plans > 1000);  // the runs do queue and plan
+  BOOST_TEST(grants > 1000);
+}
+
+BOOST_AUTO_TEST_CASE(a_single_backfills_past_a_joint_request_exactly_when_it_cannot_move_it) {
+  // Bucket 0: capacity 4, 1/s, full; bucket 1: capacity 1, 1/s, empty.
+  // J (0:4, 1:1) waits for bucket 1 until 1 s. A single for 0:1 made at 0
+  // takes a token that would have overflowed by then: granted at once. A
+  // second one would move J (3 + 1 < 4 at 1 s): it waits until after J, 2 s.
+  joint_model m(0);
+  joint_scheduler x(0);
+  m.add_bucket(4, {1, s}, 4, 0);
+  m.add_bucket(1, {1, s}, 0, 0);
+  x.add_bucket(4, {1, std::chrono::seconds(1)}, 4, 0);
+  x.add_bucket(1, {1, std::chrono::seconds(1)}, 0, 0);
+  const std::vector<part> j{{0, 4}, {1, 1}};
+  const std::vector<part> single{{0, 1}};
+  for (const auto* ps : {&j, &single, &single}) {
+    m.request(*ps, 0);
+    x.request(as_parts(*ps), 0);
+  }
+  BOOST_TEST((x.planned_at(0) == std::optional<std::int64_t>(s)));
+  BOOST_TEST(
+      (x.completions() == std::vector<joint_completion>{{1, joint_outcome::granted}}));  // at once
+  BOOST_TEST((x.planned_at(2) == std::optional<std::int64_t>(2 * s)));
+  BOOST_TEST((x.planned_at(0) == m.planned_at(0)));
+  BOOST_TEST((x.planned_at(2) == m.planned_at(2)));
+  x.serve_due(2 * s);
+  BOOST_TEST(x.completions().size() == 3u);
+  BOOST_TEST(x.available(0, 2 * s) == 0u);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
