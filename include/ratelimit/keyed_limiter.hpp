@@ -266,10 +266,9 @@ class keyed_impl
 
   /// Where a receipt for `key` gives back to: a record of the key, owned by
   /// the receipt, that refers to this limiter weakly. It gives back to the
-  /// bucket the key has when it is used: a bucket evicted meanwhile was full
-  /// and unused, so the key's new bucket (or none, which would be full) is
-  /// in the state the old one would be in. Made before the request takes
-  /// anything. @throws std::bad_alloc, what copying the key throws.
+  /// bucket the key has when it is used (a bucket evicted meanwhile was full
+  /// and unused; the key's new one started full, and a key with none would
+  /// be full). @throws std::bad_alloc, what copying the key throws.
   receipt_target receipt_target_of(const Key& key) {
     struct key_ref {
       std::weak_ptr<keyed_impl> limiter;
@@ -444,12 +443,17 @@ class keyed_impl
       node* nd = it->second;
       ++it;
       bucket_type& b = *nd->bucket;
-      // full_at() first: it grants the waiters whose tokens are due (as of
-      // when they accrued), which may leave the bucket full and unwaited-for.
-      const std::int64_t t = b.full_at();
+      // full_at(now) first: it grants the waiters whose tokens are due (as
+      // of when they accrued), which may leave the bucket full and
+      // unwaited-for. At `now`, the reading the decision is made against: a
+      // fresh reading is later than `now` on any real clock, and a full
+      // bucket's full_at is the latest time it has seen (with a fresh reading
+      // no bucket of a steady_clock limiter was ever evicted).
+      const std::int64_t t = b.full_at(now);
       // t <= now: a bucket full only as of a later reading of a clock that
-      // went back is not interchangeable with a fresh one (which would refill
-      // from `now`): for a full bucket nobody waits on, t is its latest time.
+      // went back (or of another thread's later reading) is not
+      // interchangeable with a fresh one (which would refill from `now`): for
+      // a full bucket nobody waits on, t is its latest time.
       if (nd->pins == 0 && b.waiting() == 0 && b.available() == nd->capacity && t <= now) {
         // Nobody else can reach this bucket now: every path to it takes our
         // lock, and it has no waiter for its timer or a cancellation to serve.
@@ -733,7 +737,9 @@ class basic_keyed_limiter {
 
   /// As try_get_token(key, n, ec): the grant's receipt when the tokens were
   /// taken, empty when not (`ec` says why when the request cannot be served).
-  /// @throws std::bad_alloc (making the receipt, before anything is taken).
+  /// A refusal allocates nothing.
+  /// @throws std::bad_alloc, or what copying the key throws (making the
+  /// receipt of a grant: its tokens are given back first).
   std::optional<receipt> try_acquire(const Key& key, std::uint64_t n,
                                      boost::system::error_code& ec) {
     ec = {};
@@ -741,9 +747,13 @@ class basic_keyed_limiter {
       ec = error::bucket_closed;
       return std::nullopt;
     }
-    detail::receipt_target target = impl_->receipt_target_of(key);
     if (!impl_->try_get(key, n, ec)) return std::nullopt;
-    return detail::receipt_access::make(std::move(target), n);
+    try {
+      return detail::receipt_access::make(impl_->receipt_target_of(key), n);
+    } catch (...) {
+      impl_->return_tokens(key, n);
+      throw;
+    }
   }
 
   /// As try_acquire(key, n, ec), for callers that need no reason.

@@ -41,10 +41,11 @@ struct receipt_access;
 /// A receipt is a move-only value, like a unique_ptr: not for concurrent use
 /// of one receipt from several threads (distinct receipts of one limiter may
 /// be used from any threads). Dropping it gives nothing back: the tokens stay
-/// spent. A receipt that outlives its limiter gives back to nothing; one of
-/// a key whose bucket was evicted (a key's bucket is evicted only when it is
-/// full and unused) gives back to the key's bucket as it is when the receipt
-/// is used, exactly as if it had never been evicted.
+/// spent. A receipt that outlives its limiter gives back to nothing; a key's
+/// receipt gives back to the key's bucket as it is when the receipt is used:
+/// if the bucket was evicted meanwhile (only a full, unused bucket is), to
+/// the key's new bucket, or to nothing while the key has none (it would be
+/// full).
 class receipt {
  public:
   /// An empty receipt: granted nothing, gives back nothing.
@@ -77,13 +78,16 @@ class receipt {
   /// drops by it). The limiter's level rises by it, capped at its capacity
   /// (what the cap swallows is lost, as tokens that accrue into a full
   /// bucket are), and the waiters it makes due are granted.
-  /// @throws what the keyed limiter's hash or key comparison throws (for a
-  /// key's receipt; nothing is given back then).
+  /// @throws what a keyed limiter's hash or key comparison throws (for a
+  /// key's receipt), or std::bad_alloc from re-arming the timer with
+  /// executors other than an io_context's or a thread_pool's (and strands on
+  /// them). held() has dropped by the amount even then, given back or not:
+  /// a receipt never gives back more than it granted.
   std::uint64_t give_back(std::uint64_t k) {
     const std::uint64_t n = std::min(k, held_);
     if (n == 0) return 0;
+    held_ -= n;  // first: whatever happens below, nothing is given twice
     target_.give_back(n);
-    held_ -= n;
     return n;
   }
 

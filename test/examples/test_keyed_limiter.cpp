@@ -328,6 +328,26 @@ BOOST_AUTO_TEST_CASE(string_keys_and_steady_clock_alias) {
                     std::invalid_argument);
 }
 
+// On the real clock (not the manual one, which stands still during a call):
+// a bucket that has refilled is evicted, by evict() and by a new key at the
+// bound. (Every fresh clock reading is later than the one the eviction
+// decision is made against; comparing with a fresh one evicted nothing.)
+BOOST_AUTO_TEST_CASE(a_full_bucket_is_evicted_on_the_steady_clock) {
+  asio::io_context ctx;
+  ratelimit::keyed_limiter<std::string> l(ctx, 4, per_second(20), 1);
+  BOOST_TEST(l.try_get_token("a", 4));
+  boost::system::error_code ec;
+  BOOST_TEST(!l.try_get_token("b", 1, ec));  // "a" is not full yet (200 ms to go)
+  BOOST_TEST(ec == ratelimit::error::too_many_keys);
+  std::this_thread::sleep_for(400ms);  // full again
+  BOOST_TEST(l.try_get_token("b", 1, ec));
+  BOOST_TEST(!ec);
+  BOOST_TEST(!l.contains("a"));
+  std::this_thread::sleep_for(200ms);  // "b" full again (50 ms)
+  BOOST_TEST(l.evict() == 1u);
+  BOOST_TEST(l.size() == 0u);
+}
+
 // Threads hammer the limiter (try, async and blocking calls on shared keys)
 // while another runs its context: no grant beyond a key's capacity (the rate
 // is too slow to refill during the test), the bound holds, and close() ends

@@ -159,6 +159,7 @@ struct outcome {
   std::atomic<int> destroyed_uncalled{0};
   error_code ec;
   bool granted = false;
+  bool receipt_wrong = false;  // a receipt not empty on failure, or empty on success
   // use_future
   std::optional<std::future<void>> fut;
   std::optional<std::future<bool>> fut_bool;
@@ -178,6 +179,7 @@ struct outcome {
     destroyed_uncalled = 0;
     ec = {};
     granted = false;
+    receipt_wrong = false;
     fut.reset();
     fut_bool.reset();
     fut_receipt.reset();
@@ -217,10 +219,13 @@ class recorder {
     o->ec = ec;
     // One more argument: a try's bool (granted), or a receipt (granted on success).
     if constexpr (sizeof...(Args) == 1) {
-      if constexpr ((std::is_same_v<Args, bool> && ...))
+      if constexpr ((std::is_same_v<Args, bool> && ...)) {
         o->granted = (args, ...);
-      else
+      } else {  // a receipt: of what was granted, empty on failure
         o->granted = !ec;
+        if (ec && (args.granted(), ...) != 0) o->receipt_wrong = true;
+        if (!ec && (args.granted(), ...) == 0) o->receipt_wrong = true;
+      }
     }
     ++o->calls;
   }
@@ -501,6 +506,7 @@ class env {
 inline void check_outcomes() {
   for (std::size_t i = 0; i < outcomes_used; ++i) {
     outcome& o = outcomes[i];
+    AF_CHECK(!o.receipt_wrong);
     if (o.future && !o.fut && !o.fut_bool && !o.fut_receipt) {
       AF_CHECK(o.started != outcome::start::accepted);
       continue;

@@ -332,9 +332,11 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   /// The time (bucket clock, ns) at which the bucket will hold `capacity()`
   /// tokens again if nothing more is requested: after the queued requests
   /// have been served. Now (or earlier) when it is full and nobody waits.
-  /// Used by keyed_limiter to find buckets it may evict.
-  std::int64_t full_at() {
-    const std::int64_t now = now_ns();
+  /// Used by keyed_limiter to find buckets it may evict: with the clock
+  /// reading `now` its decision is made against (a fresh reading would be
+  /// later, and a full bucket's answer is the latest time it has seen).
+  std::int64_t full_at() { return full_at(now_ns()); }
+  std::int64_t full_at(std::int64_t now) {
     ready_list ready(executor_, &posted_);
     std::lock_guard lk(mutex_);
     serve(now, ready);
