@@ -28,10 +28,14 @@
 // (bucket_state.hpp). test/model/test_joint_plan.cpp compares the two on
 // random sequences of requests, grants, cancellations and reconfigurations.
 //
-// Cost: placing a request of k parts is O(sum over its buckets of m_b^2)
-// for m_b planned takes on bucket b (each segment between planned takes is
-// tried once, and a try simulates the bucket through its plan). The joint
-// acquire re-plans only the buckets a change can reach.
+// Cost: placing a request is O(sum over its buckets of m_b) for m_b planned
+// takes on bucket b when the queue is saturated (a segment whose tokens are
+// not there before the next planned take is passed over in O(1)), and
+// O(m_b^2) at worst (each segment between planned takes is tried once, and a
+// try simulates the bucket through its plan). joint_scheduler keeps the plan
+// from call to call: a new request is placed after the others, a grant pops
+// its takes (the first of their buckets), and only a cancellation, close,
+// change of rate or capacity, or give-back re-plans.
 //
 // Thread safety: none; a value, guarded by its owner.
 //
@@ -42,6 +46,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <deque>
 #include <limits>
 #include <optional>
 #include <span>
@@ -103,13 +108,29 @@ class joint_planner {
     }
   }
 
+  /// Time has moved to `now` (the states were refilled to it), and every
+  /// request placed at or before it was granted (pop_granted).
+  void advance(std::int64_t now) noexcept { now_ = std::max(now_, now); }
+
+  /// Request `id`, placed at `t`, was granted: its takes leave the plan. As
+  /// the first in (time, id) order of every due request, its take is the
+  /// first of each of its buckets (granted as planned, it moves no other
+  /// request's T). Returns false, changing nothing, if a take is not first.
+  bool pop_granted(std::uint64_t id, std::span<const joint_part> parts) {
+    for (const joint_part& p : parts)
+      if (takes_[p.bucket].empty() || takes_[p.bucket].front().id != id) return false;
+    for (const joint_part& p : parts)
+      takes_[p.bucket].pop_front();
+    return true;
+  }
+
   /// Adds the takes of request `id` (greater than every id added so far),
   /// placed at `t` (never: nothing).
   void add(std::uint64_t id, std::span<const joint_part> parts, std::optional<std::int64_t> t) {
     const bool single = is_single(parts);
     const std::int64_t at = t.value_or(max_time);
     for (const joint_part& p : parts) {
-      std::vector<take>& ks = takes_[p.bucket];
+      std::deque<take>& ks = takes_[p.bucket];
       const take k{at, id, p.n, single && p.n > 0};
       // (time, id) order; ids only grow, so after every take at <= `at`.
       auto pos = std::upper_bound(ks.begin(), ks.end(), at,
@@ -159,7 +180,7 @@ class joint_planner {
   /// the segment can succeed (joint_model.hpp derives it).
   std::optional<std::int64_t> earliest_feasible(std::size_t b, std::uint64_t n,
                                                 std::int64_t from) const {
-    const std::vector<take>& ks = takes_[b];
+    const std::deque<take>& ks = takes_[b];
     bucket_state level = states_[b];  // just after the takes at <= s, as s advances
     std::size_t next = 0;             // the first take after s
     std::int64_t s = now_;
@@ -187,7 +208,7 @@ class joint_planner {
 
   std::span<const bucket_state> states_;
   std::int64_t now_;
-  std::vector<std::vector<take>> takes_;  // per bucket, in (time, id) order
+  std::vector<std::deque<take>> takes_;  // per bucket, in (time, id) order
 };
 
 }  // namespace ratelimit::detail

@@ -53,6 +53,7 @@ class joint_scheduler {
     serve(now);
     states_.emplace_back(capacity, rr, now_, initial);
     closed_.push_back(false);
+    invalidate();  // (the planner refers to the states)
     return states_.size() - 1;
   }
 
@@ -65,7 +66,14 @@ class joint_scheduler {
     if (const auto fail = fails_at_once(parts)) {
       complete(id, *fail);
     } else {
-      queued_.emplace(id, queued{std::vector<joint_part>(parts.begin(), parts.end()), now_});
+      auto it =
+          queued_.emplace(id, queued{std::vector<joint_part>(parts.begin(), parts.end()), now_})
+              .first;
+      if (plan_) {  // placed after every queued request, as a re-plan would place it
+        const auto t = plan_->place(it->second.parts, now_);
+        plan_->add(id, it->second.parts, t);
+        note_planned(id, t);
+      }
       serve(now_);
     }
     return id;
@@ -78,8 +86,10 @@ class joint_scheduler {
     check_parts(parts);
     serve(now);
     if (const auto fail = fails_at_once(parts)) return fail;
-    const auto t = plan_of_queue().place(parts, now_);
+    const auto t = planner().place(parts, now_);
     if (!t || *t != now_) return std::nullopt;
+    // Taken at now, after every planned take at now: no queued request's T
+    // moves (joint_model.hpp), so the plan stands.
     for (const joint_part& q : parts)
       states_[q.bucket].take(q.n);
     return joint_outcome::granted;
@@ -91,7 +101,7 @@ class joint_scheduler {
     check_parts(parts);
     serve(now);
     if (fails_at_once(parts)) return std::nullopt;
-    const std::int64_t t = plan_of_queue().place(parts, now_).value_or(max_time);
+    const std::int64_t t = planner().place(parts, now_).value_or(max_time);
     if (t <= now) return 0;
     const std::uint64_t d = static_cast<std::uint64_t>(t) - static_cast<std::uint64_t>(now);
     return d > static_cast<std::uint64_t>(max_time) ? max_time : static_cast<std::int64_t>(d);
@@ -102,6 +112,7 @@ class joint_scheduler {
   void cancel(std::uint64_t id, std::int64_t now) {
     serve(now);
     if (queued_.erase(id) == 0) return;
+    invalidate();
     serve(now_);
     complete(id, joint_outcome::aborted);
   }
@@ -111,6 +122,7 @@ class joint_scheduler {
     serve(now);
     closed_[b] = true;
     fail_queued_on(b, joint_outcome::closed, std::nullopt);
+    invalidate();
     serve(now_);
   }
 
@@ -120,6 +132,7 @@ class joint_scheduler {
     serve(now);
     states_[b].set_capacity(c);
     fail_queued_on(b, joint_outcome::exceeds_capacity, c);
+    invalidate();
     serve(now_);
   }
 
@@ -128,6 +141,7 @@ class joint_scheduler {
     const reduced_rate rr = reduce(r);
     serve(now);
     states_[b].set_rate(rr);
+    invalidate();
     serve(now_);
   }
 
@@ -145,6 +159,7 @@ class joint_scheduler {
       states_[h.bucket].give_back(g);
       given.push_back(g);
     }
+    invalidate();
     serve(now_);
     return given;
   }
@@ -157,10 +172,11 @@ class joint_scheduler {
     return states_[b].available();
   }
 
-  std::optional<std::int64_t> planned_at(std::uint64_t id) const {
-    const auto p = plan();
-    const auto it = p.find(id);
-    if (it == p.end()) return std::nullopt;
+  /// T of queued request `id` (nothing: not queued, or never).
+  std::optional<std::int64_t> planned_at(std::uint64_t id) {
+    planner();
+    const auto it = planned_.find(id);
+    if (it == planned_.end()) return std::nullopt;
     return it->second;
   }
 
@@ -177,7 +193,6 @@ class joint_scheduler {
     std::size_t bucket;
     std::uint64_t held;
   };
-  using plan_type = std::map<std::uint64_t, std::optional<std::int64_t>>;
 
   void check_bucket(std::size_t b) const {
     if (b >= states_.size()) throw std::invalid_argument("ratelimit: no such bucket");
@@ -200,42 +215,52 @@ class joint_scheduler {
     return std::nullopt;
   }
 
-  /// The planner with every queued request added, in id order.
-  joint_planner plan_of_queue(plan_type* out = nullptr) const {
-    joint_planner p(states_, now_);
-    for (const auto& [id, r] : queued_) {
-      const auto t = p.place(r.parts, r.made_at);
-      if (out) (*out)[id] = t;
-      p.add(id, r.parts, t);
+  /// The plan of every queued request: kept from call to call; made again,
+  /// in id order, after anything but a new request, a grant or a try.
+  joint_planner& planner() {
+    if (!plan_) {
+      plan_.emplace(states_, now_);
+      planned_.clear();
+      due_.clear();
+      for (const auto& [id, r] : queued_) {
+        const auto t = plan_->place(r.parts, r.made_at);
+        plan_->add(id, r.parts, t);
+        note_planned(id, t);
+      }
     }
-    return p;
+    return *plan_;
   }
 
-  plan_type plan() const {
-    plan_type out;
-    plan_of_queue(&out);
-    return out;
+  void note_planned(std::uint64_t id, std::optional<std::int64_t> t) {
+    planned_[id] = t;
+    if (t) due_.emplace(*t, id);
   }
+
+  void invalidate() noexcept { plan_.reset(); }
 
   void see(std::int64_t now) {
     if (now <= now_) return;
     for (bucket_state& s : states_)
       s.refill(now);
     now_ = now;
+    if (plan_) plan_->advance(now);
   }
 
   /// Grants every request due by `now`, in (T, id) order, each as of its T.
   void serve(std::int64_t now) {
     while (!queued_.empty()) {
-      const plan_type p = plan();
-      std::optional<std::pair<std::int64_t, std::uint64_t>> first;
-      for (const auto& [id, t] : p)
-        if (t && *t <= now && (!first || std::pair(*t, id) < *first)) first = std::pair(*t, id);
-      if (!first) break;
-      const auto [t, id] = *first;
+      planner();
+      if (due_.empty() || due_.begin()->first > now) break;
+      const auto [t, id] = *due_.begin();
+      due_.erase(due_.begin());
+      planned_.erase(id);
       see(t);
+      const std::vector<joint_part>& parts = queued_.at(id).parts;
+      // Its takes are the first of their buckets, but at the end of time,
+      // where a request placed never keeps its takes ahead: re-plan then.
+      if (!plan_->pop_granted(id, parts)) invalidate();
       std::vector<held_part> held;
-      for (const joint_part& q : queued_.at(id).parts) {
+      for (const joint_part& q : parts) {
         bucket_state& s = states_[q.bucket];
         if (!s.has(q.n)) throw std::logic_error("ratelimit: a planned take found no tokens");
         s.take(q.n);
@@ -268,6 +293,9 @@ class joint_scheduler {
   std::vector<bucket_state> states_;
   std::vector<bool> closed_;
   std::map<std::uint64_t, queued> queued_;
+  std::optional<joint_planner> plan_;                             // when valid
+  std::map<std::uint64_t, std::optional<std::int64_t>> planned_;  // id -> T, per plan_
+  std::set<std::pair<std::int64_t, std::uint64_t>> due_;          // (T, id) of those placed
   std::map<std::uint64_t, std::vector<held_part>> held_;
   std::uint64_t next_id_ = 0;
   std::vector<joint_completion> completions_;
