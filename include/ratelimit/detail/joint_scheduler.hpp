@@ -90,8 +90,10 @@ class joint_scheduler {
     if (!t || *t != now_) return std::nullopt;
     // Taken at now, after every planned take at now: no queued request's T
     // moves (joint_model.hpp), so the plan stands.
-    for (const joint_part& q : parts)
+    for (const joint_part& q : parts) {
       states_[q.bucket].take(q.n);
+      plan_->refresh(q.bucket);
+    }
     return joint_outcome::granted;
   }
 
