@@ -433,3 +433,80 @@ BOOST_AUTO_TEST_CASE(thread_pool) {
 }
 
 BOOST_AUTO_TEST_SUITE_END()
+
+// --- a clock that moves between two readings ----------------------------------
+//
+// The manual clock stands still during a call, so it cannot show a decision
+// that mixes two readings. This one is a legal steady clock that moves 1 ns
+// at every reading (and jumps when told): deterministic, and as unkind as a
+// real clock read twice.
+
+namespace {
+
+struct ticking_clock {
+  using rep = std::int64_t;
+  using period = std::nano;
+  using duration = std::chrono::nanoseconds;
+  using time_point = std::chrono::time_point<ticking_clock>;
+  static constexpr bool is_steady = true;
+  static inline std::atomic<std::int64_t> t{1'000'000'000'000};
+  static time_point now() noexcept { return time_point(duration(t.fetch_add(1) + 1)); }
+  static void jump(duration d) noexcept { t.fetch_add(d.count()); }
+};
+
+struct ticking_wait_traits {
+  static ticking_clock::duration to_wait_duration(const ticking_clock::duration& d) {
+    return d > ticking_clock::duration::zero() ? std::chrono::microseconds(200)
+                                               : ticking_clock::duration::zero();
+  }
+  static ticking_clock::duration to_wait_duration(const ticking_clock::time_point& t) {
+    return to_wait_duration(t - ticking_clock::now());
+  }
+};
+
+using ticking_bucket = ratelimit::basic_token_bucket<ticking_clock, ticking_wait_traits>;
+
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(moving_clock)
+
+// A queued request is due (its timer has not run: the context is not run),
+// so the tokens for one more are there: a wait of at most 0 is enough. (The
+// deadline was made from one reading and the decision from a later one: 0
+// ns of slack refused it.)
+BOOST_AUTO_TEST_CASE(try_for_zero_takes_tokens_that_are_there_behind_a_due_request) {
+  asio::io_context ctx;  // never run
+  ticking_bucket b(ctx, 2, ratelimit::rate{1, 1000ns}, ratelimit::start_empty);
+  bool granted = false;
+  b.async_get_token([&](boost::system::error_code ec) { granted = !ec; });
+  ticking_clock::jump(10'000ns);  // the head is due, and the bucket holds 2 again
+  boost::system::error_code ec;
+  BOOST_TEST(b.try_get_token_for(0ns, 1, ec));
+  BOOST_TEST(!ec);
+  ctx.poll();
+  BOOST_TEST(granted);  // the head first, as the timer would have
+}
+
+// A blocked caller whose tokens a set_rate moves past its deadline is not
+// granted them when its thread (or the bucket's timer) gets round to it after
+// the deadline: it returns false, and the tokens stay in the bucket.
+BOOST_AUTO_TEST_CASE(try_for_never_grants_tokens_due_after_its_deadline) {
+  for (int serve_from_another_call = 0; serve_from_another_call < 2; ++serve_from_another_call) {
+    BOOST_TEST_CONTEXT((serve_from_another_call ? "served by available()" : "served by itself")) {
+      asio::io_context ctx;  // never run: no timer grants
+      ticking_bucket b(ctx, 1, ratelimit::rate{1, 1000ns}, ratelimit::start_empty);
+      std::atomic<int> result{-1};
+      std::thread a([&] { result = b.try_get_token_for(1500ns) ? 1 : 0; });  // due in time: queued
+      BOOST_TEST(eventually([&] { return b.waiting() == 1u || result != -1; }));
+      b.set_rate(ratelimit::rate{1, 3000ns});      // now due about 3000 ns in: after the deadline
+      ticking_clock::jump(5000ns);                 // the thread wakes late
+      if (serve_from_another_call) b.available();  // serves at a reading past the deadline
+      a.join();
+      BOOST_TEST(result == 0);
+      BOOST_TEST(b.waiting() == 0u);
+      BOOST_TEST(b.available() == 1u);  // the token it was not granted
+    }
+  }
+}
+
+BOOST_AUTO_TEST_SUITE_END()

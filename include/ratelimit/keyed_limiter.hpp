@@ -182,9 +182,8 @@ class keyed_impl
 
   bool try_get(const Key& key, std::uint64_t n, boost::system::error_code& ec) {
     ec = {};
-    const std::int64_t now = bucket_type::now_ns();
     std::lock_guard lk(mutex_);
-    node* nd = acquire(key, n, now, ec);
+    node* nd = acquire(key, n, bucket_type::now_ns(), ec);  // (read under the lock: see evict_one)
     if (!nd) return false;
     const bool granted = nd->bucket->try_get(n);
     reindex(nd);
@@ -199,9 +198,8 @@ class keyed_impl
                boost::system::error_code& ec) {
     ec = {};
     wait.reset();
-    const std::int64_t now = bucket_type::now_ns();
     std::lock_guard lk(mutex_);
-    node* nd = acquire(key, n, now, ec);
+    node* nd = acquire(key, n, bucket_type::now_ns(), ec);
     if (!nd) return false;
     const bool granted = nd->bucket->try_get(n, wait);
     reindex(nd);
@@ -212,13 +210,12 @@ class keyed_impl
   void async_get(Handler&& handler, const Key& key, std::uint64_t n) {
     using op_type = handler_op<waiter_base, std::decay_t<Handler>>;
     op_type* op = op_type::create(std::forward<Handler>(handler), executor_, n);
-    const std::int64_t now = bucket_type::now_ns();
     boost::system::error_code ec;
     {
       std::unique_lock lk(mutex_);
       node* nd = nullptr;
       try {
-        nd = acquire(key, n, now, ec, false);
+        nd = acquire(key, n, bucket_type::now_ns(), ec, false);
         if (nd) link_cancellation(op->handler(), op, *nd->bucket);
       } catch (...) {
         lk.unlock();
@@ -310,8 +307,8 @@ class keyed_impl
   }
 
   std::size_t evict() {
-    const std::int64_t now = bucket_type::now_ns();
     std::lock_guard lk(mutex_);
+    const std::int64_t now = bucket_type::now_ns();
     std::size_t n = 0;
     while (evict_one(now))
       ++n;
@@ -450,11 +447,15 @@ class keyed_impl
       // bucket's full_at is the latest time it has seen (with a fresh reading
       // no bucket of a steady_clock limiter was ever evicted).
       const std::int64_t t = b.full_at(now);
-      // t <= now: a bucket full only as of a later reading of a clock that
-      // went back (or of another thread's later reading) is not
-      // interchangeable with a fresh one (which would refill from `now`): for
-      // a full bucket nobody waits on, t is its latest time.
-      if (nd->pins == 0 && b.waiting() == 0 && b.available() == nd->capacity && t <= now) {
+      // t <= now, or <= a fresh reading (taken after full_at, so on a steady
+      // clock never earlier than t: another thread, such as the bucket's
+      // timer handler or a blocking caller, may have read the clock after
+      // us): a bucket full only as of a later reading of a clock that went
+      // back is not interchangeable with a fresh one, which would refill from
+      // the earlier reading. For a full bucket nobody waits on, t is the
+      // latest time it has seen.
+      if (nd->pins == 0 && b.waiting() == 0 && b.available() == nd->capacity &&
+          (t <= now || t <= bucket_type::now_ns())) {
         // Nobody else can reach this bucket now: every path to it takes our
         // lock, and it has no waiter for its timer or a cancellation to serve.
         index_.erase(nd->pos);

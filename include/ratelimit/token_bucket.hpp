@@ -299,7 +299,7 @@ class basic_token_bucket {
                                : ns >= static_cast<long double>(detail::max_time)
                                    ? detail::max_time
                                    : static_cast<std::int64_t>(std::ceil(ns));
-    return impl_->get_blocking(n, impl_type::add_ns(impl_type::now_ns(), limit), ec);
+    return impl_->get_blocking(n, limit, ec);
   }
 
   // --- with a receipt -------------------------------------------------------

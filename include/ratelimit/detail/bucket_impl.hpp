@@ -178,12 +178,15 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     }
   }
 
-  /// Blocks until `n` tokens are granted or `deadline` (bucket clock) passes.
-  /// Returns true when granted; false with `ec` clear when the deadline
-  /// passed, or when the request could not be granted by then (known at once).
-  bool get_blocking(std::uint64_t n, std::int64_t deadline, boost::system::error_code& ec) {
+  /// Blocks until `n` tokens are granted, for at most `timeout` ns (from
+  /// this call's own reading of the clock; max_time: no limit). Returns true
+  /// when granted; false with `ec` clear when the deadline passed, or when
+  /// the request could not be granted by then (known at once). Never granted
+  /// for tokens due after the deadline.
+  bool get_blocking(std::uint64_t n, std::int64_t timeout, boost::system::error_code& ec) {
     ec = {};
     const std::int64_t now = now_ns();
+    const std::int64_t deadline = timeout == max_time ? max_time : add_ns(now, timeout);
     bool checked = false;
     std::optional<sync_waiter> w;  // built only when the caller must wait
     std::future<boost::system::error_code> result;
@@ -200,8 +203,10 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
         ec = error::exceeds_capacity;
         return false;
       }
-      if (queue_.empty() && state_.try_take(now, n)) return true;
+      // Due requests first (as the timer would grant them): a head whose
+      // tokens are there is no reason to wait.
       serve(now, ready);
+      if (queue_.empty() && state_.try_take(now, n)) return true;
       // Known at once: the request would be granted after the deadline (the
       // queue served as serve() will serve it: see wait_from).
       if (deadline != max_time && add_ns(now, wait_from(now, n)) > deadline) return false;
@@ -215,7 +220,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
         continue;
       }
       timer_.make(executor_);
-      w.emplace(n);
+      w.emplace(n, deadline);
       result = w->get_future();  // before the waiter is visible to completers
       // Keeps the impl alive while this thread waits, even if the bucket is
       // destroyed meanwhile (which completes `w` with operation_aborted).
@@ -227,13 +232,18 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
       while (result.wait_for(WaitTraits::to_wait_duration(from_ns(deadline) - Clock::now())) !=
              std::future_status::ready) {
         if (now_ns() < deadline) continue;
-        // Tokens due exactly at the deadline still count: serve first.
+        // Tokens due exactly at the deadline still count: serve first
+        // (what was due by the deadline only: this reading is later).
         ready_list ready(executor_, &posted_);
-        if (withdraw(&*w, ready, true)) return false;
-        break;  // granted meanwhile: the result is on its way
+        if (withdraw(&*w, ready, true, deadline)) return false;
+        break;  // granted (in time) or timed out meanwhile: the result is on its way
       }
     }
     ec = result.get();
+    if (ec == boost::asio::error::timed_out) {  // its deadline passed first: not granted
+      ec = {};
+      return false;
+    }
     return !ec;
   }
 
@@ -485,9 +495,22 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   /// then is granted *as of the moment they did* (or it arrived, if later),
   /// as a punctual timer would have; so a timer that fires late, or an event
   /// loop that was busy, costs the waiters no tokens. Then times the next.
+  ///
+  /// A blocked caller whose deadline has passed with its tokens due only
+  /// after it leaves the queue instead (timed_out; the waiters behind are
+  /// served as if it had never been): a thread that wakes late must not be
+  /// granted tokens it was promised it would not wait for.
   void serve(std::int64_t now, ready_list& ready) {
     while (waiter_base* w = queue_.front()) {
       const std::int64_t at = std::max(state_.ready_at(w->tokens), w->queued_at);
+      if (w->timed) {
+        const std::int64_t deadline = static_cast<sync_waiter*>(w)->deadline;
+        if (now > deadline && at > deadline) {
+          dequeue(w);
+          ready.push_back(w, boost::asio::error::timed_out);
+          continue;
+        }
+      }
       if (at > now) break;
       state_.refill(at);
       if (!state_.has(w->tokens)) break;  // only at the saturated end of time
@@ -511,11 +534,13 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
 
   /// Takes `w` out of the queue if it is still there, serving the waiters
   /// behind it as if it had never been; returns false if it had left. With
-  /// `serve_first`, grants whatever is due now before deciding.
-  bool withdraw(waiter_base* w, ready_list& ready, bool serve_first = false) {
+  /// `serve_first`, grants whatever was due by `until` (at most now) before
+  /// deciding.
+  bool withdraw(waiter_base* w, ready_list& ready, bool serve_first = false,
+                std::int64_t until = max_time) {
     const std::int64_t now = now_ns();
     std::lock_guard lk(mutex_);
-    if (serve_first && !queue_.empty()) serve(now, ready);
+    if (serve_first && !queue_.empty()) serve(std::min(now, until), ready);
     if (!w->queued) return false;
     const bool was_head = queue_.front() == w;
     dequeue(w);

@@ -13,6 +13,7 @@
 #include <boost/asio/query.hpp>
 
 #include <future>
+#include <limits>
 #include <utility>
 
 namespace ratelimit::detail {
@@ -22,7 +23,16 @@ namespace ratelimit::detail {
 /// future is ready, never frees memory the completer still uses.
 class sync_waiter final : public waiter_base {
  public:
-  explicit sync_waiter(std::uint64_t n) : waiter_base(&sync_waiter::do_action, n) {}
+  /// A blocked caller's request for `n` tokens, granted no later than
+  /// `deadline` (owner's clock, ns; max_time: none). The owner never grants
+  /// it later: once its clock has passed the deadline with the tokens not
+  /// due by then, the waiter leaves the queue with asio::error::timed_out.
+  sync_waiter(std::uint64_t n, std::int64_t deadline)
+      : waiter_base(&sync_waiter::do_action, n), deadline(deadline) {
+    timed = deadline != std::numeric_limits<std::int64_t>::max();
+  }
+
+  const std::int64_t deadline;
 
   std::future<boost::system::error_code> get_future() { return promise_.get_future(); }
 

@@ -65,6 +65,7 @@ class waiter_base : public completion_base<boost::system::error_code> {
   waiter_base* prev = nullptr;
   waiter_base* next = nullptr;
   bool queued = false;               // in its owner's queue; guarded by the owner's lock
+  bool timed = false;                // a sync_waiter with a deadline (sync_waiter.hpp)
   cancel_link_base* link = nullptr;  // its cancellation handler; guarded by the owner's lock
 
   void set_result(boost::system::error_code ec) noexcept { std::get<0>(result) = ec; }
