@@ -510,3 +510,25 @@ BOOST_AUTO_TEST_CASE(try_for_never_grants_tokens_due_after_its_deadline) {
 }
 
 BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_FIXTURE_TEST_SUITE(deadlines, clock_fixture)
+
+// A blocked caller that will time out (a set_rate moved its tokens after its
+// deadline) is not counted ahead of a new request: retry_after says what the
+// new request gets, as if that caller had never been.
+BOOST_AUTO_TEST_CASE(retry_after_does_not_count_a_blocked_caller_that_will_time_out) {
+  running_context rc;
+  test_bucket b(rc.ctx, 1, ratelimit::rate{1, 1s}, ratelimit::start_empty);
+  std::atomic<int> result{-1};
+  std::thread a([&] { result = b.try_get_token_for(1500ms) ? 1 : 0; });  // due at 1 s: queued
+  BOOST_TEST(eventually([&] { return b.waiting() == 1u || result != -1; }));
+  BOOST_TEST((b.retry_after(1) == std::optional<test_bucket::duration>(2s)));  // after it
+  b.set_rate(ratelimit::rate{1, 3s});  // it is due at 3 s now: after its deadline (1.5 s)
+  BOOST_TEST((b.retry_after(1) == std::optional<test_bucket::duration>(3s)));  // as if alone
+  manual_clock::advance(1600ms);
+  a.join();
+  BOOST_TEST(result == 0);
+  BOOST_TEST((b.retry_after(1) == std::optional<test_bucket::duration>(1400ms)));
+}
+
+BOOST_AUTO_TEST_SUITE_END()

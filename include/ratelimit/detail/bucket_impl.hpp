@@ -570,7 +570,11 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     /// before it came nor before the one ahead (as serve() grants it).
     void fold(const waiter_base& w) noexcept {
       if (stopped) return;
-      t = std::max({s.ready_at(w.tokens), w.queued_at, t});
+      const std::int64_t at = std::max({s.ready_at(w.tokens), w.queued_at, t});
+      // A blocked caller due only after its deadline is never granted: it
+      // leaves the queue as if it had never been (serve()).
+      if (w.timed && at > static_cast<const sync_waiter&>(w).deadline) return;
+      t = at;
       if (t == max_time) {
         stopped = true;
         return;

@@ -27,7 +27,8 @@ class sync_waiter final : public waiter_base {
   /// `deadline` (owner's clock, ns; max_time: none). The owner never grants
   /// it later: once its clock has passed the deadline with the tokens not
   /// due by then, the waiter leaves the queue with asio::error::timed_out.
-  sync_waiter(std::uint64_t n, std::int64_t deadline)
+  explicit sync_waiter(std::uint64_t n,
+                       std::int64_t deadline = std::numeric_limits<std::int64_t>::max())
       : waiter_base(&sync_waiter::do_action, n), deadline(deadline) {
     timed = deadline != std::numeric_limits<std::int64_t>::max();
   }
