@@ -494,12 +494,14 @@ BOOST_AUTO_TEST_CASE(try_for_never_grants_tokens_due_after_its_deadline) {
   for (int serve_from_another_call = 0; serve_from_another_call < 2; ++serve_from_another_call) {
     BOOST_TEST_CONTEXT((serve_from_another_call ? "served by available()" : "served by itself")) {
       asio::io_context ctx;  // never run: no timer grants
-      ticking_bucket b(ctx, 1, ratelimit::rate{1, 1000ns}, ratelimit::start_empty);
+      // (In milliseconds of this clock: the waiting thread reads it some ten
+      // times per real millisecond, so it cannot reach them by polling.)
+      ticking_bucket b(ctx, 1, ratelimit::rate{1, 1ms}, ratelimit::start_empty);
       std::atomic<int> result{-1};
-      std::thread a([&] { result = b.try_get_token_for(1500ns) ? 1 : 0; });  // due in time: queued
+      std::thread a([&] { result = b.try_get_token_for(1500us) ? 1 : 0; });  // due in time: queued
       BOOST_TEST(eventually([&] { return b.waiting() == 1u || result != -1; }));
-      b.set_rate(ratelimit::rate{1, 3000ns});      // now due about 3000 ns in: after the deadline
-      ticking_clock::jump(5000ns);                 // the thread wakes late
+      b.set_rate(ratelimit::rate{1, 3ms});         // now due about 3 ms in: after the deadline
+      ticking_clock::jump(5ms);                    // the thread wakes late
       if (serve_from_another_call) b.available();  // serves at a reading past the deadline
       a.join();
       BOOST_TEST(result == 0);
@@ -529,6 +531,33 @@ BOOST_AUTO_TEST_CASE(retry_after_does_not_count_a_blocked_caller_that_will_time_
   a.join();
   BOOST_TEST(result == 0);
   BOOST_TEST((b.retry_after(1) == std::optional<test_bucket::duration>(1400ms)));
+}
+
+// A blocked caller at the head whose tokens a set_rate moves past its
+// deadline leaves the queue at once: it returns false without waiting for its
+// deadline, and holds back nobody behind it (tries, blocking calls with a
+// zero timeout, asynchronous requests), as retry_after says.
+BOOST_AUTO_TEST_CASE(a_caller_that_can_no_longer_be_served_in_time_leaves_at_once) {
+  asio::io_context ctx;  // never run: no timer grants (blocking calls may wait: not stopped)
+  test_bucket b(ctx, 2, ratelimit::rate{1, 1s}, ratelimit::start_empty);
+  std::atomic<int> head{-1};
+  std::thread h([&] { head = b.try_get_token_for(2500ms, 2) ? 1 : 0; });  // due at 2 s: queued
+  BOOST_TEST(eventually([&] { return b.waiting() == 1u || head != -1; }));
+  manual_clock::advance(1s);
+  b.set_rate(ratelimit::rate{1, 2s});  // its second token now comes at 3 s: too late
+  BOOST_TEST(eventually([&] { return head != -1; }, 5s));  // at once, not at 2.5 s
+  if (head == -1) manual_clock::advance(2s);  // (failed: let the thread time out, then join)
+  h.join();
+  BOOST_TEST(head == 0);
+  BOOST_TEST(b.waiting() == 0u);
+  BOOST_TEST((b.retry_after(1) == std::optional<test_bucket::duration>(0s)));
+  std::optional<test_bucket::duration> wait;
+  BOOST_TEST(b.try_get_token(1, wait));  // the token it did not take
+  BOOST_TEST((wait == std::optional<test_bucket::duration>(0s)));
+  manual_clock::advance(2s);  // one more
+  boost::system::error_code ec;
+  BOOST_TEST(b.try_get_token_for(0ns, 1, ec));
+  BOOST_TEST(!ec);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

@@ -271,11 +271,14 @@ class basic_token_bucket {
     impl_->get_blocking(n, detail::max_time, ec);
   }
 
-  /// Blocks at most `timeout` (measured on the bucket's clock) for `n` tokens.
-  /// Returns true when granted. Returns false, at once, when the tokens could
-  /// not be granted within `timeout` given the rate and the waiters already
-  /// queued; and false after `timeout` when they were not granted in time (for
-  /// instance after a `set_rate`). A timed-out request takes no token.
+  /// Blocks at most `timeout` (measured on the bucket's clock, from this
+  /// call's own reading) for `n` tokens. Returns true when granted, never for
+  /// tokens due after the deadline (tokens due exactly at it count). Returns
+  /// false at once when the tokens could not be granted within `timeout`
+  /// given the rate and the waiters already queued; false as soon as they no
+  /// longer can once it is first in line (a `set_rate` made them later); and
+  /// false after `timeout` when they were not granted in time. A request
+  /// that returns false takes no token.
   /// @throws boost::system::system_error as get_token().
   template <typename Rep, typename Period>
   bool try_get_token_for(std::chrono::duration<Rep, Period> timeout, std::uint64_t n = 1) {

@@ -334,16 +334,16 @@ BOOST_AUTO_TEST_CASE(string_keys_and_steady_clock_alias) {
 // decision is made against; comparing with a fresh one evicted nothing.)
 BOOST_AUTO_TEST_CASE(a_full_bucket_is_evicted_on_the_steady_clock) {
   asio::io_context ctx;
-  ratelimit::keyed_limiter<std::string> l(ctx, 4, per_second(20), 1);
+  ratelimit::keyed_limiter<std::string> l(ctx, 4, per_second(4), 1);
   BOOST_TEST(l.try_get_token("a", 4));
   boost::system::error_code ec;
-  BOOST_TEST(!l.try_get_token("b", 1, ec));  // "a" is not full yet (200 ms to go)
+  BOOST_TEST(!l.try_get_token("b", 1, ec));  // "a" is not full yet (1 s to go)
   BOOST_TEST(ec == ratelimit::error::too_many_keys);
-  std::this_thread::sleep_for(400ms);  // full again
+  std::this_thread::sleep_for(1100ms);  // full again
   BOOST_TEST(l.try_get_token("b", 1, ec));
   BOOST_TEST(!ec);
   BOOST_TEST(!l.contains("a"));
-  std::this_thread::sleep_for(200ms);  // "b" full again (50 ms)
+  std::this_thread::sleep_for(400ms);  // "b" full again (250 ms)
   BOOST_TEST(l.evict() == 1u);
   BOOST_TEST(l.size() == 0u);
 }

@@ -496,20 +496,19 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   /// as a punctual timer would have; so a timer that fires late, or an event
   /// loop that was busy, costs the waiters no tokens. Then times the next.
   ///
-  /// A blocked caller whose deadline has passed with its tokens due only
-  /// after it leaves the queue instead (timed_out; the waiters behind are
-  /// served as if it had never been): a thread that wakes late must not be
-  /// granted tokens it was promised it would not wait for.
+  /// A blocked caller at the head whose tokens would come only after its
+  /// deadline (a set_rate made them later) leaves the queue at once instead
+  /// (timed_out: its thread returns false, as for a wait known at once to be
+  /// too long), and the waiters behind are served as if it had never been;
+  /// as the queue's fold counts it (tail::fold). It is never granted late,
+  /// and never holds back the waiters behind until its thread wakes.
   void serve(std::int64_t now, ready_list& ready) {
     while (waiter_base* w = queue_.front()) {
       const std::int64_t at = std::max(state_.ready_at(w->tokens), w->queued_at);
-      if (w->timed) {
-        const std::int64_t deadline = static_cast<sync_waiter*>(w)->deadline;
-        if (now > deadline && at > deadline) {
-          dequeue(w);
-          ready.push_back(w, boost::asio::error::timed_out);
-          continue;
-        }
+      if (w->timed && at > static_cast<sync_waiter*>(w)->deadline) {
+        dequeue(w);
+        ready.push_back(w, boost::asio::error::timed_out);
+        continue;
       }
       if (at > now) break;
       state_.refill(at);

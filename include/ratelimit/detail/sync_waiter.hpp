@@ -25,8 +25,8 @@ class sync_waiter final : public waiter_base {
  public:
   /// A blocked caller's request for `n` tokens, granted no later than
   /// `deadline` (owner's clock, ns; max_time: none). The owner never grants
-  /// it later: once its clock has passed the deadline with the tokens not
-  /// due by then, the waiter leaves the queue with asio::error::timed_out.
+  /// it later: once it is at the head with its tokens due only after the
+  /// deadline, it leaves the queue with asio::error::timed_out.
   explicit sync_waiter(std::uint64_t n,
                        std::int64_t deadline = std::numeric_limits<std::int64_t>::max())
       : waiter_base(&sync_waiter::do_action, n), deadline(deadline) {
