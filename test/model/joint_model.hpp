@@ -114,6 +114,24 @@
 
 namespace ratelimit::model {
 
+/// A small deterministic generator (splitmix64), for the joint tests' random
+/// sequences (test_joint_model, test_joint_plan).
+struct rng {
+  std::uint64_t state;
+  std::uint64_t next() {
+    std::uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  /// Uniform in [lo, hi].
+  std::uint64_t in(std::uint64_t lo, std::uint64_t hi) {
+    const std::uint64_t span = hi - lo + 1;  // 0: the whole range
+    return span == 0 ? next() : lo + next() % span;
+  }
+  bool one_in(std::uint64_t n) { return next() % n == 0; }
+};
+
 /// One part of a joint request: `n` tokens from bucket `bucket`.
 struct part {
   std::size_t bucket;

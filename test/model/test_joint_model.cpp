@@ -27,6 +27,7 @@ using ratelimit::model::model_rate;
 using ratelimit::model::part;
 using ratelimit::model::rational;
 using ratelimit::model::result;
+using ratelimit::model::rng;
 using ratelimit::model::token_bucket_model;
 
 // For Boost.Test's messages about optional times: Boost.Test's own hook for
@@ -59,23 +60,6 @@ using opt = std::optional<std::int64_t>;
 std::vector<completion> done(std::initializer_list<completion> c) {
   return c;
 }
-
-/// A small deterministic generator (splitmix64).
-struct rng {
-  std::uint64_t state;
-  std::uint64_t next() {
-    std::uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  /// Uniform in [lo, hi].
-  std::uint64_t in(std::uint64_t lo, std::uint64_t hi) {
-    const std::uint64_t span = hi - lo + 1;  // 0: the whole range
-    return span == 0 ? next() : lo + next() % span;
-  }
-  bool one_in(std::uint64_t n) { return next() % n == 0; }
-};
 
 /// Random parts over `buckets` buckets, distinct, 1 or more, of 1..max_n tokens.
 std::vector<part> random_parts(rng& g, std::size_t buckets, std::uint64_t max_n) {

@@ -35,26 +35,12 @@ using ratelimit::model::joint_model;
 using ratelimit::model::model_rate;
 using ratelimit::model::part;
 using ratelimit::model::result;
+using ratelimit::model::rng;
 
 constexpr std::int64_t ms = 1'000'000;
 constexpr std::int64_t s = 1'000'000'000;
 constexpr std::int64_t i64_max = std::numeric_limits<std::int64_t>::max();
 constexpr std::uint64_t u64_max = std::numeric_limits<std::uint64_t>::max();
-
-struct rng {
-  std::uint64_t state;
-  std::uint64_t next() {
-    std::uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  std::uint64_t in(std::uint64_t lo, std::uint64_t hi) {
-    const std::uint64_t span = hi - lo + 1;
-    return span == 0 ? next() : lo + next() % span;
-  }
-  bool one_in(std::uint64_t n) { return next() % n == 0; }
-};
 
 result as_result(joint_outcome o) {
   switch (o) {
