@@ -5,6 +5,7 @@
 #define RATELIMIT_HPP
 
 #include <ratelimit/error.hpp>
+#include <ratelimit/joint.hpp>
 #include <ratelimit/keyed_limiter.hpp>
 #include <ratelimit/rate.hpp>
 #include <ratelimit/receipt.hpp>

@@ -56,6 +56,7 @@
 
 #include <ratelimit/detail/bucket_impl.hpp>
 #include <ratelimit/detail/operation.hpp>
+#include <ratelimit/detail/part_source.hpp>
 #include <ratelimit/detail/receipt_handler.hpp>
 #include <ratelimit/detail/waiter.hpp>
 #include <ratelimit/error.hpp>
@@ -278,6 +279,12 @@ class keyed_impl
                           }};
   }
 
+  /// A part of a joint request: `key`'s bucket (joint.hpp). @throws
+  /// std::bad_alloc, what copying the key throws.
+  std::shared_ptr<part_source<Clock, WaitTraits>> part_of(const Key& key) {
+    return std::make_shared<key_part>(this->shared_from_this(), key);
+  }
+
   /// Gives `n` tokens back to `key`'s bucket (a receipt's give_back); none
   /// when the key has no bucket (it would be full).
   void return_tokens(const Key& key, std::uint64_t n) {
@@ -352,6 +359,37 @@ class keyed_impl
 
  private:
   /// The node for `key`, created if needed; null with `ec` set when the
+  class key_part final : public part_source<Clock, WaitTraits> {
+   public:
+    key_part(std::shared_ptr<keyed_impl> limiter, const Key& key)
+        : limiter_(std::move(limiter)), key_(key) {}
+
+    std::mutex& domain() noexcept override { return limiter_->mutex_; }
+
+    std::shared_ptr<bucket_type> resolve(std::uint64_t n, boost::system::error_code& ec,
+                                         void*& cookie) override {
+      node* nd = limiter_->acquire(key_, n, bucket_type::now_ns(), ec);
+      if (!nd) return nullptr;
+      ++nd->pins;  // not evicted while another part of the request is resolved
+      cookie = nd;
+      return nd->bucket;
+    }
+
+    void used(void* cookie) override {
+      node* nd = static_cast<node*>(cookie);
+      --nd->pins;
+      limiter_->reindex(nd);
+    }
+
+    receipt_target target() override { return limiter_->receipt_target_of(key_); }
+
+    boost::asio::any_io_executor executor() const override { return limiter_->executor_; }
+
+   private:
+    std::shared_ptr<keyed_impl> limiter_;
+    Key key_;
+  };
+
   /// request must fail at once. With `check_existing` false, a key that has
   /// a bucket is returned even for more than its capacity: the bucket's own
   /// submit() fails the request then, in its place in the bucket's order of
@@ -876,6 +914,8 @@ class basic_keyed_limiter {
  private:
   template <typename, typename, typename, typename, typename, typename>
   friend class basic_keyed_limiter;
+  template <typename, typename>
+  friend class basic_part;
 
   struct with_receipt {};  // selects the async_acquire form of the initiation
 

@@ -399,6 +399,8 @@ class basic_token_bucket {
  private:
   template <typename, typename, typename>
   friend class basic_token_bucket;
+  template <typename, typename>
+  friend class basic_part;
 
   struct with_receipt {};  // selects the async_acquire form of the initiation
 

@@ -27,6 +27,7 @@
 #define RATELIMIT_DETAIL_BUCKET_IMPL_HPP
 
 #include <ratelimit/detail/bucket_state.hpp>
+#include <ratelimit/detail/joint_group.hpp>
 #include <ratelimit/detail/operation.hpp>
 #include <ratelimit/detail/receipt_target.hpp>
 #include <ratelimit/detail/spin_mutex.hpp>
@@ -87,9 +88,14 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
 
   bool try_get(std::uint64_t n) {
     const std::int64_t now = now_ns();
-    std::lock_guard lk(mutex_);
-    if (closed_ || !queue_.empty() || n > state_.capacity()) return false;
-    return state_.try_take(now, n);
+    return route(
+        [&] {
+          if (closed_ || !queue_.empty() || n > state_.capacity()) return false;
+          return state_.try_take(now, n);
+        },
+        [&](std::size_t s) {
+          return sched().try_get(one(s, n), now) == joint_outcome::granted;
+        });
   }
 
   /// How long (ns) a request for `n` tokens made now would wait before it is
@@ -99,10 +105,13 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   std::optional<std::int64_t> retry_after(std::uint64_t n) {
     const std::int64_t now = now_ns();
     ready_list ready(executor_, &posted_);
-    std::lock_guard lk(mutex_);
-    if (closed_ || n > state_.capacity()) return std::nullopt;
-    serve(now, ready);
-    return wait_from(now, n);
+    return route(
+        [&]() -> std::optional<std::int64_t> {
+          if (closed_ || n > state_.capacity()) return std::nullopt;
+          serve(now, ready);
+          return wait_from(now, n);
+        },
+        [&](std::size_t s) { return sched().retry_after(one(s, n), now); });
   }
 
   /// try_get that, on refusal, says how long a request made now would wait
@@ -111,16 +120,24 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   bool try_get(std::uint64_t n, std::optional<std::int64_t>& wait) {
     const std::int64_t now = now_ns();
     ready_list ready(executor_, &posted_);
-    std::lock_guard lk(mutex_);
     wait.reset();
-    if (closed_ || n > state_.capacity()) return false;
-    serve(now, ready);
-    if (queue_.empty() && state_.try_take(now, n)) {
-      wait = 0;
-      return true;
-    }
-    wait = wait_from(now, n);
-    return false;
+    return route(
+        [&] {
+          if (closed_ || n > state_.capacity()) return false;
+          serve(now, ready);
+          if (queue_.empty() && state_.try_take(now, n)) {
+            wait = 0;
+            return true;
+          }
+          wait = wait_from(now, n);
+          return false;
+        },
+        [&](std::size_t s) {
+          const auto r = sched().try_get(one(s, n), now);
+          if (r == joint_outcome::granted) wait = 0;
+          if (!r) wait = sched().retry_after(one(s, n), now);
+          return r == joint_outcome::granted;
+        });
   }
 
   /// Starts an asynchronous request for `n` tokens: granted at once, failed
@@ -147,8 +164,25 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     const std::int64_t now = now_ns();
     const std::uint64_t n = w->tokens;
     boost::system::error_code ec;
+    for (;;) {
+      {
+        std::lock_guard lk(mutex_);
+        if (slot_ == group_type::solo) break;
+      }
+      try {
+        if (group().run(*this, [&](std::size_t s) { return submit_grouped(w, s, now); })) return;
+      } catch (...) {
+        w->unlink();
+        w->destroy();
+        throw;
+      }
+    }
     {
       std::unique_lock lk(mutex_);
+      if (slot_ != group_type::solo) {  // joined meanwhile
+        lk.unlock();
+        return submit(w);
+      }
       if (closed_) {
         ec = closed_ec_;
       } else if (n > state_.capacity()) {
@@ -195,6 +229,23 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
       ready_list ready(executor_,
                        &posted_);  // grants that fall due meanwhile; finished after unlocking
       std::unique_lock lk(mutex_);
+      if (slot_ != group_type::solo) {
+        lk.unlock();
+        if (!checked) {
+          ec = blocking_wait_error(executor_);
+          if (ec) return false;
+          checked = true;
+        }
+        if (!w) w.emplace(n, deadline);
+        if (auto r = group().run(*this, [&](std::size_t s) {
+              return block_grouped(*w, s, now, deadline, result, ec);
+            })) {
+          if (*r != blocked::queued) return *r == blocked::granted;
+          self = this->shared_from_this();
+          break;
+        }
+        continue;
+      }
       if (closed_) {
         ec = closed_ec_;
         return false;
@@ -220,7 +271,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
         continue;
       }
       timer_.make(executor_);
-      w.emplace(n, deadline);
+      if (!w) w.emplace(n, deadline);
       result = w->get_future();  // before the waiter is visible to completers
       // Keeps the impl alive while this thread waits, even if the bucket is
       // destroyed meanwhile (which completes `w` with operation_aborted).
@@ -258,11 +309,18 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   void return_tokens(std::uint64_t n) {
     const std::int64_t now = now_ns();
     ready_list ready(executor_, &posted_);
-    std::lock_guard lk(mutex_);
-    serve(now, ready);
-    state_.give_back(n);
-    tail_.reset();
-    serve(now, ready);
+    route(
+        [&] {
+          serve(now, ready);
+          state_.give_back(n);
+          tail_.reset();
+          serve(now, ready);
+          return true;
+        },
+        [&](std::size_t s) {
+          sched().give_back_to(s, n, now);
+          return true;
+        });
   }
 
   /// Where a receipt of this bucket gives back to (weakly: a receipt that
@@ -280,38 +338,72 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   void cancel_linked(cancel_link_base* link) {
     const std::int64_t now = now_ns();
     ready_list ready(executor_, &posted_);
-    std::lock_guard lk(mutex_);
-    waiter_base* w = link->waiter.load(std::memory_order_relaxed);
-    if (!w || !w->queued) return;
-    const bool was_head = queue_.front() == w;
-    dequeue(w);
-    if (was_head) serve(now, ready);  // the waiters behind, as if it had never been
-    ready.push_back(w, boost::asio::error::operation_aborted);
+    route(
+        [&] {
+          waiter_base* w = link->waiter.load(std::memory_order_relaxed);
+          if (!w || !w->queued) return true;
+          const bool was_head = queue_.front() == w;
+          dequeue(w);
+          if (was_head) serve(now, ready);  // the waiters behind, as if it had never been
+          ready.push_back(w, boost::asio::error::operation_aborted);
+          return true;
+        },
+        [&](std::size_t) {
+          waiter_base* w = link->waiter.load(std::memory_order_relaxed);
+          if (w && w->queued) sched().cancel(w->group_id, now);
+          return true;
+        });
   }
 
   /// The cancellation handler is going away before its waiter left the queue.
   void unlink(cancel_link_base* link) {
-    std::lock_guard lk(mutex_);
-    if (waiter_base* w = link->waiter.load(std::memory_order_relaxed)) w->unlink();
+    auto cut = [&](auto...) {
+      if (waiter_base* w = link->waiter.load(std::memory_order_relaxed)) w->unlink();
+      return true;
+    };
+    route(cut, cut);
   }
 
-  /// Completes every queued waiter with operation_aborted; returns how many.
+  /// Completes every queued waiter (for a bucket in a joint group: every
+  /// queued request naming it) with operation_aborted; returns how many.
   std::size_t cancel() {
+    const std::int64_t now = now_ns();
     ready_list ready(executor_, &posted_);
-    std::lock_guard lk(mutex_);
-    const std::size_t n = queue_.size();
-    drain(ready, boost::asio::error::operation_aborted);
-    return n;
+    return route(
+        [&] {
+          const std::size_t n = queue_.size();
+          drain(ready, boost::asio::error::operation_aborted);
+          return n;
+        },
+        [&](std::size_t s) {
+          const std::size_t n = sched().queued_on(s);
+          sched().cancel_on(s, now);
+          return n;
+        });
   }
 
   /// Closes the bucket: queued and later requests complete with `ec`
   /// (bucket_closed; operation_aborted when the bucket is destroyed).
   void close(boost::system::error_code ec) {
+    const std::int64_t now = now_ns();
     ready_list ready(executor_, &posted_);
-    std::lock_guard lk(mutex_);
-    closed_ = true;
-    closed_ec_ = ec;
-    drain(ready, ec);
+    route(
+        [&] {
+          closed_ = true;
+          closed_ec_ = ec;
+          drain(ready, ec);
+          return true;
+        },
+        [&](std::size_t s) {
+          {
+            std::lock_guard lk(mutex_);
+            closed_ = true;
+            closed_ec_ = ec;
+          }
+          group().closing(ec);
+          sched().close(s, now);
+          return true;
+        });
   }
 
   bool is_open() const {
@@ -324,19 +416,22 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   std::uint64_t available() {
     const std::int64_t now = now_ns();
     ready_list ready(executor_, &posted_);
-    std::lock_guard lk(mutex_);
-    serve(now, ready);
-    return state_.available();
+    return route(
+        [&] {
+          serve(now, ready);
+          return state_.available();
+        },
+        [&](std::size_t s) { return sched().available(s, now); });
   }
 
-  std::size_t waiting() const {
-    std::lock_guard lk(mutex_);
-    return queue_.size();
+  /// The requests queued on this bucket (in a joint group: naming it).
+  std::size_t waiting() {
+    return route([&] { return queue_.size(); }, [&](std::size_t s) { return sched().queued_on(s); });
   }
 
-  std::uint64_t capacity() const {
-    std::lock_guard lk(mutex_);
-    return state_.capacity();
+  std::uint64_t capacity() {
+    return route([&] { return state_.capacity(); },
+                 [&](std::size_t s) { return sched().capacity(s); });
   }
 
   /// The time (bucket clock, ns) at which the bucket will hold `capacity()`
@@ -348,9 +443,18 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   std::int64_t full_at() { return full_at(now_ns()); }
   std::int64_t full_at(std::int64_t now) {
     ready_list ready(executor_, &posted_);
-    std::lock_guard lk(mutex_);
-    serve(now, ready);
-    return state_.ready_at(queued_tokens_ + state_.capacity());
+    return route(
+        [&] {
+          serve(now, ready);
+          return state_.ready_at(queued_tokens_ + state_.capacity());
+        },
+        [&](std::size_t s) {
+          // In a joint group the grants' times depend on other buckets: this
+          // is when it would be full if they were all granted now (no later
+          // than it will be); it leaves the group when nobody waits on it.
+          sched().serve_due(now);
+          return sched().state(s).ready_at(sched().queued_tokens_on(s) + sched().capacity(s));
+        });
   }
 
   ratelimit::rate get_rate() const {
@@ -362,31 +466,47 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     const reduced_rate reduced = reduce(r);
     const std::int64_t now = now_ns();
     ready_list ready(executor_, &posted_);
-    std::lock_guard lk(mutex_);
-    serve(now, ready);  // what fell due at the old rate
-    state_.set_rate(reduced);
-    tail_.reset();
-    rate_ = r;
-    serve(now, ready);  // reschedule at the new one
+    route(
+        [&] {
+          serve(now, ready);  // what fell due at the old rate
+          state_.set_rate(reduced);
+          tail_.reset();
+          rate_ = r;
+          serve(now, ready);  // reschedule at the new one
+          return true;
+        },
+        [&](std::size_t s) {
+          sched().set_rate(s, r, now);
+          std::lock_guard lk(mutex_);
+          rate_ = r;
+          return true;
+        });
   }
 
   void set_capacity(std::uint64_t capacity) {
     check_capacity(capacity);
     const std::int64_t now = now_ns();
     ready_list ready(executor_, &posted_);
-    std::lock_guard lk(mutex_);
-    serve(now, ready);  // what fell due with the old capacity
-    state_.set_capacity(capacity);
-    tail_.reset();
-    for (waiter_base* w = queue_.front(); w;) {
-      waiter_base* next = w->next;
-      if (w->tokens > capacity) {
-        dequeue(w);
-        ready.push_back(w, error::exceeds_capacity);
-      }
-      w = next;
-    }
-    serve(now, ready);
+    route(
+        [&] {
+          serve(now, ready);  // what fell due with the old capacity
+          state_.set_capacity(capacity);
+          tail_.reset();
+          for (waiter_base* w = queue_.front(); w;) {
+            waiter_base* next = w->next;
+            if (w->tokens > capacity) {
+              dequeue(w);
+              ready.push_back(w, error::exceeds_capacity);
+            }
+            w = next;
+          }
+          serve(now, ready);
+          return true;
+        },
+        [&](std::size_t s) {
+          sched().set_capacity(s, capacity, now);
+          return true;
+        });
   }
 
   /// The timer's wait finished (timer_driver's handler).
@@ -401,10 +521,15 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   void on_timer() {
     ready_list ready(executor_, nullptr);  // finished below, in the mode chosen
     finish_mode mode;
+    const std::int64_t now = now_ns();
     {
-      const std::int64_t now = now_ns();
-      std::lock_guard lk(mutex_);
+      std::unique_lock lk(mutex_);
       if (!timer_.on_wait(now, *this)) return;
+      while (slot_ != group_type::solo) {
+        lk.unlock();
+        if (group().on_timer(*this, now)) return;
+        lk.lock();  // solo again meanwhile: serves its own queue
+      }
       mode = std::exchange(posted_, false) ? finish_mode::post : finish_mode::dispatch;
       serve(now, ready);
     }
@@ -538,13 +663,94 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   bool withdraw(waiter_base* w, ready_list& ready, bool serve_first = false,
                 std::int64_t until = max_time) {
     const std::int64_t now = now_ns();
-    std::lock_guard lk(mutex_);
-    if (serve_first && !queue_.empty()) serve(std::min(now, until), ready);
-    if (!w->queued) return false;
-    const bool was_head = queue_.front() == w;
-    dequeue(w);
-    if (was_head) serve(now, ready);
+    for (;;) {
+      {
+        std::lock_guard lk(mutex_);
+        if (slot_ == group_type::solo) {
+          if (serve_first && !queue_.empty()) serve(std::min(now, until), ready);
+          if (!w->queued) return false;
+          const bool was_head = queue_.front() == w;
+          dequeue(w);
+          if (was_head) serve(now, ready);
+          return true;
+        }
+      }
+      // In a joint group (it moved there with the bucket's queue, or the
+      // bucket joined later): the group withdraws it, and completes it.
+      if (auto r = group().run(*this, [&](std::size_t) {
+            sched().serve_due(serve_first ? std::min(now, until) : now);
+            const bool queued = w->queued;
+            if (queued) sched().cancel(w->group_id, now);
+            return queued;
+          }))
+        return *r;
+    }
+  }
+
+  // --- joint groups (joint_group.hpp) ----------------------------------------
+
+  friend class joint_group<Clock, WaitTraits>;
+  using group_type = joint_group<Clock, WaitTraits>;
+
+  static group_type& group() noexcept { return group_type::instance(); }
+  static joint_scheduler& sched() noexcept { return group().scheduler(); }
+  static std::array<joint_part, 1> one(std::size_t s, std::uint64_t n) noexcept {
+    return {joint_part{s, n}};
+  }
+
+  /// Runs `solo()` under this bucket's lock when it is solo, else
+  /// `grouped(slot)` under the group's lock (then the group settles); the
+  /// result of the one that ran.
+  template <typename Solo, typename Grouped>
+  auto route(Solo&& solo, Grouped&& grouped) {
+    for (;;) {
+      {
+        std::lock_guard lk(mutex_);
+        if (slot_ == group_type::solo) return solo();
+      }
+      if (auto r = group().run(*this, grouped)) return *r;
+    }
+  }
+
+  /// submit() for a bucket in a joint group (under its lock): `w` is
+  /// queued there, or completes (in the group's settle) at once.
+  bool submit_grouped(waiter_base* w, std::size_t s, std::int64_t now) {
+    {
+      std::lock_guard lk(mutex_);
+      timer_.make(executor_);
+    }
+    sched().reserve_completions();
+    w->group_owner = this;
+    w->group_ex = executor_;
+    w->group_id = sched().request(one(s, w->tokens), now, w);
+    w->queued = sched().is_queued(w->group_id);
     return true;
+  }
+
+  enum class blocked { granted, failed, queued };
+
+  /// get_blocking() for a bucket in a joint group (under its lock).
+  blocked block_grouped(sync_waiter& w, std::size_t s, std::int64_t now, std::int64_t deadline,
+                        std::future<boost::system::error_code>& result,
+                        boost::system::error_code& ec) {
+    const auto r = sched().try_get(one(s, w.tokens), now);
+    if (r == joint_outcome::granted) return blocked::granted;
+    if (r == joint_outcome::closed) {
+      std::lock_guard lk(mutex_);
+      ec = closed_ec_;
+      return blocked::failed;
+    }
+    if (r == joint_outcome::exceeds_capacity) {
+      ec = error::exceeds_capacity;
+      return blocked::failed;
+    }
+    if (deadline != max_time) {
+      const auto wait = sched().retry_after(one(s, w.tokens), now);
+      if (!wait || add_ns(now, *wait) > deadline) return blocked::failed;
+    }
+    result = w.get_future();
+    submit_grouped(&w, s, now);
+    return blocked::queued;
   }
 
   void arm(std::int64_t at) {
@@ -597,6 +803,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   timer_driver<Clock, WaitTraits> timer_;
   bool closed_ = false;
   boost::system::error_code closed_ec_;  // what requests get once closed
+  std::size_t slot_ = group_type::solo;  // in the joint group: its number there
   bool posted_ = false;                  // a completion was posted since on_timer() last ran
 };
 

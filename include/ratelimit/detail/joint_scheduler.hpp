@@ -35,12 +35,20 @@ enum class joint_outcome { granted, exceeds_capacity, closed, aborted };
 struct joint_completion {
   std::uint64_t id;
   joint_outcome how;
-  friend bool operator==(const joint_completion&, const joint_completion&) = default;
+  void* tag = nullptr;  // what the request was made with (request())
+  friend bool operator==(const joint_completion& a, const joint_completion& b) noexcept {
+    return a.id == b.id && a.how == b.how;
+  }
 };
 
 class joint_scheduler {
  public:
-  explicit joint_scheduler(std::int64_t now) : now_(now) {}
+  /// With `keep_held` false, a granted request leaves no record (give_back
+  /// by id finds nothing): its caller keeps what it holds (a receipt) and
+  /// gives back to a bucket (give_back_to). The Asio layer's choice: its
+  /// memory then depends only on what is queued.
+  explicit joint_scheduler(std::int64_t now, bool keep_held = true)
+      : now_(now), keep_held_(keep_held) {}
 
   /// A bucket of `capacity` tokens at `r`, holding `initial` at `now`;
   /// returns its number. Throws std::invalid_argument for invalid values.
@@ -51,24 +59,70 @@ class joint_scheduler {
     if (initial > capacity)
       throw std::invalid_argument("ratelimit: initial tokens exceed capacity");
     serve(now);
-    states_.emplace_back(capacity, rr, now_, initial);
-    closed_.push_back(false);
+    return add_bucket(bucket_state(capacity, rr, now_, initial), now_);
+  }
+
+  /// A bucket in state `s` (as a bucket that had its own queue leaves it:
+  /// refilled to now here); returns its number, reusing the number of a
+  /// removed bucket. Throws std::bad_alloc with nothing added.
+  std::size_t add_bucket(const bucket_state& s, std::int64_t now) {
+    serve(now);
+    std::size_t b;
+    if (!free_.empty()) {
+      b = free_.back();
+      states_[b] = s;
+      closed_[b] = false;
+      parts_[b] = 0;
+      tokens_[b] = 0;
+      free_.pop_back();
+    } else {
+      states_.reserve(states_.size() + 1);
+      closed_.reserve(closed_.size() + 1);
+      parts_.reserve(parts_.size() + 1);
+      tokens_.reserve(tokens_.size() + 1);
+      b = states_.size();
+      states_.push_back(s);
+      closed_.push_back(false);
+      parts_.push_back(0);
+      tokens_.push_back(0);
+      free_.reserve(states_.size());  // so that remove_bucket() never allocates
+    }
+    states_[b].refill(now_);
     invalidate();  // (the planner refers to the states)
-    return states_.size() - 1;
+    return b;
+  }
+
+  /// Removes bucket `b`, which no queued request names, and returns its
+  /// state as of now (its number may be reused). Never allocates.
+  bucket_state remove_bucket(std::size_t b) {
+    check_bucket(b);
+    if (parts_[b] != 0) throw std::logic_error("ratelimit: a queued request names the bucket");
+    free_.push_back(b);
+    invalidate();
+    return states_[b];
   }
 
   // --- requests -------------------------------------------------------------
 
-  std::uint64_t request(std::span<const joint_part> parts, std::int64_t now) {
+  /// A request of `parts` made now (or, with `made_at`, made then: a
+  /// request queued elsewhere before, moving here; no later than now);
+  /// returns its id. `tag` comes back in its completion.
+  std::uint64_t request(std::span<const joint_part> parts, std::int64_t now, void* tag = nullptr,
+                        std::optional<std::int64_t> made_at = std::nullopt) {
     check_parts(parts);
     serve(now);
     const std::uint64_t id = next_id_++;
     if (const auto fail = fails_at_once(parts)) {
-      complete(id, *fail);
+      complete(id, *fail, tag);
     } else {
-      auto it =
-          queued_.emplace(id, queued{std::vector<joint_part>(parts.begin(), parts.end()), now_})
-              .first;
+      auto it = queued_
+                    .emplace(id, queued{std::vector<joint_part>(parts.begin(), parts.end()),
+                                        std::min(made_at.value_or(now_), now_), tag})
+                    .first;
+      for (const joint_part& q : parts) {
+        ++parts_[q.bucket];
+        tokens_[q.bucket] += q.n;
+      }
       if (plan_) {  // placed after every queued request, as a re-plan would place it
         const auto t = plan_->place(it->second.parts, now_);
         plan_->add(id, it->second.parts, t);
@@ -113,10 +167,22 @@ class joint_scheduler {
 
   void cancel(std::uint64_t id, std::int64_t now) {
     serve(now);
-    if (queued_.erase(id) == 0) return;
+    const auto it = queued_.find(id);
+    if (it == queued_.end()) return;
+    void* tag = it->second.tag;
+    forget(it);
     invalidate();
     serve(now_);
-    complete(id, joint_outcome::aborted);
+    complete(id, joint_outcome::aborted, tag);
+  }
+
+  /// Cancels every queued request that names bucket `b` (in id order).
+  void cancel_on(std::size_t b, std::int64_t now) {
+    check_bucket(b);
+    serve(now);
+    fail_queued_on(b, joint_outcome::aborted, std::nullopt);
+    invalidate();
+    serve(now_);
   }
 
   void close(std::size_t b, std::int64_t now) {
@@ -166,7 +232,39 @@ class joint_scheduler {
     return given;
   }
 
+  /// Gives `n` tokens back to bucket `b` (capped at its capacity), then
+  /// grants what becomes due, as of now.
+  void give_back_to(std::size_t b, std::uint64_t n, std::int64_t now) {
+    check_bucket(b);
+    serve(now);
+    states_[b].give_back(n);
+    invalidate();
+    serve(now_);
+  }
+
   // --- observers --------------------------------------------------------------
+
+  bool is_closed(std::size_t b) const { return closed_[b]; }
+  std::uint64_t capacity(std::size_t b) const { return states_[b].capacity(); }
+  const bucket_state& state(std::size_t b) const { return states_[b]; }
+  /// How many queued requests name `b`, and the tokens they ask of it.
+  std::size_t queued_on(std::size_t b) const { return parts_[b]; }
+  uint128 queued_tokens_on(std::size_t b) const { return tokens_[b]; }
+  bool is_queued(std::uint64_t id) const { return queued_.count(id) != 0; }
+
+  /// The earliest planned T of a queued request and that request's tag
+  /// (nothing: nobody is queued, or every queued request is placed never).
+  std::optional<std::pair<std::int64_t, void*>> next_due() {
+    if (queued_.empty()) return std::nullopt;
+    planner();
+    if (due_.empty()) return std::nullopt;
+    return std::pair{due_.begin()->first, queued_.at(due_.begin()->second).tag};
+  }
+
+  /// Makes room for the completions of every queued request and one more, so
+  /// that recording them does not allocate (call before a request).
+  void reserve_completions() { completions_.reserve(completions_.size() + queued_.size() + 1); }
+  void clear_completions() noexcept { completions_.clear(); }
 
   std::uint64_t available(std::size_t b, std::int64_t now) {
     check_bucket(b);
@@ -190,6 +288,7 @@ class joint_scheduler {
   struct queued {
     std::vector<joint_part> parts;
     std::int64_t made_at;
+    void* tag;
   };
   struct held_part {
     std::size_t bucket;
@@ -268,9 +367,10 @@ class joint_scheduler {
         s.take(q.n);
         held.push_back({q.bucket, q.n});
       }
-      queued_.erase(id);
-      held_[id] = std::move(held);
-      complete(id, joint_outcome::granted);
+      void* tag = queued_.at(id).tag;
+      forget(queued_.find(id));
+      if (keep_held_) held_[id] = std::move(held);
+      complete(id, joint_outcome::granted, tag);
     }
     see(now);
   }
@@ -281,19 +381,34 @@ class joint_scheduler {
       for (const joint_part& q : it->second.parts)
         hit = hit || (q.bucket == b && (!over || q.n > *over));
       if (hit) {
-        complete(it->first, how);
-        it = queued_.erase(it);
+        complete(it->first, how, it->second.tag);
+        it = forget(it);
       } else {
         ++it;
       }
     }
   }
 
-  void complete(std::uint64_t id, joint_outcome how) { completions_.push_back({id, how}); }
+  void complete(std::uint64_t id, joint_outcome how, void* tag) {
+    completions_.push_back({id, how, tag});
+  }
+
+  /// Drops queued request `it` (granted or failed); returns the next.
+  std::map<std::uint64_t, queued>::iterator forget(std::map<std::uint64_t, queued>::iterator it) {
+    for (const joint_part& q : it->second.parts) {
+      --parts_[q.bucket];
+      tokens_[q.bucket] -= q.n;
+    }
+    return queued_.erase(it);
+  }
 
   std::int64_t now_;
+  bool keep_held_;
   std::vector<bucket_state> states_;
   std::vector<bool> closed_;
+  std::vector<std::size_t> parts_;  // per bucket: queued requests naming it
+  std::vector<uint128> tokens_;     // per bucket: the tokens they ask of it
+  std::vector<std::size_t> free_;   // numbers of removed buckets
   std::map<std::uint64_t, queued> queued_;
   std::optional<joint_planner> plan_;                             // when valid
   std::map<std::uint64_t, std::optional<std::int64_t>> planned_;  // id -> T, per plan_

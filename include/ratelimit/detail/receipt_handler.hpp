@@ -24,16 +24,16 @@
 
 namespace ratelimit::detail {
 
-template <typename Handler>
+template <typename Handler, typename Receipt = receipt>
 class receipt_handler {
  public:
   receipt_handler(Handler&& handler,
-                  receipt r) noexcept(std::is_nothrow_move_constructible_v<Handler>)
+                  Receipt r) noexcept(std::is_nothrow_move_constructible_v<Handler>)
       : handler_(std::move(handler)), receipt_(std::move(r)) {}
 
   void operator()(boost::system::error_code ec) {
     if (ec)
-      std::move(handler_)(ec, receipt());
+      std::move(handler_)(ec, Receipt());
     else
       std::move(handler_)(ec, std::move(receipt_));
   }
@@ -41,7 +41,7 @@ class receipt_handler {
   Handler handler_;
 
  private:
-  receipt receipt_;
+  Receipt receipt_;
 };
 
 /// `handler` wrapped to receive a receipt of `n` tokens from `target`: what
@@ -59,16 +59,16 @@ receipt_handler<std::decay_t<Handler>> with_receipt_of(Handler&& handler, receip
 
 }  // namespace ratelimit::detail
 
-template <template <typename, typename> class Associator, typename Handler,
+template <template <typename, typename> class Associator, typename Handler, typename Receipt,
           typename DefaultCandidate>
-struct boost::asio::associator<Associator, ratelimit::detail::receipt_handler<Handler>,
+struct boost::asio::associator<Associator, ratelimit::detail::receipt_handler<Handler, Receipt>,
                                DefaultCandidate> : Associator<Handler, DefaultCandidate> {
   static typename Associator<Handler, DefaultCandidate>::type get(
-      const ratelimit::detail::receipt_handler<Handler>& h) noexcept {
+      const ratelimit::detail::receipt_handler<Handler, Receipt>& h) noexcept {
     return Associator<Handler, DefaultCandidate>::get(h.handler_);
   }
 
-  static auto get(const ratelimit::detail::receipt_handler<Handler>& h,
+  static auto get(const ratelimit::detail::receipt_handler<Handler, Receipt>& h,
                   const DefaultCandidate& c) noexcept
       -> decltype(Associator<Handler, DefaultCandidate>::get(h.handler_, c)) {
     return Associator<Handler, DefaultCandidate>::get(h.handler_, c);

@@ -27,6 +27,7 @@
 
 #include <ratelimit/detail/operation.hpp>
 
+#include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/cancellation_type.hpp>
 #include <boost/system/error_code.hpp>
@@ -67,6 +68,14 @@ class waiter_base : public completion_base<boost::system::error_code> {
   bool queued = false;               // in its owner's queue; guarded by the owner's lock
   bool timed = false;                // a sync_waiter with a deadline (sync_waiter.hpp)
   cancel_link_base* link = nullptr;  // its cancellation handler; guarded by the owner's lock
+
+  // While queued in a joint group (joint_group.hpp), under the group's lock:
+  // its number there, the bucket whose timer and executor serve it, and a
+  // copy of that executor (it completes through the copy, so the bucket may
+  // be gone by then).
+  std::uint64_t group_id = 0;
+  void* group_owner = nullptr;
+  boost::asio::any_io_executor group_ex;
 
   void set_result(boost::system::error_code ec) noexcept { std::get<0>(result) = ec; }
   boost::system::error_code error() const noexcept { return std::get<0>(result); }
@@ -146,11 +155,18 @@ class waiter_queue {
   /// Removes `w`, which must be in this queue, and unlinks its cancellation
   /// handler: from here on a cancellation does not reach it.
   void erase(waiter_base* w) noexcept {
+    erase_keep_link(w);
+    w->unlink();
+  }
+
+  /// Removes `w`, which must be in this queue, keeping its cancellation
+  /// handler linked: it moves to another queue of the same owner (a joint
+  /// group: joint_group.hpp).
+  void erase_keep_link(waiter_base* w) noexcept {
     (w->prev ? w->prev->next : head_) = w->next;
     (w->next ? w->next->prev : tail_) = w->prev;
     w->prev = w->next = nullptr;
     w->queued = false;
-    w->unlink();
     --size_;
   }
 

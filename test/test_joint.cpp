@@ -1,0 +1,404 @@
+// The joint acquire over real buckets and keys, on the manual clock: granted
+// together at T; nothing held while waiting (a request behind it in a fast
+// bucket goes first exactly when that cannot move T); one order (no request
+// delayed by a later one); all or nothing (cancel, close, destruction,
+// capacity, a key refused); receipts; retry-after and the try; the blocking
+// form and its deadline; every completion token; buckets back to their own
+// queue once nobody waits jointly on them.
+#include <ratelimit/joint.hpp>
+#include <ratelimit/keyed_limiter.hpp>
+#include <ratelimit/token_bucket.hpp>
+
+#include "test_support.hpp"
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/deferred.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/use_future.hpp>
+
+#include <future>
+#include <string>
+#include <thread>
+
+namespace asio = boost::asio;
+using namespace ratelimit::test;
+using ratelimit::joint_receipt;
+using ratelimit::per_second;
+using ratelimit::start_empty;
+using test_part = ratelimit::basic_part<manual_clock, manual_wait_traits>;
+using test_keyed =
+    ratelimit::basic_keyed_limiter<std::string, std::hash<std::string>, std::equal_to<std::string>,
+                                   manual_clock, manual_wait_traits>;
+
+namespace {
+
+struct joint_outcome {
+  int calls = 0;
+  boost::system::error_code ec;
+  joint_receipt r;
+  bool done() const { return calls > 0; }
+};
+
+std::shared_ptr<joint_outcome> joint(std::initializer_list<test_part> parts) {
+  auto o = std::make_shared<joint_outcome>();
+  ratelimit::async_acquire(parts, [o](boost::system::error_code ec, joint_receipt r) {
+    ++o->calls;
+    o->ec = ec;
+    o->r = std::move(r);
+  });
+  return o;
+}
+
+std::shared_ptr<joint_outcome> joint(std::initializer_list<test_part> parts,
+                                     asio::cancellation_signal& sig) {
+  auto o = std::make_shared<joint_outcome>();
+  ratelimit::async_acquire(parts, asio::bind_cancellation_slot(
+                                      sig.slot(), [o](boost::system::error_code ec, joint_receipt r) {
+                                        ++o->calls;
+                                        o->ec = ec;
+                                        o->r = std::move(r);
+                                      }));
+  return o;
+}
+
+/// A wait in whole milliseconds (-1: none), printable.
+long long ms_of(std::optional<manual_clock::duration> d) {
+  return d ? std::chrono::duration_cast<std::chrono::milliseconds>(*d).count() : -1;
+}
+
+}  // namespace
+
+BOOST_FIXTURE_TEST_SUITE(joint_acquire, clock_fixture)
+
+BOOST_AUTO_TEST_CASE(granted_at_once_when_every_bucket_holds_its_part) {
+  asio::io_context ctx;
+  test_bucket a(ctx, 10, per_second(1));
+  test_bucket b(ctx, 10, per_second(1));
+  auto o = joint({{a, 3}, {b, 4}});
+  BOOST_TEST(!o->done());  // never inside the initiating call
+  BOOST_TEST(a.available() == 7u);
+  BOOST_TEST(b.available() == 6u);
+  BOOST_TEST(settle(ctx, [&] { return o->done(); }));
+  BOOST_TEST(!o->ec);
+  BOOST_REQUIRE(o->r.size() == 2u);
+  BOOST_TEST(o->r[0].granted() == 3u);
+  BOOST_TEST(o->r[1].granted() == 4u);
+}
+
+BOOST_AUTO_TEST_CASE(granted_together_at_the_time_every_bucket_can_give) {
+  asio::io_context ctx;
+  test_bucket slow(ctx, 10, per_second(1), start_empty);
+  test_bucket fast(ctx, 10, per_second(1000));
+  auto o = joint({{slow, 2}, {fast, 5}});
+  pump(ctx);
+  BOOST_TEST(!o->done());
+  BOOST_TEST(fast.available() == 10u);  // nothing taken while it waits
+  BOOST_TEST(slow.waiting() == 1u);
+  BOOST_TEST(fast.waiting() == 1u);
+  manual_clock::advance(1999ms);
+  pump(ctx);
+  BOOST_TEST(!o->done());
+  manual_clock::advance(1ms);
+  BOOST_TEST(settle(ctx, [&] { return o->done(); }));
+  BOOST_TEST(!o->ec);
+  BOOST_TEST(slow.available() == 0u);
+  BOOST_TEST(fast.available() == 5u);  // both taken at T
+  BOOST_TEST(slow.waiting() == 0u);
+  BOOST_TEST(fast.waiting() == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(a_request_behind_goes_first_exactly_when_it_cannot_move_t) {
+  asio::io_context ctx;
+  test_bucket slow(ctx, 10, per_second(1), start_empty);
+  test_bucket fast(ctx, 10, per_second(1));  // full, slow to refill
+  auto j = joint({{slow, 1}, {fast, 5}});    // T = 1 s
+  auto first = request(fast, 5);             // leaves 5 (+1 by T): cannot move T
+  auto second = request(fast, 2);            // would leave 4 at T: must wait behind j
+  BOOST_TEST(settle(ctx, [&] { return first->done(); }));
+  BOOST_TEST(first->ok());
+  pump(ctx);
+  BOOST_TEST(!second->done());
+  BOOST_TEST(!j->done());
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return j->done(); }));
+  BOOST_TEST(!j->ec);
+  BOOST_TEST(j->r[1].granted() == 5u);
+  BOOST_TEST(fast.available() == 1u);  // 5 + 1 accrued - 5
+  pump(ctx);
+  BOOST_TEST(!second->done());
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return second->done(); }));
+  BOOST_TEST(second->ok());
+}
+
+BOOST_AUTO_TEST_CASE(no_request_is_delayed_by_one_made_after_it) {
+  asio::io_context ctx;
+  test_bucket slow(ctx, 10, per_second(1), start_empty);
+  test_bucket fast(ctx, 10, per_second(1), start_empty);
+  auto single = request(slow, 2);             // due at 2 s
+  auto j = joint({{slow, 1}, {fast, 1}});     // after it: 3 s
+  manual_clock::advance(2s);
+  BOOST_TEST(settle(ctx, [&] { return single->done(); }));
+  BOOST_TEST(single->ok());
+  pump(ctx);
+  BOOST_TEST(!j->done());
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return j->done(); }));
+  BOOST_TEST(!j->ec);
+}
+
+BOOST_AUTO_TEST_CASE(a_cancelled_request_takes_nothing_anywhere) {
+  asio::io_context ctx;
+  test_bucket slow(ctx, 10, per_second(1), start_empty);
+  test_bucket fast(ctx, 10, per_second(1));
+  asio::cancellation_signal sig;
+  auto j = joint({{fast, 4}, {slow, 1}}, sig);
+  auto behind = request(fast, 8);  // waits behind j (would move its T)
+  pump(ctx);
+  BOOST_TEST(!behind->done());
+  sig.emit(asio::cancellation_type::terminal);
+  BOOST_TEST(settle(ctx, [&] { return j->done() && behind->done(); }));
+  BOOST_TEST(j->ec == asio::error::operation_aborted);
+  BOOST_TEST(j->r.empty());
+  BOOST_TEST(behind->ok());  // as if j had never been
+  BOOST_TEST(fast.available() == 2u);
+  BOOST_TEST(slow.available() == 0u);
+  sig.emit(asio::cancellation_type::terminal);  // late: harmless
+  pump(ctx);
+}
+
+BOOST_AUTO_TEST_CASE(closing_or_destroying_one_limiter_fails_the_request_and_takes_nothing) {
+  asio::io_context ctx;
+  test_bucket fast(ctx, 10, per_second(1));
+  {
+    test_bucket slow(ctx, 10, per_second(1), start_empty);
+    auto j = joint({{fast, 4}, {slow, 1}});
+    pump(ctx);
+    slow.close();
+    BOOST_TEST(settle(ctx, [&] { return j->done(); }));
+    BOOST_TEST(j->ec == ratelimit::error::bucket_closed);
+    BOOST_TEST(fast.available() == 10u);
+  }
+  auto slow = std::make_unique<test_bucket>(ctx, 10, per_second(1), start_empty);
+  auto j = joint({{fast, 4}, {*slow, 1}});
+  pump(ctx);
+  slow.reset();
+  BOOST_TEST(settle(ctx, [&] { return j->done(); }));
+  BOOST_TEST(j->ec == asio::error::operation_aborted);
+  BOOST_TEST(fast.available() == 10u);
+  BOOST_TEST(fast.waiting() == 0u);
+  BOOST_TEST(runs_dry(ctx));  // no timer left armed
+}
+
+BOOST_AUTO_TEST_CASE(a_part_over_its_capacity_fails_at_once) {
+  asio::io_context ctx;
+  test_bucket a(ctx, 10, per_second(1));
+  test_bucket b(ctx, 5, per_second(1));
+  auto j = joint({{a, 1}, {b, 6}});
+  BOOST_TEST(settle(ctx, [&] { return j->done(); }));
+  BOOST_TEST(j->ec == ratelimit::error::exceeds_capacity);
+  BOOST_TEST(a.available() == 10u);
+  b.close();
+  auto k = joint({{a, 1}, {b, 6}});
+  BOOST_TEST(settle(ctx, [&] { return k->done(); }));
+  BOOST_TEST(k->ec == ratelimit::error::bucket_closed);  // closed before capacity
+}
+
+BOOST_AUTO_TEST_CASE(naming_a_bucket_twice_or_nothing_is_an_error) {
+  asio::io_context ctx;
+  test_bucket a(ctx, 10, per_second(1));
+  BOOST_CHECK_THROW(ratelimit::async_acquire({test_part(a, 1), test_part(a, 2)}, asio::detached),
+                    std::invalid_argument);
+  BOOST_CHECK_THROW(
+      ratelimit::async_acquire(std::span<const test_part>(), asio::detached),
+      std::invalid_argument);
+  BOOST_TEST(a.available() == 10u);
+}
+
+BOOST_AUTO_TEST_CASE(set_rate_and_capacity_retime_or_fail_a_queued_request) {
+  asio::io_context ctx;
+  test_bucket slow(ctx, 10, per_second(1), start_empty);
+  test_bucket fast(ctx, 10, per_second(1));
+  auto j = joint({{slow, 5}, {fast, 1}});  // T = 5 s
+  pump(ctx);
+  slow.set_rate(per_second(5));  // T = 1 s
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return j->done(); }));
+  BOOST_TEST(!j->ec);
+  auto k = joint({{slow, 8}, {fast, 1}});
+  pump(ctx);
+  slow.set_capacity(6);
+  BOOST_TEST(settle(ctx, [&] { return k->done(); }));
+  BOOST_TEST(k->ec == ratelimit::error::exceeds_capacity);
+  BOOST_TEST(fast.available() == 9u);
+}
+
+BOOST_AUTO_TEST_CASE(a_joint_receipt_gives_back_to_each_limiter) {
+  asio::io_context ctx;
+  test_bucket a(ctx, 10, per_second(1));
+  test_bucket b(ctx, 10, per_second(1));
+  auto j = joint({{a, 6}, {b, 8}});
+  BOOST_TEST(settle(ctx, [&] { return j->done(); }));
+  auto waiting = request(b, 5);  // due only when tokens come back
+  pump(ctx);
+  BOOST_TEST(!waiting->done());
+  BOOST_TEST(j->r[1].give_back(100) == 8u);
+  BOOST_TEST(settle(ctx, [&] { return waiting->done(); }));
+  BOOST_TEST(waiting->ok());
+  BOOST_TEST(j->r.give_back_all() == 6u);
+  BOOST_TEST(a.available() == 10u);
+  BOOST_TEST(j->r.give_back_all() == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(retry_after_and_the_try_report_the_joint_wait) {
+  asio::io_context ctx;
+  test_bucket slow(ctx, 10, per_second(2), start_empty);
+  test_bucket fast(ctx, 10, per_second(1));
+  BOOST_TEST(ms_of(ratelimit::retry_after({test_part(slow, 1), test_part(fast, 1)})) == 500);
+  std::optional<manual_clock::duration> wait;
+  BOOST_TEST(!ratelimit::try_acquire({test_part(slow, 1), test_part(fast, 1)}, wait));
+  BOOST_TEST(ms_of(wait) == 500);
+  auto j = joint({{slow, 3}, {fast, 1}});  // 1.5 s
+  pump(ctx);
+  BOOST_TEST(ms_of(ratelimit::retry_after({test_part(slow, 1), test_part(fast, 1)})) == 2000);
+  BOOST_TEST(ms_of(ratelimit::retry_after({test_part(fast, 9)})) == 0);  // cannot move j
+  // Taking all 10 of fast's now still leaves j's 1 by 1.5 s: j cannot move.
+  BOOST_TEST(ms_of(ratelimit::retry_after({test_part(fast, 10)})) == 0);
+  manual_clock::advance(2s);
+  BOOST_TEST(settle(ctx, [&] { return j->done(); }));
+  auto r = ratelimit::try_acquire({test_part(slow, 1), test_part(fast, 1)}, wait);
+  BOOST_REQUIRE(r);
+  BOOST_TEST(ms_of(wait) == 0);
+  BOOST_TEST((*r)[0].granted() == 1u);
+  BOOST_TEST(!ratelimit::retry_after({test_part(slow, 11), test_part(fast, 1)}));
+}
+
+BOOST_AUTO_TEST_CASE(a_key_and_a_bucket_taken_as_one) {
+  asio::io_context ctx;
+  test_keyed clients(ctx, 2, per_second(1), 100);
+  test_bucket global(ctx, 100, per_second(100));
+  for (int i = 0; i < 2; ++i) {
+    auto r = ratelimit::try_acquire({test_part(clients, std::string("alice"), 1), test_part(global, 1)});
+    BOOST_TEST(r.has_value());
+  }
+  std::optional<manual_clock::duration> wait;
+  BOOST_TEST(!ratelimit::try_acquire(
+      {test_part(clients, std::string("alice"), 1), test_part(global, 1)}, wait));
+  BOOST_TEST(ms_of(wait) == 1000);
+  BOOST_TEST(global.available() == 98u);  // the refusal took nothing
+  auto j = joint({{clients, std::string("alice"), 1}, {global, 1}});
+  pump(ctx);
+  BOOST_TEST(!j->done());
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return j->done(); }));
+  BOOST_TEST(!j->ec);
+  BOOST_TEST(j->r[0].give_back_all() == 1u);
+  BOOST_TEST(clients.available("alice") == 1u);
+}
+
+BOOST_AUTO_TEST_CASE(a_key_refused_for_the_memory_bound_takes_nothing) {
+  asio::io_context ctx;
+  test_keyed clients(ctx, 2, per_second(1), 1);
+  test_bucket global(ctx, 100, per_second(100));
+  clients.get_token(std::string("alice"), 1);  // not full: not evictable
+  auto j = joint({{global, 5}, {clients, std::string("bob"), 1}});
+  BOOST_TEST(settle(ctx, [&] { return j->done(); }));
+  BOOST_TEST(j->ec == ratelimit::error::too_many_keys);
+  BOOST_TEST(global.available() == 100u);
+}
+
+BOOST_AUTO_TEST_CASE(the_blocking_form_waits_and_its_deadline_fails_at_once_when_unreachable) {
+  running_context rc;
+  test_bucket slow(rc.ctx, 10, per_second(1), start_empty);
+  test_bucket fast(rc.ctx, 10, per_second(1));
+  const std::array<test_part, 2> parts{test_part(slow, 2), test_part(fast, 3)};
+  boost::system::error_code ec;
+  auto r = ratelimit::acquire_for(std::span<const test_part>(parts), 1s, ec);
+  BOOST_TEST(r.empty());  // due at 2 s: known at once
+  BOOST_TEST(!ec);
+  BOOST_TEST(fast.available() == 10u);
+  std::promise<joint_receipt> got;
+  boost::system::error_code got_ec;
+  std::thread t([&] {
+    got.set_value(ratelimit::acquire(std::span<const test_part>(parts), got_ec));
+  });
+  const bool queued = eventually([&] { return slow.waiting() == 1u; }, 5s);
+  BOOST_TEST(queued);
+  manual_clock::advance(2s);
+  auto fut = got.get_future();
+  BOOST_TEST((fut.wait_for(20s) == std::future_status::ready));
+  t.join();
+  BOOST_TEST(!got_ec);
+  auto jr = fut.get();
+  BOOST_REQUIRE(jr.size() == 2u);
+  BOOST_TEST(fast.available() == 7u);
+  // A deadline that passes while it waits (the rate dropped): nothing taken.
+  std::promise<bool> timed;
+  std::thread u([&] {
+    boost::system::error_code e;
+    auto x = ratelimit::acquire_for(std::span<const test_part>(parts), 3s, e);
+    timed.set_value(x.empty() && !e);
+  });
+  BOOST_TEST(eventually([&] { return slow.waiting() == 1u; }));
+  slow.set_rate(ratelimit::per_minute(1));  // the 2 tokens now due at 2 min
+  manual_clock::advance(3s);
+  auto tf = timed.get_future();
+  BOOST_TEST((tf.wait_for(20s) == std::future_status::ready));
+  u.join();
+  BOOST_TEST(tf.get());
+  BOOST_TEST(fast.available() == 10u);
+  BOOST_TEST(slow.waiting() == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(every_completion_token) {
+  asio::io_context ctx;
+  test_bucket a(ctx, 10, per_second(1), start_empty);
+  test_bucket b(ctx, 10, per_second(1));
+  const std::array<test_part, 2> parts{test_part(a, 1), test_part(b, 1)};
+  auto fut = ratelimit::async_acquire(std::span<const test_part>(parts), asio::use_future);
+  auto op = ratelimit::async_acquire(std::span<const test_part>(parts), asio::deferred);
+  bool deferred_done = false;
+  std::move(op)([&](boost::system::error_code ec, joint_receipt r) {
+    deferred_done = !ec && r.size() == 2;
+  });
+  bool co_done = false;
+  asio::co_spawn(
+      ctx,
+      [&]() -> asio::awaitable<void> {
+        auto [ec, r] = co_await ratelimit::async_acquire(std::span<const test_part>(parts),
+                                                          asio::as_tuple(asio::use_awaitable));
+        co_done = !ec && r.size() == 2;
+      },
+      asio::detached);
+  manual_clock::advance(3s);
+  BOOST_TEST(settle(ctx, [&] { return deferred_done && co_done; }));
+  BOOST_TEST((fut.wait_for(0s) == std::future_status::ready));
+  BOOST_TEST(fut.get().size() == 2u);
+}
+
+BOOST_AUTO_TEST_CASE(buckets_serve_their_own_queue_again_once_nobody_waits_jointly) {
+  asio::io_context ctx;
+  test_bucket slow(ctx, 10, per_second(1), start_empty);
+  test_bucket fast(ctx, 10, per_second(1));
+  auto single = request(slow, 1);
+  auto j = joint({{slow, 1}, {fast, 1}});
+  auto after = request(slow, 1);
+  manual_clock::advance(3s);
+  BOOST_TEST(settle(ctx, [&] { return single->done() && j->done() && after->done(); }));
+  BOOST_TEST(single->order < j->calls + 1000);
+  BOOST_TEST(single->ok());
+  BOOST_TEST(after->ok());
+  // Solo again: FIFO as before, timer and all.
+  auto x = request(slow, 2);
+  BOOST_TEST(!x->done());
+  manual_clock::advance(2s);
+  BOOST_TEST(settle(ctx, [&] { return x->done(); }));
+  BOOST_TEST(x->ok());
+  BOOST_TEST(runs_dry(ctx));
+}
+
+BOOST_AUTO_TEST_SUITE_END()
