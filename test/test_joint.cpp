@@ -56,12 +56,13 @@ std::shared_ptr<joint_outcome> joint(std::initializer_list<test_part> parts) {
 std::shared_ptr<joint_outcome> joint(std::initializer_list<test_part> parts,
                                      asio::cancellation_signal& sig) {
   auto o = std::make_shared<joint_outcome>();
-  ratelimit::async_acquire(parts, asio::bind_cancellation_slot(
-                                      sig.slot(), [o](boost::system::error_code ec, joint_receipt r) {
-                                        ++o->calls;
-                                        o->ec = ec;
-                                        o->r = std::move(r);
-                                      }));
+  ratelimit::async_acquire(
+      parts,
+      asio::bind_cancellation_slot(sig.slot(), [o](boost::system::error_code ec, joint_receipt r) {
+        ++o->calls;
+        o->ec = ec;
+        o->r = std::move(r);
+      }));
   return o;
 }
 
@@ -139,8 +140,8 @@ BOOST_AUTO_TEST_CASE(no_request_is_delayed_by_one_made_after_it) {
   asio::io_context ctx;
   test_bucket slow(ctx, 10, per_second(1), start_empty);
   test_bucket fast(ctx, 10, per_second(1), start_empty);
-  auto single = request(slow, 2);             // due at 2 s
-  auto j = joint({{slow, 1}, {fast, 1}});     // after it: 3 s
+  auto single = request(slow, 2);          // due at 2 s
+  auto j = joint({{slow, 1}, {fast, 1}});  // after it: 3 s
   manual_clock::advance(2s);
   BOOST_TEST(settle(ctx, [&] { return single->done(); }));
   BOOST_TEST(single->ok());
@@ -213,9 +214,8 @@ BOOST_AUTO_TEST_CASE(naming_a_bucket_twice_or_nothing_is_an_error) {
   test_bucket a(ctx, 10, per_second(1));
   BOOST_CHECK_THROW(ratelimit::async_acquire({test_part(a, 1), test_part(a, 2)}, asio::detached),
                     std::invalid_argument);
-  BOOST_CHECK_THROW(
-      ratelimit::async_acquire(std::span<const test_part>(), asio::detached),
-      std::invalid_argument);
+  BOOST_CHECK_THROW(ratelimit::async_acquire(std::span<const test_part>(), asio::detached),
+                    std::invalid_argument);
   BOOST_TEST(a.available() == 10u);
 }
 
@@ -282,7 +282,8 @@ BOOST_AUTO_TEST_CASE(a_key_and_a_bucket_taken_as_one) {
   test_keyed clients(ctx, 2, per_second(1), 100);
   test_bucket global(ctx, 100, per_second(100));
   for (int i = 0; i < 2; ++i) {
-    auto r = ratelimit::try_acquire({test_part(clients, std::string("alice"), 1), test_part(global, 1)});
+    auto r =
+        ratelimit::try_acquire({test_part(clients, std::string("alice"), 1), test_part(global, 1)});
     BOOST_TEST(r.has_value());
   }
   std::optional<manual_clock::duration> wait;
@@ -323,9 +324,8 @@ BOOST_AUTO_TEST_CASE(the_blocking_form_waits_and_its_deadline_fails_at_once_when
   BOOST_TEST(fast.available() == 10u);
   std::promise<joint_receipt> got;
   boost::system::error_code got_ec;
-  std::thread t([&] {
-    got.set_value(ratelimit::acquire(std::span<const test_part>(parts), got_ec));
-  });
+  std::thread t(
+      [&] { got.set_value(ratelimit::acquire(std::span<const test_part>(parts), got_ec)); });
   const bool queued = eventually([&] { return slow.waiting() == 1u; }, 5s);
   BOOST_TEST(queued);
   manual_clock::advance(2s);
@@ -362,15 +362,14 @@ BOOST_AUTO_TEST_CASE(every_completion_token) {
   auto fut = ratelimit::async_acquire(std::span<const test_part>(parts), asio::use_future);
   auto op = ratelimit::async_acquire(std::span<const test_part>(parts), asio::deferred);
   bool deferred_done = false;
-  std::move(op)([&](boost::system::error_code ec, joint_receipt r) {
-    deferred_done = !ec && r.size() == 2;
-  });
+  std::move(op)(
+      [&](boost::system::error_code ec, joint_receipt r) { deferred_done = !ec && r.size() == 2; });
   bool co_done = false;
   asio::co_spawn(
       ctx,
       [&]() -> asio::awaitable<void> {
         auto [ec, r] = co_await ratelimit::async_acquire(std::span<const test_part>(parts),
-                                                          asio::as_tuple(asio::use_awaitable));
+                                                         asio::as_tuple(asio::use_awaitable));
         co_done = !ec && r.size() == 2;
       },
       asio::detached);

@@ -139,6 +139,7 @@ class joint_request {
       m->lock();
     locked_ = true;
     try {
+      bool over = false;  // a key's part over its capacity: fails, unless a part is closed
       for (const part_type& p : parts) {
         std::shared_ptr<bucket_type> b = p.bucket_;
         void* cookie = nullptr;
@@ -148,12 +149,22 @@ class joint_request {
         } else if (!b) {
           ec = error::bucket_closed;  // a moved-from bucket
         }
+        if (ec == error::exceeds_capacity) {
+          over = true;
+          ec = {};
+          continue;
+        }
         if (ec) return;
         for (const auto& other : keep_)
           if (other == b)
             throw std::invalid_argument("ratelimit: a joint request names a bucket twice");
         keep_.push_back(b);
         parts_.push_back({b.get(), p.n_});
+      }
+      if (over) {  // closed before over the capacity, as every limiter decides
+        for (const auto& b : keep_)
+          if ((ec = b->closed_error())) return;
+        ec = error::exceeds_capacity;
       }
     } catch (...) {
       done();
@@ -175,7 +186,7 @@ class joint_request {
     std::vector<receipt> r;
     r.reserve(parts.size());
     for (const part_type& p : parts) {
-      receipt_target t = p.source_ ? p.source_->target()
+      receipt_target t = p.source_   ? p.source_->target()
                          : p.bucket_ ? p.bucket_->receipt_target_of()
                                      : receipt_target{};
       r.push_back(receipt_access::make(std::move(t), p.n_));
@@ -224,8 +235,7 @@ struct initiate_joint_acquire {
       req.done();
       return post_completion(std::forward<Handler>(handler), req.executor(), ec, joint_receipt());
     }
-    wrapped h(std::decay_t<Handler>(std::forward<Handler>(handler)),
-              request_type::receipts(parts));
+    wrapped h(std::decay_t<Handler>(std::forward<Handler>(handler)), request_type::receipts(parts));
     using op_type = handler_op<waiter_base, wrapped>;
     op_type* op = op_type::create(std::move(h), req.executor(), std::uint64_t{0});
     try {

@@ -246,14 +246,18 @@ class joint_model {
   }
 
   /// Returns up to `k` tokens to each part of granted request `id` (see the
-  /// header comment); what was given back per part, in part order.
-  std::vector<std::uint64_t> give_back(std::uint64_t id, std::uint64_t k, std::int64_t now) {
+  /// header comment); what was given back per part, in part order. With
+  /// `only`, to that part alone (a receipt of one part: the others give
+  /// nothing, and return 0).
+  std::vector<std::uint64_t> give_back(std::uint64_t id, std::uint64_t k, std::int64_t now,
+                                       std::optional<std::size_t> only = std::nullopt) {
     serve(now);
     auto it = held_.find(id);
     if (it == held_.end()) return {};
     std::vector<std::uint64_t> given;
     for (held_part& h : it->second) {
-      const std::uint64_t g = std::min(k, h.held);
+      const bool this_one = !only || *only == given.size();
+      const std::uint64_t g = this_one ? std::min(k, h.held) : 0;
       h.held -= g;
       bucket& b = buckets_[h.bucket];
       b.level += g;

@@ -93,9 +93,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
           if (closed_ || !queue_.empty() || n > state_.capacity()) return false;
           return state_.try_take(now, n);
         },
-        [&](std::size_t s) {
-          return sched().try_get(one(s, n), now) == joint_outcome::granted;
-        });
+        [&](std::size_t s) { return sched().try_get(one(s, n), now) == joint_outcome::granted; });
   }
 
   /// How long (ns) a request for `n` tokens made now would wait before it is
@@ -411,6 +409,12 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     return !closed_;
   }
 
+  /// What requests get because the bucket is closed; clear while it is open.
+  boost::system::error_code closed_error() const {
+    std::lock_guard lk(mutex_);
+    return closed_ ? closed_ec_ : boost::system::error_code();
+  }
+
   // --- observers and configuration ----------------------------------------
 
   std::uint64_t available() {
@@ -426,7 +430,8 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
 
   /// The requests queued on this bucket (in a joint group: naming it).
   std::size_t waiting() {
-    return route([&] { return queue_.size(); }, [&](std::size_t s) { return sched().queued_on(s); });
+    return route([&] { return queue_.size(); },
+                 [&](std::size_t s) { return sched().queued_on(s); });
   }
 
   std::uint64_t capacity() {

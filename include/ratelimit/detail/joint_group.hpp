@@ -317,9 +317,8 @@ class joint_group {
     instance().submit(parts, &w, now);
     before_wait();
     if (deadline != max_time) {
-      while (result.wait_for(WaitTraits::to_wait_duration(bucket_type::from_ns(deadline) -
-                                                          Clock::now())) !=
-             std::future_status::ready) {
+      while (result.wait_for(WaitTraits::to_wait_duration(
+                 bucket_type::from_ns(deadline) - Clock::now())) != std::future_status::ready) {
         const std::int64_t t = bucket_type::now_ns();
         if (t < deadline) continue;
         if (instance().withdraw(&w, t, deadline)) {
@@ -344,11 +343,13 @@ class joint_group {
   /// Runs after the timer of `b` fired (a group member): grants what is due.
   /// False if `b` is solo by now.
   bool on_timer(bucket_type& b, std::int64_t now) {
-    return run(b, [&](std::size_t) {
-             if (armed_ == &b) armed_ = nullptr;  // fired: settle() arms the next
-             x_.serve_due(now);
-             return true;
-           }).has_value();
+    return run(b,
+               [&](std::size_t) {
+                 if (armed_ == &b) armed_ = nullptr;  // fired: settle() arms the next
+                 x_.serve_due(now);
+                 return true;
+               })
+        .has_value();
   }
 
  private:
@@ -490,10 +491,17 @@ class joint_group {
       w->unlink();
       boost::system::error_code ec;
       switch (c.how) {
-        case joint_outcome::granted: break;
-        case joint_outcome::exceeds_capacity: ec = error::exceeds_capacity; break;
-        case joint_outcome::closed: ec = closed_ec_; break;
-        case joint_outcome::aborted: ec = boost::asio::error::operation_aborted; break;
+        case joint_outcome::granted:
+          break;
+        case joint_outcome::exceeds_capacity:
+          ec = error::exceeds_capacity;
+          break;
+        case joint_outcome::closed:
+          ec = closed_ec_;
+          break;
+        case joint_outcome::aborted:
+          ec = boost::asio::error::operation_aborted;
+          break;
       }
       done.push(w, ec);
     }
