@@ -5,9 +5,12 @@
 //   - lines per second per client address (ratelimit::keyed_limiter; one
 //     address, --trusted, may have its own quota: set_quota),
 //   - lines per second for the whole server (one global bucket).
-// A client over its limit waits (its lines are echoed, byte for byte, at the
-// limited rate), or with --on-limit=reject gets "error: rate limit exceeded,
-// retry in 0.42 s" (when a line would pass) for each line over the limit.
+// Each line takes a token of its client and one of the server as one joint
+// request (ratelimit::async_acquire over two ratelimit::part): nothing is
+// spent on either limit until both can give. A client over a limit waits (its
+// lines are echoed, byte for byte, at the limited rate), or with
+// --on-limit=reject gets "error: rate limit exceeded, retry in 0.42 s" (when
+// a line would pass both) for each line over the limit.
 //
 //   echo_server --port 5555 --msg-rate 2 --burst 5
 //   nc 127.0.0.1 5555
@@ -27,6 +30,7 @@
 
 #include <sys/resource.h>
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -36,6 +40,7 @@
 #include <limits>
 #include <map>
 #include <optional>
+#include <span>
 #include <sstream>
 #include <string>
 #include <variant>
@@ -229,18 +234,20 @@ class server {
       const std::string line = buf.substr(0, n);
       buf.erase(0, n);
 
+      // The client's limit and the global one, taken as one request: granted
+      // when both have a token, and nothing spent on either until then (a
+      // line the global limit refuses costs the client nothing).
+      const std::array<ratelimit::part, 2> parts{ratelimit::part(clients_, addr, 1),
+                                                 ratelimit::part(global_, 1)};
+      const std::span<const ratelimit::part> both(parts);
       boost::system::error_code lec;
-      if (cfg_.reject) {
-        // try_acquire with an error_code tells "over the limit" (empty, no
-        // error) from "no room for another address" (too_many_keys). When the
-        // client's token is there but the global limit refuses, the receipt
-        // gives it back: a rejected line spends nothing.
-        std::optional<ratelimit::receipt> mine = clients_.try_acquire(addr, 1, lec);
-        if (!lec && !(mine && global_.try_get_token())) {
-          if (mine) mine->give_back_all();
-          // When a line would pass both limits: the later of the two waits.
-          std::optional<std::chrono::nanoseconds> wait = clients_.retry_after(addr);
-          if (const auto g = global_.retry_after(); wait && g) wait = std::max(*wait, *g);
+      std::optional<std::chrono::nanoseconds> wait;  // when a line would pass both
+      const bool now = ratelimit::try_acquire(both, wait, lec).has_value();
+      if (!now && !lec) {
+        // Which limit holds the line (for the log): the client's, if it is out of tokens.
+        const auto own = clients_.retry_after(addr);
+        const bool own_limit = own && own->count() > 0;
+        if (cfg_.reject) {
           if (!over_limit) log(tag, " over its limit: rejecting its lines");
           over_limit = true;
           ++stats.rejected;
@@ -249,29 +256,21 @@ class server {
           if (last) break;
           continue;
         }
-      } else {
-        bool waited = false;
-        std::optional<ratelimit::receipt> mine = clients_.try_acquire(addr, 1, lec);
-        if (!mine && !lec) {
-          if (!over_limit) {
+        if (!over_limit) {
+          if (own_limit) {
             const ratelimit::quota q = clients_.get_quota(addr);  // its own, or the default
             log(tag, " over its limit (", q.rate.tokens, " lines/s, burst ", q.capacity,
                 "): delaying its lines");
+          } else {
+            log(tag, " waits for the global limit (", cfg_.global_rate, " lines/s)");
           }
-          waited = true;
-          auto [ec, r] = co_await clients_.async_acquire(addr, 1, nothrow);
-          lec = ec;
-          mine = std::move(r);
         }
-        if (!lec && !global_.try_get_token()) {
-          if (!waited) log(tag, " waits for the global limit (", cfg_.global_rate, " lines/s)");
-          waited = true;
-          std::tie(lec) = co_await global_.async_get_token(nothrow);
-          // Not sent (shutdown): the client's token goes back.
-          if (lec && mine) mine->give_back_all();
-        }
-        over_limit = waited;
-        stats.delayed += waited;
+        auto [ec, r] = co_await ratelimit::async_acquire(both, nothrow);
+        lec = ec;
+        over_limit = true;
+        ++stats.delayed;
+      } else {
+        over_limit = false;
       }
       if (lec == ratelimit::error::too_many_keys) {
         log(tag, " refused: ", lec.message());
