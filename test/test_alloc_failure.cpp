@@ -32,6 +32,7 @@
 //
 #include "alloc_harness.hpp"
 
+#include <ratelimit/joint.hpp>
 #include <ratelimit/keyed_limiter.hpp>
 #include <ratelimit/receipt.hpp>
 #include <ratelimit/token_bucket.hpp>
@@ -371,6 +372,52 @@ void keyed_acquire(env& e) {
   });
 }
 
+// --- joint acquire ------------------------------------------------------------
+
+/// Joint requests over two buckets and a key: a try, a grant at once, a
+/// request that waits (its buckets join the joint group, with a single
+/// queued behind it), a give-back that grants it, one the timer grants, one
+/// cancelled by the destruction of a bucket (the others take nothing).
+void joint_acquire(env& e) {
+  using part = ratelimit::basic_part<manual_clock, manual_wait_traits>;
+  std::optional<bucket_t> a, b;
+  std::optional<keyed_t> l;
+  if (!make(e, a, 3, per_second(1))) return;
+  if (!make(e, b, 2, per_second(1))) return;
+  if (!make(e, l, 2, per_second(1), 4)) return;
+  std::optional<ratelimit::joint_receipt> r;
+  e.call("try_acquire", [&] { r = ratelimit::try_acquire({part(*a, 1), part(*b, 2)}); });
+  e.start<ratelimit::joint_receipt>([&](auto&& token) {  // at once
+    return ratelimit::async_acquire({part(*a, 1), part(*l, 1, 1)},
+                                    std::forward<decltype(token)>(token));
+  });
+  e.start<ratelimit::joint_receipt>([&](auto&& token) {  // waits: b is empty
+    return ratelimit::async_acquire({part(*b, 1), part(*a, 1)},
+                                    std::forward<decltype(token)>(token));
+  });
+  e.start(get(*b, 1));  // a single behind it
+  e.pump();
+  e.call("give_back", [&] {
+    if (r) r->give_back_all();  // grants the joint request and the single
+  });
+  e.pump();
+  e.start<ratelimit::joint_receipt>([&](auto&& token) {  // the timer grants it
+    return ratelimit::async_acquire({part(*l, 2, 2), part(*b, 1)},
+                                    std::forward<decltype(token)>(token));
+  });
+  e.pump();
+  e.advance(2s);
+  e.start<ratelimit::joint_receipt>([&](auto&& token) {  // waits; b is destroyed
+    return ratelimit::async_acquire({part(*a, 3), part(*b, 2)},
+                                    std::forward<decltype(token)>(token));
+  });
+  e.pump();
+  b.reset();
+  e.pump();
+  a.reset();
+  l.reset();
+}
+
 struct scenario {
   const char* name;
   void (*body)(env&);
@@ -395,6 +442,7 @@ const scenario scenarios[] = {
     {"keyed.rearm_with_full_timer_heap", keyed_rearm_with_full_timer_heap, callbacks, false},
     {"bucket.acquire", bucket_acquire, all_kinds, true},
     {"keyed.acquire", keyed_acquire, all_kinds, false},
+    {"joint.acquire", joint_acquire, all_kinds, true},
 };
 
 /// Shows that leaks are seen: one block leaked on purpose. The live count

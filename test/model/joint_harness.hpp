@@ -69,9 +69,8 @@ class joint_harness {
   using clock = ratelimit::test::manual_clock;
   using wait_traits = typename Env::wait_traits;
   using bucket_type = ratelimit::basic_token_bucket<clock, wait_traits>;
-  using keyed_type =
-      ratelimit::basic_keyed_limiter<std::string, std::hash<std::string>,
-                                     std::equal_to<std::string>, clock, wait_traits>;
+  using keyed_type = ratelimit::basic_keyed_limiter<std::string, std::hash<std::string>,
+                                                    std::equal_to<std::string>, clock, wait_traits>;
   using part_type = ratelimit::basic_part<clock, wait_traits>;
 
   /// `buckets` token buckets (1..4) and a key.
@@ -99,11 +98,13 @@ class joint_harness {
         if (!r->done) return false;
       return true;
     });
-    for (const auto& [id, r] : requests_)
-      env_.check(r->calls == 1, [&, id = id] {
-        return "request " + std::to_string(id) + " completed " + std::to_string(r->calls) +
+    for (const auto& kv : requests_) {
+      const request_state& r = *kv.second;
+      env_.check(r.calls == 1, [&] {
+        return "request " + std::to_string(kv.first) + " completed " + std::to_string(r.calls) +
                " times";
       });
+    }
     return stats_;
   }
 
@@ -160,8 +161,8 @@ class joint_harness {
       const std::uint64_t initial = g_.one_in(2) ? c : g_.in(0, c);
       capacities_.push_back(c);
       m_.add_bucket(c, r, initial, now_);
-      buckets_.push_back(std::make_unique<bucket_type>(ctx_, c, as_rate(r),
-                                                       ratelimit::initial_tokens{initial}));
+      buckets_.push_back(
+          std::make_unique<bucket_type>(ctx_, c, as_rate(r), ratelimit::initial_tokens{initial}));
     }
     const std::uint64_t c = g_.in(1, 10);
     const model_rate r = rate();
@@ -181,13 +182,14 @@ class joint_harness {
     std::map<std::uint64_t, result> want;
     for (const auto& c : m_.completions())
       want[c.id] = c.how;
-    for (const auto& [id, r] : requests_) {
-      const auto it = want.find(id);
+    for (const auto& kv : requests_) {
+      const request_state& r = *kv.second;
+      const auto it = want.find(kv.first);
       const result w = it != want.end() ? it->second : result::pending;
-      env_.check(r->how == w && r->calls == (w != result::pending), [&, id = id] {
+      env_.check(r.how == w && r.calls == (w != result::pending), [&] {
         std::ostringstream os;
-        os << "after " << after << at() << ": request " << id << " " << describe(r->parts)
-           << " got " << r->how << " (" << r->calls << " calls), want " << w;
+        os << "after " << after << at() << ": request " << kv.first << " " << describe(r.parts)
+           << " got " << r.how << " (" << r.calls << " calls), want " << w;
         return os.str();
       });
     }
@@ -195,8 +197,8 @@ class joint_harness {
       const std::uint64_t got = b == n_ ? keyed_->available("key") : buckets_[b]->available();
       const std::uint64_t exp = m_.available(b, now_);
       env_.check(got == exp, [&] {
-        return std::string("after ") + after + at() + ": available(" + std::to_string(b) +
-               ") " + std::to_string(got) + ", want " + std::to_string(exp);
+        return std::string("after ") + after + at() + ": available(" + std::to_string(b) + ") " +
+               std::to_string(got) + ", want " + std::to_string(exp);
       });
     }
     ++stats_.compared;
@@ -283,9 +285,9 @@ class joint_harness {
         if (!requests_.empty()) {
           auto it = requests_.begin();
           std::advance(it, g_.in(0, requests_.size() - 1));
-          const boost::asio::cancellation_type types[] = {
-              boost::asio::cancellation_type::terminal, boost::asio::cancellation_type::partial,
-              boost::asio::cancellation_type::total};
+          const boost::asio::cancellation_type types[] = {boost::asio::cancellation_type::terminal,
+                                                          boost::asio::cancellation_type::partial,
+                                                          boost::asio::cancellation_type::total};
           it->second->cancel.emit(types[g_.in(0, 2)]);
           m_.cancel(it->first, now_);
           compare("cancel");
@@ -301,9 +303,8 @@ class joint_harness {
             const std::uint64_t k = g_.in(0, 4);
             const std::uint64_t got = s.receipt[i].give_back(k);
             const auto want = m_.give_back(it->first, k, now_, i);
-            env_.check(want.size() == s.receipt.size() && got == want[i], [&] {
-              return "give_back" + at() + ": " + std::to_string(got);
-            });
+            env_.check(want.size() == s.receipt.size() && got == want[i],
+                       [&] { return "give_back" + at() + ": " + std::to_string(got); });
             stats_.given_back += got > 0;
             compare("give_back");
           }

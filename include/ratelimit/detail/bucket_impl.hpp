@@ -724,7 +724,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
       std::lock_guard lk(mutex_);
       timer_.make(executor_);
     }
-    sched().reserve_completions();
+    sched().reserve_completions(1);
     w->group_owner = this;
     w->group_ex = executor_;
     w->group_id = sched().request(one(s, w->tokens), now, w);

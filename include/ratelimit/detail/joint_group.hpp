@@ -152,7 +152,7 @@ class joint_group {
     }
     try {
       std::vector<joint_part> ps = join_all(parts, now);
-      x_.reserve_completions();
+      x_.reserve_completions(1);
       w->group_owner = &owner;
       w->group_ex = owner.get_executor();
       w->group_id = x_.request(ps, now, w);
@@ -461,23 +461,40 @@ class joint_group {
       x_ = joint_scheduler(now, false);
       members_.clear();
     }
+    x_.reserve_completions(b.queue_.size() + 1);
     const std::size_t s = x_.add_bucket(b.state_, now);
-    if (members_.size() <= s) members_.resize(s + 1, nullptr);
-    members_[s] = &b;
-    ++count_;
-    b.slot_ = s;
-    if (b.closed_) x_.close(s, now);  // (its queue is empty)
+    // Its queue moves in, in order, each request made when it came; if one
+    // cannot (std::bad_alloc), those moved go back and the bucket stays solo.
+    std::vector<std::uint64_t> moved;
+    try {
+      moved.reserve(b.queue_.size());
+      for (waiter_base* w = b.queue_.front(); w; w = w->next) {
+        const joint_part one{s, w->tokens};
+        moved.push_back(x_.adopt(std::span<const joint_part>(&one, 1), w->queued_at, w));
+      }
+    } catch (...) {
+      for (std::uint64_t id : moved)
+        x_.withdraw(id);
+      x_.remove_bucket(s);
+      throw;
+    }
+    std::size_t i = 0;
     while (waiter_base* w = b.queue_.front()) {
       b.queue_.erase_keep_link(w);
       w->group_owner = &b;
       w->group_ex = b.get_executor();
-      const joint_part one{s, w->tokens};
-      w->group_id = x_.request(std::span<const joint_part>(&one, 1), now, w, w->queued_at);
-      w->queued = x_.is_queued(w->group_id);
+      w->group_id = moved[i++];
+      w->queued = true;
     }
+    if (members_.size() <= s) members_.resize(s + 1, nullptr);  // (reserved: no throw)
+    members_[s] = &b;
+    ++count_;
+    b.slot_ = s;
     b.queued_tokens_ = 0;
     b.tail_.reset();
     b.timer_.disarm();
+    if (b.closed_) x_.close(s, now);  // (its queue is empty)
+    x_.serve_due(now);                // what moved in and is due
     return s;
   }
 
@@ -508,6 +525,12 @@ class joint_group {
     x_.clear_completions();
     for (std::size_t s = 0; s < members_.size(); ++s)
       if (members_[s] && x_.queued_on(s) == 0) leave(s);
+    if (count_ == 0) {
+      // Empty: the group holds no memory while nobody waits jointly (an
+      // empty scheduler and vector allocate nothing).
+      x_ = joint_scheduler(x_.now(), false);
+      members_ = std::vector<bucket_type*>();
+    }
     arm();
   }
 
@@ -530,7 +553,26 @@ class joint_group {
   }
 
   void arm() noexcept {
-    const auto due = x_.next_due();
+    std::optional<std::pair<std::int64_t, void*>> due;
+    try {
+      due = x_.next_due();
+    } catch (...) {  // std::bad_alloc making the plan: a member's timer retries now
+      for (bucket_type* b : members_)
+        if (b && b->timer_.made()) {  // (a request's owner's is)
+          if (armed_ && armed_ != b) {
+            std::lock_guard lk(armed_->mutex_);
+            armed_->timer_.disarm();
+          }
+          std::lock_guard lk(b->mutex_);
+          try {
+            b->timer_.arm(x_.now(), *b);
+            armed_ = b;
+          } catch (...) {
+          }
+          return;
+        }
+      return;
+    }
     bucket_type* want =
         due ? static_cast<bucket_type*>(static_cast<waiter_base*>(due->second)->group_owner)
             : nullptr;

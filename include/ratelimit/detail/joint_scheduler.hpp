@@ -76,6 +76,7 @@ class joint_scheduler {
       tokens_[b] = 0;
       free_.pop_back();
     } else {
+      free_.reserve(states_.size() + 1);  // so that remove_bucket() never allocates
       states_.reserve(states_.size() + 1);
       closed_.reserve(closed_.size() + 1);
       parts_.reserve(parts_.size() + 1);
@@ -85,7 +86,6 @@ class joint_scheduler {
       closed_.push_back(false);
       parts_.push_back(0);
       tokens_.push_back(0);
-      free_.reserve(states_.size());  // so that remove_bucket() never allocates
     }
     states_[b].refill(now_);
     invalidate();  // (the planner refers to the states)
@@ -119,18 +119,32 @@ class joint_scheduler {
                     .emplace(id, queued{std::vector<joint_part>(parts.begin(), parts.end()),
                                         std::min(made_at.value_or(now_), now_), tag})
                     .first;
-      for (const joint_part& q : parts) {
-        ++parts_[q.bucket];
-        tokens_[q.bucket] += q.n;
-      }
-      if (plan_) {  // placed after every queued request, as a re-plan would place it
-        const auto t = plan_->place(it->second.parts, now_);
-        plan_->add(id, it->second.parts, t);
-        note_planned(id, t);
-      }
+      queue_up(it);
       serve(now_);
     }
     return id;
+  }
+
+  /// A request of `parts` (none failing at once) made at `made_at`, queued
+  /// here from elsewhere (a bucket's own queue) and not served yet: nothing
+  /// is granted in this call. Returns its id. Throws std::bad_alloc with
+  /// nothing changed.
+  std::uint64_t adopt(std::span<const joint_part> parts, std::int64_t made_at, void* tag) {
+    auto it = queued_
+                  .emplace(next_id_, queued{std::vector<joint_part>(parts.begin(), parts.end()),
+                                            std::min(made_at, now_), tag})
+                  .first;
+    queue_up(it);
+    return next_id_++;
+  }
+
+  /// Takes queued request `id` out as if it had never been made: no
+  /// completion (the undoing of adopt()). Never allocates.
+  void withdraw(std::uint64_t id) noexcept {
+    const auto it = queued_.find(id);
+    if (it == queued_.end()) return;
+    forget(it);
+    invalidate();
   }
 
   /// Grants now (`granted`) exactly when a request made now would be placed
@@ -174,6 +188,12 @@ class joint_scheduler {
     invalidate();
     serve(now_);
     complete(id, joint_outcome::aborted, tag);
+  }
+
+  /// Room for the completions of every queued request, `extra` more and
+  /// one: completing then never allocates (call before queuing more).
+  void reserve_completions(std::size_t extra) {
+    completions_.reserve(completions_.size() + queued_.size() + extra + 1);
   }
 
   /// Cancels every queued request that names bucket `b` (in id order).
@@ -261,9 +281,6 @@ class joint_scheduler {
     return std::pair{due_.begin()->first, queued_.at(due_.begin()->second).tag};
   }
 
-  /// Makes room for the completions of every queued request and one more, so
-  /// that recording them does not allocate (call before a request).
-  void reserve_completions() { completions_.reserve(completions_.size() + queued_.size() + 1); }
   void clear_completions() noexcept { completions_.clear(); }
 
   std::uint64_t available(std::size_t b, std::int64_t now) {
@@ -318,18 +335,42 @@ class joint_scheduler {
 
   /// The plan of every queued request: kept from call to call; made again,
   /// in id order, after anything but a new request, a grant or a try.
+  /// Throws std::bad_alloc with no plan (the next call makes it again).
   joint_planner& planner() {
     if (!plan_) {
-      plan_.emplace(states_, now_);
       planned_.clear();
       due_.clear();
-      for (const auto& [id, r] : queued_) {
-        const auto t = plan_->place(r.parts, r.made_at);
-        plan_->add(id, r.parts, t);
-        note_planned(id, t);
+      try {
+        plan_.emplace(states_, now_);
+        for (const auto& [id, r] : queued_) {
+          const auto t = plan_->place(r.parts, r.made_at);
+          plan_->add(id, r.parts, t);
+          note_planned(id, t);
+        }
+      } catch (...) {
+        invalidate();
+        throw;
       }
     }
     return *plan_;
+  }
+
+  /// Counts queued request `it` on its buckets and places it (after every
+  /// queued request, as a re-plan would); a plan that cannot grow is made
+  /// again later. Never throws.
+  void queue_up(std::map<std::uint64_t, queued>::iterator it) noexcept {
+    for (const joint_part& q : it->second.parts) {
+      ++parts_[q.bucket];
+      tokens_[q.bucket] += q.n;
+    }
+    if (!plan_) return;
+    try {
+      const auto t = plan_->place(it->second.parts, now_);
+      plan_->add(it->first, it->second.parts, t);
+      note_planned(it->first, t);
+    } catch (...) {  // std::bad_alloc
+      invalidate();
+    }
   }
 
   void note_planned(std::uint64_t id, std::optional<std::int64_t> t) {
@@ -337,7 +378,11 @@ class joint_scheduler {
     if (t) due_.emplace(*t, id);
   }
 
-  void invalidate() noexcept { plan_.reset(); }
+  void invalidate() noexcept {
+    plan_.reset();
+    planned_.clear();
+    due_.clear();
+  }
 
   void see(std::int64_t now) {
     if (now <= now_) return;
@@ -348,7 +393,18 @@ class joint_scheduler {
   }
 
   /// Grants every request due by `now`, in (T, id) order, each as of its T.
+  /// When the plan cannot be made (std::bad_alloc) it grants what it could
+  /// and leaves the rest, and the time, for the next call: a request is
+  /// never granted at another time than its T for want of memory.
   void serve(std::int64_t now) {
+    try {
+      serve_or_throw(now);
+    } catch (const std::bad_alloc&) {
+      invalidate();
+    }
+  }
+
+  void serve_or_throw(std::int64_t now) {
     while (!queued_.empty()) {
       planner();
       if (due_.empty() || due_.begin()->first > now) break;
@@ -360,16 +416,19 @@ class joint_scheduler {
       // Its takes are the first of their buckets, but at the end of time,
       // where a request placed never keeps its takes ahead: re-plan then.
       if (!plan_->pop_granted(id, parts)) invalidate();
-      std::vector<held_part> held;
-      for (const joint_part& q : parts) {
-        bucket_state& s = states_[q.bucket];
-        if (!s.has(q.n)) throw std::logic_error("ratelimit: a planned take found no tokens");
-        s.take(q.n);
-        held.push_back({q.bucket, q.n});
+      for (const joint_part& q : parts)
+        if (!states_[q.bucket].has(q.n))
+          throw std::logic_error("ratelimit: a planned take found no tokens");
+      if (keep_held_) {  // (the model's tests: give_back by id)
+        std::vector<held_part> held;
+        for (const joint_part& q : parts)
+          held.push_back({q.bucket, q.n});
+        held_[id] = std::move(held);
       }
+      for (const joint_part& q : parts)
+        states_[q.bucket].take(q.n);
       void* tag = queued_.at(id).tag;
       forget(queued_.find(id));
-      if (keep_held_) held_[id] = std::move(held);
       complete(id, joint_outcome::granted, tag);
     }
     see(now);
