@@ -13,6 +13,7 @@
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/deferred.hpp>
@@ -398,6 +399,91 @@ BOOST_AUTO_TEST_CASE(buckets_serve_their_own_queue_again_once_nobody_waits_joint
   BOOST_TEST(settle(ctx, [&] { return x->done(); }));
   BOOST_TEST(x->ok());
   BOOST_TEST(runs_dry(ctx));
+}
+
+BOOST_AUTO_TEST_CASE(a_blocked_caller_wakes_when_a_limiter_is_destroyed_and_takes_nothing) {
+  running_context rc;
+  test_bucket fast(rc.ctx, 10, per_second(1));
+  auto slow = std::make_unique<test_bucket>(rc.ctx, 10, per_second(1), start_empty);
+  const std::array<test_part, 2> parts{test_part(fast, 4), test_part(*slow, 1)};
+  std::promise<boost::system::error_code> woke;
+  std::thread t([&] {
+    boost::system::error_code ec;
+    auto r = ratelimit::acquire(std::span<const test_part>(parts), ec);
+    woke.set_value(r.empty() ? ec : boost::system::error_code());
+  });
+  BOOST_TEST(eventually([&] { return fast.waiting() == 1u; }));
+  slow.reset();
+  auto f = woke.get_future();
+  BOOST_TEST((f.wait_for(20s) == std::future_status::ready));
+  t.join();
+  BOOST_TEST(f.get() == asio::error::operation_aborted);
+  BOOST_TEST(fast.available() == 10u);
+}
+
+BOOST_AUTO_TEST_CASE(a_deferred_request_launched_after_its_limiter_is_gone_fails) {
+  asio::io_context ctx;
+  test_bucket a(ctx, 10, per_second(1));
+  auto b = std::make_unique<test_bucket>(ctx, 10, per_second(1));
+  auto op = ratelimit::async_acquire({test_part(a, 1), test_part(*b, 1)}, asio::deferred);
+  b.reset();
+  boost::system::error_code got;
+  bool called = false;
+  std::move(op)([&](boost::system::error_code ec, joint_receipt r) {
+    called = true;
+    got = ec;
+    BOOST_TEST(r.empty());
+  });
+  BOOST_TEST(!called);
+  BOOST_TEST(settle(ctx, [&] { return called; }));
+  BOOST_TEST(got == asio::error::operation_aborted);
+  BOOST_TEST(a.available() == 10u);
+}
+
+BOOST_AUTO_TEST_CASE(a_limiter_destroyed_from_inside_a_joint_completion) {
+  asio::io_context ctx;
+  auto a = std::make_unique<test_bucket>(ctx, 10, per_second(1), start_empty);
+  auto b = std::make_unique<test_bucket>(ctx, 10, per_second(1));
+  bool first = false, second = false;
+  boost::system::error_code second_ec;
+  ratelimit::async_acquire({test_part(*a, 1), test_part(*b, 1)},
+                           [&](boost::system::error_code ec, joint_receipt r) {
+                             first = !ec;
+                             a.reset();  // its own limiter, with a request still queued
+                             r.give_back_all();  // to a bucket gone and one alive
+                           });
+  ratelimit::async_acquire({test_part(*a, 2), test_part(*b, 1)},
+                           [&](boost::system::error_code ec, joint_receipt) {
+                             second = true;
+                             second_ec = ec;
+                           });
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return first && second; }));
+  BOOST_TEST(second_ec == asio::error::operation_aborted);
+  BOOST_TEST(b->available() == 10u);  // given back; the failed one took nothing
+  BOOST_TEST(b->waiting() == 0u);
+  b.reset();
+  BOOST_TEST(runs_dry(ctx));
+}
+
+BOOST_AUTO_TEST_CASE(a_handler_with_its_own_executor_is_invoked_there) {
+  asio::io_context ctx;
+  asio::io_context other;
+  test_bucket a(ctx, 10, per_second(1), start_empty);
+  test_bucket b(ctx, 10, per_second(1));
+  std::thread::id ran;
+  bool done = false;
+  ratelimit::async_acquire({test_part(a, 1), test_part(b, 1)},
+                           asio::bind_executor(other, [&](boost::system::error_code, joint_receipt) {
+                             ran = std::this_thread::get_id();
+                             done = true;
+                           }));
+  manual_clock::advance(1s);
+  pump(ctx, 20ms);
+  BOOST_TEST(!done);  // posted to `other`, which nobody ran yet
+  other.run();
+  BOOST_TEST(done);
+  BOOST_TEST((ran == std::this_thread::get_id()));
 }
 
 BOOST_AUTO_TEST_SUITE_END()
