@@ -101,7 +101,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   quiet_env env;
   const std::size_t buckets = in.in(1, 4);
   ratelimit::model::joint_harness<reader, quiet_env> h(in, env, buckets);
-  h.run(200);  // or until the input ends
+  h.run(120);  // or until the input ends
   return 0;
 }
 
