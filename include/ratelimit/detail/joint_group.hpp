@@ -544,6 +544,9 @@ class joint_group {
     }
     b.tail_.reset();
     b.slot_ = solo;
+    // The group posted its completions: the bucket's timer must not dispatch
+    // a grant ahead of one still in the executor's queue (bucket_impl::on_timer).
+    b.posted_ = true;
     if (armed_ == &b) {
       b.timer_.disarm();
       armed_ = nullptr;
