@@ -22,10 +22,10 @@ struct options {
   std::string workload;
   bool quick = false;
   int reps = -1;          // measured repetitions; -1: the workload's default
-  long waiters = -1;      // W5: waiter count (and rate per second); -1: default
-  bool child = false;     // W5: one repetition in this process
-  long rate = -1;         // W5 child: the rate per second
-  std::string self;       // this program, for W5's re-exec
+  long waiters = -1;      // W5, W7b: waiter count (and rate per second); -1: default
+  bool child = false;     // W5, W7b: one repetition in this process
+  long rate = -1;         // W5, W7b child: the rate per second
+  std::string self;       // this program, for W5's and W7b's re-exec
   std::string trace_dir;  // $BENCH_TRACE_DIR: per-grant traces for the plots
 };
 
@@ -68,9 +68,9 @@ task_totals task_delta(const task_snapshot& a, const task_snapshot& b);
 std::FILE* open_trace();
 
 // The workloads (one translation unit each).
-void run_throughput();  // W0-W3
+void run_throughput();  // W0-W3, W7
 void run_paced();       // W4
-void run_waiters();     // W5
+void run_waiters();     // W5, W7b
 void run_idle();        // W6, W6b
 
 }  // namespace bench

@@ -1,7 +1,7 @@
 //
 // bench/bench_main.cpp: bench_ratelimit, the C++ side of the benchmarks.
 //
-// Usage: bench_ratelimit --impl IMPL --workload W0|W1|W2|W3|W4|W5|W6|W6b
+// Usage: bench_ratelimit --impl IMPL --workload W0|W1|W2|W3|W4|W5|W6|W6b|W7|W7b
 //                        [--quick] [--reps N] [--waiters N]
 //
 // The (impl, workload) pairs, and what each measures, are listed by --list.
@@ -148,6 +148,13 @@ const std::map<std::string, std::string> pairs = {
     {"floor_timer", "W4 W5"},                  // one steady_timer per grant
     {"floor_co_timer", "W5"},                  // a coroutine awaiting its own timer
     {"textbook_thread", "W4 W5 W6 W6b"},       // a thread per bucket + condvar
+    // W7, W7b: one token of each of two buckets, jointly or one after the other.
+    {"asio_ratelimit_joint_callback", "W7 W7b"},            // async_acquire({a,b}, callback)
+    {"asio_ratelimit_joint_awaitable", "W7 W7b"},           // co_await async_acquire({a,b})
+    {"asio_ratelimit_joint_try", "W7"},                     // try_acquire({a,b})
+    {"asio_ratelimit_two_sequential_callback", "W7 W7b"},   // a, then b: async_get_token
+    {"asio_ratelimit_two_sequential_awaitable", "W7 W7b"},  // co_await a, then b
+    {"asio_ratelimit_two_sequential_try", "W7"},            // try_get_token on a, then b
 };
 
 }  // namespace
@@ -164,19 +171,19 @@ int main(int argc, char** argv) {
                   "One benchmark workload of ../shared/BENCHMARKS.md for one implementation "
                   "(scripts/bench runs them all).");
   cli.choice("impl", opt.impl, impls, "the implementation (see --list for its workloads)")
-      .choice("workload", opt.workload, {"W0", "W1", "W2", "W3", "W4", "W5", "W6", "W6b"},
-              "the workload")
+      .choice("workload", opt.workload,
+              {"W0", "W1", "W2", "W3", "W4", "W5", "W6", "W6b", "W7", "W7b"}, "the workload")
       .flag("quick", opt.quick, "a short run (a smoke test)")
       .option("reps", opt.reps, 1, 10000, "measured repetitions")
       .default_text("reps", "the workload's")
       .option("waiters", opt.waiters, 0L, 1000000L,
-              "W5: the number of waiters (and grants per second); 0: the baseline child; a "
-              "multiple of 1000 above 1000 for the blocking rows")
+              "W5, W7b: the number of waiters (and grants per second); 0: the baseline child; "
+              "a multiple of 1000 above 1000 for the blocking rows")
       .default_text("waiters", "the workload's")
-      .option("rate", opt.rate, 1L, 1000000000L, "W5 child: grants per second")
+      .option("rate", opt.rate, 1L, 1000000000L, "W5, W7b child: grants per second")
       .default_text("rate", "the waiters")
       .flag("child", opt.child,
-            "W5: one repetition in this process (the parent re-executes itself)")
+            "W5, W7b: one repetition in this process (the parent re-executes itself)")
       .flag("list", list, "print the valid impl/workload pairs");
   if (int rc = cli.parse(argc, argv); rc >= 0) return rc;
   if (list) {
@@ -188,8 +195,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bench_ratelimit: --impl and --workload are required (see --help)\n");
     return 2;
   }
-  if (opt.workload != "W5" && (opt.waiters >= 0 || opt.rate >= 0 || opt.child)) {
-    std::fprintf(stderr, "bench_ratelimit: --waiters, --rate and --child are for W5 only\n");
+  if (opt.workload != "W5" && opt.workload != "W7b" &&
+      (opt.waiters >= 0 || opt.rate >= 0 || opt.child)) {
+    std::fprintf(stderr,
+                 "bench_ratelimit: --waiters, --rate and --child are for W5 and W7b only\n");
     return 2;
   }
   // W5's blocking rows park their waiters on a pool of 1000 threads, each
@@ -210,11 +219,11 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string& w = opt.workload;
-  if (w == "W0" || w == "W1" || w == "W2" || w == "W3")
+  if (w == "W0" || w == "W1" || w == "W2" || w == "W3" || w == "W7")
     bench::run_throughput();
   else if (w == "W4")
     bench::run_paced();
-  else if (w == "W5")
+  else if (w == "W5" || w == "W7b")
     bench::run_waiters();
   else
     bench::run_idle();

@@ -3,9 +3,10 @@
 
 Called by scripts/bench (which installs and builds first). Prints the raw result lines as they
 come (`impl=... workload=... rep=i metric=value ...`, the format of ../shared/BENCHMARKS.md), then
-a table of medians with our ratio to each peer and to the floor, then the targets of issue 4 with
-PASS/MISS. Results are checked by the programs themselves: a program that exits non-zero (a try
-that failed, an acquire that waited where none should, a limiter that over-granted) fails the run.
+a table of medians with our ratio to each peer and to the floor, then the targets of issue 4 and
+of W7 (the joint acquire) with PASS/MISS. Results are checked by the programs themselves: a
+program that exits non-zero (a try that failed, an acquire that waited where none should, a
+limiter that over-granted) fails the run.
 Speed is reported, never asserted: a MISS does not change the exit status.
 
 usage: driver.py --bin DIR [--quick] [--results FILE] [--trace-dir DIR] [--plots DIR]
@@ -21,10 +22,14 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-WORKLOADS = ["W0", "W1", "W2", "W3", "W4", "W5", "W6", "W6b", "redis"]
+WORKLOADS = ["W0", "W1", "W2", "W3", "W4", "W5", "W6", "W6b", "W7", "W7b", "redis"]
 PEERS = {"go_xtime_rate": "peer_go", "java_guava": "peer_guava"}
+# Workloads the peers do not run (ours only: the joint acquire has no peer).
+NO_PEERS = {"W7", "W7b", "redis"}
 OURS = ["asio_ratelimit", "asio_ratelimit_try", "asio_ratelimit_callback",
-        "asio_ratelimit_awaitable", "asio_ratelimit_blocking"]
+        "asio_ratelimit_awaitable", "asio_ratelimit_blocking",
+        "asio_ratelimit_joint_callback", "asio_ratelimit_joint_awaitable",
+        "asio_ratelimit_joint_try"]
 # The floor each of our rows is set against, per workload.
 FLOOR = {
     ("W1", "asio_ratelimit_try"): "floor_atomic",
@@ -37,9 +42,15 @@ FLOOR = {
     ("W5", "asio_ratelimit_callback"): "floor_timer",
     ("W5", "asio_ratelimit_awaitable"): "floor_co_timer",
     ("W5", "asio_ratelimit_blocking"): "textbook_thread",
+    # W7, W7b: the joint acquire against the same two tokens taken one after the other.
+    ("W7", "asio_ratelimit_joint_callback"): "asio_ratelimit_two_sequential_callback",
+    ("W7", "asio_ratelimit_joint_awaitable"): "asio_ratelimit_two_sequential_awaitable",
+    ("W7", "asio_ratelimit_joint_try"): "asio_ratelimit_two_sequential_try",
+    ("W7b", "asio_ratelimit_joint_callback"): "asio_ratelimit_two_sequential_callback",
+    ("W7b", "asio_ratelimit_joint_awaitable"): "asio_ratelimit_two_sequential_awaitable",
 }
 # The metric a row is compared on (lower is better for all of them).
-PRIMARY = {"W4": "late_p99_us", "W5": "wall_s", "W6": "cpu_ms", "W6b": "cpu_ms"}
+PRIMARY = {"W4": "late_p99_us", "W5": "wall_s", "W6": "cpu_ms", "W6b": "cpu_ms", "W7b": "wall_s"}
 DESCRIPTION = {
     "W0": "clock read, ns/op",
     "W1": "try, 1 thread, huge rate, ns/op",
@@ -49,6 +60,8 @@ DESCRIPTION = {
     "W5": "N/s burst 1, N waiters parked first",
     "W6": "idle limiter at 1/s, 3 s window",
     "W6b": "idle limiter at 1000/s, 3 s window",
+    "W7": "joint acquire of two buckets with tokens there, vs two sequential acquires, ns/op",
+    "W7b": "N/s burst 1 on two buckets, N joint waiters parked first",
     "redis": "Redis bucket, grants/s through one connection (higher is better)",
 }
 
@@ -127,7 +140,7 @@ def jobs(bindir, quick):
                     argv += ["--reps", "1"]
                 out.append((impl, wl, argv))
         for impl, prog in PEERS.items():
-            if wl != "redis":
+            if wl not in NO_PEERS:
                 out.append((impl, wl, [os.path.join(bindir, "peers", prog), "--workload", wl] + extra))
     # The Redis bucket (its own program: it starts a redis-server on a free port and runs
     # redis-benchmark against it, interleaved with ours, in every repetition).
@@ -209,8 +222,9 @@ def table(results):
             vs = ["", "", ""]
             if impl in OURS:
                 me = results.median(wl, impl, metric)
-                vs[0] = ratio(me, results.median(wl, "go_xtime_rate", metric))
-                vs[1] = ratio(me, results.median(wl, "java_guava", metric))
+                if wl not in NO_PEERS or wl == "redis":
+                    vs[0] = ratio(me, results.median(wl, "go_xtime_rate", metric))
+                    vs[1] = ratio(me, results.median(wl, "java_guava", metric))
                 floor = FLOOR.get((wl, impl))
                 if floor:
                     vs[2] = f"{ratio(me, results.median(wl, floor, metric))} {floor}"
@@ -221,7 +235,7 @@ def table(results):
 # ------------------------------------------------------------------------------- targets
 
 def targets(results, quick):
-    """[(target, PASS|MISS|n/a|info, detail)] for every target of issue 4, with context lines."""
+    """[(target, PASS|MISS|n/a|info, detail)] for every target of issue 4 and of W7, with context lines."""
     med = results.median
     out = []
 
@@ -288,6 +302,28 @@ def targets(results, quick):
     ba, bf = med("W5", "asio_ratelimit_awaitable", "bytes_per_waiter"), med("W5", "floor_co_timer", "bytes_per_waiter")
     check("W5 coroutine waiter <= 1.1x coroutine+timer floor", le(ba, bf, 1.1),
           f"{fmt_num(ba)} vs {fmt_num(bf)} B ({ratio(ba, bf)})")
+    for flavour in ("callback", "awaitable"):
+        j = med("W7", f"asio_ratelimit_joint_{flavour}", "ns_per_op")
+        s2 = med("W7", f"asio_ratelimit_two_sequential_{flavour}", "ns_per_op")
+        check(f"W7 joint {flavour} <= 1.3x two sequential acquires", le(j, s2, 1.3),
+              f"{fmt_num(j)} vs {fmt_num(s2)} ns ({ratio(j, s2)})")
+    j, s2 = med("W7", "asio_ratelimit_joint_try", "ns_per_op"), med("W7", "asio_ratelimit_two_sequential_try", "ns_per_op")
+    if j is not None or s2 is not None:
+        info("context: W7 joint try_acquire vs two try_get_token (no target)",
+             f"{fmt_num(j)} vs {fmt_num(s2)} ns ({ratio(j, s2)})")
+    for impl in ("asio_ratelimit_joint_callback", "asio_ratelimit_joint_awaitable"):
+        w = med("W7b", impl, "wall_s")
+        check(f"W7b {impl} wall in [ideal, ideal + 1%]",
+              None if w is None else ideal5 - 1e-4 <= w <= ideal5 * 1.01,
+              f"{fmt_num(w)} s vs ideal {ideal5:.5f} ({'-' if w is None else f'{(w / ideal5 - 1) * 100:+.2f}%'})")
+    for flavour in ("callback", "awaitable"):
+        bj = med("W7b", f"asio_ratelimit_joint_{flavour}", "bytes_per_waiter")
+        bs = med("W7b", f"asio_ratelimit_two_sequential_{flavour}", "bytes_per_waiter")
+        b1 = med("W5", f"asio_ratelimit_{flavour}", "bytes_per_waiter")
+        if bj is not None:
+            info(f"context: W7b bytes per joint {flavour} waiter (reported, no target)",
+                 f"{fmt_num(bj)} B; two sequential acquires {fmt_num(bs)} B; "
+                 f"one bucket (W5) {fmt_num(b1)} B")
     r0, r16 = med("redis", "asio_ratelimit", "grants_per_s"), med("redis", "asio_ratelimit_lease16", "grants_per_s")
     rb1, rb50 = med("redis", "redis_benchmark_c1_P200", "grants_per_s"), med("redis", "redis_benchmark_c50_P1", "grants_per_s")
     if r0 is not None:
@@ -376,7 +412,7 @@ def main():
     print()
     print(table(results))
     print()
-    print("## Targets (issue 4; ratios within this run)")
+    print("## Targets (issue 4, W7; ratios within this run)")
     print()
     for name, verdict, detail in targets(results, args.quick):
         if verdict == "info":

@@ -1,5 +1,5 @@
 //
-// bench/waiters.cpp: W5, many waiters.
+// bench/waiters.cpp: W5, many waiters; W7b, many joint waiters.
 //
 // Rate N/s, burst 1, N acquires (N = 100000; --quick 10000), all waiters
 // parked before the clock starts; wall_s runs from the gate opening to the
@@ -29,11 +29,24 @@
 //                            threads are impossible here), parked on a latch;
 //                            bytes_per_waiter is per parked thread.
 //
+// W7b: the same with two buckets a and b (both N/s, burst 1, starting
+// empty), every waiter wanting one token of each:
+//   asio_ratelimit_joint_callback    N ratelimit::async_acquire({a:1, b:1},
+//                                    callback), parked and clocked as the
+//                                    W5 callbacks.
+//   asio_ratelimit_joint_awaitable   N coroutines on the gate, each then
+//                                    co_await async_acquire({a:1, b:1}).
+//   asio_ratelimit_two_sequential_callback, _awaitable
+//                                    the reference: a's token, then b's
+//                                    (a callback that asks b; two co_awaits).
+// Ideal as W5's: the last grant (N-1)/N s after the gate.
+//
 // A wall time below the ideal means the limiter over-granted: the run aborts.
 //
 #include "bench.hpp"
 #include "textbook.hpp"
 
+#include <ratelimit/joint.hpp>
 #include <ratelimit/token_bucket.hpp>
 
 #include <boost/asio/co_spawn.hpp>
@@ -47,11 +60,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdio>
 #include <latch>
 #include <memory>
 #include <optional>
+#include <span>
 #include <thread>
 
 namespace bench {
@@ -116,6 +131,62 @@ asio::awaitable<void> parked_coroutine(asio::steady_timer* gate, ratelimit::toke
   g->record(!ec);
 }
 
+/// W7b's coroutine: parked on the gate, then both tokens, jointly or a then b.
+asio::awaitable<void> parked_two_coroutine(asio::steady_timer* gate, ratelimit::token_bucket* a,
+                                           ratelimit::token_bucket* b, bool joint, grants* g,
+                                           long* parked) {
+  ++*parked;
+  boost::system::error_code ec;
+  co_await gate->async_wait(asio::redirect_error(asio::use_awaitable, ec));
+  if (g->t0 == 0) g->t0 = now_ns();  // as parked_coroutine
+  ec = {};
+  if (joint) {
+    // (g++ 12 rejects a braced list of parts inside a coroutine)
+    const std::array<ratelimit::part, 2> parts{ratelimit::part(*a, 1), ratelimit::part(*b, 1)};
+    co_await ratelimit::async_acquire(std::span<const ratelimit::part>(parts),
+                                      asio::redirect_error(asio::use_awaitable, ec));
+  } else {
+    co_await a->async_get_token(asio::redirect_error(asio::use_awaitable, ec));
+    if (!ec) co_await b->async_get_token(asio::redirect_error(asio::use_awaitable, ec));
+  }
+  g->record(!ec);
+}
+
+/// W7b: one repetition's waiters on two buckets (see the top of the file).
+void park_two(asio::io_context& ioc, grants& g, long n, long rate) {
+  const std::string& impl = opt.impl;
+  const bool joint = impl.find("_joint_") != std::string::npos;
+  if (impl.ends_with("_callback")) {
+    g.t0 = now_ns();  // as W5's callbacks: the buckets start empty here
+    auto a = empty_bucket(ioc, rate);
+    auto b = empty_bucket(ioc, rate);
+    for (long i = 0; i < n; ++i) {
+      if (joint)
+        ratelimit::async_acquire(
+            {ratelimit::part(a, 1), ratelimit::part(b, 1)},
+            [&g](boost::system::error_code ec, ratelimit::joint_receipt) { g.record(!ec); });
+      else
+        a.async_get_token([&g, &b](boost::system::error_code ec) {
+          if (ec) return g.record(false);
+          b.async_get_token([&g](boost::system::error_code ec2) { g.record(!ec2); });
+        });
+    }
+    ioc.run();
+    return;
+  }
+  auto a = empty_bucket(ioc, rate);
+  auto b = empty_bucket(ioc, rate);
+  asio::steady_timer gate(ioc, std::chrono::steady_clock::time_point::max());
+  long count = 0;
+  for (long i = 0; i < n; ++i)
+    asio::co_spawn(ioc, parked_two_coroutine(&gate, &a, &b, joint, &g, &count), asio::detached);
+  while (count < n && ioc.poll() > 0) {
+  }
+  if (count != n) die(format("only %ld of %ld coroutines parked", count, n));
+  gate.cancel();
+  ioc.run();
+}
+
 /// One repetition in this process; prints `wall_s=... peak_rss_kb=... parked=...`.
 void child(long n, long rate) {
   const std::string& impl = opt.impl;
@@ -123,7 +194,9 @@ void child(long n, long rate) {
   asio::io_context ioc(1);
   grants g(n);
   long parked = n;
-  if (impl == "asio_ratelimit_callback") {
+  if (opt.workload == "W7b") {
+    park_two(ioc, g, n, rate);
+  } else if (impl == "asio_ratelimit_callback") {
     // The handlers are parked in the bucket itself, from its creation on: the
     // clock starts there (grant i is due at creation + (i + 1)/N s whenever
     // the io_context gets to run them).
@@ -233,15 +306,16 @@ struct child_result {
 };
 
 child_result run_child(long n, long rate) {
-  const std::string cmd = format("'/proc/%d/exe' --impl %s --workload W5 --child --waiters %ld",
-                                 static_cast<int>(getpid()), opt.impl.c_str(), n) +
-                          format(" --rate %ld", rate);
+  const std::string cmd =
+      format("'/proc/%d/exe' --impl %s --workload %s --child --waiters %ld",
+             static_cast<int>(getpid()), opt.impl.c_str(), opt.workload.c_str(), n) +
+      format(" --rate %ld", rate);
   std::FILE* p = popen(cmd.c_str(), "r");
   if (!p) die("cannot run " + cmd);
   child_result r;
   const int got =
       std::fscanf(p, "wall_s=%lf peak_rss_kb=%ld parked=%ld", &r.wall, &r.rss_kb, &r.parked);
-  if (pclose(p) != 0 || got != 3) die("W5 child failed: " + cmd);
+  if (pclose(p) != 0 || got != 3) die(opt.workload + " child failed: " + cmd);
   return r;
 }
 

@@ -12,6 +12,7 @@
 #include "test_support.hpp"
 
 #include <boost/asio/as_tuple.hpp>
+#include <boost/asio/bind_allocator.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/cancellation_signal.hpp>
@@ -449,7 +450,7 @@ BOOST_AUTO_TEST_CASE(a_limiter_destroyed_from_inside_a_joint_completion) {
   ratelimit::async_acquire({test_part(*a, 1), test_part(*b, 1)},
                            [&](boost::system::error_code ec, joint_receipt r) {
                              first = !ec;
-                             a.reset();  // its own limiter, with a request still queued
+                             a.reset();          // its own limiter, with a request still queued
                              r.give_back_all();  // to a bucket gone and one alive
                            });
   ratelimit::async_acquire({test_part(*a, 2), test_part(*b, 1)},
@@ -473,17 +474,125 @@ BOOST_AUTO_TEST_CASE(a_handler_with_its_own_executor_is_invoked_there) {
   test_bucket b(ctx, 10, per_second(1));
   std::thread::id ran;
   bool done = false;
-  ratelimit::async_acquire({test_part(a, 1), test_part(b, 1)},
-                           asio::bind_executor(other, [&](boost::system::error_code, joint_receipt) {
-                             ran = std::this_thread::get_id();
-                             done = true;
-                           }));
+  ratelimit::async_acquire(
+      {test_part(a, 1), test_part(b, 1)},
+      asio::bind_executor(other, [&](boost::system::error_code, joint_receipt) {
+        ran = std::this_thread::get_id();
+        done = true;
+      }));
   manual_clock::advance(1s);
   pump(ctx, 20ms);
   BOOST_TEST(!done);  // posted to `other`, which nobody ran yet
   other.run();
   BOOST_TEST(done);
   BOOST_TEST((ran == std::this_thread::get_id()));
+}
+
+// A review's findings, each reproduced before its fix.
+
+BOOST_AUTO_TEST_CASE(a_blocked_caller_whose_grant_moved_past_its_deadline_takes_nothing) {
+  asio::io_context ctx;  // nobody runs it: only the blocked thread's own deadline acts
+  test_bucket a(ctx, 10, per_second(1), start_empty);
+  test_bucket b(ctx, 10, per_second(1));
+  std::size_t got = 99;
+  boost::system::error_code ec;
+  std::thread t([&] {
+    const std::array<test_part, 2> ps{test_part(a, 1), test_part(b, 1)};
+    got = ratelimit::acquire_for(std::span<const test_part>(ps), 1500ms, ec).size();
+  });
+  BOOST_TEST(eventually([&] { return a.waiting() == 1u; }));  // T = 1 s: within the deadline
+  a.set_rate(ratelimit::rate{1, 1800ms});                     // T = 1.8 s: past it
+  manual_clock::advance(2s);  // the thread wakes after T: withdrawn as of its deadline
+  t.join();
+  BOOST_TEST(got == 0u);
+  BOOST_TEST(!ec);
+  BOOST_TEST(a.available() == 1u);  // nothing taken
+  BOOST_TEST(b.available() == 10u);
+}
+
+BOOST_AUTO_TEST_CASE(each_request_needs_only_its_own_owners_context_to_run) {
+  asio::io_context ctx1, ctx2;
+  test_bucket c(ctx1, 10, per_second(1), start_empty);
+  test_bucket d(ctx1, 10, per_second(1));
+  test_bucket a(ctx2, 10, ratelimit::rate{1, 2s}, start_empty);
+  test_bucket b(ctx2, 10, per_second(1));
+  bool x = false, y = false;
+  ratelimit::async_acquire({test_part(c, 1), test_part(d, 1)},
+                           [&](boost::system::error_code, joint_receipt) { x = true; });  // 1 s
+  ratelimit::async_acquire({test_part(a, 1), test_part(b, 1)},
+                           [&](boost::system::error_code, joint_receipt) { y = true; });  // 2 s
+  manual_clock::advance(3s);
+  BOOST_TEST(settle(ctx2, [&] { return y; }));  // ctx1 not running
+  BOOST_TEST(!x);
+  BOOST_TEST(settle(ctx1, [&] { return x; }));
+}
+
+BOOST_AUTO_TEST_CASE(a_query_leaves_single_requests_in_their_buckets_own_queues) {
+  asio::io_context ctx1, ctx2;
+  test_bucket c(ctx1, 10, per_second(1), start_empty);
+  test_bucket a(ctx2, 10, ratelimit::rate{1, 2s}, start_empty);
+  bool sa = false;
+  auto sc = request(c, 1);                                           // 1 s, ctx1
+  a.async_get_token([&](boost::system::error_code) { sa = true; });  // 2 s, ctx2
+  BOOST_TEST(ms_of(ratelimit::retry_after({test_part(c, 1), test_part(a, 1)})) == 4000);
+  manual_clock::advance(3s);
+  BOOST_TEST(settle(ctx2, [&] { return sa; }));  // needs only ctx2
+  BOOST_TEST(settle(ctx1, [&] { return sc->done(); }));
+}
+
+BOOST_AUTO_TEST_CASE(a_failure_at_once_completes_through_the_first_parts_executor) {
+  asio::io_context ctx1, ctx2;
+  test_keyed keys(ctx1, 1, per_second(1), 100);
+  test_bucket bucket(ctx2, 10, per_second(1));
+  int where = 0;
+  boost::system::error_code got;
+  ratelimit::async_acquire({test_part(keys, std::string("k"), 5), test_part(bucket, 1)},
+                           [&](boost::system::error_code ec, joint_receipt) {
+                             got = ec;
+                             where = ctx1.get_executor().running_in_this_thread()   ? 1
+                                     : ctx2.get_executor().running_in_this_thread() ? 2
+                                                                                    : 3;
+                           });
+  ctx2.poll();
+  BOOST_TEST(where == 0);
+  ctx1.poll();
+  BOOST_TEST(where == 1);
+  BOOST_TEST(got == ratelimit::error::exceeds_capacity);
+}
+
+namespace {
+bool g_fail_posts = false;
+template <class T>
+struct flaky_allocator {
+  using value_type = T;
+  flaky_allocator() = default;
+  template <class U>
+  flaky_allocator(const flaky_allocator<U>&) {}
+  T* allocate(std::size_t n) {
+    if (g_fail_posts) throw std::bad_alloc();
+    return std::allocator<T>().allocate(n);
+  }
+  void deallocate(T* p, std::size_t n) { std::allocator<T>().deallocate(p, n); }
+  bool operator==(const flaky_allocator&) const { return true; }
+  bool operator!=(const flaky_allocator&) const { return false; }
+};
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(a_grant_at_once_that_cannot_be_posted_throws_and_takes_nothing) {
+  asio::io_context ctx;
+  asio::any_io_executor ex =
+      asio::require(ctx.get_executor(), asio::execution::allocator(flaky_allocator<void>()));
+  test_bucket a(ex, 10, per_second(1));
+  test_bucket b(ex, 10, per_second(1));
+  g_fail_posts = true;
+  BOOST_CHECK_THROW(ratelimit::async_acquire(
+                        {test_part(a, 1), test_part(b, 1)},
+                        asio::bind_allocator(std::allocator<void>(),
+                                             [](boost::system::error_code, joint_receipt) {})),
+                    std::bad_alloc);
+  g_fail_posts = false;
+  BOOST_TEST(a.available() == 10u);  // given back (and, under ASan, destroyed once)
+  BOOST_TEST(b.available() == 10u);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

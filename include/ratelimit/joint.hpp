@@ -101,6 +101,8 @@ class joint_receipt {
 
   auto begin() noexcept { return parts_.begin(); }
   auto end() noexcept { return parts_.end(); }
+  auto begin() const noexcept { return parts_.begin(); }
+  auto end() const noexcept { return parts_.end(); }
 
   /// Gives back what every part still holds; returns the sum.
   std::uint64_t give_back_all() {
@@ -131,6 +133,12 @@ class joint_request {
   joint_request(std::span<const part_type> parts, boost::system::error_code& ec) {
     if (parts.empty()) throw std::invalid_argument("ratelimit: a joint request needs a part");
     ex_ = parts.front().ex_;
+    // All the memory first: once a key's bucket is pinned, nothing may throw
+    // before it is recorded for done().
+    domains_.reserve(parts.size());
+    used_.reserve(parts.size());
+    keep_.reserve(parts.size());
+    parts_.reserve(parts.size());
     for (const part_type& p : parts)
       if (p.source_) domains_.push_back(&p.source_->domain());
     std::sort(domains_.begin(), domains_.end());
@@ -177,9 +185,9 @@ class joint_request {
   joint_request& operator=(const joint_request&) = delete;
 
   std::span<const bucket_part<Clock, WaitTraits>> parts() const noexcept { return parts_; }
-  const boost::asio::any_io_executor& executor() const noexcept {
-    return parts_.empty() ? ex_ : parts_.front().bucket->get_executor();
-  }
+  /// The first part's limiter's executor: where the request completes
+  /// (also when it fails before any bucket is asked).
+  const boost::asio::any_io_executor& executor() const noexcept { return ex_; }
 
   /// The receipts for a grant of these parts (made before it is asked for).
   static joint_receipt receipts(std::span<const part_type> parts) {
@@ -240,12 +248,11 @@ struct initiate_joint_acquire {
     op_type* op = op_type::create(std::move(h), req.executor(), std::uint64_t{0});
     try {
       link_cancellation(op->handler(), op, *req.parts().front().bucket);
-      joint_group<Clock, WaitTraits>::start(req.parts(), op);
     } catch (...) {
-      op->unlink();
       op->destroy();
       throw;
     }
+    joint_group<Clock, WaitTraits>::start(req.parts(), op);  // (destroys `op` if it throws)
   }
 };
 
@@ -341,9 +348,10 @@ joint_receipt acquire(std::initializer_list<basic_part<Clock, WaitTraits>> parts
 
 /// Grants `parts` together now exactly when a request made now would be
 /// granted now (every limiter holds its part, and taking it delays nobody
-/// ahead); otherwise takes nothing. `retry_after` is set on refusal to how
-/// long a request made now would wait (exact as of the call), and left empty
-/// when the request could never be granted (`ec` says why: as async_acquire).
+/// ahead); otherwise takes nothing. `retry_after` is set to how long a
+/// request made now would wait (exact as of the call; zero when granted),
+/// and left empty when the request fails at once (`ec` says why: as
+/// async_acquire). A key's part makes the key's bucket, as a request would.
 template <typename Clock, typename WaitTraits>
 std::optional<joint_receipt> try_acquire(std::span<const basic_part<Clock, WaitTraits>> parts,
                                          std::optional<typename Clock::duration>& retry_after,

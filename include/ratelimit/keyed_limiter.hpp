@@ -358,7 +358,7 @@ class keyed_impl
   }
 
  private:
-  /// The node for `key`, created if needed; null with `ec` set when the
+  /// A part of a joint request: this limiter's bucket of one key (joint.hpp).
   class key_part final : public part_source<Clock, WaitTraits> {
    public:
     key_part(std::shared_ptr<keyed_impl> limiter, const Key& key)
@@ -390,6 +390,7 @@ class keyed_impl
     Key key_;
   };
 
+  /// The node for `key`, created if needed; null with `ec` set when the
   /// request must fail at once. With `check_existing` false, a key that has
   /// a bucket is returned even for more than its capacity: the bucket's own
   /// submit() fails the request then, in its place in the bucket's order of

@@ -194,7 +194,10 @@ class basic_token_bucket {
   /// Takes `n` tokens if they are there now and nobody is queued ahead;
   /// never waits. Returns false when the tokens are not there, when waiters
   /// are queued (their tokens are owed to them), when `n > capacity()`, or when
-  /// the bucket is closed.
+  /// the bucket is closed. (A queued joint request, ratelimit/joint.hpp, is
+  /// the one exception: taking tokens it will not need by its time T is no
+  /// delay to it.) While joint requests wait on the bucket this may throw
+  /// std::bad_alloc (planning them), with nothing taken.
   /// @par Thread safety
   /// May be called from any thread.
   bool try_get_token(std::uint64_t n = 1) { return impl_ && impl_->try_get(n); }

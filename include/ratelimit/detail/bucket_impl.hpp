@@ -683,10 +683,8 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
       // In a joint group (it moved there with the bucket's queue, or the
       // bucket joined later): the group withdraws it, and completes it.
       if (auto r = group().run(*this, [&](std::size_t) {
-            sched().serve_due(serve_first ? std::min(now, until) : now);
-            const bool queued = w->queued;
-            if (queued) sched().cancel(w->group_id, now);
-            return queued;
+            return w->queued &&
+                   sched().cancel_at(w->group_id, serve_first ? std::min(now, until) : now, now);
           }))
         return *r;
     }
@@ -727,7 +725,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     sched().reserve_completions(1);
     w->group_owner = this;
     w->group_ex = executor_;
-    w->group_id = sched().request(one(s, w->tokens), now, w);
+    w->group_id = sched().request(one(s, w->tokens), now, w, std::nullopt, this);
     w->queued = sched().is_queued(w->group_id);
     return true;
   }

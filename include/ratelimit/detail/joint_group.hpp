@@ -10,9 +10,9 @@
 // the bucket is the scheduler's, under the group's lock. The scheduler
 // decides every grant (joint_plan.hpp: one order, granted together at T,
 // nothing held while waiting). A bucket leaves as soon as no queued request
-// names it: its state moves back and it is solo again, at the cost of one
-// branch on its fast path. So the group holds only buckets with queued
-// requests that are, or wait behind, joint ones.
+// names it together with another bucket: its state and its single requests
+// move back and it is solo again, at the cost of one branch on its fast
+// path. So the group holds only buckets that queued joint requests name.
 //
 // One group per clock type: a process's joint requests share one lock while
 // they wait (grants at once take only the buckets' own locks). That keeps
@@ -20,9 +20,10 @@
 //
 // Timers: a queued request is served by the timer of its owner (its first
 // part's bucket; a request that moved in from a bucket's queue, that
-// bucket's), and completes through that bucket's executor. The group arms
-// one timer at a time: the owner's of the request due first. When it fires
-// (bucket_impl::on_timer) the group grants what is due, then arms the next.
+// bucket's), and completes through that bucket's executor. Each member's
+// timer is armed for the first due request it owns, so a grant needs only
+// its owner's context to run. When one fires (bucket_impl::on_timer) the
+// group grants everything that is due, then arms again.
 //
 // Locking: the group's mutex, then buckets' spin locks (a bucket's fields
 // that say where it is, `slot_`, change only under both). A bucket operation
@@ -34,9 +35,13 @@
 // is destroyed, which makes it leave; so the group never refers to a bucket
 // that is gone.
 //
-// Not yet: a blocked caller's deadline is its thread's (it withdraws when it
-// wakes; solo buckets drop it from the queue as soon as its grant would be
-// late), and allocation failure inside the group is not injected by tests.
+// Not yet: a blocked caller's deadline is its thread's (it withdraws as of
+// its deadline when it wakes, taking nothing; solo buckets drop it from the
+// queue as soon as its grant would be late).
+//
+// One group per clock type and program: a function-local static of a header
+// template. A shared library that hides its symbols gets a group of its
+// own; a bucket must then be used from one module only.
 //
 #ifndef RATELIMIT_DETAIL_JOINT_GROUP_HPP
 #define RATELIMIT_DETAIL_JOINT_GROUP_HPP
@@ -129,7 +134,13 @@ class joint_group {
     const std::size_t s = b.slot_;
     if (s == solo) return std::nullopt;
     closed_ec_ = b.closed_ec_;
-    std::optional<std::invoke_result_t<F&, std::size_t>> r(f(s));
+    std::optional<std::invoke_result_t<F&, std::size_t>> r;
+    try {
+      r.emplace(f(s));
+    } catch (...) {
+      settle(done);  // what was granted before the throw is delivered
+      throw;
+    }
     settle(done);
     return r;
   }
@@ -142,7 +153,11 @@ class joint_group {
   /// Queues `w` (an operation whose cancellation is linked to `owner`,
   /// `parts[0]`'s bucket) for `parts` in the group (joining their buckets),
   /// or completes it at once: granted, or failed (closed, over a capacity).
-  void submit(std::span<const part_type> parts, waiter_base* w, std::int64_t now) {
+  /// With a `deadline`, decided in the same lock: false (nothing queued, `w`
+  /// untouched) when the grant would come after it. Throws (std::bad_alloc,
+  /// or what making the owner's timer throws) with `w` not queued.
+  bool submit(std::span<const part_type> parts, waiter_base* w, std::int64_t now,
+              std::int64_t deadline = max_time) {
     bucket_type& owner = *parts.front().bucket;
     group_batch done;
     std::lock_guard lk(mutex_);
@@ -152,16 +167,24 @@ class joint_group {
     }
     try {
       std::vector<joint_part> ps = join_all(parts, now);
+      if (deadline != max_time) {
+        const auto wait = x_.retry_after(ps, now);
+        if (wait && bucket_type::add_ns(now, *wait) > deadline) {
+          settle(done);
+          return false;
+        }
+      }
       x_.reserve_completions(1);
       w->group_owner = &owner;
       w->group_ex = owner.get_executor();
-      w->group_id = x_.request(ps, now, w);
+      w->group_id = x_.request(ps, now, w, std::nullopt, &owner);
       w->queued = x_.is_queued(w->group_id);
     } catch (...) {
       settle(done);  // the buckets joined for nothing leave
       throw;
     }
     settle(done);
+    return true;
   }
 
   /// Refuses (nothing), grants (`granted`, taken now) or fails at once, as
@@ -211,31 +234,19 @@ class joint_group {
     return r;
   }
 
-  /// Withdraws queued `w` (a blocked caller whose deadline passed), first
-  /// granting what was due by `until`: true if it was still queued (it then
-  /// completes with operation_aborted before this returns).
-  bool withdraw(waiter_base* w, std::int64_t now, std::int64_t until) {
-    group_batch done;
-    std::lock_guard lk(mutex_);
-    x_.serve_due(std::min(now, until));
-    const bool queued = w->queued;
-    if (queued) x_.cancel(w->group_id, now);
-    settle(done);
-    return queued;
-  }
-
   // --- a joint request (parts: distinct buckets the caller keeps alive) ------
 
   /// Grants `w` at once or fails it at once (posted through the first
   /// part's bucket's executor, never run here), or queues it in the group.
-  /// Throws, with nothing taken and `w` not queued, what making the timer or
-  /// the group's bookkeeping throws (the caller destroys `w`).
+  /// If this throws (what making the timer or the group's bookkeeping
+  /// throws, or posting with an executor whose post allocates), `w` was
+  /// destroyed and nothing was taken.
   static void start(std::span<const part_type> parts, waiter_base* w) {
     bucket_type& owner = *parts.front().bucket;
     const std::int64_t now = bucket_type::now_ns();
     solo_answer a;
-    {
-      lock_all lk(parts);
+    try {
+      lock_all lk(parts);  // (may throw std::bad_alloc before locking anything)
       a = decide_solo(parts, now, true, false);
       if (!a.decided || !(a.granted || a.ec)) {
         a.decided = false;
@@ -243,12 +254,25 @@ class joint_group {
         owner.posted_ = true;
         w->unlink();  // never queued: nothing to cancel
       }
+    } catch (...) {
+      w->unlink();
+      w->destroy();
+      throw;
     }
-    if (!a.decided) return instance().submit(parts, w, now);
+    if (!a.decided) {
+      try {
+        instance().submit(parts, w, now);
+      } catch (...) {
+        w->unlink();
+        w->destroy();
+        throw;
+      }
+      return;
+    }
     w->set_result(a.ec);
     try {
       w->complete(finish_mode::post, owner.get_executor());
-    } catch (...) {  // only with executors whose post allocates: undo the grant
+    } catch (...) {  // only with executors whose post allocates: `w` was destroyed
       if (a.granted)
         for (const part_type& p : parts)
           p.bucket->return_tokens(p.n);
@@ -314,21 +338,26 @@ class joint_group {
     if (ec) return false;
     sync_waiter w(0, deadline);
     std::future<boost::system::error_code> result = w.get_future();
-    instance().submit(parts, &w, now);
+    if (!instance().submit(parts, &w, now, deadline)) return false;  // (requests came ahead)
     before_wait();
     if (deadline != max_time) {
       while (result.wait_for(WaitTraits::to_wait_duration(
                  bucket_type::from_ns(deadline) - Clock::now())) != std::future_status::ready) {
         const std::int64_t t = bucket_type::now_ns();
         if (t < deadline) continue;
-        if (instance().withdraw(&w, t, deadline)) {
-          result.get();  // (completed with operation_aborted by the group)
-          return false;
-        }
+        // Through its owner: a request of one part may be back in that
+        // bucket's own queue (leave()). Withdrawn: nothing was taken.
+        bucket_type& owner = *parts.front().bucket;
+        ready_list ready(owner.get_executor(), &owner.posted_);
+        if (owner.withdraw(&w, ready, true, deadline)) return false;
         break;  // granted in time meanwhile: the result is on its way
       }
     }
     ec = result.get();
+    if (ec == boost::asio::error::timed_out) {  // dropped by its own bucket: due too late
+      ec = {};
+      return false;
+    }
     return !ec;
   }
 
@@ -345,8 +374,7 @@ class joint_group {
   bool on_timer(bucket_type& b, std::int64_t now) {
     return run(b,
                [&](std::size_t) {
-                 if (armed_ == &b) armed_ = nullptr;  // fired: settle() arms the next
-                 x_.serve_due(now);
+                 x_.serve_due(now);  // (settle() arms b again if it serves more)
                  return true;
                })
         .has_value();
@@ -470,7 +498,7 @@ class joint_group {
       moved.reserve(b.queue_.size());
       for (waiter_base* w = b.queue_.front(); w; w = w->next) {
         const joint_part one{s, w->tokens};
-        moved.push_back(x_.adopt(std::span<const joint_part>(&one, 1), w->queued_at, w));
+        moved.push_back(x_.adopt(std::span<const joint_part>(&one, 1), w->queued_at, w, &b));
       }
     } catch (...) {
       for (std::uint64_t id : moved)
@@ -499,8 +527,9 @@ class joint_group {
   }
 
   /// After every call on the scheduler: its completions go to `done`, the
-  /// buckets no queued request names leave, and the timer of the first due
-  /// request's owner is armed.
+  /// buckets no joint request names leave (with the single requests queued
+  /// on them), and every member's timer is armed for the first due request
+  /// it serves.
   void settle(group_batch& done) noexcept {
     for (const joint_completion& c : x_.completions()) {
       auto* w = static_cast<waiter_base*>(c.tag);
@@ -524,7 +553,7 @@ class joint_group {
     }
     x_.clear_completions();
     for (std::size_t s = 0; s < members_.size(); ++s)
-      if (members_[s] && x_.queued_on(s) == 0) leave(s);
+      if (members_[s] && x_.multi_on(s) == 0) leave(s);
     if (count_ == 0) {
       // Empty: the group holds no memory while nobody waits jointly (an
       // empty scheduler and vector allocate nothing).
@@ -534,63 +563,64 @@ class joint_group {
     arm();
   }
 
+  /// Bucket `s`, which no queued request names with another bucket, goes
+  /// back to its own queue: its state, and its single requests in their
+  /// order (each named only it: FIFO among them is all the plan said).
   void leave(std::size_t s) noexcept {
     bucket_type& b = *members_[s];
-    std::lock_guard lk(b.mutex_);
+    std::vector<joint_scheduler::released> singles;
     try {
-      b.state_ = x_.remove_bucket(s);
+      singles = x_.release_singles(s);
     } catch (...) {  // std::bad_alloc: it stays, and leaves after a later call
       return;
     }
-    b.tail_.reset();
+    std::lock_guard lk(b.mutex_);
+    b.state_ = x_.remove_bucket(s);  // (no request names it now)
     b.slot_ = solo;
     // The group posted its completions: the bucket's timer must not dispatch
     // a grant ahead of one still in the executor's queue (bucket_impl::on_timer).
     b.posted_ = true;
-    if (armed_ == &b) {
-      b.timer_.disarm();
-      armed_ = nullptr;
+    b.timer_.disarm();
+    for (const auto& r : singles) {
+      auto* w = static_cast<waiter_base*>(r.tag);
+      w->queued_at = r.made_at;
+      w->tokens = r.n;        // (a joint request of one part was made with none)
+      b.queue_.push_back(w);  // (still `queued`, its cancellation linked to b)
+      b.queued_tokens_ += w->tokens;
+    }
+    b.tail_.reset();
+    if (!b.queue_.empty()) {
+      try {
+        b.arm(std::max(b.state_.ready_at(b.queue_.front()->tokens), b.queue_.front()->queued_at));
+      } catch (...) {  // only executors whose post allocates: served by its next call
+      }
     }
     members_[s] = nullptr;
     --count_;
   }
 
+  /// Arms each member's timer for the first due request it serves (its
+  /// owner's: completions go through its executor), so that every request's
+  /// grant needs only its own owner's context to run.
   void arm() noexcept {
-    std::optional<std::pair<std::int64_t, void*>> due;
-    try {
-      due = x_.next_due();
-    } catch (...) {  // std::bad_alloc making the plan: a member's timer retries now
-      for (bucket_type* b : members_)
-        if (b && b->timer_.made()) {  // (a request's owner's is)
-          if (armed_ && armed_ != b) {
-            std::lock_guard lk(armed_->mutex_);
-            armed_->timer_.disarm();
-          }
-          std::lock_guard lk(b->mutex_);
-          try {
-            b->timer_.arm(x_.now(), *b);
-            armed_ = b;
-          } catch (...) {
-          }
-          return;
-        }
-      return;
-    }
-    bucket_type* want =
-        due ? static_cast<bucket_type*>(static_cast<waiter_base*>(due->second)->group_owner)
-            : nullptr;
-    if (armed_ && armed_ != want) {
-      std::lock_guard lk(armed_->mutex_);
-      armed_->timer_.disarm();
-      armed_ = nullptr;
-    }
-    if (!want) return;
-    std::lock_guard lk(want->mutex_);
-    try {
-      want->timer_.make(want->get_executor());
-      want->timer_.arm(due->first, *want);
-      armed_ = want;
-    } catch (...) {  // only executors whose post allocates: a later call re-arms
+    for (bucket_type* b : members_) {
+      if (!b) continue;
+      std::optional<std::int64_t> at;
+      try {
+        at = x_.next_due_of(b);
+      } catch (...) {  // std::bad_alloc making the plan: every timer retries now
+        at = b->timer_.made() ? std::optional<std::int64_t>(x_.now()) : std::nullopt;
+      }
+      std::lock_guard lk(b->mutex_);
+      if (!at) {
+        b->timer_.disarm();
+        continue;
+      }
+      try {
+        b->timer_.make(b->get_executor());
+        b->timer_.arm(*at, *b);
+      } catch (...) {  // only executors whose post allocates: a later call re-arms
+      }
     }
   }
 
@@ -598,7 +628,6 @@ class joint_group {
   joint_scheduler x_{std::numeric_limits<std::int64_t>::min(), false};
   std::vector<bucket_type*> members_;  // by slot; null: free
   std::size_t count_ = 0;              // members
-  bucket_type* armed_ = nullptr;       // whose timer is armed for the group
   boost::system::error_code closed_ec_ = error::bucket_closed;
 };
 

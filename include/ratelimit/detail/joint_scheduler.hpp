@@ -74,6 +74,7 @@ class joint_scheduler {
       closed_[b] = false;
       parts_[b] = 0;
       tokens_[b] = 0;
+      multi_[b] = 0;
       free_.pop_back();
     } else {
       free_.reserve(states_.size() + 1);  // so that remove_bucket() never allocates
@@ -81,11 +82,13 @@ class joint_scheduler {
       closed_.reserve(closed_.size() + 1);
       parts_.reserve(parts_.size() + 1);
       tokens_.reserve(tokens_.size() + 1);
+      multi_.reserve(multi_.size() + 1);
       b = states_.size();
       states_.push_back(s);
       closed_.push_back(false);
       parts_.push_back(0);
       tokens_.push_back(0);
+      multi_.push_back(0);
     }
     states_[b].refill(now_);
     invalidate();  // (the planner refers to the states)
@@ -108,7 +111,8 @@ class joint_scheduler {
   /// request queued elsewhere before, moving here; no later than now);
   /// returns its id. `tag` comes back in its completion.
   std::uint64_t request(std::span<const joint_part> parts, std::int64_t now, void* tag = nullptr,
-                        std::optional<std::int64_t> made_at = std::nullopt) {
+                        std::optional<std::int64_t> made_at = std::nullopt,
+                        const void* owner = nullptr) {
     check_parts(parts);
     serve(now);
     const std::uint64_t id = next_id_++;
@@ -117,7 +121,7 @@ class joint_scheduler {
     } else {
       auto it = queued_
                     .emplace(id, queued{std::vector<joint_part>(parts.begin(), parts.end()),
-                                        std::min(made_at.value_or(now_), now_), tag})
+                                        std::min(made_at.value_or(now_), now_), tag, owner})
                     .first;
       queue_up(it);
       serve(now_);
@@ -129,10 +133,11 @@ class joint_scheduler {
   /// here from elsewhere (a bucket's own queue) and not served yet: nothing
   /// is granted in this call. Returns its id. Throws std::bad_alloc with
   /// nothing changed.
-  std::uint64_t adopt(std::span<const joint_part> parts, std::int64_t made_at, void* tag) {
+  std::uint64_t adopt(std::span<const joint_part> parts, std::int64_t made_at, void* tag,
+                      const void* owner = nullptr) {
     auto it = queued_
                   .emplace(next_id_, queued{std::vector<joint_part>(parts.begin(), parts.end()),
-                                            std::min(made_at, now_), tag})
+                                            std::min(made_at, now_), tag, owner})
                   .first;
     queue_up(it);
     return next_id_++;
@@ -179,15 +184,24 @@ class joint_scheduler {
 
   void serve_due(std::int64_t now) { serve(now); }
 
-  void cancel(std::uint64_t id, std::int64_t now) {
-    serve(now);
+  void cancel(std::uint64_t id, std::int64_t now) { cancel_at(id, now, now); }
+
+  /// A deadline passed at `until` (<= now): grants what was due by then,
+  /// then cancels `id` if it is still queued (true), then grants what is due
+  /// at `now`. So a request whose T is after its deadline is never granted.
+  bool cancel_at(std::uint64_t id, std::int64_t until, std::int64_t now) {
+    serve(std::min(until, now));
     const auto it = queued_.find(id);
-    if (it == queued_.end()) return;
+    if (it == queued_.end()) {
+      if (until < now) serve(now);
+      return false;
+    }
     void* tag = it->second.tag;
     forget(it);
     invalidate();
-    serve(now_);
+    serve(std::max(now, now_));  // (as of the latest time seen: the clock may have gone back)
     complete(id, joint_outcome::aborted, tag);
+    return true;
   }
 
   /// Room for the completions of every queued request, `extra` more and
@@ -271,6 +285,39 @@ class joint_scheduler {
   std::size_t queued_on(std::size_t b) const { return parts_[b]; }
   uint128 queued_tokens_on(std::size_t b) const { return tokens_[b]; }
   bool is_queued(std::uint64_t id) const { return queued_.count(id) != 0; }
+  /// How many queued requests name `b` and another bucket too.
+  std::size_t multi_on(std::size_t b) const { return multi_[b]; }
+
+  /// Takes every queued request naming `b` (each names only `b`: multi_on(b)
+  /// is 0) out, as if never made here, and returns their tags and when they
+  /// were made and their tokens, in their order: they go back to the
+  /// bucket's own queue.
+  /// Throws std::bad_alloc with nothing changed.
+  struct released {
+    void* tag;
+    std::int64_t made_at;
+    std::uint64_t n;
+  };
+  std::vector<released> release_singles(std::size_t b) {
+    std::vector<released> out;
+    out.reserve(parts_[b]);
+    for (const auto& [id, r] : queued_)
+      if (r.parts.front().bucket == b) out.push_back({r.tag, r.made_at, r.parts.front().n});
+    for (auto it = queued_.begin(); it != queued_.end();)
+      it = it->second.parts.front().bucket == b ? forget(it) : std::next(it);
+    if (!out.empty()) invalidate();
+    return out;
+  }
+
+  /// The earliest planned T of the queued requests `owner` serves (nothing:
+  /// none, or all placed never). Throws std::bad_alloc (making the plan).
+  std::optional<std::int64_t> next_due_of(const void* owner) {
+    if (queued_.empty()) return std::nullopt;
+    planner();
+    const auto it = owner_due_.find(owner);
+    if (it == owner_due_.end()) return std::nullopt;
+    return it->second.begin()->first;
+  }
 
   /// The earliest planned T of a queued request and that request's tag
   /// (nothing: nobody is queued, or every queued request is placed never).
@@ -306,6 +353,7 @@ class joint_scheduler {
     std::vector<joint_part> parts;
     std::int64_t made_at;
     void* tag;
+    const void* owner;  // whose timer serves it (next_due_of)
   };
   struct held_part {
     std::size_t bucket;
@@ -340,6 +388,7 @@ class joint_scheduler {
     if (!plan_) {
       planned_.clear();
       due_.clear();
+      owner_due_.clear();
       try {
         plan_.emplace(states_, now_);
         for (const auto& [id, r] : queued_) {
@@ -359,9 +408,11 @@ class joint_scheduler {
   /// queued request, as a re-plan would); a plan that cannot grow is made
   /// again later. Never throws.
   void queue_up(std::map<std::uint64_t, queued>::iterator it) noexcept {
+    const bool multi = it->second.parts.size() > 1;
     for (const joint_part& q : it->second.parts) {
       ++parts_[q.bucket];
       tokens_[q.bucket] += q.n;
+      multi_[q.bucket] += multi;
     }
     if (!plan_) return;
     try {
@@ -375,13 +426,17 @@ class joint_scheduler {
 
   void note_planned(std::uint64_t id, std::optional<std::int64_t> t) {
     planned_[id] = t;
-    if (t) due_.emplace(*t, id);
+    if (t) {
+      due_.emplace(*t, id);
+      owner_due_[queued_.at(id).owner].emplace(*t, id);
+    }
   }
 
   void invalidate() noexcept {
     plan_.reset();
     planned_.clear();
     due_.clear();
+    owner_due_.clear();
   }
 
   void see(std::int64_t now) {
@@ -410,6 +465,11 @@ class joint_scheduler {
       if (due_.empty() || due_.begin()->first > now) break;
       const auto [t, id] = *due_.begin();
       due_.erase(due_.begin());
+      {
+        const auto o = owner_due_.find(queued_.at(id).owner);
+        o->second.erase({t, id});
+        if (o->second.empty()) owner_due_.erase(o);
+      }
       planned_.erase(id);
       see(t);
       const std::vector<joint_part>& parts = queued_.at(id).parts;
@@ -454,9 +514,11 @@ class joint_scheduler {
 
   /// Drops queued request `it` (granted or failed); returns the next.
   std::map<std::uint64_t, queued>::iterator forget(std::map<std::uint64_t, queued>::iterator it) {
+    const bool multi = it->second.parts.size() > 1;
     for (const joint_part& q : it->second.parts) {
       --parts_[q.bucket];
       tokens_[q.bucket] -= q.n;
+      multi_[q.bucket] -= multi;
     }
     return queued_.erase(it);
   }
@@ -467,11 +529,13 @@ class joint_scheduler {
   std::vector<bool> closed_;
   std::vector<std::size_t> parts_;  // per bucket: queued requests naming it
   std::vector<uint128> tokens_;     // per bucket: the tokens they ask of it
+  std::vector<std::size_t> multi_;  // per bucket: queued requests naming it and another
   std::vector<std::size_t> free_;   // numbers of removed buckets
   std::map<std::uint64_t, queued> queued_;
   std::optional<joint_planner> plan_;                             // when valid
   std::map<std::uint64_t, std::optional<std::int64_t>> planned_;  // id -> T, per plan_
   std::set<std::pair<std::int64_t, std::uint64_t>> due_;          // (T, id) of those placed
+  std::map<const void*, std::set<std::pair<std::int64_t, std::uint64_t>>> owner_due_;  // per owner
   std::map<std::uint64_t, std::vector<held_part>> held_;
   std::uint64_t next_id_ = 0;
   std::vector<joint_completion> completions_;
