@@ -31,6 +31,7 @@
 // handler kind, --k K one failing allocation, --trace prints its stack.
 //
 #include "alloc_harness.hpp"
+#include "fake_remote.hpp"
 
 #include <ratelimit/joint.hpp>
 #include <ratelimit/keyed_limiter.hpp>
@@ -418,6 +419,42 @@ void joint_acquire(env& e) {
   l.reset();
 }
 
+/// Joint requests with a remote part (a fake that answers by itself): one
+/// granted at once, one that waits for its reservation to come due, one
+/// whose local bucket is destroyed while it waits for its reservation.
+void joint_remote(env& e) {
+  using part = ratelimit::basic_part<manual_clock, manual_wait_traits>;
+  std::optional<bucket_t> a;
+  if (!make(e, a, 3, per_second(1))) return;
+  std::shared_ptr<ratelimit::test::fake_remote> r;
+  e.call("make_remote", [&] {
+    r = std::make_shared<ratelimit::test::fake_remote>(e.executor(), 2, 1s);
+    r->auto_answer(true);
+  });
+  if (!r) return;
+  e.start<ratelimit::joint_receipt>([&](auto&& token) {  // at once
+    return ratelimit::async_acquire({part(*a, 1), part(r, 2)},
+                                    std::forward<decltype(token)>(token));
+  });
+  e.pump();
+  e.start<ratelimit::joint_receipt>([&](auto&& token) {  // due in 1 s
+    return ratelimit::async_acquire({part(r, 1), part(*a, 1)},
+                                    std::forward<decltype(token)>(token));
+  });
+  e.pump();
+  e.advance(1s);
+  e.pump();
+  e.start<ratelimit::joint_receipt>([&](auto&& token) {  // waits on a, which goes away
+    return ratelimit::async_acquire({part(*a, 3), part(r, 1)},
+                                    std::forward<decltype(token)>(token));
+  });
+  e.pump();
+  a.reset();
+  e.advance(1s);                    // its reservation is due: it finds its local bucket gone
+  AF_CHECK(r->outstanding() == 0);  // no reservation stays taken
+  AF_CHECK(r->misuse() == 0);       // each one taken or forgotten once
+}
+
 struct scenario {
   const char* name;
   void (*body)(env&);
@@ -443,6 +480,7 @@ const scenario scenarios[] = {
     {"bucket.acquire", bucket_acquire, all_kinds, true},
     {"keyed.acquire", keyed_acquire, all_kinds, false},
     {"joint.acquire", joint_acquire, all_kinds, true},
+    {"joint.remote", joint_remote, all_kinds, true},
 };
 
 /// Shows that leaks are seen: one block leaked on purpose. The live count

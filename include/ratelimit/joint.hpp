@@ -13,15 +13,24 @@
 #include <ratelimit/error.hpp>
 #include <ratelimit/keyed_limiter.hpp>
 #include <ratelimit/receipt.hpp>
+#include <ratelimit/remote_limiter.hpp>
 #include <ratelimit/token_bucket.hpp>
 
+#include <boost/asio/associated_allocator.hpp>
+#include <boost/asio/associator.hpp>
 #include <boost/asio/async_result.hpp>
+#include <boost/asio/basic_waitable_timer.hpp>
+#include <boost/asio/cancellation_type.hpp>
+#include <boost/asio/compose.hpp>
+#include <boost/asio/error.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/system/error_code.hpp>
 #include <boost/system/system_error.hpp>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <future>
 #include <initializer_list>
 #include <memory>
 #include <mutex>
@@ -36,12 +45,18 @@ namespace ratelimit {
 namespace detail {
 template <typename Clock, typename WaitTraits>
 class joint_request;
-}
+template <typename Clock, typename WaitTraits>
+struct remote_joint_op;
+template <typename Clock, typename WaitTraits>
+struct initiate_joint_acquire;
+}  // namespace detail
 
-/// One limit of a joint request: `n` tokens of a token bucket, or of one key
-/// of a keyed limiter. A part refers to its limiter as a deferred operation
-/// does (it co-owns the limiter's state, not the limiter object): a part of
-/// a limiter destroyed meanwhile fails with `operation_aborted`.
+/// One limit of a joint request: `n` tokens of a token bucket, of one key of
+/// a keyed limiter, or of a remote limiter (ratelimit/remote_limiter.hpp). A
+/// part refers to a local limiter as a deferred operation does (it co-owns
+/// the limiter's state, not the limiter object): a part of a limiter
+/// destroyed meanwhile fails with `operation_aborted`. A remote part co-owns
+/// its remote limiter.
 ///
 /// @code
 /// ratelimit::part per_client(clients, address, 1);
@@ -66,15 +81,35 @@ class basic_part {
         ex_(limiter.executor_),
         n_(n) {}
 
+  /// `n` tokens of a remote limiter (one that answers late). A request with
+  /// a remote part is asynchronous only: async_acquire, or the blocking
+  /// acquire without a deadline (see async_acquire for how it is served).
+  basic_part(std::shared_ptr<basic_remote_limiter<Clock>> remote, std::uint64_t n = 1)
+      : remote_(std::move(remote)), n_(n) {
+    if (!remote_) throw std::invalid_argument("ratelimit: a remote part needs a limiter");
+    ex_ = remote_->get_executor();
+  }
+
+  /// The executor of the part's limiter.
+  const boost::asio::any_io_executor& get_executor() const noexcept { return ex_; }
+
+  /// True for a part of a remote limiter.
+  bool remote() const noexcept { return remote_ != nullptr; }
+
   /// The tokens this part asks for.
   std::uint64_t tokens() const noexcept { return n_; }
 
  private:
   template <typename, typename>
   friend class detail::joint_request;
+  template <typename, typename>
+  friend struct detail::remote_joint_op;
+  template <typename, typename>
+  friend struct detail::initiate_joint_acquire;
 
   std::shared_ptr<detail::bucket_impl<Clock, WaitTraits>> bucket_;  // a token bucket's
   std::shared_ptr<detail::part_source<Clock, WaitTraits>> source_;  // or a key's
+  std::shared_ptr<basic_remote_limiter<Clock>> remote_;             // or a remote limiter's
   boost::asio::any_io_executor ex_;
   std::uint64_t n_;
 };
@@ -193,13 +228,21 @@ class joint_request {
   static joint_receipt receipts(std::span<const part_type> parts) {
     std::vector<receipt> r;
     r.reserve(parts.size());
-    for (const part_type& p : parts) {
-      receipt_target t = p.source_   ? p.source_->target()
-                         : p.bucket_ ? p.bucket_->receipt_target_of()
-                                     : receipt_target{};
-      r.push_back(receipt_access::make(std::move(t), p.n_));
-    }
+    for (const part_type& p : parts)
+      r.push_back(receipt_access::make(target_of(p), p.n_));
     return joint_receipt(std::move(r));
+  }
+
+  /// Where a receipt of part `p` gives back to. @throws std::bad_alloc
+  static receipt_target target_of(const part_type& p) {
+    if (p.source_) return p.source_->target();
+    if (p.bucket_) return p.bucket_->receipt_target_of();
+    if (p.remote_)
+      return receipt_target{std::weak_ptr<void>(p.remote_), nullptr,
+                            [](void* remote, std::uint64_t n) {
+                              static_cast<basic_remote_limiter<Clock>*>(remote)->give_back(n);
+                            }};
+    return {};
   }
 
   /// The request is made: the keys' buckets may be evicted again, and the
@@ -228,6 +271,11 @@ class joint_request {
 };
 
 template <typename Clock, typename WaitTraits>
+bool has_remote(std::span<const basic_part<Clock, WaitTraits>> parts) noexcept {
+  return std::any_of(parts.begin(), parts.end(), [](const auto& p) { return p.remote(); });
+}
+
+template <typename Clock, typename WaitTraits>
 struct initiate_joint_acquire {
   template <typename Handler>
   void operator()(Handler&& handler, std::vector<basic_part<Clock, WaitTraits>> parts) const {
@@ -235,6 +283,14 @@ struct initiate_joint_acquire {
         std::is_invocable_v<std::decay_t<Handler>&&, boost::system::error_code, joint_receipt>,
         "ratelimit: handler must be callable as void(boost::system::error_code, "
         "ratelimit::joint_receipt)");
+    if (has_remote(std::span<const basic_part<Clock, WaitTraits>>(parts)))
+      return start_remote(std::forward<Handler>(handler), std::move(parts));
+    start_local(std::forward<Handler>(handler), parts);
+  }
+
+  /// A request of local parts only.
+  template <typename Handler>
+  void start_local(Handler&& handler, std::span<const basic_part<Clock, WaitTraits>> parts) const {
     using request_type = joint_request<Clock, WaitTraits>;
     using wrapped = receipt_handler<std::decay_t<Handler>, joint_receipt>;
     boost::system::error_code ec;
@@ -254,7 +310,250 @@ struct initiate_joint_acquire {
     }
     joint_group<Clock, WaitTraits>::start(req.parts(), op);  // (destroys `op` if it throws)
   }
+
+  template <typename Handler>
+  void start_remote(Handler&& handler, std::vector<basic_part<Clock, WaitTraits>> parts) const;
 };
+
+/// The handler of one step of remote_joint_op: resumes the op kept in
+/// `cell`, whose executor, allocator and cancellation slot it has.
+template <typename Self>
+struct remote_step {
+  std::shared_ptr<std::optional<Self>> cell;
+
+  template <typename... Args>
+  void operator()(Args&&... args) {
+    Self self = std::move(**cell);
+    cell->reset();
+    self(std::forward<Args>(args)...);
+  }
+};
+
+/// A joint request with remote parts, as a composed operation: (1) its local
+/// parts are checked for a failure at once (closed, over capacity, a key
+/// refused), before any remote limiter is asked; (2) each remote part is
+/// reserved, one after another in the order of the parts; (3) it waits
+/// until the latest reservation is due; (4) it makes the request of its
+/// local parts (an ordinary joint request, made then); (5) granted at T, it
+/// takes every reservation at T. Any failure or cancellation from (2) on
+/// forgets every reservation made. Cancellation (terminal, partial, total:
+/// nothing is taken anywhere) reaches the remote limiter's reservation, the
+/// wait and the local request; a remote limiter that ignores it is waited
+/// for, and its reservation forgotten.
+template <typename Clock, typename WaitTraits>
+struct remote_joint_op {
+  using part_type = basic_part<Clock, WaitTraits>;
+  using remote_type = basic_remote_limiter<Clock>;
+  using reservation = typename remote_type::reservation;
+  using timer_type = boost::asio::basic_waitable_timer<Clock, WaitTraits>;
+  enum class stage { start, failed, reserve, wait, local };
+
+  remote_joint_op(std::vector<part_type> p, boost::asio::any_io_executor e)
+      : parts(std::move(p)), ex(std::move(e)) {}
+
+  std::vector<part_type> parts;
+  boost::asio::any_io_executor ex;
+  std::vector<std::pair<remote_type*, reservation>> held;  // (the parts keep the limiters)
+  std::vector<receipt> out;                                // the receipts of the grant
+  std::unique_ptr<timer_type> timer;  // (on the heap: moving the op must not move a waiting timer)
+  std::size_t next = 0;
+  stage at = stage::start;
+  boost::system::error_code failed;
+
+  template <typename Self>
+  void operator()(Self& self) {
+    if (at == stage::failed) return finish(self, failed);
+    self.reset_cancellation_state(boost::asio::enable_total_cancellation());
+    at = stage::reserve;
+    if ((failed = check_local())) {
+      at = stage::failed;
+      return boost::asio::post(ex, std::move(self));  // never inside the initiating call
+    }
+    held.reserve(parts.size());
+    reserve_next(self, true);
+  }
+
+  // A remote limiter answered.
+  template <typename Self>
+  void operator()(Self& self, boost::system::error_code ec, reservation r) {
+    if (!ec) held.emplace_back(parts[next - 1].remote_.get(), r);  // (reserved: no allocation)
+    if (!ec && cancelled(self)) ec = boost::asio::error::operation_aborted;
+    if (ec) return finish(self, ec);
+    reserve_next(self);
+  }
+
+  // The wait until the reservations are due ended.
+  template <typename Self>
+  void operator()(Self& self, boost::system::error_code ec) {
+    if (!ec && cancelled(self)) ec = boost::asio::error::operation_aborted;
+    if (ec) return finish(self, ec);
+    make_local(self);
+  }
+
+  // The local parts were granted (or failed).
+  template <typename Self>
+  void operator()(Self& self, boost::system::error_code ec, joint_receipt local) {
+    if (ec) return finish(self, ec);
+    const typename Clock::time_point t = Clock::now();
+    for (auto& [remote, r] : held)
+      remote->take(r, t);
+    held.clear();
+    std::vector<receipt> all = std::move(out);  // (reserved in make_local: no allocation here)
+    std::size_t i = 0;
+    for (const part_type& p : parts)
+      all.push_back(p.remote_
+                        ? receipt_access::make(joint_request<Clock, WaitTraits>::target_of(p), p.n_)
+                        : std::move(local[i++]));
+    self.complete(boost::system::error_code(), joint_receipt(std::move(all)));
+  }
+
+ private:
+  template <typename Self>
+  static bool cancelled(Self& self) {
+    return self.get_cancellation_state().cancelled() != boost::asio::cancellation_type::none;
+  }
+
+  /// The error the local parts would fail with at once, or none.
+  boost::system::error_code check_local() {
+    std::vector<part_type> local = local_parts();
+    boost::system::error_code ec;
+    if (local.empty()) return ec;
+    joint_request<Clock, WaitTraits> req(local, ec);
+    if (ec) return ec;
+    joint_group<Clock, WaitTraits>::retry_after(req.parts(), ec);
+    return ec;
+  }
+
+  std::vector<part_type> local_parts() const {
+    std::vector<part_type> local;
+    for (const part_type& p : parts)
+      if (!p.remote_) local.push_back(p);
+    return local;
+  }
+
+  /// Starts the next step: `launch(handler)` starts an operation that
+  /// completes the op through `handler`. The op waits in a cell meanwhile,
+  /// so that when `launch` throws (an allocation failed, or a remote
+  /// limiter broke its contract) the op is still there to fail: with the
+  /// error, when this runs in a completion; by the exception, when it runs
+  /// inside the initiating call (nothing reserved yet).
+  template <typename Self, typename Launch>
+  void step(Self& self, bool initiating, Launch&& launch) {
+    using cell_type = std::optional<Self>;
+    std::shared_ptr<cell_type> cell;
+    try {
+      cell = std::allocate_shared<cell_type>(
+          boost::asio::get_associated_allocator(self, std::allocator<void>()), std::move(self));
+    } catch (const std::bad_alloc&) {
+      if (initiating) throw;
+      return finish(self, make_error_code(boost::system::errc::not_enough_memory));
+    }
+    try {
+      launch(remote_step<Self>{cell});
+    } catch (...) {
+      if (initiating || !*cell) throw;
+      Self s = std::move(**cell);
+      cell->reset();
+      s(error_of(std::current_exception()));  // (the op fails: every reservation goes back)
+    }
+  }
+
+  static boost::system::error_code error_of(std::exception_ptr e) noexcept {
+    try {
+      std::rethrow_exception(e);
+    } catch (const boost::system::system_error& x) {
+      return x.code();
+    } catch (const std::bad_alloc&) {
+    } catch (...) {
+    }
+    return make_error_code(boost::system::errc::not_enough_memory);
+  }
+
+  template <typename Self>
+  void reserve_next(Self& self, bool initiating = false) {
+    while (next < parts.size() && !parts[next].remote_)
+      ++next;
+    if (next < parts.size()) {
+      remote_type* remote = parts[next].remote_.get();
+      const std::uint64_t n = parts[next].n_;
+      ++next;
+      return step(self, initiating, [&](auto h) {
+        remote->async_reserve(n, typename remote_type::reserve_handler(std::move(h)));
+      });
+    }
+    typename Clock::time_point due = Clock::now();
+    for (const auto& h : held)
+      due = std::max(due, h.second.due);
+    if (due > Clock::now()) {
+      at = stage::wait;
+      try {
+        timer = std::make_unique<timer_type>(ex, due);
+      } catch (const std::bad_alloc&) {
+        return finish(self, make_error_code(boost::system::errc::not_enough_memory));
+      }
+      timer_type* t = timer.get();
+      return step(self, false, [&](auto h) { t->async_wait(std::move(h)); });
+    }
+    make_local(self);
+  }
+
+  template <typename Self>
+  void make_local(Self& self) {
+    at = stage::local;
+    std::vector<part_type> local;
+    try {
+      local = local_parts();
+      out.reserve(parts.size());
+    } catch (const std::bad_alloc&) {
+      return finish(self, make_error_code(boost::system::errc::not_enough_memory));
+    }
+    if (local.empty()) return (*this)(self, boost::system::error_code(), joint_receipt());
+    step(self, false, [&](auto h) {
+      initiate_joint_acquire<Clock, WaitTraits>{}.start_local(std::move(h), local);
+    });
+  }
+
+  void forget_all() noexcept {
+    for (auto& [remote, r] : held)
+      remote->forget(r);
+    held.clear();
+  }
+
+  template <typename Self>
+  void finish(Self& self, boost::system::error_code ec) {
+    forget_all();
+    timer.reset();
+    self.complete(ec, joint_receipt());
+  }
+};
+
+template <typename Clock, typename WaitTraits>
+template <typename Handler>
+void initiate_joint_acquire<Clock, WaitTraits>::start_remote(
+    Handler&& handler, std::vector<basic_part<Clock, WaitTraits>> parts) const {
+  boost::asio::any_io_executor ex = parts.front().ex_;
+  boost::asio::async_compose<std::decay_t<Handler>, void(boost::system::error_code, joint_receipt)>(
+      remote_joint_op<Clock, WaitTraits>(std::move(parts), ex), handler, ex);
+}
+
+/// The blocking acquire of a request with remote parts: the asynchronous
+/// one, waited for (would_deadlock, context_stopped as the local form).
+template <typename Clock, typename WaitTraits>
+joint_receipt acquire_remote(std::span<const basic_part<Clock, WaitTraits>> parts,
+                             boost::system::error_code& ec) {
+  for (const auto& p : parts)
+    if ((ec = blocking_wait_error(p.get_executor()))) return {};
+  std::promise<std::pair<boost::system::error_code, joint_receipt>> done;
+  auto result = done.get_future();
+  initiate_joint_acquire<Clock, WaitTraits>{}(
+      [&done](boost::system::error_code e, joint_receipt r) {
+        done.set_value({e, std::move(r)});
+      },
+      std::vector<basic_part<Clock, WaitTraits>>(parts.begin(), parts.end()));
+  auto [e, r] = result.get();
+  ec = e;
+  return std::move(r);
+}
 
 template <typename Duration>
 std::int64_t to_timeout_ns(Duration timeout) noexcept {
@@ -309,6 +608,10 @@ joint_receipt acquire_for(std::span<const basic_part<Clock, WaitTraits>> parts,
                           std::chrono::duration<Rep, Period> timeout,
                           boost::system::error_code& ec) {
   ec = {};
+  if (detail::has_remote(parts)) {  // (a remote answer's deadline is the remote limiter's)
+    ec = boost::asio::error::operation_not_supported;
+    return {};
+  }
   joint_receipt r = detail::joint_request<Clock, WaitTraits>::receipts(parts);
   detail::joint_request<Clock, WaitTraits> req(parts, ec);
   if (ec) return {};
@@ -323,6 +626,7 @@ template <typename Clock, typename WaitTraits>
 joint_receipt acquire(std::span<const basic_part<Clock, WaitTraits>> parts,
                       boost::system::error_code& ec) {
   ec = {};
+  if (detail::has_remote(parts)) return detail::acquire_remote(parts, ec);
   joint_receipt r = detail::joint_request<Clock, WaitTraits>::receipts(parts);
   detail::joint_request<Clock, WaitTraits> req(parts, ec);
   if (ec) return {};
@@ -358,6 +662,10 @@ std::optional<joint_receipt> try_acquire(std::span<const basic_part<Clock, WaitT
                                          boost::system::error_code& ec) {
   ec = {};
   retry_after.reset();
+  if (detail::has_remote(parts)) {  // a remote limiter answers late
+    ec = boost::asio::error::operation_not_supported;
+    return std::nullopt;
+  }
   joint_receipt r = detail::joint_request<Clock, WaitTraits>::receipts(parts);
   detail::joint_request<Clock, WaitTraits> req(parts, ec);
   if (ec) return std::nullopt;
@@ -402,6 +710,7 @@ std::optional<joint_receipt> try_acquire(std::initializer_list<basic_part<Clock,
 template <typename Clock, typename WaitTraits>
 std::optional<typename Clock::duration> retry_after(
     std::span<const basic_part<Clock, WaitTraits>> parts) {
+  if (detail::has_remote(parts)) return std::nullopt;  // a remote limiter answers late
   boost::system::error_code ec;
   detail::joint_request<Clock, WaitTraits> req(parts, ec);
   if (ec) return std::nullopt;
@@ -417,5 +726,19 @@ std::optional<typename Clock::duration> retry_after(
 }
 
 }  // namespace ratelimit
+
+template <template <typename, typename> class Associator, typename Self, typename DefaultCandidate>
+struct boost::asio::associator<Associator, ratelimit::detail::remote_step<Self>, DefaultCandidate>
+    : Associator<Self, DefaultCandidate> {
+  static typename Associator<Self, DefaultCandidate>::type get(
+      const ratelimit::detail::remote_step<Self>& h) noexcept {
+    return Associator<Self, DefaultCandidate>::get(**h.cell);
+  }
+
+  static auto get(const ratelimit::detail::remote_step<Self>& h, const DefaultCandidate& c) noexcept
+      -> decltype(Associator<Self, DefaultCandidate>::get(**h.cell, c)) {
+    return Associator<Self, DefaultCandidate>::get(**h.cell, c);
+  }
+};
 
 #endif  // RATELIMIT_JOINT_HPP
