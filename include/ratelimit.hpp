@@ -9,6 +9,7 @@
 #include <ratelimit/keyed_limiter.hpp>
 #include <ratelimit/rate.hpp>
 #include <ratelimit/receipt.hpp>
+#include <ratelimit/remote_limiter.hpp>
 #include <ratelimit/token_bucket.hpp>
 
 #endif  // RATELIMIT_HPP

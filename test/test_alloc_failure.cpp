@@ -430,6 +430,7 @@ void joint_remote(env& e) {
   e.call("make_remote", [&] {
     r = std::make_shared<ratelimit::test::fake_remote>(e.executor(), 2, 1s);
     r->auto_answer(true);
+    r->answer_on_own_executor(true);
   });
   if (!r) return;
   e.start<ratelimit::joint_receipt>([&](auto&& token) {  // at once

@@ -23,6 +23,7 @@
 #include <boost/asio/deferred.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/strand.hpp>
+#include <boost/asio/thread_pool.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/use_future.hpp>
 
@@ -447,6 +448,65 @@ BOOST_AUTO_TEST_CASE(the_blocking_form_and_the_forms_a_remote_part_cannot_serve)
   BOOST_TEST(a.available() == 8u);
   BOOST_TEST(r->outstanding() == 0u);
   BOOST_CHECK_THROW(test_part(std::shared_ptr<fake_remote>(), 1), std::invalid_argument);
+}
+
+// Threads: requests over two shared local buckets and a remote limiter
+// that answers on a pool, some cancelled from their own strand, some failed
+// by the remote limiter. Every request completes once; every reservation is
+// taken or forgotten exactly once; the local buckets lose exactly what the
+// granted requests took.
+BOOST_AUTO_TEST_CASE(threads_with_cancellation_and_remote_failures) {
+#ifdef RATELIMIT_TEST_SANITIZED
+  const int rounds = 300;
+#else
+  const int rounds = 2000;
+#endif
+  asio::thread_pool pool(3);
+  test_bucket a(pool.get_executor(), 1'000'000, per_second(1));
+  test_bucket b(pool.get_executor(), 1'000'000, per_second(1));
+  auto r = std::make_shared<fake_remote>(pool.get_executor(), 1'000'000, 1s);
+  r->auto_answer(true);
+  std::atomic<int> done{0}, granted{0}, failed{0}, twice{0};
+  std::atomic<std::uint64_t> taken_a{0}, taken_b{0};
+  for (int i = 0; i < rounds; ++i) {
+    auto strand = asio::make_strand(pool);
+    asio::post(strand, [&, i, strand] {
+      if (i % 7 == 3) r->fail_next(ratelimit::error::redis_unavailable);
+      auto sig = std::make_shared<asio::cancellation_signal>();
+      auto calls = std::make_shared<std::atomic<int>>(0);
+      const std::uint64_t na = 1 + i % 3, nb = 1 + i % 2;
+      const test_part ps[] = {{a, na}, {r, 1}, {b, nb}};
+      ratelimit::async_acquire(
+          std::span<const test_part>(ps),
+          asio::bind_cancellation_slot(
+              sig->slot(), asio::bind_executor(strand, [&, sig, calls, na, nb](
+                                                           boost::system::error_code ec,
+                                                           joint_receipt jr) {
+                if (calls->fetch_add(1) != 0) ++twice;
+                if (!ec) {
+                  ++granted;
+                  taken_a += na;
+                  taken_b += nb;
+                  if (jr.size() != 3u) ++twice;
+                } else {
+                  ++failed;
+                }
+                ++done;
+              })));
+      if (i % 5 == 1) asio::post(strand, [sig] { sig->emit(asio::cancellation_type::terminal); });
+    });
+  }
+  BOOST_TEST(eventually([&] { return done.load() == rounds; }));
+  pool.join();
+  BOOST_TEST(twice.load() == 0);
+  BOOST_TEST(granted.load() + failed.load() == rounds);
+  BOOST_TEST(failed.load() > 0);
+  BOOST_TEST(granted.load() > 0);
+  BOOST_TEST(r->outstanding() == 0u);
+  BOOST_TEST(r->misuse() == 0u);
+  BOOST_TEST(r->taken() == static_cast<std::size_t>(granted.load()));
+  BOOST_TEST(a.available() == 1'000'000u - taken_a.load());
+  BOOST_TEST(b.available() == 1'000'000u - taken_b.load());
 }
 
 BOOST_AUTO_TEST_SUITE_END()

@@ -144,6 +144,12 @@ class fake_remote final : public ratelimit::basic_remote_limiter<manual_clock> {
     std::lock_guard lk(mutex_);
     auto_answer_ = on;
   }
+  /// Answers on this limiter's executor only (not dispatched on to the
+  /// handler's own).
+  void answer_on_own_executor(bool on) {
+    std::lock_guard lk(mutex_);
+    own_executor_ = on;
+  }
   void honour_cancellation(bool on) {
     std::lock_guard lk(mutex_);
     honour_cancel_ = on;
@@ -210,10 +216,13 @@ class fake_remote final : public ratelimit::basic_remote_limiter<manual_clock> {
   /// (Cancellation is emitted on the thread that answers, as Asio's slots need.)
   void deliver(const std::shared_ptr<pending>& p, boost::system::error_code ec, reservation r) {
     if (p->slot_used) boost::asio::get_associated_cancellation_slot(p->handler).clear();
-    // Off this call, on our executor. (Not dispatched on to the handler's
-    // own: through the type-erased handler's executor that allocates, out of
-    // the test's reach. The joint acquire's own completion goes through its
-    // handler's executor.)
+    // Off this call, on our executor, then on the handler's own (unless
+    // told not to: the type-erased handler's executor allocates there, out
+    // of an allocation-failure test's reach).
+    if (!locked([&] { return own_executor_; }))
+      return boost::asio::post(ex_, [h = std::move(p->handler), ec, r]() mutable {
+        boost::asio::dispatch(boost::asio::append(std::move(h), ec, r));
+      });
     boost::asio::post(ex_, [h = std::move(p->handler), ec, r]() mutable { std::move(h)(ec, r); });
   }
 
@@ -227,6 +236,7 @@ class fake_remote final : public ratelimit::basic_remote_limiter<manual_clock> {
   boost::system::error_code fail_next_;
   bool auto_answer_ = false;
   bool honour_cancel_ = false;
+  bool own_executor_ = false;
   std::uint64_t next_id_ = 0;
   std::size_t reserve_calls_ = 0, taken_ = 0, forgotten_ = 0, cancelled_ = 0, misuse_ = 0;
   std::uint64_t given_back_ = 0;
