@@ -162,43 +162,29 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     const std::int64_t now = now_ns();
     const std::uint64_t n = w->tokens;
     boost::system::error_code ec;
-    for (;;) {
-      {
-        std::lock_guard lk(mutex_);
-        if (slot_ == group_type::solo) break;
-      }
-      try {
-        if (group().run(*this, [&](std::size_t s) { return submit_grouped(w, s, now); })) return;
-      } catch (...) {
-        w->unlink();
-        w->destroy();
-        throw;
-      }
+    bool settled;  // queued, or left to the group (which completes it)
+    try {
+      settled = route(
+          [&] {
+            if (closed_) {
+              ec = closed_ec_;
+            } else if (n > state_.capacity()) {
+              ec = error::exceeds_capacity;
+            } else if (!(queue_.empty() && state_.try_take(now, n))) {
+              enqueue(w, now);  // (leaves no trace if it throws)
+              return true;
+            }
+            w->unlink();  // never queued: nothing to cancel
+            posted_ = true;
+            return false;
+          },
+          [&](std::size_t s) { return submit_grouped(w, s, now); });
+    } catch (...) {
+      unlink_waiter(w);
+      w->destroy();
+      throw;
     }
-    {
-      std::unique_lock lk(mutex_);
-      if (slot_ != group_type::solo) {  // joined meanwhile
-        lk.unlock();
-        return submit(w);
-      }
-      if (closed_) {
-        ec = closed_ec_;
-      } else if (n > state_.capacity()) {
-        ec = error::exceeds_capacity;
-      } else if (!(queue_.empty() && state_.try_take(now, n))) {
-        try {
-          enqueue(w, now);
-        } catch (...) {
-          w->unlink();
-          lk.unlock();
-          w->destroy();
-          throw;
-        }
-        return;
-      }
-      w->unlink();  // never queued: nothing to cancel
-      posted_ = true;
-    }
+    if (settled) return;
     w->set_result(ec);
     try {
       w->complete(finish_mode::post, executor_);
@@ -357,6 +343,20 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   void unlink(cancel_link_base* link) {
     auto cut = [&](auto...) {
       if (waiter_base* w = link->waiter.load(std::memory_order_relaxed)) w->unlink();
+      return true;
+    };
+    route(cut, cut);
+  }
+
+  /// Cuts the link between `w` (one of this bucket's requests that was never
+  /// queued, about to be destroyed) and its cancellation handler, under the
+  /// lock a cancellation takes (this bucket's, or the group's while it is a
+  /// member): a cancellation on another thread reads the link's waiter, and
+  /// then the waiter, under that lock, so `w` may be destroyed only after
+  /// this returns.
+  void unlink_waiter(waiter_base* w) noexcept {
+    auto cut = [&](auto...) {
+      w->unlink();
       return true;
     };
     route(cut, cut);

@@ -255,7 +255,7 @@ class joint_group {
         w->unlink();  // never queued: nothing to cancel
       }
     } catch (...) {
-      w->unlink();
+      owner.unlink_waiter(w);  // (under the lock its cancellation takes)
       w->destroy();
       throw;
     }
@@ -263,7 +263,7 @@ class joint_group {
       try {
         instance().submit(parts, w, now);
       } catch (...) {
-        w->unlink();
+        owner.unlink_waiter(w);
         w->destroy();
         throw;
       }
