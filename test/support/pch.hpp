@@ -5,3 +5,6 @@
 #include <boost/test/unit_test.hpp>
 
 #include <ratelimit.hpp>
+
+// The manual-clock limiters: declared here, compiled once (instantiations.cpp).
+#include "instantiations.hpp"
