@@ -155,6 +155,8 @@ const std::map<std::string, std::string> pairs = {
     {"asio_ratelimit_two_sequential_callback", "W7 W7b"},   // a, then b: async_get_token
     {"asio_ratelimit_two_sequential_awaitable", "W7 W7b"},  // co_await a, then b
     {"asio_ratelimit_two_sequential_try", "W7"},            // try_get_token on a, then b
+    {"asio_ratelimit_two_acquires_callback", "W7"},         // a, then b: async_acquire (receipts)
+    {"asio_ratelimit_two_acquires_awaitable", "W7"},        // co_await a, then b: async_acquire
 };
 
 }  // namespace

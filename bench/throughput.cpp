@@ -229,11 +229,16 @@ worker_result coro_worker(const worker_ctx& c, bool with_bucket) {
 
 /// W7 as a coroutine: the two tokens taken together (one joint acquire) or
 /// one after the other (two acquires).
+enum class two_mode { joint, get_token, acquire };
+
 asio::awaitable<void> co_loop_two(ratelimit::token_bucket* a, ratelimit::token_bucket* b,
-                                  bool joint, const worker_ctx* c, worker_result* r) {
+                                  two_mode mode, const worker_ctx* c, worker_result* r) {
   for (;;) {
     for (int i = 0; i < batch; ++i) {
-      if (joint) {
+      if (mode == two_mode::acquire) {  // the receipt forms, as the joint acquire's
+        ratelimit::receipt ra = co_await a->async_acquire(1, asio::use_awaitable);
+        ratelimit::receipt rb = co_await b->async_acquire(1, asio::use_awaitable);
+      } else if (mode == two_mode::joint) {
         // (g++ 12 rejects a braced list of parts inside a coroutine: "array
         // used as initializer"; the parts are made per op all the same)
         const std::array<ratelimit::part, 2> parts{ratelimit::part(*a, 1), ratelimit::part(*b, 1)};
@@ -249,12 +254,12 @@ asio::awaitable<void> co_loop_two(ratelimit::token_bucket* a, ratelimit::token_b
   }
 }
 
-worker_result coro_two_worker(const worker_ctx& c, bool joint) {
+worker_result coro_two_worker(const worker_ctx& c, two_mode mode) {
   asio::io_context ioc(1);
   auto a = huge_bucket(ioc);
   auto b = huge_bucket(ioc);
   worker_result r;
-  asio::co_spawn(ioc, co_loop_two(&a, &b, joint, &c, &r), [&](std::exception_ptr e) {
+  asio::co_spawn(ioc, co_loop_two(&a, &b, mode, &c, &r), [&](std::exception_ptr e) {
     if (e) ++r.bad;
   });
   c.arrive();
@@ -370,10 +375,33 @@ worker_fn make_worker() {
           2);
     };
   }
+  if (impl == "asio_ratelimit_two_acquires_callback") {  // the receipt forms
+    return [](const worker_ctx& c) {
+      std::optional<ratelimit::token_bucket> a, b;
+      return chain_worker(
+          c,
+          [&](asio::io_context& ioc) {
+            a.emplace(huge_bucket(ioc));
+            b.emplace(huge_bucket(ioc));
+            return [a = &*a, b = &*b](auto&& h) {
+              a->async_acquire(1, [b, h = std::move(h)](boost::system::error_code ec,
+                                                        ratelimit::receipt) mutable {
+                if (ec) return std::move(h)(ec);
+                b->async_acquire(
+                    1, [h = std::move(h)](boost::system::error_code ec,
+                                          ratelimit::receipt) mutable { std::move(h)(ec); });
+              });
+            };
+          },
+          2);
+    };
+  }
   if (impl == "asio_ratelimit_joint_awaitable")
-    return [](const worker_ctx& c) { return coro_two_worker(c, true); };
+    return [](const worker_ctx& c) { return coro_two_worker(c, two_mode::joint); };
   if (impl == "asio_ratelimit_two_sequential_awaitable")
-    return [](const worker_ctx& c) { return coro_two_worker(c, false); };
+    return [](const worker_ctx& c) { return coro_two_worker(c, two_mode::get_token); };
+  if (impl == "asio_ratelimit_two_acquires_awaitable")
+    return [](const worker_ctx& c) { return coro_two_worker(c, two_mode::acquire); };
   if (impl == "asio_ratelimit_joint_try" || impl == "asio_ratelimit_two_sequential_try") {
     const bool joint = impl == "asio_ratelimit_joint_try";
     auto ioc = std::make_shared<asio::io_context>(1);

@@ -16,6 +16,7 @@
 #include "fake_remote.hpp"
 #include "test_support.hpp"
 
+#include <boost/asio/bind_allocator.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/cancellation_signal.hpp>
@@ -450,6 +451,91 @@ BOOST_AUTO_TEST_CASE(the_blocking_form_and_the_forms_a_remote_part_cannot_serve)
   BOOST_CHECK_THROW(test_part(std::shared_ptr<fake_remote>(), 1), std::invalid_argument);
 }
 
+namespace {
+/// A stateful allocator (it counts): a handler bound to it must be asked for
+/// it, and get it, at every step, also after its operation moved it away.
+template <typename T>
+struct counting_alloc {
+  using value_type = T;
+  std::atomic<int>* count;
+  explicit counting_alloc(std::atomic<int>* c) noexcept : count(c) {}
+  template <typename U>
+  counting_alloc(const counting_alloc<U>& o) noexcept : count(o.count) {}
+  T* allocate(std::size_t n) {
+    ++*count;
+    return std::allocator<T>().allocate(n);
+  }
+  void deallocate(T* p, std::size_t n) noexcept {
+    --*count;
+    std::allocator<T>().deallocate(p, n);
+  }
+  template <typename U>
+  bool operator==(const counting_alloc<U>& o) const noexcept {
+    return count == o.count;
+  }
+};
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(a_handler_with_its_own_allocator_through_every_stage) {
+  asio::io_context ctx;
+  test_bucket a(ctx, 10, per_second(1), start_empty);  // the local part waits
+  auto r = remote(ctx, 10, 1s, true);                  // the reservation is due later
+  r->auto_answer(true);
+  std::atomic<int> live{0};
+  auto o = std::make_shared<joint_outcome>();
+  const test_part parts[] = {{r, 1}, {a, 2}};
+  ratelimit::async_acquire(std::span<const test_part>(parts),
+                           asio::bind_allocator(counting_alloc<void>(&live), recorder(o)));
+  pump(ctx);
+  BOOST_TEST(live.load() > 0);  // the operation's memory is the handler's
+  manual_clock::advance(1s);    // due: the local request is made, and waits 1 s more
+  pump(ctx);
+  BOOST_TEST(a.waiting() == 1u);
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return o->done(); }));
+  BOOST_TEST(!o->ec);
+  BOOST_TEST(live.load() == 0);  // all of it given back (before the upcall, as Asio asks)
+  BOOST_TEST(r->taken() == 1u);
+}
+
+BOOST_AUTO_TEST_CASE(a_request_destroyed_with_its_context_forgets_its_reservation) {
+  std::shared_ptr<fake_remote> r;
+  auto o = std::make_shared<joint_outcome>();
+  {
+    asio::io_context ctx;
+    r = remote(ctx, 10, 1s, true);  // due in 2 s
+    r->auto_answer(true);
+    test_bucket a(ctx, 10, per_second(1));
+    const test_part parts[] = {{a, 3}, {r, 2}};
+    ratelimit::async_acquire(std::span<const test_part>(parts), recorder(o));
+    pump(ctx);
+    BOOST_TEST(r->outstanding() == 1u);  // reserved; it waits for the due time
+  }  // the bucket, then the context (and with it the waiting operation) go
+  BOOST_TEST(!o->done());
+  BOOST_TEST(r->outstanding() == 0u);
+  BOOST_TEST(r->forgotten() == 1u);
+}
+
+BOOST_AUTO_TEST_CASE(a_blocked_caller_whose_operation_is_dropped_returns) {
+  running_context rc;
+  test_bucket a(rc.ctx, 10, per_second(1));
+  auto r = std::make_shared<fake_remote>(rc.ctx.get_executor(), 10, 1s);
+  const test_part parts[] = {{a, 2}, {r, 1}};
+  std::promise<boost::system::error_code> result;
+  std::thread caller([&] {
+    boost::system::error_code ec;
+    ratelimit::acquire(std::span<const test_part>(parts), ec);
+    result.set_value(ec);
+  });
+  BOOST_TEST(eventually([&] { return r->waiting() == 1u; }));
+  r->drop_pending();  // the remote limiter goes away without answering
+  auto f = result.get_future();
+  BOOST_TEST((f.wait_for(20s) == std::future_status::ready));
+  caller.join();
+  BOOST_TEST(f.get() == ratelimit::error::context_stopped);
+  BOOST_TEST(a.available() == 10u);
+}
+
 // Threads: requests over two shared local buckets and a remote limiter
 // that answers on a pool, some cancelled from their own strand, some failed
 // by the remote limiter. Every request completes once; every reservation is
@@ -479,20 +565,20 @@ BOOST_AUTO_TEST_CASE(threads_with_cancellation_and_remote_failures) {
       ratelimit::async_acquire(
           std::span<const test_part>(ps),
           asio::bind_cancellation_slot(
-              sig->slot(), asio::bind_executor(strand, [&, sig, calls, na, nb](
-                                                           boost::system::error_code ec,
-                                                           joint_receipt jr) {
-                if (calls->fetch_add(1) != 0) ++twice;
-                if (!ec) {
-                  ++granted;
-                  taken_a += na;
-                  taken_b += nb;
-                  if (jr.size() != 3u) ++twice;
-                } else {
-                  ++failed;
-                }
-                ++done;
-              })));
+              sig->slot(),
+              asio::bind_executor(
+                  strand, [&, sig, calls, na, nb](boost::system::error_code ec, joint_receipt jr) {
+                    if (calls->fetch_add(1) != 0) ++twice;
+                    if (!ec) {
+                      ++granted;
+                      taken_a += na;
+                      taken_b += nb;
+                      if (jr.size() != 3u) ++twice;
+                    } else {
+                      ++failed;
+                    }
+                    ++done;
+                  })));
       if (i % 5 == 1) asio::post(strand, [sig] { sig->emit(asio::cancellation_type::terminal); });
     });
   }

@@ -17,13 +17,15 @@
 #include <ratelimit/token_bucket.hpp>
 
 #include <boost/asio/associated_allocator.hpp>
-#include <boost/asio/associator.hpp>
+#include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/basic_waitable_timer.hpp>
 #include <boost/asio/cancellation_type.hpp>
 #include <boost/asio/compose.hpp>
 #include <boost/asio/error.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/container/small_vector.hpp>
 #include <boost/system/error_code.hpp>
 #include <boost/system/system_error.hpp>
 
@@ -122,7 +124,8 @@ using part = basic_part<std::chrono::steady_clock>;
 class joint_receipt {
  public:
   joint_receipt() noexcept = default;
-  explicit joint_receipt(std::vector<receipt> parts) noexcept : parts_(std::move(parts)) {}
+  explicit joint_receipt(std::vector<receipt> parts)
+      : parts_(std::make_move_iterator(parts.begin()), std::make_move_iterator(parts.end())) {}
   joint_receipt(joint_receipt&&) noexcept = default;
   joint_receipt& operator=(joint_receipt&&) noexcept = default;
 
@@ -148,13 +151,26 @@ class joint_receipt {
   }
 
  private:
-  std::vector<receipt> parts_;
+  template <typename, typename>
+  friend class detail::joint_request;
+  template <typename, typename>
+  friend struct detail::remote_joint_op;
+
+  // A few parts' receipts in place: a joint grant allocates none for them.
+  boost::container::small_vector<receipt, 4> parts_;
 };
 
 namespace detail {
 
+/// A copy of a joint request's parts (async_acquire's, kept until the
+/// request is made): a few in place, without an allocation.
+template <typename Clock, typename WaitTraits>
+using joint_parts = boost::container::small_vector<basic_part<Clock, WaitTraits>, 4>;
+
 /// One call's view of a joint request: its parts resolved to buckets (the
-/// keyed limiters' locks held, in address order, until done()).
+/// keyed limiters' locks held, in address order, until done()). The parts
+/// it is made from must outlive it: a token bucket's part keeps its bucket
+/// alive, and the request refers to it without a reference of its own.
 template <typename Clock, typename WaitTraits>
 class joint_request {
  public:
@@ -167,28 +183,38 @@ class joint_request {
   /// @throws std::invalid_argument: no part, or two parts naming one bucket.
   joint_request(std::span<const part_type> parts, boost::system::error_code& ec) {
     if (parts.empty()) throw std::invalid_argument("ratelimit: a joint request needs a part");
-    ex_ = parts.front().ex_;
+    ex_ = &parts.front().ex_;
     // All the memory first: once a key's bucket is pinned, nothing may throw
-    // before it is recorded for done().
-    domains_.reserve(parts.size());
-    used_.reserve(parts.size());
-    keep_.reserve(parts.size());
-    parts_.reserve(parts.size());
+    // before it is recorded for done(). (A few parts fit in place: the
+    // reserves allocate only for more.)
+    std::size_t keys = 0;
     for (const part_type& p : parts)
-      if (p.source_) domains_.push_back(&p.source_->domain());
-    std::sort(domains_.begin(), domains_.end());
-    domains_.erase(std::unique(domains_.begin(), domains_.end()), domains_.end());
-    for (std::mutex* m : domains_)
-      m->lock();
-    locked_ = true;
+      if (p.source_) {
+        domains_.push_back(&p.source_->domain());  // (nothing is locked yet)
+        ++keys;
+      }
+    parts_.reserve(parts.size());
+    if (keys != 0) {
+      used_.reserve(keys);
+      keep_.reserve(keys);
+      std::sort(domains_.begin(), domains_.end());
+      domains_.erase(std::unique(domains_.begin(), domains_.end()), domains_.end());
+      for (std::mutex* m : domains_)
+        m->lock();
+      locked_ = true;
+    }
     try {
       bool over = false;  // a key's part over its capacity: fails, unless a part is closed
       for (const part_type& p : parts) {
-        std::shared_ptr<bucket_type> b = p.bucket_;
+        bucket_type* b = p.bucket_.get();  // (the part keeps it alive)
         void* cookie = nullptr;
         if (p.source_) {
-          b = p.source_->resolve(p.n_, ec, cookie);
-          if (b) used_.push_back({p.source_.get(), cookie});
+          std::shared_ptr<bucket_type> kept = p.source_->resolve(p.n_, ec, cookie);
+          b = kept.get();
+          if (kept) {
+            used_.push_back({p.source_.get(), cookie});
+            keep_.push_back(std::move(kept));  // (reserved: no throw)
+          }
         } else if (!b) {
           ec = error::bucket_closed;  // a moved-from bucket
         }
@@ -198,15 +224,14 @@ class joint_request {
           continue;
         }
         if (ec) return;
-        for (const auto& other : keep_)
-          if (other == b)
+        for (const auto& other : parts_)
+          if (other.bucket == b)
             throw std::invalid_argument("ratelimit: a joint request names a bucket twice");
-        keep_.push_back(b);
-        parts_.push_back({b.get(), p.n_});
+        parts_.push_back({b, p.n_});
       }
       if (over) {  // closed before over the capacity, as every limiter decides
-        for (const auto& b : keep_)
-          if ((ec = b->closed_error())) return;
+        for (const auto& q : parts_)
+          if ((ec = q.bucket->closed_error())) return;
         ec = error::exceeds_capacity;
       }
     } catch (...) {
@@ -222,15 +247,15 @@ class joint_request {
   std::span<const bucket_part<Clock, WaitTraits>> parts() const noexcept { return parts_; }
   /// The first part's limiter's executor: where the request completes
   /// (also when it fails before any bucket is asked).
-  const boost::asio::any_io_executor& executor() const noexcept { return ex_; }
+  const boost::asio::any_io_executor& executor() const noexcept { return *ex_; }
 
   /// The receipts for a grant of these parts (made before it is asked for).
   static joint_receipt receipts(std::span<const part_type> parts) {
-    std::vector<receipt> r;
-    r.reserve(parts.size());
+    joint_receipt r;
+    r.parts_.reserve(parts.size());
     for (const part_type& p : parts)
-      r.push_back(receipt_access::make(target_of(p), p.n_));
-    return joint_receipt(std::move(r));
+      r.parts_.push_back(receipt_access::make(target_of(p), p.n_));
+    return r;
   }
 
   /// Where a receipt of part `p` gives back to. @throws std::bad_alloc
@@ -262,11 +287,12 @@ class joint_request {
   }
 
  private:
-  std::vector<std::mutex*> domains_;
-  std::vector<std::pair<part_source<Clock, WaitTraits>*, void*>> used_;
-  std::vector<std::shared_ptr<bucket_type>> keep_;
-  std::vector<bucket_part<Clock, WaitTraits>> parts_;
-  boost::asio::any_io_executor ex_;
+  // A few parts in place: a request of up to four allocates nothing here.
+  boost::container::small_vector<std::mutex*, 4> domains_;
+  boost::container::small_vector<std::pair<part_source<Clock, WaitTraits>*, void*>, 4> used_;
+  boost::container::small_vector<std::shared_ptr<bucket_type>, 4> keep_;  // keys' buckets
+  boost::container::small_vector<bucket_part<Clock, WaitTraits>, 4> parts_;
+  const boost::asio::any_io_executor* ex_ = nullptr;  // the first part's (it outlives this)
   bool locked_ = false;
 };
 
@@ -278,7 +304,7 @@ bool has_remote(std::span<const basic_part<Clock, WaitTraits>> parts) noexcept {
 template <typename Clock, typename WaitTraits>
 struct initiate_joint_acquire {
   template <typename Handler>
-  void operator()(Handler&& handler, std::vector<basic_part<Clock, WaitTraits>> parts) const {
+  void operator()(Handler&& handler, joint_parts<Clock, WaitTraits> parts) const {
     static_assert(
         std::is_invocable_v<std::decay_t<Handler>&&, boost::system::error_code, joint_receipt>,
         "ratelimit: handler must be callable as void(boost::system::error_code, "
@@ -312,21 +338,82 @@ struct initiate_joint_acquire {
   }
 
   template <typename Handler>
-  void start_remote(Handler&& handler, std::vector<basic_part<Clock, WaitTraits>> parts) const;
+  void start_remote(Handler&& handler, joint_parts<Clock, WaitTraits> parts) const;
 };
 
 /// The handler of one step of remote_joint_op: resumes the op kept in
 /// `cell`, whose executor, allocator and cancellation slot it has.
 template <typename Self>
 struct remote_step {
-  std::shared_ptr<std::optional<Self>> cell;
+  using executor_type = boost::asio::associated_executor_t<Self>;
+  using allocator_type = boost::asio::associated_allocator_t<Self>;
+  using cancellation_slot_type = boost::asio::associated_cancellation_slot_t<Self>;
+
+  explicit remote_step(std::shared_ptr<std::optional<Self>> c)
+      : cell(std::move(c)),
+        ex(boost::asio::get_associated_executor(**cell)),
+        alloc(boost::asio::get_associated_allocator(**cell)),
+        slot(boost::asio::get_associated_cancellation_slot(**cell)) {}
+  remote_step(remote_step&&) = default;
+  remote_step(const remote_step&) = delete;  // (one op, resumed once)
+
+  // Copies, taken when the step starts: asked after the step's handler was
+  // moved from (as operations do when they free their memory), they are
+  // still there.
+  executor_type get_executor() const noexcept { return ex; }
+  allocator_type get_allocator() const noexcept { return alloc; }
+  cancellation_slot_type get_cancellation_slot() const noexcept { return slot; }
 
   template <typename... Args>
   void operator()(Args&&... args) {
-    Self self = std::move(**cell);
-    cell->reset();
+    // The cell's memory goes back before the op runs on (and may complete).
+    std::shared_ptr<std::optional<Self>> c = std::move(cell);
+    Self self = std::move(**c);
+    c.reset();
     self(std::forward<Args>(args)...);
   }
+
+  std::shared_ptr<std::optional<Self>> cell;
+  executor_type ex;
+  allocator_type alloc;
+  cancellation_slot_type slot;
+};
+
+/// The reservations a request holds: forgotten when it is destroyed
+/// holding any (an op destroyed uncompleted, e.g. with its context, leaves
+/// nothing taken).
+template <typename Clock>
+class held_reservations {
+ public:
+  using remote_type = basic_remote_limiter<Clock>;
+  using reservation = typename remote_type::reservation;
+
+  held_reservations() = default;
+  held_reservations(held_reservations&& o) noexcept : v_(std::move(o.v_)) { o.v_.clear(); }
+  held_reservations& operator=(held_reservations&&) = delete;
+  ~held_reservations() { forget_all(); }
+
+  void reserve(std::size_t n) { v_.reserve(n); }
+  /// (Within the capacity reserved: no allocation.)
+  void add(remote_type* remote, const reservation& r) { v_.emplace_back(remote, r); }
+  auto begin() const noexcept { return v_.begin(); }
+  auto end() const noexcept { return v_.end(); }
+
+  /// The request was granted at `t`: each reservation is taken.
+  void take_all(typename Clock::time_point t) noexcept {
+    for (auto& [remote, r] : v_)
+      remote->take(r, t);
+    v_.clear();
+  }
+
+  void forget_all() noexcept {
+    for (auto& [remote, r] : v_)
+      remote->forget(r);
+    v_.clear();
+  }
+
+ private:
+  std::vector<std::pair<remote_type*, reservation>> v_;  // (the parts keep the limiters)
 };
 
 /// A joint request with remote parts, as a composed operation: (1) its local
@@ -353,8 +440,8 @@ struct remote_joint_op {
 
   std::vector<part_type> parts;
   boost::asio::any_io_executor ex;
-  std::vector<std::pair<remote_type*, reservation>> held;  // (the parts keep the limiters)
-  std::vector<receipt> out;                                // the receipts of the grant
+  held_reservations<Clock> held;      // (after `parts`, which keep the limiters: destroyed first)
+  joint_receipt out;                  // the receipts of the grant
   std::unique_ptr<timer_type> timer;  // (on the heap: moving the op must not move a waiting timer)
   std::size_t next = 0;
   stage at = stage::start;
@@ -376,7 +463,7 @@ struct remote_joint_op {
   // A remote limiter answered.
   template <typename Self>
   void operator()(Self& self, boost::system::error_code ec, reservation r) {
-    if (!ec) held.emplace_back(parts[next - 1].remote_.get(), r);  // (reserved: no allocation)
+    if (!ec) held.add(parts[next - 1].remote_.get(), r);  // (reserved: no allocation)
     if (!ec && cancelled(self)) ec = boost::asio::error::operation_aborted;
     if (ec) return finish(self, ec);
     reserve_next(self);
@@ -395,16 +482,14 @@ struct remote_joint_op {
   void operator()(Self& self, boost::system::error_code ec, joint_receipt local) {
     if (ec) return finish(self, ec);
     const typename Clock::time_point t = Clock::now();
-    for (auto& [remote, r] : held)
-      remote->take(r, t);
-    held.clear();
-    std::vector<receipt> all = std::move(out);  // (reserved in make_local: no allocation here)
+    held.take_all(t);
+    joint_receipt all = std::move(out);  // (reserved in make_local: no allocation here)
     std::size_t i = 0;
     for (const part_type& p : parts)
-      all.push_back(p.remote_
-                        ? receipt_access::make(joint_request<Clock, WaitTraits>::target_of(p), p.n_)
-                        : std::move(local[i++]));
-    self.complete(boost::system::error_code(), joint_receipt(std::move(all)));
+      all.parts_.push_back(
+          p.remote_ ? receipt_access::make(joint_request<Clock, WaitTraits>::target_of(p), p.n_)
+                    : std::move(local[i++]));
+    self.complete(boost::system::error_code(), std::move(all));
   }
 
  private:
@@ -449,7 +534,7 @@ struct remote_joint_op {
       return finish(self, make_error_code(boost::system::errc::not_enough_memory));
     }
     try {
-      launch(remote_step<Self>{cell});
+      launch(remote_step<Self>(cell));
     } catch (...) {
       if (initiating || !*cell) throw;
       Self s = std::move(**cell);
@@ -464,9 +549,10 @@ struct remote_joint_op {
     } catch (const boost::system::system_error& x) {
       return x.code();
     } catch (const std::bad_alloc&) {
+      return make_error_code(boost::system::errc::not_enough_memory);
     } catch (...) {
     }
-    return make_error_code(boost::system::errc::not_enough_memory);
+    return make_error_code(boost::system::errc::io_error);  // (a remote limiter's own exception)
   }
 
   template <typename Self>
@@ -503,7 +589,7 @@ struct remote_joint_op {
     std::vector<part_type> local;
     try {
       local = local_parts();
-      out.reserve(parts.size());
+      out.parts_.reserve(parts.size());
     } catch (const std::bad_alloc&) {
       return finish(self, make_error_code(boost::system::errc::not_enough_memory));
     }
@@ -513,11 +599,7 @@ struct remote_joint_op {
     });
   }
 
-  void forget_all() noexcept {
-    for (auto& [remote, r] : held)
-      remote->forget(r);
-    held.clear();
-  }
+  void forget_all() noexcept { held.forget_all(); }
 
   template <typename Self>
   void finish(Self& self, boost::system::error_code ec) {
@@ -530,29 +612,40 @@ struct remote_joint_op {
 template <typename Clock, typename WaitTraits>
 template <typename Handler>
 void initiate_joint_acquire<Clock, WaitTraits>::start_remote(
-    Handler&& handler, std::vector<basic_part<Clock, WaitTraits>> parts) const {
+    Handler&& handler, joint_parts<Clock, WaitTraits> parts) const {
   boost::asio::any_io_executor ex = parts.front().ex_;
   boost::asio::async_compose<std::decay_t<Handler>, void(boost::system::error_code, joint_receipt)>(
-      remote_joint_op<Clock, WaitTraits>(std::move(parts), ex), handler, ex);
+      remote_joint_op<Clock, WaitTraits>(
+          std::vector<basic_part<Clock, WaitTraits>>(parts.begin(), parts.end()), ex),
+      handler, ex);
 }
 
 /// The blocking acquire of a request with remote parts: the asynchronous
-/// one, waited for (would_deadlock, context_stopped as the local form).
+/// one, waited for (would_deadlock, context_stopped as the local form; also
+/// context_stopped when the operation is destroyed uncompleted, e.g. with
+/// its context).
 template <typename Clock, typename WaitTraits>
 joint_receipt acquire_remote(std::span<const basic_part<Clock, WaitTraits>> parts,
                              boost::system::error_code& ec) {
   for (const auto& p : parts)
     if ((ec = blocking_wait_error(p.get_executor()))) return {};
-  std::promise<std::pair<boost::system::error_code, joint_receipt>> done;
-  auto result = done.get_future();
+  using result_type = std::pair<boost::system::error_code, joint_receipt>;
+  auto done = std::make_shared<std::promise<result_type>>();
+  std::future<result_type> result = done->get_future();
   initiate_joint_acquire<Clock, WaitTraits>{}(
-      [&done](boost::system::error_code e, joint_receipt r) {
-        done.set_value({e, std::move(r)});
+      [done](boost::system::error_code e, joint_receipt r) {
+        done->set_value({e, std::move(r)});
       },
-      std::vector<basic_part<Clock, WaitTraits>>(parts.begin(), parts.end()));
-  auto [e, r] = result.get();
-  ec = e;
-  return std::move(r);
+      joint_parts<Clock, WaitTraits>(parts.begin(), parts.end()));
+  done.reset();  // (the operation's copy alone keeps the promise: destroyed uncalled, it breaks)
+  try {
+    auto [e, r] = result.get();
+    ec = e;
+    return std::move(r);
+  } catch (const std::future_error&) {
+    ec = error::context_stopped;
+    return {};
+  }
 }
 
 template <typename Duration>
@@ -587,7 +680,7 @@ template <typename Clock, typename WaitTraits,
 auto async_acquire(std::span<const basic_part<Clock, WaitTraits>> parts, Token&& token) {
   return boost::asio::async_initiate<Token, void(boost::system::error_code, joint_receipt)>(
       detail::initiate_joint_acquire<Clock, WaitTraits>{}, token,
-      std::vector<basic_part<Clock, WaitTraits>>(parts.begin(), parts.end()));
+      detail::joint_parts<Clock, WaitTraits>(parts.begin(), parts.end()));
 }
 
 template <typename Clock, typename WaitTraits,
@@ -726,19 +819,5 @@ std::optional<typename Clock::duration> retry_after(
 }
 
 }  // namespace ratelimit
-
-template <template <typename, typename> class Associator, typename Self, typename DefaultCandidate>
-struct boost::asio::associator<Associator, ratelimit::detail::remote_step<Self>, DefaultCandidate>
-    : Associator<Self, DefaultCandidate> {
-  static typename Associator<Self, DefaultCandidate>::type get(
-      const ratelimit::detail::remote_step<Self>& h) noexcept {
-    return Associator<Self, DefaultCandidate>::get(**h.cell);
-  }
-
-  static auto get(const ratelimit::detail::remote_step<Self>& h, const DefaultCandidate& c) noexcept
-      -> decltype(Associator<Self, DefaultCandidate>::get(**h.cell, c)) {
-    return Associator<Self, DefaultCandidate>::get(**h.cell, c);
-  }
-};
 
 #endif  // RATELIMIT_JOINT_HPP

@@ -39,12 +39,18 @@ namespace ratelimit {
 ///   fails with that error. It may honour the handler's cancellation slot
 ///   (completing with `operation_aborted`, reserving nothing); if it does
 ///   not, a cancelled request waits for its answer and then forgets it.
+/// - async_reserve reports its failures through the handler. If it throws
+///   anyway (e.g. std::bad_alloc before it could keep the handler), it must
+///   not have kept or invoked the handler: the joint request then fails with
+///   the exception's error (`not_enough_memory` for std::bad_alloc), or,
+///   inside the initiating call, the exception propagates.
 /// - take, forget and give_back do not throw, may be called from any
 ///   thread, and are called at most once per reservation (take or forget,
 ///   never both). A limiter behind a network does them in the background,
 ///   best effort (forget must never leave more taken than was reserved).
 /// - A reservation's `id` is the limiter's own; the joint acquire only hands
-///   it back.
+///   it back. A joint request destroyed uncompleted (its execution context
+///   shut down while it waits) forgets the reservations it holds.
 template <typename Clock>
 class basic_remote_limiter {
  public:

@@ -125,13 +125,27 @@ class fake_remote final : public ratelimit::basic_remote_limiter<manual_clock> {
     for (std::size_t i = 0; i < q.size(); ++i) {
       try {
         deliver(q[i], answers[i].first, answers[i].second);
-      } catch (...) {  // (posting failed: the handler is gone, so is its reservation)
+      } catch (...) {
+        // Posting failed: that handler is gone, and so is its reservation;
+        // the ones after it wait again, unreserved, for the next answer_all.
         std::lock_guard relock(mutex_);
         for (std::size_t j = i; j < q.size(); ++j)
           if (!answers[j].first && outstanding_.erase(answers[j].second.id) == 1)
             give(answers[j].second.n);
+        for (std::size_t j = q.size(); j-- > i + 1;)
+          queue_.push_front(std::move(q[j]));  // (may throw: then those are dropped too)
         throw;
       }
+    }
+  }
+
+  /// Drops every reservation waiting, unanswered (a remote limiter shut
+  /// down: its handlers are destroyed uncalled).
+  void drop_pending() {
+    std::deque<std::shared_ptr<pending>> q;
+    {
+      std::lock_guard lk(mutex_);
+      q.swap(queue_);
     }
   }
 

@@ -52,6 +52,7 @@
 #include <ratelimit/error.hpp>
 
 #include <boost/asio/error.hpp>
+#include <boost/container/small_vector.hpp>
 
 #include <algorithm>
 #include <cstdint>
@@ -388,6 +389,7 @@ class joint_group {
   class lock_all {
    public:
     explicit lock_all(std::span<const part_type> parts) {
+      locked_.reserve(parts.size());
       for (const part_type& p : parts)
         locked_.push_back(p.bucket);
       std::sort(locked_.begin(), locked_.end());
@@ -402,7 +404,7 @@ class joint_group {
     lock_all& operator=(const lock_all&) = delete;
 
    private:
-    std::vector<bucket_type*> locked_;
+    boost::container::small_vector<bucket_type*, 4> locked_;  // (a few: no allocation)
   };
 
   struct solo_answer {
