@@ -265,7 +265,7 @@ worker_result coro_two_worker(const worker_ctx& c, two_mode mode) {
   c.arrive();
   const std::size_t handlers = ioc.run();
   // One completion per acquire (two per op when sequential), plus co_spawn's own few.
-  const std::uint64_t allowed = (joint ? 1 : 2) * r.ops + 16;
+  const std::uint64_t allowed = (mode == two_mode::joint ? 1 : 2) * r.ops + 16;
   if (handlers > allowed) r.bad += handlers - allowed;
   return r;
 }
