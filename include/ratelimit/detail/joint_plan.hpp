@@ -32,12 +32,17 @@
 // after it (simulated when it is added, or when the bucket's tokens are
 // taken by a try), so the segments that end before a request's lower bound
 // are passed over by binary search, and a candidate after every take is
-// checked in O(1). A single request behind singles (FIFO) is placed in
-// O(log m); a joint request tries the segments from its lower bound on, each
-// passed over in O(1) when its tokens are not there before its end (a
-// saturated queue): O(m); O(m^2) at worst (a try simulates the bucket from
-// the candidate on). 100 000 queued: 1 us per single, 1.7 ms per joint
-// request over two saturated buckets (a pure loop, -O2). joint_scheduler
+// checked in O(1). Each take also keeps the least, over it and every later
+// take, of its level after plus what the plan wasted at the capacity before
+// it: a segment that cannot hold the request by that bound is passed over
+// together with every segment up to the take that sets the bound, found by
+// binary search (room_after() derives it). So a request behind a saturated
+// queue, single or joint, is placed in O(log m) (100 000 joint requests
+// queued on two saturated buckets: about 1 us each, where trying every
+// segment took 1.7 ms), and a joint request that fits a gap costs the
+// simulation of the takes after the gap, O(m) (as does adding it there);
+// O(m^2) at worst (a candidate that passes the bound but fails, or a bound
+// that rises at every take). joint_scheduler
 // keeps the plan from call to call: a new request is placed after the
 // others, a grant pops its takes (the first of their buckets), and only a
 // cancellation, close, change of rate or capacity, or give-back re-plans.
@@ -161,6 +166,12 @@ class joint_planner {
     bool single;
     bucket_state after;  // the state just after this take in the plan
     bool ok;             // this take and every one before it find their amount
+    // For passing over segments (earliest_feasible): the units the plan has
+    // wasted (accrued at the capacity) from the bucket's state at the last
+    // full simulation up to this take, and min over this take and every
+    // later one of (its level after + its wasted); see room_after().
+    uint128 wasted = 0;
+    uint128 least = 0;
   };
   struct bucket {
     std::deque<take> takes;                   // in (time, id) order
@@ -179,15 +190,74 @@ class joint_planner {
   /// its amount, which happens only at the end of time, takes what there is).
   void simulate_from(std::size_t b, std::size_t i) {
     std::deque<take>& ks = buckets_[b].takes;
+    const std::size_t first = i;
     auto [start, ok] = before(b, i);
     bucket_state s = start;
+    uint128 wasted = i == 0 ? 0 : ks[i - 1].wasted;
     for (; i < ks.size(); ++i) {
+      wasted = add_capped(wasted, waste(s, ks[i].at));
       s.refill(ks[i].at);
       ok = ok && s.has(ks[i].n);
       s.take(std::min<std::uint64_t>(ks[i].n, s.available()));
       ks[i].after = s;
       ks[i].ok = ok;
+      ks[i].wasted = wasted;
     }
+    // The suffix minima: every take from `first` on changed; before it, a
+    // minimum changes only while the one after it did.
+    for (std::size_t k = ks.size(); k-- > 0;) {
+      // (Below 2^127 + 2^127: no overflow; meaningful while wasted is not capped.)
+      const uint128 own = ks[k].after.level() + ks[k].wasted;
+      const uint128 least = k + 1 == ks.size() ? own : std::min(own, ks[k + 1].least);
+      if (k < first && least == ks[k].least) break;
+      ks[k].least = least;
+    }
+  }
+
+  /// The units `s` wastes refilling to `t` (accrued beyond its capacity).
+  static uint128 waste(const bucket_state& s, std::int64_t t) noexcept {
+    if (t <= s.last()) return 0;
+    const auto elapsed = static_cast<std::uint64_t>(t) - static_cast<std::uint64_t>(s.last());
+    const uint128 full = static_cast<uint128>(s.capacity()) * s.rate().ticks;
+    const uint128 gained = static_cast<uint128>(elapsed) * s.rate().tokens;
+    return gained > full - s.level() ? gained - (full - s.level()) : 0;
+  }
+
+  static constexpr uint128 wasted_cap = uint128{1} << 127;
+
+  /// a + b, saturating at wasted_cap (a plan that wastes that much, over
+  /// 2^64 ns at 2^63 units a ns, is not passed over).
+  static uint128 add_capped(uint128 a, uint128 b) noexcept {
+    return a >= wasted_cap || b >= wasted_cap - a ? wasted_cap : a + b;
+  }
+
+  /// Can a take of `units` placed in the segment between take `next - 1`
+  /// and take `next` (next >= 1) leave every later take its amount? Only if
+  /// this holds (a necessary condition; feasible_with decides):
+  ///
+  /// A take of d units at c leaves the level d units lower; refilling,
+  /// the shortfall shrinks only by what the plan would have wasted at the
+  /// capacity, so at a later take j it is max(0, d - wasted between c and
+  /// j), and j finds its amount iff that is at most its level after, L_j.
+  /// With W_j the plan's units wasted up to j: for every j >= next,
+  /// d <= L_j + W_j - W(c) <= L_j + W_j - W_{next-1} (W(c) >= W_{next-1}).
+  /// least_next = min over j >= next of L_j + W_j; so d <= least_next -
+  /// W_{next-1}. When it fails, the bound L_j + W_j that fails it (the last
+  /// take k with least_k = least_next) fails every segment before take k+1
+  /// too (the W before them are no smaller): skip_to() finds k.
+  bool room_after(std::size_t b, std::size_t next, uint128 units) const {
+    const std::deque<take>& ks = buckets_[b].takes;
+    const uint128 before = ks[next - 1].wasted;
+    return ks[next].least - before >= units;
+  }
+
+  /// The last take k >= next whose least is that of take `next`.
+  std::size_t skip_to(std::size_t b, std::size_t next) const {
+    const std::deque<take>& ks = buckets_[b].takes;
+    const uint128 v = ks[next].least;
+    const auto it = std::upper_bound(ks.begin() + static_cast<std::ptrdiff_t>(next), ks.end(), v,
+                                     [](uint128 a, const take& x) { return a < x.least; });
+    return static_cast<std::size_t>(it - ks.begin()) - 1;
   }
 
   /// The index of the first take of `b` later than `t`.
@@ -232,7 +302,21 @@ class joint_planner {
     const std::deque<take>& ks = buckets_[b].takes;
     std::size_t next = first_after(b, from);  // the first take after s
     std::int64_t s = next == 0 ? now_ : std::max(now_, ks[next - 1].at);
+    // Passing over segments (room_after) needs a plan whose takes all find
+    // their amount and whose sums did not saturate.
+    const bool pass_over = !ks.empty() && ks.back().ok && ks.back().wasted < wasted_cap;
+    const uint128 units = static_cast<uint128>(n) * states_[b].rate().ticks;  // < 2^127
     for (;;) {
+      if (pass_over && next > 0 && next < ks.size() && !room_after(b, next, units)) {
+        // No segment before the one after take k can hold it.
+        const std::size_t k = skip_to(b, next);
+        s = std::max(now_, ks[k].at);
+        next = static_cast<std::size_t>(
+            std::upper_bound(ks.begin() + static_cast<std::ptrdiff_t>(k) + 1, ks.end(), s,
+                             [](std::int64_t a, const take& x) { return a < x.at; }) -
+            ks.begin());
+        continue;
+      }
       const bucket_state& level = before(b, next).first;  // just after the takes at <= s
       const bool last = next == ks.size();
       const std::int64_t e = last ? max_time : ks[next].at;
