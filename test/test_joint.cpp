@@ -23,8 +23,10 @@
 #include <boost/asio/use_future.hpp>
 
 #include <future>
+#include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 namespace asio = boost::asio;
 using namespace ratelimit::test;
@@ -420,6 +422,30 @@ BOOST_AUTO_TEST_CASE(a_blocked_caller_wakes_when_a_limiter_is_destroyed_and_take
   t.join();
   BOOST_TEST(f.get() == asio::error::operation_aborted);
   BOOST_TEST(fast.available() == 10u);
+}
+
+// A callback's request is made from the caller's parts (borrowed within the
+// call); a token that defers keeps a copy of its own: the caller's parts may
+// be gone before it is launched, and moving the deferred operation moves it.
+BOOST_AUTO_TEST_CASE(a_deferred_request_owns_its_parts) {
+  asio::io_context ctx;
+  test_bucket a(ctx, 10, per_second(1));
+  test_bucket b(ctx, 10, per_second(1));
+  auto parts = std::make_unique<std::vector<test_part>>(
+      std::vector<test_part>{test_part(a, 2), test_part(b, 3)});
+  auto op = ratelimit::async_acquire(std::span<const test_part>(*parts), asio::deferred);
+  parts.reset();  // (ASan: a borrowed view would now read freed memory)
+  auto moved = std::move(op);
+  std::vector<std::uint64_t> granted;
+  std::move(moved)([&](boost::system::error_code ec, joint_receipt r) {
+    BOOST_TEST(!ec);
+    for (const auto& one : r)
+      granted.push_back(one.granted());
+  });
+  BOOST_TEST(settle(ctx, [&] { return !granted.empty(); }));
+  BOOST_TEST((granted == std::vector<std::uint64_t>{2, 3}));
+  BOOST_TEST(a.available() == 8u);
+  BOOST_TEST(b.available() == 7u);
 }
 
 BOOST_AUTO_TEST_CASE(a_deferred_request_launched_after_its_limiter_is_gone_fails) {

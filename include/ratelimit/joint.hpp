@@ -167,6 +167,35 @@ namespace detail {
 template <typename Clock, typename WaitTraits>
 using joint_parts = boost::container::small_vector<basic_part<Clock, WaitTraits>, 4>;
 
+/// async_acquire's initiation argument, its parts: the caller's, borrowed
+/// while the request is made within the call (a completion handler is
+/// initiated at once, from the argument as passed); and copied whenever the
+/// argument is copied or moved, so the decay-copy that a deferred token
+/// (use_awaitable, deferred, ...) keeps owns its parts.
+template <typename Clock, typename WaitTraits>
+class joint_parts_arg {
+ public:
+  using part_type = basic_part<Clock, WaitTraits>;
+
+  explicit joint_parts_arg(std::span<const part_type> borrowed) noexcept : view_(borrowed) {}
+  joint_parts_arg(const joint_parts_arg& o) : own_(o.view_.begin(), o.view_.end()), view_(own_) {}
+  joint_parts_arg(joint_parts_arg&& o)
+      : own_(o.owns() ? std::move(o.own_)
+                      : joint_parts<Clock, WaitTraits>(o.view_.begin(), o.view_.end())),
+        view_(own_) {
+    o.view_ = {};
+  }
+  joint_parts_arg& operator=(const joint_parts_arg&) = delete;
+
+  std::span<const part_type> parts() const noexcept { return view_; }
+
+ private:
+  bool owns() const noexcept { return !view_.empty() && view_.data() == own_.data(); }
+
+  joint_parts<Clock, WaitTraits> own_;
+  std::span<const part_type> view_;
+};
+
 /// One call's view of a joint request: its parts resolved to buckets (the
 /// keyed limiters' locks held, in address order, until done()). The parts
 /// it is made from must outlive it: a token bucket's part keeps its bucket
@@ -303,15 +332,20 @@ bool has_remote(std::span<const basic_part<Clock, WaitTraits>> parts) noexcept {
 
 template <typename Clock, typename WaitTraits>
 struct initiate_joint_acquire {
-  template <typename Handler>
-  void operator()(Handler&& handler, joint_parts<Clock, WaitTraits> parts) const {
+  /// `parts`: a joint_parts_arg, as passed (borrowed: the request is made
+  /// before this returns) or as a token kept it (owned).
+  template <typename Handler, typename Parts>
+  void operator()(Handler&& handler, Parts&& parts) const {
     static_assert(
         std::is_invocable_v<std::decay_t<Handler>&&, boost::system::error_code, joint_receipt>,
         "ratelimit: handler must be callable as void(boost::system::error_code, "
         "ratelimit::joint_receipt)");
-    if (has_remote(std::span<const basic_part<Clock, WaitTraits>>(parts)))
-      return start_remote(std::forward<Handler>(handler), std::move(parts));
-    start_local(std::forward<Handler>(handler), parts);
+    static_assert(std::is_same_v<std::decay_t<Parts>, joint_parts_arg<Clock, WaitTraits>>);
+    const std::span<const basic_part<Clock, WaitTraits>> ps = parts.parts();
+    if (has_remote(ps))  // (an operation of its own, which keeps a copy)
+      return start_remote(std::forward<Handler>(handler),
+                          joint_parts<Clock, WaitTraits>(ps.begin(), ps.end()));
+    start_local(std::forward<Handler>(handler), ps);
   }
 
   /// A request of local parts only.
@@ -636,7 +670,7 @@ joint_receipt acquire_remote(std::span<const basic_part<Clock, WaitTraits>> part
       [done](boost::system::error_code e, joint_receipt r) {
         done->set_value({e, std::move(r)});
       },
-      joint_parts<Clock, WaitTraits>(parts.begin(), parts.end()));
+      joint_parts_arg<Clock, WaitTraits>(parts));
   done.reset();  // (the operation's copy alone keeps the promise: destroyed uncalled, it breaks)
   try {
     auto [e, r] = result.get();
@@ -680,7 +714,7 @@ template <typename Clock, typename WaitTraits,
 auto async_acquire(std::span<const basic_part<Clock, WaitTraits>> parts, Token&& token) {
   return boost::asio::async_initiate<Token, void(boost::system::error_code, joint_receipt)>(
       detail::initiate_joint_acquire<Clock, WaitTraits>{}, token,
-      detail::joint_parts<Clock, WaitTraits>(parts.begin(), parts.end()));
+      detail::joint_parts_arg<Clock, WaitTraits>(parts));
 }
 
 template <typename Clock, typename WaitTraits,
