@@ -19,6 +19,9 @@
 #include <ratelimit/detail/bucket_state.hpp>
 #include <ratelimit/detail/joint_plan.hpp>
 
+#include <boost/container/small_vector.hpp>
+#include <boost/intrusive/set.hpp>
+
 #include <algorithm>
 #include <cstdint>
 #include <map>
@@ -119,10 +122,9 @@ class joint_scheduler {
     if (const auto fail = fails_at_once(parts)) {
       complete(id, *fail, tag);
     } else {
-      auto it = queued_
-                    .emplace(id, queued{std::vector<joint_part>(parts.begin(), parts.end()),
-                                        std::min(made_at.value_or(now_), now_), tag, owner})
-                    .first;
+      auto it =
+          queued_.try_emplace(id, id, parts, std::min(made_at.value_or(now_), now_), tag, owner)
+              .first;
       queue_up(it);
       serve(now_);
     }
@@ -135,10 +137,8 @@ class joint_scheduler {
   /// nothing changed.
   std::uint64_t adopt(std::span<const joint_part> parts, std::int64_t made_at, void* tag,
                       const void* owner = nullptr) {
-    auto it = queued_
-                  .emplace(next_id_, queued{std::vector<joint_part>(parts.begin(), parts.end()),
-                                            std::min(made_at, now_), tag, owner})
-                  .first;
+    auto it =
+        queued_.try_emplace(next_id_, next_id_, parts, std::min(made_at, now_), tag, owner).first;
     queue_up(it);
     return next_id_++;
   }
@@ -316,7 +316,7 @@ class joint_scheduler {
     planner();
     const auto it = owner_due_.find(owner);
     if (it == owner_due_.end()) return std::nullopt;
-    return it->second.begin()->first;
+    return *it->second.begin()->planned;
   }
 
   /// The earliest planned T of a queued request and that request's tag
@@ -325,7 +325,7 @@ class joint_scheduler {
     if (queued_.empty()) return std::nullopt;
     planner();
     if (due_.empty()) return std::nullopt;
-    return std::pair{due_.begin()->first, queued_.at(due_.begin()->second).tag};
+    return std::pair{*due_.begin()->planned, due_.begin()->tag};
   }
 
   void clear_completions() noexcept { completions_.clear(); }
@@ -339,9 +339,9 @@ class joint_scheduler {
   /// T of queued request `id` (nothing: not queued, or never).
   std::optional<std::int64_t> planned_at(std::uint64_t id) {
     planner();
-    const auto it = planned_.find(id);
-    if (it == planned_.end()) return std::nullopt;
-    return it->second;
+    const auto it = queued_.find(id);
+    if (it == queued_.end()) return std::nullopt;
+    return it->second.planned;
   }
 
   std::size_t waiting() const { return queued_.size(); }
@@ -349,12 +349,37 @@ class joint_scheduler {
   const std::vector<joint_completion>& completions() const { return completions_; }
 
  private:
+  // One node per queued request, holding its parts (a few in place) and its
+  // places in the due orders (intrusive): a request costs one allocation,
+  // larger than glibc's fastbins (whose deferred coalescing stalls a program
+  // for tens of ms when 100 000 small nodes have been freed).
+  using due_hook = boost::intrusive::set_member_hook<>;
   struct queued {
-    std::vector<joint_part> parts;
+    queued(std::uint64_t i, std::span<const joint_part> ps, std::int64_t made, void* t,
+           const void* o)
+        : id(i), parts(ps.begin(), ps.end()), made_at(made), tag(t), owner(o) {}
+    queued(const queued&) = delete;
+    queued& operator=(const queued&) = delete;
+
+    std::uint64_t id;
+    boost::container::small_vector<joint_part, 4> parts;
     std::int64_t made_at;
     void* tag;
-    const void* owner;  // whose timer serves it (next_due_of)
+    const void* owner;                    // whose timer serves it (next_due_of)
+    std::optional<std::int64_t> planned;  // T in the current plan (nothing: never)
+    due_hook in_due;                      // due_, when placed
+    due_hook in_owner_due;                // owner_due_[owner], when placed
   };
+  struct by_due {
+    bool operator()(const queued& a, const queued& b) const noexcept {
+      return std::pair(*a.planned, a.id) < std::pair(*b.planned, b.id);
+    }
+  };
+  template <due_hook queued::*Hook>
+  using due_set =
+      boost::intrusive::set<queued, boost::intrusive::member_hook<queued, due_hook, Hook>,
+                            boost::intrusive::compare<by_due>,
+                            boost::intrusive::constant_time_size<false>>;
   struct held_part {
     std::size_t bucket;
     std::uint64_t held;
@@ -386,15 +411,13 @@ class joint_scheduler {
   /// Throws std::bad_alloc with no plan (the next call makes it again).
   joint_planner& planner() {
     if (!plan_) {
-      planned_.clear();
-      due_.clear();
-      owner_due_.clear();
+      unlink_due();
       try {
         plan_.emplace(states_, now_);
-        for (const auto& [id, r] : queued_) {
+        for (auto& [id, r] : queued_) {
           const auto t = plan_->place(r.parts, r.made_at);
           plan_->add(id, r.parts, t);
-          note_planned(id, t);
+          note_planned(r, t);
         }
       } catch (...) {
         invalidate();
@@ -418,25 +441,43 @@ class joint_scheduler {
     try {
       const auto t = plan_->place(it->second.parts, now_);
       plan_->add(it->first, it->second.parts, t);
-      note_planned(it->first, t);
+      note_planned(it->second, t);
     } catch (...) {  // std::bad_alloc
       invalidate();
     }
   }
 
-  void note_planned(std::uint64_t id, std::optional<std::int64_t> t) {
-    planned_[id] = t;
-    if (t) {
-      due_.emplace(*t, id);
-      owner_due_[queued_.at(id).owner].emplace(*t, id);
+  /// Request `q` is placed at `t` (nothing: never). Throws std::bad_alloc
+  /// (an owner's first entry) with `q` in no due order.
+  void note_planned(queued& q, std::optional<std::int64_t> t) {
+    q.planned = t;
+    if (!t) return;
+    due_set<& queued::in_owner_due>& mine = owner_due_[q.owner];
+    mine.insert(q);
+    due_.insert(q);
+  }
+
+  /// Takes `q` out of the due orders (if it is in them).
+  void unlink_due(queued& q) noexcept {
+    if (q.in_due.is_linked()) due_.erase(due_.iterator_to(q));
+    if (q.in_owner_due.is_linked()) {
+      const auto o = owner_due_.find(q.owner);
+      o->second.erase(o->second.iterator_to(q));
+      if (o->second.empty()) owner_due_.erase(o);
     }
+  }
+
+  /// Empties the due orders (the plan that made them is gone).
+  void unlink_due() noexcept {
+    due_.clear();
+    for (auto& [owner, set] : owner_due_)
+      set.clear();
+    owner_due_.clear();
   }
 
   void invalidate() noexcept {
     plan_.reset();
-    planned_.clear();
-    due_.clear();
-    owner_due_.clear();
+    unlink_due();
   }
 
   void see(std::int64_t now) {
@@ -462,17 +503,13 @@ class joint_scheduler {
   void serve_or_throw(std::int64_t now) {
     while (!queued_.empty()) {
       planner();
-      if (due_.empty() || due_.begin()->first > now) break;
-      const auto [t, id] = *due_.begin();
-      due_.erase(due_.begin());
-      {
-        const auto o = owner_due_.find(queued_.at(id).owner);
-        o->second.erase({t, id});
-        if (o->second.empty()) owner_due_.erase(o);
-      }
-      planned_.erase(id);
+      if (due_.empty() || *due_.begin()->planned > now) break;
+      queued& q = *due_.begin();
+      const std::int64_t t = *q.planned;
+      const std::uint64_t id = q.id;
+      unlink_due(q);
       see(t);
-      const std::vector<joint_part>& parts = queued_.at(id).parts;
+      const std::span<const joint_part> parts = q.parts;
       // Its takes are the first of their buckets, but at the end of time,
       // where a request placed never keeps its takes ahead: re-plan then.
       if (!plan_->pop_granted(id, parts)) invalidate();
@@ -487,7 +524,7 @@ class joint_scheduler {
       }
       for (const joint_part& q : parts)
         states_[q.bucket].take(q.n);
-      void* tag = queued_.at(id).tag;
+      void* tag = q.tag;
       forget(queued_.find(id));
       complete(id, joint_outcome::granted, tag);
     }
@@ -514,6 +551,7 @@ class joint_scheduler {
 
   /// Drops queued request `it` (granted or failed); returns the next.
   std::map<std::uint64_t, queued>::iterator forget(std::map<std::uint64_t, queued>::iterator it) {
+    unlink_due(it->second);
     const bool multi = it->second.parts.size() > 1;
     for (const joint_part& q : it->second.parts) {
       --parts_[q.bucket];
@@ -532,10 +570,10 @@ class joint_scheduler {
   std::vector<std::size_t> multi_;  // per bucket: queued requests naming it and another
   std::vector<std::size_t> free_;   // numbers of removed buckets
   std::map<std::uint64_t, queued> queued_;
-  std::optional<joint_planner> plan_;                             // when valid
-  std::map<std::uint64_t, std::optional<std::int64_t>> planned_;  // id -> T, per plan_
-  std::set<std::pair<std::int64_t, std::uint64_t>> due_;          // (T, id) of those placed
-  std::map<const void*, std::set<std::pair<std::int64_t, std::uint64_t>>> owner_due_;  // per owner
+  std::optional<joint_planner> plan_;  // when valid
+  // The requests placed by plan_ in (T, id) order: all, and per owner.
+  due_set<&queued::in_due> due_;
+  std::map<const void*, due_set<&queued::in_owner_due>> owner_due_;
   std::map<std::uint64_t, std::vector<held_part>> held_;
   std::uint64_t next_id_ = 0;
   std::vector<joint_completion> completions_;
