@@ -419,7 +419,7 @@ def main():
     print()
     print(table(results))
     print()
-    print("## Targets (issue 4, W7; ratios within this run)")
+    print("## Targets (W0-W6: issue 4; W7, W7b: issue 12; ratios within this run)")
     print()
     for name, verdict, detail in targets(results, args.quick):
         if verdict == "info":

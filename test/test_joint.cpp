@@ -436,6 +436,12 @@ BOOST_AUTO_TEST_CASE(a_deferred_request_owns_its_parts) {
   auto op = ratelimit::async_acquire(std::span<const test_part>(*parts), asio::deferred);
   parts.reset();  // (ASan: a borrowed view would now read freed memory)
   auto moved = std::move(op);
+  {  // assignable, as deferred operations are
+    const std::array<test_part, 1> other{test_part(a, 1)};
+    auto op2 = ratelimit::async_acquire(std::span<const test_part>(other), asio::deferred);
+    op2 = std::move(moved);
+    moved = std::move(op2);
+  }
   std::vector<std::uint64_t> granted;
   std::move(moved)([&](boost::system::error_code ec, joint_receipt r) {
     BOOST_TEST(!ec);

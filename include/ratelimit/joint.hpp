@@ -162,8 +162,9 @@ class joint_receipt {
 
 namespace detail {
 
-/// A copy of a joint request's parts (async_acquire's, kept until the
-/// request is made): a few in place, without an allocation.
+/// A copy of a joint request's parts (a deferred async_acquire's, or one
+/// with remote parts, kept until the request is made): a few in place,
+/// without an allocation.
 template <typename Clock, typename WaitTraits>
 using joint_parts = boost::container::small_vector<basic_part<Clock, WaitTraits>, 4>;
 
@@ -185,7 +186,13 @@ class joint_parts_arg {
         view_(own_) {
     o.view_ = {};
   }
-  joint_parts_arg& operator=(const joint_parts_arg&) = delete;
+  /// (Deferred operations that keep one stay assignable.)
+  joint_parts_arg& operator=(joint_parts_arg o) {
+    own_ = std::move(o.own_);
+    view_ = own_;
+    o.view_ = {};
+    return *this;
+  }
 
   std::span<const part_type> parts() const noexcept { return view_; }
 

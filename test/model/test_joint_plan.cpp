@@ -421,7 +421,8 @@ BOOST_AUTO_TEST_CASE(places_as_a_brute_force_on_long_queues) {
         if (parts.empty()) parts.push_back({g.in(0, buckets - 1), 1});
         const auto want = brute.place(parts, made);
         const auto got = plan.place(parts, made);
-        BOOST_TEST_REQUIRE(got.has_value() == want.has_value(), "request " << id);
+        BOOST_TEST_REQUIRE(want.has_value(), "request " << id);  // (times stay far from the end)
+        BOOST_TEST_REQUIRE(got.has_value(), "request " << id);
         BOOST_TEST_REQUIRE(*got == *want, "request " << id);
         plan.add(id, parts, got);
         brute.add(parts, *got);
