@@ -39,6 +39,7 @@
 #include <optional>
 #include <span>
 #include <stdexcept>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -75,10 +76,12 @@ class basic_part {
       : bucket_(bucket.impl_), ex_(bucket.executor_), n_(n) {}
 
   /// `n` tokens of `key`'s bucket in `limiter` (made if the key has none,
-  /// when the request is made). @throws std::bad_alloc, what copying the key throws.
+  /// when the request is made). The key converts to the limiter's key type
+  /// (a string literal for a `std::string` key). @throws std::bad_alloc,
+  /// what copying the key throws.
   template <typename Key, typename Hash, typename KeyEqual, typename Executor>
   basic_part(basic_keyed_limiter<Key, Hash, KeyEqual, Clock, WaitTraits, Executor>& limiter,
-             const Key& key, std::uint64_t n = 1)
+             const std::type_identity_t<Key>& key, std::uint64_t n = 1)
       : source_(limiter.impl_ ? limiter.impl_->part_of(key) : nullptr),
         ex_(limiter.executor_),
         n_(n) {}
