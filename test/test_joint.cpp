@@ -22,6 +22,7 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/use_future.hpp>
 
+#include <atomic>
 #include <future>
 #include <memory>
 #include <string>
@@ -544,6 +545,35 @@ BOOST_AUTO_TEST_CASE(a_blocked_caller_whose_grant_moved_past_its_deadline_takes_
   BOOST_TEST(!ec);
   BOOST_TEST(a.available() == 1u);  // nothing taken
   BOOST_TEST(b.available() == 10u);
+}
+
+// The group knows a blocked caller's deadline: when T moves past it, the
+// caller fails at once (taking nothing), as a solo bucket drops it; it does
+// not wait for its deadline, and a timer firing at T cannot grant it late.
+BOOST_AUTO_TEST_CASE(a_blocked_caller_fails_as_soon_as_its_grant_moves_past_its_deadline) {
+  asio::io_context ctx;
+  test_bucket a(ctx, 10, per_second(1), start_empty);
+  test_bucket b(ctx, 10, per_second(1));
+  std::atomic<bool> done{false};
+  std::size_t got = 99;
+  boost::system::error_code ec;
+  std::thread t([&] {
+    const std::array<test_part, 2> ps{test_part(a, 1), test_part(b, 1)};
+    got = ratelimit::acquire_for(std::span<const test_part>(ps), 1500ms, ec).size();
+    done = true;
+  });
+  BOOST_TEST(eventually([&] { return a.waiting() == 1u; }));  // T = 1 s: within the deadline
+  BOOST_TEST(!done);
+  a.set_rate(ratelimit::rate{1, 1800ms});  // T = 1.8 s: past it, and the clock has not moved
+  BOOST_TEST(eventually([&] { return done.load(); }));
+  BOOST_TEST(a.waiting() == 0u);
+  manual_clock::advance(2s);  // (releases the thread if it did wait: then the test failed above)
+  t.join();
+  BOOST_TEST(got == 0u);
+  BOOST_TEST(!ec);
+  BOOST_TEST(settle(ctx, [&] { return a.available() == 1u; }));  // nothing was taken
+  BOOST_TEST(b.available() == 10u);
+  BOOST_TEST(runs_dry(ctx));
 }
 
 BOOST_AUTO_TEST_CASE(each_request_needs_only_its_own_owners_context_to_run) {

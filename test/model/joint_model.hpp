@@ -159,15 +159,19 @@ class joint_model {
   // --- requests -------------------------------------------------------------
 
   /// A joint request at `now`; returns its id. Granted in this call if it is
-  /// placed at T = now.
-  std::uint64_t request(const std::vector<part>& parts, std::int64_t now) {
+  /// placed at T = now. With a `deadline` (a blocking caller's): granted at
+  /// a T <= deadline, or `timed_out`, taking nothing, as soon as its T is
+  /// later (or never): in this call if it is already, or in the call that
+  /// moves it (set_rate, set_capacity, a request ahead that takes back...).
+  std::uint64_t request(const std::vector<part>& parts, std::int64_t now,
+                        std::int64_t deadline = end_of_time) {
     check_parts(parts);
     serve(now);
     const std::uint64_t id = next_id_++;
     if (const auto fail = fails_at_once(parts)) {
       complete(id, *fail);
     } else {
-      queued_[id] = {parts, now_};
+      queued_[id] = {parts, now_, deadline};
       serve(now_);
     }
     return id;
@@ -336,6 +340,7 @@ class joint_model {
   struct queued_request {
     std::vector<part> parts;
     std::int64_t made_at;
+    std::int64_t deadline = end_of_time;  // end_of_time: none
   };
   struct take {
     std::int64_t at;
@@ -538,6 +543,7 @@ class joint_model {
   /// Grants every request due by `now`, in (T, id) order, each as of its T,
   /// re-planning after each; then moves to `now`.
   void serve(std::int64_t now) {
+    drop_late();
     for (;;) {
       const plan_type p = plan();
       std::optional<std::pair<std::int64_t, std::uint64_t>> first;
@@ -559,6 +565,24 @@ class joint_model {
       complete(id, result::granted);
     }
     see(now);
+  }
+
+  /// Every queued request whose T is past its deadline (or never) fails
+  /// `timed_out`, in id order, re-planning after each (which moves no other
+  /// request later).
+  void drop_late() {
+    for (;;) {
+      const plan_type p = plan();
+      std::optional<std::uint64_t> late;
+      for (const auto& [id, r] : queued_)
+        if (r.deadline != end_of_time && (!p.at(id) || *p.at(id) > r.deadline)) {
+          late = id;
+          break;
+        }
+      if (!late) return;
+      queued_.erase(*late);
+      complete(*late, result::timed_out);
+    }
   }
 
   /// The queued requests with a part on b (of more than `over` tokens, if

@@ -52,6 +52,8 @@ result as_result(joint_outcome o) {
       return result::closed;
     case joint_outcome::aborted:
       return result::aborted;
+    case joint_outcome::timed_out:
+      return result::timed_out;
   }
   return result::pending;
 }
@@ -77,7 +79,7 @@ struct run {
   std::int64_t now = 0;
   std::size_t seen = 0;
   std::vector<std::uint64_t> capacities{};
-  int compared_plans = 0, granted = 0, backfilled = 0, never = 0;
+  int compared_plans = 0, granted = 0, backfilled = 0, never = 0, timed_out = 0;
 
   model_rate rate() {
     const model_rate special[] = {{3, 2},        {7, 11},          {5, 1},       {3, s},
@@ -138,6 +140,7 @@ struct run {
         BOOST_TEST_REQUIRE(xc[seen].id == mc[seen].id);
         BOOST_TEST_REQUIRE((as_result(xc[seen].how) == mc[seen].how));
         granted += mc[seen].how == result::granted;
+        timed_out += mc[seen].how == result::timed_out;
       }
       for (std::size_t b = 0; b < buckets; ++b)
         BOOST_TEST_REQUIRE(x.available(b, now) == m.available(b, now));
@@ -182,8 +185,15 @@ struct run {
         case 5:
         case 6: {
           const auto ps = parts();
-          const auto id = m.request(ps, now);
-          BOOST_TEST_REQUIRE(x.request(as_parts(ps), now) == id);
+          // A blocking caller's deadline now and then: soon, or far.
+          std::int64_t deadline = i64_max;
+          if (g.one_in(4)) {
+            const std::int64_t d = g.one_in(2) ? step_time() : 10 * step_time();
+            deadline = now > i64_max - d ? i64_max - 1 : now + d;
+          }
+          const auto id = m.request(ps, now, deadline);
+          BOOST_TEST_REQUIRE(
+              x.request(as_parts(ps), now, nullptr, std::nullopt, nullptr, deadline) == id);
           ids.push_back(id);
           compare("request");
           break;
@@ -280,7 +290,7 @@ int rounds() {
 BOOST_AUTO_TEST_SUITE(joint_plan)
 
 BOOST_AUTO_TEST_CASE(matches_the_reference_model_on_random_sequences) {
-  int plans = 0, grants = 0, nevers = 0;
+  int plans = 0, grants = 0, nevers = 0, late = 0;
   for (int round = 0; round < rounds() / rounds_divisor; ++round) {
     BOOST_TEST_CONTEXT("round " << round) {
       run r{rng{static_cast<std::uint64_t>(round) * 7919 + 1},
@@ -289,12 +299,15 @@ BOOST_AUTO_TEST_CASE(matches_the_reference_model_on_random_sequences) {
       plans += r.compared_plans;
       grants += r.granted;
       nevers += r.never;
+      late += r.timed_out;
     }
   }
   BOOST_TEST_MESSAGE("plans compared " << plans << ", grants " << grants << ", never placed "
                                        << nevers);
+  BOOST_TEST_MESSAGE("deadlines that could not be met " << late);
   BOOST_TEST(plans > 1000);  // the runs do queue and plan
   BOOST_TEST(grants > 1000);
+  BOOST_TEST(late > 100);  // blocking callers' deadlines fail, at once or when T moves
 }
 
 // Long queues, where placing a request passes over runs of segments that

@@ -72,6 +72,7 @@ enum class result {
   closed,            // ratelimit::error::bucket_closed
   aborted,           // boost::asio::error::operation_aborted
   too_many_keys,     // ratelimit::error::too_many_keys (keyed_limiter_model only)
+  timed_out,         // a deadline that cannot be met (joint_model only): nothing taken
 };
 
 struct completion {
@@ -82,8 +83,8 @@ struct completion {
 
 // For the messages of the tests that compare them (Boost.Test prints with these).
 inline std::ostream& operator<<(std::ostream& os, result r) {
-  const char* names[] = {"pending", "granted", "exceeds_capacity",
-                         "closed",  "aborted", "too_many_keys"};
+  const char* names[] = {"pending", "granted",       "exceeds_capacity", "closed",
+                         "aborted", "too_many_keys", "timed_out"};
   return os << names[static_cast<int>(r)];
 }
 inline std::ostream& operator<<(std::ostream& os, const completion& c) {

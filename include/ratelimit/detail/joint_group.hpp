@@ -35,9 +35,10 @@
 // is destroyed, which makes it leave; so the group never refers to a bucket
 // that is gone.
 //
-// Not yet: a blocked caller's deadline is its thread's (it withdraws as of
-// its deadline when it wakes, taking nothing; solo buckets drop it from the
-// queue as soon as its grant would be late).
+// A blocked caller's deadline is the scheduler's too: its request fails
+// (timed_out, taking nothing) as soon as its T passes the deadline, as a
+// solo bucket drops it; its thread withdraws it as of the deadline if it
+// wakes first.
 //
 // One group per clock type and program: a function-local static of a header
 // template. A shared library that hides its symbols gets a group of its
@@ -178,7 +179,7 @@ class joint_group {
       x_.reserve_completions(1);
       w->group_owner = &owner;
       w->group_ex = owner.get_executor();
-      w->group_id = x_.request(ps, now, w, std::nullopt, &owner);
+      w->group_id = x_.request(ps, now, w, std::nullopt, &owner, deadline);
       w->queued = x_.is_queued(w->group_id);
     } catch (...) {
       settle(done);  // the buckets joined for nothing leave
@@ -367,6 +368,7 @@ class joint_group {
     if (r == joint_outcome::closed) return closed;
     if (r == joint_outcome::exceeds_capacity) return error::exceeds_capacity;
     if (r == joint_outcome::aborted) return boost::asio::error::operation_aborted;
+    if (r == joint_outcome::timed_out) return boost::asio::error::timed_out;
     return {};
   }
 
@@ -383,6 +385,11 @@ class joint_group {
 
  private:
   joint_group() = default;
+
+  /// A blocking caller's deadline (max_time: none, or not a blocking caller).
+  static std::int64_t deadline_of(const waiter_base* w) noexcept {
+    return w->timed ? static_cast<const sync_waiter*>(w)->deadline : max_time;
+  }
 
   /// The parts' buckets' locks, taken in address order (so two threads
   /// locking overlapping sets cannot deadlock).
@@ -500,7 +507,8 @@ class joint_group {
       moved.reserve(b.queue_.size());
       for (waiter_base* w = b.queue_.front(); w; w = w->next) {
         const joint_part one{s, w->tokens};
-        moved.push_back(x_.adopt(std::span<const joint_part>(&one, 1), w->queued_at, w, &b));
+        moved.push_back(
+            x_.adopt(std::span<const joint_part>(&one, 1), w->queued_at, w, &b, deadline_of(w)));
       }
     } catch (...) {
       for (std::uint64_t id : moved)
@@ -549,6 +557,9 @@ class joint_group {
           break;
         case joint_outcome::aborted:
           ec = boost::asio::error::operation_aborted;
+          break;
+        case joint_outcome::timed_out:  // a blocking caller's T moved past its deadline
+          ec = boost::asio::error::timed_out;
           break;
       }
       done.push(w, ec);

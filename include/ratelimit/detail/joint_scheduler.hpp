@@ -29,11 +29,12 @@
 #include <set>
 #include <span>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 namespace ratelimit::detail {
 
-enum class joint_outcome { granted, exceeds_capacity, closed, aborted };
+enum class joint_outcome { granted, exceeds_capacity, closed, aborted, timed_out };
 
 struct joint_completion {
   std::uint64_t id;
@@ -72,6 +73,7 @@ class joint_scheduler {
     held_ = std::move(o.held_);
     next_id_ = o.next_id_;
     completions_ = std::move(o.completions_);
+    with_deadline_ = std::exchange(o.with_deadline_, 0);
     return *this;
   }
 
@@ -134,10 +136,13 @@ class joint_scheduler {
 
   /// A request of `parts` made now (or, with `made_at`, made then: a
   /// request queued elsewhere before, moving here; no later than now);
-  /// returns its id. `tag` comes back in its completion.
+  /// returns its id. `tag` comes back in its completion. With a `deadline`
+  /// (a blocking caller's): granted at a T <= deadline, or `timed_out` as
+  /// soon as its T is later or never (in this call, or in the call that
+  /// moves it), taking nothing.
   std::uint64_t request(std::span<const joint_part> parts, std::int64_t now, void* tag = nullptr,
                         std::optional<std::int64_t> made_at = std::nullopt,
-                        const void* owner = nullptr) {
+                        const void* owner = nullptr, std::int64_t deadline = max_time) {
     check_parts(parts);
     serve(now);
     const std::uint64_t id = next_id_++;
@@ -147,6 +152,10 @@ class joint_scheduler {
       auto it =
           queued_.try_emplace(id, id, parts, std::min(made_at.value_or(now_), now_), tag, owner)
               .first;
+      if (deadline != max_time) {
+        it->second.deadline = deadline;
+        ++with_deadline_;
+      }
       queue_up(it);
       serve(now_);
     }
@@ -158,9 +167,13 @@ class joint_scheduler {
   /// is granted in this call. Returns its id. Throws std::bad_alloc with
   /// nothing changed.
   std::uint64_t adopt(std::span<const joint_part> parts, std::int64_t made_at, void* tag,
-                      const void* owner = nullptr) {
+                      const void* owner = nullptr, std::int64_t deadline = max_time) {
     auto it =
         queued_.try_emplace(next_id_, next_id_, parts, std::min(made_at, now_), tag, owner).first;
+    if (deadline != max_time) {
+      it->second.deadline = deadline;
+      ++with_deadline_;
+    }
     queue_up(it);
     return next_id_++;
   }
@@ -389,6 +402,7 @@ class joint_scheduler {
     void* tag;
     const void* owner;                    // whose timer serves it (next_due_of)
     std::optional<std::int64_t> planned;  // T in the current plan (nothing: never)
+    std::int64_t deadline = max_time;     // a blocking caller's (max_time: none)
     due_hook in_due;                      // due_, when placed
     due_hook in_owner_due;                // owner_due_[owner], when placed
   };
@@ -522,7 +536,30 @@ class joint_scheduler {
     }
   }
 
+  /// Every queued request whose T is past its deadline (or never) fails
+  /// `timed_out`, in id order, re-planning after each (which moves no other
+  /// request later).
+  void drop_late() {
+    while (with_deadline_ != 0) {
+      planner();
+      auto late = queued_.end();
+      for (auto it = queued_.begin(); it != queued_.end(); ++it)
+        if (it->second.deadline != max_time &&
+            (!it->second.planned || *it->second.planned > it->second.deadline)) {
+          late = it;
+          break;
+        }
+      if (late == queued_.end()) return;
+      const std::uint64_t id = late->first;
+      void* tag = late->second.tag;
+      forget(late);
+      invalidate();
+      complete(id, joint_outcome::timed_out, tag);
+    }
+  }
+
   void serve_or_throw(std::int64_t now) {
+    drop_late();
     while (!queued_.empty()) {
       planner();
       if (due_.empty() || *due_.begin()->planned > now) break;
@@ -574,6 +611,7 @@ class joint_scheduler {
   /// Drops queued request `it` (granted or failed); returns the next.
   std::map<std::uint64_t, queued>::iterator forget(std::map<std::uint64_t, queued>::iterator it) {
     unlink_due(it->second);
+    with_deadline_ -= it->second.deadline != max_time;
     const bool multi = it->second.parts.size() > 1;
     for (const joint_part& q : it->second.parts) {
       --parts_[q.bucket];
@@ -599,6 +637,7 @@ class joint_scheduler {
   std::map<std::uint64_t, std::vector<held_part>> held_;
   std::uint64_t next_id_ = 0;
   std::vector<joint_completion> completions_;
+  std::size_t with_deadline_ = 0;  // queued requests with a deadline
 };
 
 }  // namespace ratelimit::detail
