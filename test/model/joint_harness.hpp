@@ -312,20 +312,47 @@ class joint_harness {
         break;
       case 11:
         if (g_.one_in(2)) {
-          const std::size_t b = g_.in(0, n_ - 1);
+          // A bucket's rate, or the keyed limiter's: its default (for every
+          // key), or the key's own.
+          // (A default does not touch a key with a rate of its own.)
+          const std::size_t b = g_.in(0, n_);
           const model_rate r = rate();
-          buckets_[b]->set_rate(as_rate(r));
-          m_.set_rate(b, r, now_);
+          bool applies = true;
+          if (b < n_) {
+            buckets_[b]->set_rate(as_rate(r));
+          } else if (g_.one_in(2)) {
+            keyed_->set_rate(as_rate(r));
+            applies = !key_own_rate_;
+          } else {
+            keyed_->set_rate(std::string("key"), as_rate(r));
+            key_own_rate_ = true;
+          }
+          if (applies) m_.set_rate(b, r, now_);
           compare("set_rate");
         }
         break;
       case 12:
         if (g_.one_in(2)) {
+          // Not yet the key's capacity: a key with no bucket (never used,
+          // or evicted full) comes back full at a raised capacity, where a
+          // bucket that is kept stays at its level (the semantics are to be
+          // decided: see the stop note). Its rate is changed above.
           const std::size_t b = g_.in(0, n_ - 1);
           const std::uint64_t c = g_.in(1, 10);
-          capacities_[b] = c;
-          buckets_[b]->set_capacity(c);
-          m_.set_capacity(b, c, now_);
+          bool applies = true;
+          if (b < n_) {
+            buckets_[b]->set_capacity(c);
+          } else if (g_.one_in(2)) {
+            keyed_->set_capacity(c);
+            applies = !key_own_capacity_;
+          } else {
+            keyed_->set_capacity(std::string("key"), c);
+            key_own_capacity_ = true;
+          }
+          if (applies) {
+            capacities_[b] = c;
+            m_.set_capacity(b, c, now_);
+          }
           compare("set_capacity");
         }
         break;
@@ -352,6 +379,7 @@ class joint_harness {
   std::int64_t now_ = clock::origin;
   joint_model m_{clock::origin};
   std::vector<std::uint64_t> capacities_;
+  bool key_own_rate_ = false, key_own_capacity_ = false;  // set_rate/set_capacity("key", ...)
   std::map<std::uint64_t, std::unique_ptr<request_state>> requests_;  // by model id
   stats stats_;
 };
