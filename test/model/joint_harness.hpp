@@ -35,8 +35,10 @@
 
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 
+#include <atomic>
 #include <iterator>
 #include <map>
 #include <memory>
@@ -44,6 +46,7 @@
 #include <span>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace ratelimit::model {
@@ -79,29 +82,38 @@ class joint_harness {
   /// What the history did (for the tests' "did it test anything" checks).
   struct stats {
     int granted = 0, joint_granted = 0, waited = 0, compared = 0, given_back = 0;
+    int blocked_granted = 0, blocked_late = 0;  // blocking callers: granted, timed out
   };
 
   stats run(int steps) {
     setup();
     for (int i = 0; i < steps && !g_.done(); ++i)
       step();
-    for (const auto& c : m_.completions())
+    for (const auto& c : m_.completions()) {
       if (c.how == result::granted) {
         ++stats_.granted;
         stats_.joint_granted += requests_.at(c.id)->parts.size() > 1;
       }
-    // Destroying the limiters fails the rest: nothing may be left waiting.
+      if (requests_.at(c.id)->blocking) {
+        stats_.blocked_granted += c.how == result::granted;
+        stats_.blocked_late += c.how == result::timed_out;
+      }
+    }
+    // Destroying the limiters fails the rest: nothing may be left waiting
+    // (a blocked caller wakes, taking nothing).
     buckets_.clear();
     keyed_.reset();
     env_.deliver(ctx_, [&] {
       for (const auto& [id, r] : requests_)
-        if (!r->done) return false;
+        if (!r->is_done()) return false;
       return true;
     });
+    for (const auto& kv : requests_)
+      if (kv.second->thread.joinable()) kv.second->thread.join();
     for (const auto& kv : requests_) {
       const request_state& r = *kv.second;
-      env_.check(r.calls == 1, [&] {
-        return "request " + std::to_string(kv.first) + " completed " + std::to_string(r.calls) +
+      env_.check(r.times() == 1, [&] {
+        return "request " + std::to_string(kv.first) + " completed " + std::to_string(r.times()) +
                " times";
       });
     }
@@ -119,6 +131,16 @@ class joint_harness {
     bool done = false;
     result how = result::pending;
     ratelimit::joint_receipt receipt;
+    // A blocking caller with a deadline (acquire_for on a thread of its
+    // own): it writes `blocked_how`, then sets `finished`.
+    bool blocking = false;
+    std::thread thread;
+    std::atomic<bool> finished{false};
+    result blocked_how = result::pending;
+
+    bool is_done() const { return blocking ? finished.load() : done; }
+    result outcome() const { return blocking ? (is_done() ? blocked_how : result::pending) : how; }
+    int times() const { return blocking ? int(is_done()) : calls; }
   };
 
   std::size_t count() const { return n_ + 1; }
@@ -176,7 +198,7 @@ class joint_harness {
   void compare(const char* after) {
     env_.deliver(ctx_, [&] {
       for (const auto& c : m_.completions())
-        if (!requests_.at(c.id)->done) return false;
+        if (!requests_.at(c.id)->is_done()) return false;
       return true;
     });
     std::map<std::uint64_t, result> want;
@@ -186,10 +208,11 @@ class joint_harness {
       const request_state& r = *kv.second;
       const auto it = want.find(kv.first);
       const result w = it != want.end() ? it->second : result::pending;
-      env_.check(r.how == w && r.calls == (w != result::pending), [&] {
+      env_.check(r.outcome() == w && r.times() == (w != result::pending), [&] {
         std::ostringstream os;
         os << "after " << after << at() << ": request " << kv.first << " " << describe(r.parts)
-           << " got " << r.how << " (" << r.calls << " calls), want " << w;
+           << (r.blocking ? " (blocking)" : "") << " got " << r.outcome() << " (" << r.times()
+           << " calls), want " << w;
         return os.str();
       });
     }
@@ -225,8 +248,46 @@ class joint_harness {
     if (m_.status(id) == result::pending) ++stats_.waited;
   }
 
+  /// A blocking caller with a deadline: acquire_for on a thread of its own
+  /// (a token bucket first, whose waiting() shows when it is queued); the
+  /// step ends once it returned or waits in the queue, so its place in the
+  /// order is where the model puts it.
+  void make_blocking_request() {
+    auto ps = parts();
+    std::size_t first = ps.size();
+    for (std::size_t i = 0; i < ps.size(); ++i)
+      if (ps[i].bucket < n_) first = i;
+    if (first == ps.size()) return;  // (the key alone: its queue is not observable)
+    std::swap(ps[0], ps[first]);
+    const std::int64_t waits[] = {0, ms, 100 * ms, sec, 10 * sec};
+    const std::int64_t timeout = waits[g_.in(0, std::size(waits) - 1)] * std::int64_t(g_.in(1, 3));
+    const std::uint64_t id = m_.requests();
+    auto st = std::make_unique<request_state>();
+    st->parts = ps;
+    st->blocking = true;
+    request_state* s = st.get();
+    requests_.emplace(id, std::move(st));
+    bucket_type& head = *buckets_[ps[0].bucket];
+    const std::size_t before = head.waiting();
+    s->thread = std::thread([s, rp = real(ps), timeout] {
+      boost::system::error_code ec;
+      const ratelimit::joint_receipt r = ratelimit::acquire_for(
+          std::span<const part_type>(rp), std::chrono::nanoseconds(timeout), ec);
+      s->blocked_how = ec ? result_of(ec) : r.empty() ? result::timed_out : result::granted;
+      s->finished = true;
+    });
+    m_.request(ps, now_, now_ + timeout);
+    // Until it returned or is queued (nothing else is due now: the last step delivered it all).
+    env_.deliver(ctx_, [&] { return s->finished.load() || head.waiting() > before; });
+    if (m_.status(id) == result::pending) ++stats_.waited;
+  }
+
   void step() {
-    switch (g_.in(0, 13)) {
+    switch (g_.in(0, 14)) {
+      case 14:
+        make_blocking_request();
+        compare("blocking request");
+        break;
       case 0:
       case 1:
       case 2: {
@@ -285,6 +346,7 @@ class joint_harness {
         if (!requests_.empty()) {
           auto it = requests_.begin();
           std::advance(it, g_.in(0, requests_.size() - 1));
+          if (it->second->blocking) break;  // (a blocked caller cannot be cancelled)
           const boost::asio::cancellation_type types[] = {boost::asio::cancellation_type::terminal,
                                                           boost::asio::cancellation_type::partial,
                                                           boost::asio::cancellation_type::total};
@@ -374,6 +436,10 @@ class joint_harness {
   Env& env_;
   std::size_t n_;
   boost::asio::io_context ctx_;
+  // Polling runs out of work now and then; a blocking caller needs a context
+  // that is not stopped (its timers do run, by polling).
+  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_{
+      ctx_.get_executor()};
   std::vector<std::unique_ptr<bucket_type>> buckets_;
   std::unique_ptr<keyed_type> keyed_;
   std::int64_t now_ = clock::origin;
