@@ -188,7 +188,8 @@ struct run {
           // A blocking caller's deadline now and then: soon, or far.
           std::int64_t deadline = i64_max;
           if (g.one_in(4)) {
-            const std::int64_t d = g.one_in(2) ? step_time() : 10 * step_time();
+            const std::int64_t st = step_time();
+            const std::int64_t d = g.one_in(2) ? st : st > i64_max / 10 ? i64_max : 10 * st;
             deadline = now > i64_max - d ? i64_max - 1 : now + d;
           }
           const auto id = m.request(ps, now, deadline);
