@@ -422,6 +422,22 @@ BOOST_AUTO_TEST_CASE(set_capacity_drops_the_excess_only) {
   BOOST_TEST(s.available() == 20u);
 }
 
+BOOST_AUTO_TEST_CASE(set_capacity_keeps_a_full_bucket_full_when_asked) {
+  bucket_state s(4, reduce(ratelimit::per_second(1)), 0, 4);
+  s.set_capacity(6, true);  // full: full at the raised capacity
+  BOOST_TEST(s.available() == 6u);
+  s.set_capacity(3, true);  // lowered: capped, as ever
+  BOOST_TEST(s.available() == 3u);
+  s.take(1);
+  s.set_capacity(5, true);  // not full: keeps its level
+  BOOST_TEST(s.available() == 2u);
+  s.refill(3'000'000'000);
+  BOOST_TEST(s.available() == 5u);
+  bucket_state t(4, reduce(ratelimit::per_second(1)), 0, 4);
+  t.set_capacity(6);  // without: keeps its level
+  BOOST_TEST(t.available() == 4u);
+}
+
 BOOST_AUTO_TEST_SUITE_END()
 
 BOOST_AUTO_TEST_SUITE(rate_changes)

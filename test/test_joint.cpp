@@ -244,6 +244,22 @@ BOOST_AUTO_TEST_CASE(set_rate_and_capacity_retime_or_fail_a_queued_request) {
   BOOST_TEST(fast.available() == 9u);
 }
 
+BOOST_AUTO_TEST_CASE(a_full_key_stays_full_at_a_raised_capacity_while_a_joint_request_waits) {
+  asio::io_context ctx;
+  test_keyed clients(ctx, 2, per_second(1), 100);
+  test_bucket global(ctx, 1, per_second(1), start_empty);
+  auto j = joint({{clients, std::string("alice"), 2}, {global, 1}});  // T = 1 s
+  pump(ctx);
+  clients.set_capacity(4);  // alice was full (2 of 2): full at 4, as a fresh key
+  BOOST_TEST(clients.available("alice") == 4u);
+  BOOST_TEST(clients.try_get_token(std::string("alice"), 2));   // cannot move T
+  BOOST_TEST(!clients.try_get_token(std::string("alice"), 2));  // would move T
+  manual_clock::advance(1s);
+  BOOST_TEST(settle(ctx, [&] { return j->done(); }));
+  BOOST_TEST(!j->ec);
+  BOOST_TEST(clients.available("alice") == 1u);  // 2 + 1 accrued - 2
+}
+
 BOOST_AUTO_TEST_CASE(a_joint_receipt_gives_back_to_each_limiter) {
   asio::io_context ctx;
   test_bucket a(ctx, 10, per_second(1));

@@ -18,7 +18,9 @@
 // Memory is bounded by `max_keys`. A bucket that has refilled to its capacity
 // and that nobody waits on is indistinguishable from the fresh bucket a new use
 // of its key would create, so only such buckets are evicted: eviction can never
-// hand out a token the key would not have had anyway. When the limiter holds
+// hand out a token the key would not have had anyway. (That holds across a
+// change of capacity because a full bucket stays full when its capacity is
+// raised, as a key with no bucket is: apply().) When the limiter holds
 // `max_keys` keys and none of them is evictable, a new key is refused with
 // `ratelimit::error::too_many_keys` (known keys keep working).
 //
@@ -447,13 +449,16 @@ class keyed_impl
   }
 
   /// Changes `nd`'s bucket as basic_token_bucket::set_capacity and set_rate
-  /// do (queued requests re-timed; those over a smaller capacity fail).
+  /// do (queued requests re-timed; those over a smaller capacity fail), but
+  /// a full bucket stays full when its capacity is raised.
   /// Caller holds the lock; the values are valid. Throws only what re-arming
   /// a bucket's timer may throw with executors other than those of an
   /// io_context or thread_pool (timer_driver::arm): std::bad_alloc.
   void apply(node& nd, std::optional<std::uint64_t> capacity, std::optional<rate> r) {
     if (capacity && *capacity != nd.capacity) {
-      nd.bucket->set_capacity(*capacity);
+      // A full bucket is a fresh one (see eviction): it stays full at a raised
+      // capacity, as the key would be with no bucket.
+      nd.bucket->set_capacity(*capacity, /*full_stays_full=*/true);
       nd.capacity = *capacity;
     }
     if (r) nd.bucket->set_rate(*r);
@@ -530,7 +535,8 @@ class keyed_impl
 /// the buckets: across eviction, and outside `max_keys`. Both the defaults
 /// and a key's own settings may change at run time; a change applies to the
 /// buckets concerned at once, as basic_token_bucket's set_capacity then
-/// set_rate do.
+/// set_rate do, except that a bucket full when its capacity is raised is
+/// full at the new capacity (as a key with no bucket would be).
 ///
 /// Every key's bucket behaves exactly as a `basic_token_bucket` of the key's
 /// capacity and rate that starts full on the key's first use: FIFO among the
@@ -869,7 +875,9 @@ class basic_keyed_limiter {
   /// Changes the default capacity: every key without a capacity of its own
   /// gets `capacity`, as basic_token_bucket::set_capacity (a bucket holding
   /// more drops the excess; queued requests for more than `capacity` tokens
-  /// fail with `exceeds_capacity`, the others are re-timed). Takes O(size()).
+  /// fail with `exceeds_capacity`, the others are re-timed), except that a
+  /// full bucket stays full at a raised capacity: a key gets the same tokens
+  /// whether or not its full bucket was evicted first. Takes O(size()).
   /// @throws std::invalid_argument if `capacity` is 0 (nothing changes).
   void set_capacity(std::uint64_t capacity) {
     detail::check_capacity(capacity);

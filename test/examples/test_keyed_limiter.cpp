@@ -848,18 +848,25 @@ BOOST_AUTO_TEST_CASE(reset_quota_returns_a_key_to_the_defaults) {
   BOOST_TEST(l.get_quota(5).capacity == 3u);  // it follows the defaults again
 }
 
-BOOST_AUTO_TEST_CASE(a_raised_capacity_makes_a_full_bucket_unevictable_until_it_refills) {
+BOOST_AUTO_TEST_CASE(a_raised_capacity_keeps_a_full_bucket_full) {
+  // A full bucket is the fresh bucket its key would get: the key holds the
+  // new capacity whether or not its bucket was evicted before the raise.
   asio::io_context ctx;
-  test_keyed l(ctx, 1, per_second(1), 1);
-  BOOST_TEST(l.try_get_token(1, 0));  // key 1 has a full bucket
-  l.set_capacity(2);                  // 1 of 2: not what a fresh bucket would hold
-  BOOST_TEST(!l.try_get_token(2));
-  boost::system::error_code ec;
-  BOOST_TEST(!l.try_get_token(2, 1, ec));
-  BOOST_TEST(ec == ratelimit::error::too_many_keys);
-  manual_clock::advance(1s);
-  BOOST_TEST(l.try_get_token(2, 2));  // key 1 refilled to 2: evicted
+  test_keyed l(ctx, 1, per_second(1), 2);
+  BOOST_TEST(l.try_get_token(1, 0));  // key 1: a full bucket (1 of 1)
+  BOOST_TEST(l.try_get_token(2));     // key 2: 0 of 1
+  l.set_capacity(2);
+  BOOST_TEST(l.available(1) == 2u);   // as a fresh bucket of key 1
+  BOOST_TEST(l.available(2) == 0u);   // not full: keeps its level
+  BOOST_TEST(l.try_get_token(3, 2));  // key 1 is evicted for key 3 at once
   BOOST_TEST(!l.contains(1));
+  BOOST_TEST(l.contains(2));
+  manual_clock::advance(2s);
+  l.set_capacity(3, 4);  // key 3 full again: full at its own capacity
+  BOOST_TEST(l.available(3) == 4u);
+  BOOST_TEST(l.available(2) == 2u);  // refilled to the new capacity
+  l.set_capacity(1);                 // lowered: full at 1, as ever
+  BOOST_TEST(l.available(2) == 1u);
 }
 
 BOOST_AUTO_TEST_CASE(bad_values_are_refused_and_change_nothing) {

@@ -395,11 +395,9 @@ class joint_harness {
         break;
       case 12:
         if (g_.one_in(2)) {
-          // Not yet the key's capacity: a key with no bucket (never used,
-          // or evicted full) comes back full at a raised capacity, where a
-          // bucket that is kept stays at its level (the semantics are to be
-          // decided: see the stop note). Its rate is changed above.
-          const std::size_t b = g_.in(0, n_ - 1);
+          // A bucket's capacity, or the keyed limiter's: its default, or the
+          // key's own (a full key stays full at a raised capacity).
+          const std::size_t b = g_.in(0, n_);
           const std::uint64_t c = g_.in(1, 10);
           bool applies = true;
           if (b < n_) {
@@ -413,7 +411,7 @@ class joint_harness {
           }
           if (applies) {
             capacities_[b] = c;
-            m_.set_capacity(b, c, now_);
+            m_.set_capacity(b, c, now_, /*full_stays_full=*/b == n_);
           }
           compare("set_capacity");
         }

@@ -94,7 +94,9 @@
 //   (token_bucket_model's order).
 // - set_capacity(b, c): grants due at the old settings, then the level capped
 //   at c, then the queued requests with a part on b over c complete
-//   `exceeds_capacity` (id order), then the grants that follow.
+//   `exceeds_capacity` (id order), then the grants that follow. A keyed
+//   limiter's key (`full_stays_full`): a bucket that is full then is full at
+//   a raised c (a full bucket is the fresh one the key would get).
 // - set_rate(b, r): grants due at the old rate, the new rate with
 //   token_bucket_model's rounding, then the grants that follow.
 //
@@ -225,13 +227,15 @@ class joint_model {
 
   // --- configuration ----------------------------------------------------------
 
-  void set_capacity(std::size_t b, std::uint64_t c, std::int64_t now) {
+  void set_capacity(std::size_t b, std::uint64_t c, std::int64_t now,
+                    bool full_stays_full = false) {
     check_bucket(b);
     if (c == 0) throw std::invalid_argument("capacity 0");
     serve(now);
     bucket& k = buckets_[b];
+    const bool fill = full_stays_full && c > k.capacity && k.level >= k.capacity;
     k.capacity = c;
-    if (k.level > c) k.level = c;
+    if (k.level > c || fill) k.level = c;
     fail_queued_on(b, result::exceeds_capacity, c);
     serve(now_);
   }

@@ -77,7 +77,10 @@
 // eviction, starts full at the key's capacity. A change that alters a key's
 // capacity or rate is applied to its bucket at once, as the bucket model's
 // set_capacity then set_rate (requests over a smaller capacity fail, the
-// others are re-timed; per key, in that order); a change of the defaults
+// others are re-timed; per key, in that order), except that a bucket full at
+// the change is full at a raised capacity: a full bucket is the fresh bucket
+// the key would get, so whether it was evicted first changes nothing; a
+// change of the defaults
 // applies to every key without its own setting of it. Every "the capacity"
 // above is the key's: a request over it fails at once, available() of a key
 // with no bucket is it, and a full bucket holds it. A change applied to a
@@ -466,7 +469,8 @@ class keyed_limiter_model {
     if (it == buckets_.end()) return;
     const quota after = quota_of(key);
     slot& s = it->second;
-    if (after.capacity != before.capacity) s.bucket.set_capacity(after.capacity, now);
+    if (after.capacity != before.capacity)
+      s.bucket.set_capacity(after.capacity, now, /*full_stays_full=*/true);
     if (!(after.rate.tokens == before.rate.tokens && after.rate.period == before.rate.period))
       s.bucket.set_rate(after.rate, now);
     requested(s, now);

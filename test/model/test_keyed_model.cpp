@@ -395,14 +395,24 @@ BOOST_AUTO_TEST_CASE(a_default_change_retimes_the_keys_without_their_own) {
   BOOST_TEST(m.own_quotas() == 1u);
 }
 
-BOOST_AUTO_TEST_CASE(a_raised_capacity_is_not_full_until_it_refills) {
-  keyed m(1, per_s, 1);
-  BOOST_TEST(m.try_get(1, 0, 0) == result::granted);  // key 1: full
+BOOST_AUTO_TEST_CASE(a_raised_capacity_keeps_a_full_bucket_full) {
+  // A full bucket is the fresh one its key would get: evicted before the
+  // raise or not, the key then holds the new capacity.
+  keyed m(1, per_s, 2);
+  BOOST_TEST(m.try_get(1, 0, 0) == result::granted);  // key 1: full (1 of 1)
+  BOOST_TEST(m.try_get(2, 1, 0) == result::granted);  // key 2: 0 of 1
   m.set_default_capacity(2, 0);
-  BOOST_TEST(!m.evictable(1, 0));
-  BOOST_TEST(m.try_get(2, 1, 0) == result::too_many_keys);
-  BOOST_CHECK_THROW(keyed(m).try_get(2, 1, 0, {1}), violation);
-  BOOST_TEST(m.try_get(2, 1, s, {1}) == result::granted);
+  BOOST_TEST(m.available(1, 0) == 2u);
+  BOOST_TEST(m.evictable(1, 0));
+  BOOST_TEST(m.available(2, 0) == 0u);  // not full: keeps its level
+  BOOST_TEST(!m.evictable(2, 0));
+  BOOST_CHECK_THROW(keyed(m).try_get(3, 1, 0, {2}), violation);
+  BOOST_TEST(m.try_get(3, 2, 0, {1}) == result::granted);  // key 1 evicted at once
+  m.set_own(3, 4, std::nullopt, 2 * s);                    // key 3 full again: full at its own 4
+  BOOST_TEST(m.available(3, 2 * s) == 4u);
+  BOOST_TEST(m.available(2, 2 * s) == 2u);  // refilled to the new capacity
+  m.set_default_capacity(1, 2 * s);         // lowered: full at 1, as ever
+  BOOST_TEST(m.available(2, 2 * s) == 1u);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

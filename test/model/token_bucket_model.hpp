@@ -234,11 +234,14 @@ class token_bucket_model {
     serve(now);
   }
 
-  void set_capacity(std::uint64_t c, std::int64_t now) {
+  /// With `full_stays_full` (a keyed limiter's key: a full bucket is the
+  /// fresh bucket the key would get), a full bucket is full at a raised c.
+  void set_capacity(std::uint64_t c, std::int64_t now, bool full_stays_full = false) {
     if (c == 0) throw std::invalid_argument("capacity 0");
     serve(now);  // what fell due with the old capacity
+    const bool fill = full_stays_full && c > capacity_ && level_ >= capacity_;
     capacity_ = c;
-    if (level_ > c) level_ = c;
+    if (level_ > c || fill) level_ = c;
     for (auto it = queue_.begin(); it != queue_.end();) {
       if (it->n > c) {
         complete(it->id, result::exceeds_capacity);

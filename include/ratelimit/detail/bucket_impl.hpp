@@ -488,14 +488,14 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
         });
   }
 
-  void set_capacity(std::uint64_t capacity) {
+  void set_capacity(std::uint64_t capacity, bool full_stays_full = false) {
     check_capacity(capacity);
     const std::int64_t now = now_ns();
     ready_list ready(executor_, &posted_);
     route(
         [&] {
           serve(now, ready);  // what fell due with the old capacity
-          state_.set_capacity(capacity);
+          state_.set_capacity(capacity, full_stays_full);
           tail_.reset();
           for (waiter_base* w = queue_.front(); w;) {
             waiter_base* next = w->next;
@@ -509,7 +509,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
           return true;
         },
         [&](std::size_t s) {
-          sched().set_capacity(s, capacity, now);
+          sched().set_capacity(s, capacity, now, full_stays_full);
           return true;
         });
   }

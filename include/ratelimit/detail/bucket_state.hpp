@@ -224,9 +224,14 @@ class bucket_state {
     rate_ = r;
   }
 
-  /// Changes the capacity; a bucket holding more than the new capacity drops the excess.
-  void set_capacity(std::uint64_t capacity) noexcept {
+  /// Changes the capacity; a bucket holding more than the new capacity drops
+  /// the excess. With `full_stays_full`, a bucket at its capacity (as of
+  /// last()) is at the new capacity after a raise: a keyed limiter's rule,
+  /// where a full bucket is the fresh bucket a new use of its key would get.
+  void set_capacity(std::uint64_t capacity, bool full_stays_full = false) noexcept {
+    const bool fill = full_stays_full && capacity > capacity_ && level_ >= cap_units();
     capacity_ = capacity;
+    if (fill) level_ = cap_units();  // (the residue is 0 at the capacity)
     // At the capacity exactly, a residue would be above it.
     if (level_ >= cap_units()) {
       level_ = cap_units();

@@ -263,11 +263,14 @@ class joint_scheduler {
     serve(now_);
   }
 
-  void set_capacity(std::size_t b, std::uint64_t c, std::int64_t now) {
+  /// (`full_stays_full`: bucket_state::set_capacity's, as of the grants due
+  /// at `now`.)
+  void set_capacity(std::size_t b, std::uint64_t c, std::int64_t now,
+                    bool full_stays_full = false) {
     check_bucket(b);
     check_capacity(c);
     serve(now);
-    states_[b].set_capacity(c);
+    states_[b].set_capacity(c, full_stays_full);
     fail_queued_on(b, joint_outcome::exceeds_capacity, c);
     invalidate();
     serve(now_);
