@@ -291,10 +291,15 @@ class joint_request {
   /// The receipts for a grant of these parts (made before it is asked for).
   static joint_receipt receipts(std::span<const part_type> parts) {
     joint_receipt r;
+    make_receipts(parts, r);
+    return r;
+  }
+
+  /// Makes them in `r` (empty). @throws std::bad_alloc (`r` may then hold some).
+  static void make_receipts(std::span<const part_type> parts, joint_receipt& r) {
     r.parts_.reserve(parts.size());
     for (const part_type& p : parts)
       r.parts_.push_back(receipt_access::make(target_of(p), p.n_));
-    return r;
   }
 
   /// Where a receipt of part `p` gives back to. @throws std::bad_alloc
@@ -369,10 +374,14 @@ struct initiate_joint_acquire {
       req.done();
       return post_completion(std::forward<Handler>(handler), req.executor(), ec, joint_receipt());
     }
-    wrapped h(std::decay_t<Handler>(std::forward<Handler>(handler)), request_type::receipts(parts));
     using op_type = handler_op<waiter_base, wrapped>;
-    op_type* op = op_type::create(std::move(h), req.executor(), std::uint64_t{0});
+    // The receipts are made in the operation (made first: a grant completes
+    // without allocating), not moved into it.
+    op_type* op = op_type::create(wrapped(std::decay_t<Handler>(std::forward<Handler>(handler)),
+                                          joint_receipt()),
+                                  req.executor(), std::uint64_t{0});
     try {
+      request_type::make_receipts(parts, op->handler().receipt());
       link_cancellation(op->handler(), op, *req.parts().front().bucket);
     } catch (...) {
       op->destroy();

@@ -419,7 +419,7 @@ class keyed_impl
       ec = error::too_many_keys;
       return nullptr;
     }
-    auto bucket = std::make_shared<bucket_type>(executor_, q.capacity, q.rate, q.capacity);
+    auto bucket = bucket_type::make(executor_, q.capacity, q.rate, q.capacity);
     auto it = map_.try_emplace(key).first;
     node& nd = it->second;
     nd.bucket = std::move(bucket);

@@ -87,8 +87,7 @@ class basic_token_bucket {
   basic_token_bucket(const executor_type& ex, std::uint64_t capacity, rate r,
                      initial_tokens initial)
       : executor_(ex),
-        impl_(std::make_shared<impl_type>(boost::asio::any_io_executor(ex), capacity, r,
-                                          initial.count)) {}
+        impl_(impl_type::make(boost::asio::any_io_executor(ex), capacity, r, initial.count)) {}
 
   /// The same, on the executor of an execution context (e.g. an io_context).
   template <typename ExecutionContext>

@@ -38,6 +38,10 @@ class receipt_handler {
       std::move(handler_)(ec, std::move(receipt_));
   }
 
+  /// The receipt handed over on success (filled in place by an initiation
+  /// that makes it after the operation: one move fewer of it).
+  Receipt& receipt() noexcept { return receipt_; }
+
   Handler handler_;
 
  private:
