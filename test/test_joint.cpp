@@ -592,6 +592,56 @@ BOOST_AUTO_TEST_CASE(a_blocked_caller_fails_as_soon_as_its_grant_moves_past_its_
   BOOST_TEST(runs_dry(ctx));
 }
 
+// The same for a single blocking request on a bucket that is in the joint
+// group (a joint request waits on it): the group knows its deadline.
+BOOST_AUTO_TEST_CASE(a_blocked_single_caller_on_a_grouped_bucket_fails_when_t_passes_its_deadline) {
+  asio::io_context ctx;
+  test_bucket a(ctx, 10, per_second(1), start_empty);
+  test_bucket b(ctx, 10, per_second(1));
+  auto j = joint({{a, 1}, {b, 1}});  // T = 1 s: `a` joins the group
+  pump(ctx);
+  std::atomic<bool> done{false};
+  bool got = true;
+  boost::system::error_code ec;
+  std::thread t([&] {
+    got = a.try_get_token_for(2500ms, 1, ec);  // behind it: T = 2 s, within the deadline
+    done = true;
+  });
+  BOOST_TEST(eventually([&] { return a.waiting() == 2u; }));
+  BOOST_TEST(!done);
+  a.set_rate(ratelimit::rate{1, 1800ms});  // its T = 3.6 s: past it, and the clock has not moved
+  BOOST_TEST(eventually([&] { return done.load(); }));
+  manual_clock::advance(3s);  // (releases the thread if it did wait: then the test failed above)
+  t.join();
+  BOOST_TEST(!got);
+  BOOST_TEST(!ec);
+  BOOST_TEST(settle(ctx, [&] { return j->done(); }));  // the joint request: granted at 1.8 s
+  BOOST_TEST(!j->ec);
+  BOOST_TEST(a.available() == 0u);  // (1 accrued by 3 s - 1 taken: the single took nothing)
+}
+
+// The README: "`parts` is a `std::span<const ratelimit::part>` or a braced
+// list", for every form in its table.
+BOOST_AUTO_TEST_CASE(every_form_takes_a_braced_list) {
+  asio::io_context ctx;
+  test_bucket a(ctx, 100, per_second(1));
+  test_bucket b(ctx, 100, per_second(1));
+  boost::system::error_code ec;
+  std::optional<manual_clock::duration> wait;
+  BOOST_TEST(ratelimit::acquire({test_part(a, 1), test_part(b, 1)}).size() == 2u);
+  BOOST_TEST(ratelimit::acquire({test_part(a, 1), test_part(b, 1)}, ec).size() == 2u);
+  BOOST_TEST(ratelimit::acquire_for({test_part(a, 1), test_part(b, 1)}, 1s, ec).size() == 2u);
+  BOOST_TEST(ratelimit::try_acquire({test_part(a, 1), test_part(b, 1)}).has_value());
+  BOOST_TEST(ratelimit::try_acquire({test_part(a, 1), test_part(b, 1)}, wait).has_value());
+  BOOST_TEST(ratelimit::try_acquire({test_part(a, 1), test_part(b, 1)}, wait, ec).has_value());
+  BOOST_TEST(ms_of(ratelimit::retry_after({test_part(a, 1), test_part(b, 1)})) == 0);
+  auto j = joint({{a, 1}, {b, 1}});
+  BOOST_TEST(settle(ctx, [&] { return j->done(); }));
+  BOOST_TEST(!ec);
+  BOOST_TEST(a.available() == 93u);
+  BOOST_TEST(b.available() == 93u);
+}
+
 BOOST_AUTO_TEST_CASE(each_request_needs_only_its_own_owners_context_to_run) {
   asio::io_context ctx1, ctx2;
   test_bucket c(ctx1, 10, per_second(1), start_empty);

@@ -60,7 +60,7 @@ BOOST_FIXTURE_TEST_SUITE(joint_vs_model, clock_fixture)
 
 BOOST_AUTO_TEST_CASE(the_joint_acquire_matches_the_reference_model) {
   int granted = 0, joint_granted = 0, waited = 0, compared = 0, given_back = 0;
-  int blocked_granted = 0, blocked_late = 0;
+  int blocked_granted = 0, blocked_late = 0, key_filled = 0;
   for (int round = 0; round < rounds() / rounds_divisor; ++round) {
     BOOST_TEST_CONTEXT("round " << round) {
       manual_clock::reset();
@@ -75,12 +75,15 @@ BOOST_AUTO_TEST_CASE(the_joint_acquire_matches_the_reference_model) {
       given_back += s.given_back;
       blocked_granted += s.blocked_granted;
       blocked_late += s.blocked_late;
+      key_filled += s.key_filled;
     }
   }
   BOOST_TEST_MESSAGE("blocking callers with a deadline: " << blocked_granted << " granted, "
                                                           << blocked_late << " timed out");
   BOOST_TEST(blocked_granted > 5 / rounds_divisor);
   BOOST_TEST(blocked_late > 5 / rounds_divisor);
+  BOOST_TEST_MESSAGE("capacity raises that found the key full: " << key_filled);
+  BOOST_TEST(key_filled > 5 / rounds_divisor);
   BOOST_TEST_MESSAGE("compared " << compared << " steps; " << granted << " grants, "
                                  << joint_granted << " joint; " << waited << " waited; "
                                  << given_back << " give-backs");

@@ -377,9 +377,9 @@ struct initiate_joint_acquire {
     using op_type = handler_op<waiter_base, wrapped>;
     // The receipts are made in the operation (made first: a grant completes
     // without allocating), not moved into it.
-    op_type* op = op_type::create(wrapped(std::decay_t<Handler>(std::forward<Handler>(handler)),
-                                          joint_receipt()),
-                                  req.executor(), std::uint64_t{0});
+    op_type* op = op_type::create(
+        wrapped(std::decay_t<Handler>(std::forward<Handler>(handler)), joint_receipt()),
+        req.executor(), std::uint64_t{0});
     try {
       request_type::make_receipts(parts, op->handler().receipt());
       link_cancellation(op->handler(), op, *req.parts().front().bucket);
@@ -767,6 +767,14 @@ joint_receipt acquire_for(std::span<const basic_part<Clock, WaitTraits>> parts,
   return r;
 }
 
+template <typename Clock, typename WaitTraits, typename Rep, typename Period>
+joint_receipt acquire_for(std::initializer_list<basic_part<Clock, WaitTraits>> parts,
+                          std::chrono::duration<Rep, Period> timeout,
+                          boost::system::error_code& ec) {
+  return acquire_for(std::span<const basic_part<Clock, WaitTraits>>(parts.begin(), parts.size()),
+                     timeout, ec);
+}
+
 /// Blocks until `parts` are granted together; `ec` as acquire_for.
 template <typename Clock, typename WaitTraits>
 joint_receipt acquire(std::span<const basic_part<Clock, WaitTraits>> parts,
@@ -794,6 +802,12 @@ joint_receipt acquire(std::span<const basic_part<Clock, WaitTraits>> parts) {
 template <typename Clock, typename WaitTraits>
 joint_receipt acquire(std::initializer_list<basic_part<Clock, WaitTraits>> parts) {
   return acquire(std::span<const basic_part<Clock, WaitTraits>>(parts.begin(), parts.size()));
+}
+
+template <typename Clock, typename WaitTraits>
+joint_receipt acquire(std::initializer_list<basic_part<Clock, WaitTraits>> parts,
+                      boost::system::error_code& ec) {
+  return acquire(std::span<const basic_part<Clock, WaitTraits>>(parts.begin(), parts.size()), ec);
 }
 
 /// Grants `parts` together now exactly when a request made now would be
@@ -847,6 +861,14 @@ std::optional<joint_receipt> try_acquire(std::initializer_list<basic_part<Clock,
                                          std::optional<typename Clock::duration>& retry_after) {
   return try_acquire(std::span<const basic_part<Clock, WaitTraits>>(parts.begin(), parts.size()),
                      retry_after);
+}
+
+template <typename Clock, typename WaitTraits>
+std::optional<joint_receipt> try_acquire(std::initializer_list<basic_part<Clock, WaitTraits>> parts,
+                                         std::optional<typename Clock::duration>& retry_after,
+                                         boost::system::error_code& ec) {
+  return try_acquire(std::span<const basic_part<Clock, WaitTraits>>(parts.begin(), parts.size()),
+                     retry_after, ec);
 }
 
 /// How long a request of `parts` made now would wait before it is granted

@@ -34,9 +34,11 @@ struct receipt_access;
 /// keyed limiter: to the key's bucket), capped at its capacity, and grants
 /// the waiters that the tokens make due (in their order, as of the moment of
 /// the give-back). A receipt gives back at most what it granted, in all its
-/// calls together; nothing else adds tokens to a limiter. So, over any window
-/// of length T, the tokens granted minus the tokens given back never exceed
-/// `capacity + rate * T` (the bound of a bucket without receipts).
+/// calls together; nothing else adds tokens to a limiter (but a keyed
+/// limiter's capacity raise, which fills a full key). So, over any window of
+/// length T in which the capacity and rate do not change, the tokens granted
+/// minus the tokens given back never exceed `capacity + rate * T` (the bound
+/// of a bucket without receipts).
 ///
 /// A receipt is a move-only value, like a unique_ptr: not for concurrent use
 /// of one receipt from several threads (distinct receipts of one limiter may

@@ -387,9 +387,10 @@ BOOST_AUTO_TEST_CASE(reject_mode_answers_over_limit_lines_with_an_error) {
   BOOST_TEST(s.log_contains("rejecting its lines"));
 }
 
-// A line the global limit rejects spends none of the client's tokens (its
-// receipt gives the token back): the client keeps them for when the global
-// limit has room again, and the rejection's retry-after is the global wait.
+// A line the global limit rejects spends none of the client's tokens (the
+// two limits are tried as one joint request, which takes nothing when either
+// refuses): the client keeps them for when the global limit has room again,
+// and the rejection's retry-after is the global wait.
 BOOST_AUTO_TEST_CASE(a_client_over_the_global_limit_in_reject_mode_keeps_its_own_tokens) {
   server_process s(
       {"--on-limit", "reject", "--msg-rate", "1", "--burst", "3", "--global-rate", "2"});

@@ -83,6 +83,7 @@ class joint_harness {
   struct stats {
     int granted = 0, joint_granted = 0, waited = 0, compared = 0, given_back = 0;
     int blocked_granted = 0, blocked_late = 0;  // blocking callers: granted, timed out
+    int key_filled = 0;  // capacity raises that found the key full (it stays full)
   };
 
   stats run(int steps) {
@@ -410,6 +411,8 @@ class joint_harness {
             key_own_capacity_ = true;
           }
           if (applies) {
+            stats_.key_filled +=
+                b == n_ && c > capacities_[b] && m_.available(b, now_) == capacities_[b];
             capacities_[b] = c;
             m_.set_capacity(b, c, now_, /*full_stays_full=*/b == n_);
           }

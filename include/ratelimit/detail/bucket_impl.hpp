@@ -736,7 +736,10 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     sched().reserve_completions(1);
     w->group_owner = this;
     w->group_ex = executor_;
-    w->group_id = sched().request(one(s, w->tokens), now, w, std::nullopt, this);
+    // A blocked caller's deadline is the group's too (as when the group
+    // adopts it from our queue): it fails as soon as its T passes it.
+    const std::int64_t deadline = w->timed ? static_cast<sync_waiter*>(w)->deadline : max_time;
+    w->group_id = sched().request(one(s, w->tokens), now, w, std::nullopt, this, deadline);
     w->queued = sched().is_queued(w->group_id);
     return true;
   }

@@ -63,6 +63,7 @@ class joint_scheduler {
     o.invalidate();
     now_ = o.now_;
     keep_held_ = o.keep_held_;
+    deadlines_.clear();  // (before this side's nodes go)
     states_ = std::move(o.states_);
     closed_ = std::move(o.closed_);
     parts_ = std::move(o.parts_);
@@ -73,7 +74,7 @@ class joint_scheduler {
     held_ = std::move(o.held_);
     next_id_ = o.next_id_;
     completions_ = std::move(o.completions_);
-    with_deadline_ = std::exchange(o.with_deadline_, 0);
+    deadlines_.swap(o.deadlines_);  // (emptied above: the nodes moved with queued_)
     return *this;
   }
 
@@ -154,7 +155,7 @@ class joint_scheduler {
               .first;
       if (deadline != max_time) {
         it->second.deadline = deadline;
-        ++with_deadline_;
+        deadlines_.insert(it->second);  // (intrusive: no allocation)
       }
       queue_up(it);
       serve(now_);
@@ -172,7 +173,7 @@ class joint_scheduler {
         queued_.try_emplace(next_id_, next_id_, parts, std::min(made_at, now_), tag, owner).first;
     if (deadline != max_time) {
       it->second.deadline = deadline;
-      ++with_deadline_;
+      deadlines_.insert(it->second);
     }
     queue_up(it);
     return next_id_++;
@@ -408,7 +409,14 @@ class joint_scheduler {
     std::int64_t deadline = max_time;     // a blocking caller's (max_time: none)
     due_hook in_due;                      // due_, when placed
     due_hook in_owner_due;                // owner_due_[owner], when placed
+    due_hook in_deadlines;                // deadlines_, with a deadline
   };
+  struct by_id {
+    bool operator()(const queued& a, const queued& b) const noexcept { return a.id < b.id; }
+  };
+  using deadline_set = boost::intrusive::set<
+      queued, boost::intrusive::member_hook<queued, due_hook, &queued::in_deadlines>,
+      boost::intrusive::compare<by_id>, boost::intrusive::constant_time_size<false>>;
   struct by_due {
     bool operator()(const queued& a, const queued& b) const noexcept {
       return std::pair(*a.planned, a.id) < std::pair(*b.planned, b.id);
@@ -543,19 +551,17 @@ class joint_scheduler {
   /// `timed_out`, in id order, re-planning after each (which moves no other
   /// request later).
   void drop_late() {
-    while (with_deadline_ != 0) {
+    // Only the requests with a deadline are visited (blocking callers: as
+    // many as threads), not every queued request.
+    while (!deadlines_.empty()) {
       planner();
-      auto late = queued_.end();
-      for (auto it = queued_.begin(); it != queued_.end(); ++it)
-        if (it->second.deadline != max_time &&
-            (!it->second.planned || *it->second.planned > it->second.deadline)) {
-          late = it;
-          break;
-        }
-      if (late == queued_.end()) return;
-      const std::uint64_t id = late->first;
-      void* tag = late->second.tag;
-      forget(late);
+      const auto late = std::find_if(deadlines_.begin(), deadlines_.end(), [](const queued& q) {
+        return !q.planned || *q.planned > q.deadline;
+      });
+      if (late == deadlines_.end()) return;
+      const std::uint64_t id = late->id;
+      void* tag = late->tag;
+      forget(queued_.find(id));
       invalidate();
       complete(id, joint_outcome::timed_out, tag);
     }
@@ -614,7 +620,7 @@ class joint_scheduler {
   /// Drops queued request `it` (granted or failed); returns the next.
   std::map<std::uint64_t, queued>::iterator forget(std::map<std::uint64_t, queued>::iterator it) {
     unlink_due(it->second);
-    with_deadline_ -= it->second.deadline != max_time;
+    if (it->second.in_deadlines.is_linked()) deadlines_.erase(deadlines_.iterator_to(it->second));
     const bool multi = it->second.parts.size() > 1;
     for (const joint_part& q : it->second.parts) {
       --parts_[q.bucket];
@@ -640,7 +646,7 @@ class joint_scheduler {
   std::map<std::uint64_t, std::vector<held_part>> held_;
   std::uint64_t next_id_ = 0;
   std::vector<joint_completion> completions_;
-  std::size_t with_deadline_ = 0;  // queued requests with a deadline
+  deadline_set deadlines_;  // the queued requests with a deadline, by id (after queued_)
 };
 
 }  // namespace ratelimit::detail
