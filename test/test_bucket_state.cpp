@@ -422,6 +422,23 @@ BOOST_AUTO_TEST_CASE(set_capacity_drops_the_excess_only) {
   BOOST_TEST(s.available() == 20u);
 }
 
+BOOST_AUTO_TEST_CASE(waste_until_is_what_refill_loses_to_the_capacity) {
+  const std::int64_t sec = 1'000'000'000;
+  bucket_state s(4, reduce(ratelimit::rate{3, std::chrono::seconds(2)}), 0, 1);  // 1.5/s
+  const std::uint64_t unit = s.rate().ticks;  // one token in units
+  // (uint128 does not print: compared as bool)
+  BOOST_TEST(bool(s.waste_until(0) == 0u));
+  BOOST_TEST(bool(s.waste_until(2 * sec) == 0u));  // 1 + 3 = 4: full, nothing lost yet
+  BOOST_TEST(bool(s.waste_until(4 * sec) == 3u * unit));
+  BOOST_TEST(bool(s.waste_until(4 * sec + 1) > 3u * unit));
+  s.refill(sec);                                          // 2.5 tokens
+  BOOST_TEST(bool(s.waste_until(4 * sec) == 3u * unit));  // the same instant, the same loss
+  BOOST_TEST(bool(s.waste_until(sec - 1) == 0u));         // before last(): nothing
+  s.refill(4 * sec);
+  BOOST_TEST(s.available() == 4u);
+  BOOST_TEST(bool(s.waste_until(6 * sec) == 3u * unit));  // full: all of it
+}
+
 BOOST_AUTO_TEST_CASE(set_capacity_keeps_a_full_bucket_full_when_asked) {
   bucket_state s(4, reduce(ratelimit::per_second(1)), 0, 4);
   s.set_capacity(6, true);  // full: full at the raised capacity

@@ -53,6 +53,7 @@
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace ratelimit::detail {
 
@@ -115,18 +116,26 @@ class bucket_state {
   /// `now` earlier than last() has no effect: a clock that goes back mints nothing.
   void refill(std::int64_t now) noexcept {
     if (now <= last_) return;
-    const auto elapsed = static_cast<std::uint64_t>(now) - static_cast<std::uint64_t>(last_);
-    last_ = now;
+    const std::int64_t from = std::exchange(last_, now);
     const uint128 full = cap_units();
     if (level_ >= full) return;
-    // elapsed * tokens < 2^128; compare before adding so nothing overflows.
-    // With the residue the exact level is above level_ by less than one unit:
-    // it reaches the capacity (an integer) exactly when level_ + gained does,
-    // and is then capped at exactly the capacity.
-    const uint128 gained = static_cast<uint128>(elapsed) * rate_.tokens;
+    // Compared before adding so nothing overflows. With the residue the exact
+    // level is above level_ by less than one unit: it reaches the capacity
+    // (an integer) exactly when level_ + gained does, and is then capped at
+    // exactly the capacity.
+    const uint128 gained = gained_between(from, now);
     const bool capped = gained >= full - level_;
     level_ = capped ? full : level_ + gained;
     residue_ = capped ? 0 : residue_;
+  }
+
+  /// The units refill(t) would lose to the capacity (what accrues beyond
+  /// it): 0 when `t` is not later than last() or the bucket is not full by t.
+  uint128 waste_until(std::int64_t t) const noexcept {
+    if (t <= last_) return 0;
+    const uint128 gained = gained_between(last_, t);
+    const uint128 room = cap_units() - level_;
+    return gained > room ? gained - room : 0;
   }
 
   /// Whole tokens in the bucket as of last().
@@ -241,6 +250,13 @@ class bucket_state {
 
  private:
   uint128 cap_units() const noexcept { return static_cast<uint128>(capacity_) * rate_.ticks; }
+
+  /// The units that accrue from `from` to `to` (from < to), uncapped:
+  /// below 2^64 ns times a rate numerator below 2^64, so below 2^128.
+  uint128 gained_between(std::int64_t from, std::int64_t to) const noexcept {
+    const auto elapsed = static_cast<std::uint64_t>(to) - static_cast<std::uint64_t>(from);
+    return static_cast<uint128>(elapsed) * rate_.tokens;
+  }
 
   /// The exact wait for `n` tokens in ns (may exceed max_time; all ones if
   /// n units do not fit in 128 bits, which no capacity below 2^64 reaches).

@@ -194,7 +194,7 @@ class joint_planner {
     bucket_state s = start;
     uint128 wasted = i == 0 ? 0 : ks[i - 1].wasted;
     for (; i < ks.size(); ++i) {
-      wasted = add_capped(wasted, waste(s, ks[i].at));
+      wasted = add_capped(wasted, s.waste_until(ks[i].at));
       s.refill(ks[i].at);
       ok = ok && s.has(ks[i].n);
       s.take(std::min<std::uint64_t>(ks[i].n, s.available()));
@@ -211,15 +211,6 @@ class joint_planner {
       if (k < first && least == ks[k].least) break;
       ks[k].least = least;
     }
-  }
-
-  /// The units `s` wastes refilling to `t` (accrued beyond its capacity).
-  static uint128 waste(const bucket_state& s, std::int64_t t) noexcept {
-    if (t <= s.last()) return 0;
-    const auto elapsed = static_cast<std::uint64_t>(t) - static_cast<std::uint64_t>(s.last());
-    const uint128 full = static_cast<uint128>(s.capacity()) * s.rate().ticks;
-    const uint128 gained = static_cast<uint128>(elapsed) * s.rate().tokens;
-    return gained > full - s.level() ? gained - (full - s.level()) : 0;
   }
 
   static constexpr uint128 wasted_cap = uint128{1} << 127;
