@@ -147,7 +147,7 @@ class joint_group {
     return r;
   }
 
-  joint_scheduler& scheduler() noexcept { return x_; }
+  joint_scheduler& scheduler() noexcept { return *x_; }
 
   /// What requests failing in this call for a closed bucket get (under the lock).
   void closing(boost::system::error_code ec) noexcept { closed_ec_ = ec; }
@@ -170,17 +170,17 @@ class joint_group {
     try {
       std::vector<joint_part> ps = join_all(parts, now);
       if (deadline != max_time) {
-        const auto wait = x_.retry_after(ps, now);
+        const auto wait = x_->retry_after(ps, now);
         if (wait && bucket_type::add_ns(now, *wait) > deadline) {
           settle(done);
           return false;
         }
       }
-      x_.reserve_completions(1);
+      x_->reserve_completions(1);
       w->group_owner = &owner;
       w->group_ex = owner.get_executor();
-      w->group_id = x_.request(ps, now, w, std::nullopt, &owner, deadline);
-      w->queued = x_.is_queued(w->group_id);
+      w->group_id = x_->request(ps, now, w, std::nullopt, &owner, deadline);
+      w->queued = x_->is_queued(w->group_id);
     } catch (...) {
       settle(done);  // the buckets joined for nothing leave
       throw;
@@ -200,11 +200,11 @@ class joint_group {
     std::optional<joint_outcome> r;
     try {
       std::vector<joint_part> ps = join_all(parts, now);
-      r = x_.try_get(ps, now);
+      r = x_->try_get(ps, now);
       if (r == joint_outcome::closed) closed = closed_ec_;
       if (wait)
         *wait = r ? (*r == joint_outcome::granted ? std::optional<std::int64_t>(0) : std::nullopt)
-                  : x_.retry_after(ps, now);
+                  : x_->retry_after(ps, now);
     } catch (...) {
       settle(done);
       throw;
@@ -221,11 +221,11 @@ class joint_group {
     std::optional<std::int64_t> r;
     try {
       std::vector<joint_part> ps = join_all(parts, now);
-      r = x_.retry_after(ps, now);
+      r = x_->retry_after(ps, now);
       if (!r) {  // fails at once: why (closed first, as the scheduler decides)
         bool closed = false;
         for (const joint_part& q : ps)
-          closed = closed || x_.is_closed(q.bucket);
+          closed = closed || x_->is_closed(q.bucket);
         ec = closed ? closed_ec_ : boost::system::error_code(error::exceeds_capacity);
       }
     } catch (...) {
@@ -377,7 +377,7 @@ class joint_group {
   bool on_timer(bucket_type& b, std::int64_t now) {
     return run(b,
                [&](std::size_t) {
-                 x_.serve_due(now);  // (settle() arms b again if it serves more)
+                 x_->serve_due(now);  // (settle() arms b again if it serves more)
                  return true;
                })
         .has_value();
@@ -479,7 +479,7 @@ class joint_group {
     bool found_closed = false;
     for (const part_type& p : parts) {
       ps.push_back({join(*p.bucket, now), p.n});
-      if (!found_closed && x_.is_closed(ps.back().bucket)) {
+      if (!found_closed && x_->is_closed(ps.back().bucket)) {
         found_closed = true;
         closed_ec_ = p.bucket->closed_ec_;
       }
@@ -495,11 +495,11 @@ class joint_group {
     if (count_ == 0) {
       // Nobody here: the group's time starts again from this reading (a
       // clock that is not steady may read earlier than the group last saw).
-      x_ = joint_scheduler(now, false);
+      x_.emplace(now, false);
       members_.clear();
     }
-    x_.reserve_completions(b.queue_.size() + 1);
-    const std::size_t s = x_.add_bucket(b.state_, now);
+    x_->reserve_completions(b.queue_.size() + 1);
+    const std::size_t s = x_->add_bucket(b.state_, now);
     // Its queue moves in, in order, each request made when it came; if one
     // cannot (std::bad_alloc), those moved go back and the bucket stays solo.
     std::vector<std::uint64_t> moved;
@@ -508,12 +508,12 @@ class joint_group {
       for (waiter_base* w = b.queue_.front(); w; w = w->next) {
         const joint_part one{s, w->tokens};
         moved.push_back(
-            x_.adopt(std::span<const joint_part>(&one, 1), w->queued_at, w, &b, deadline_of(w)));
+            x_->adopt(std::span<const joint_part>(&one, 1), w->queued_at, w, &b, deadline_of(w)));
       }
     } catch (...) {
       for (std::uint64_t id : moved)
-        x_.withdraw(id);
-      x_.remove_bucket(s);
+        x_->withdraw(id);
+      x_->remove_bucket(s);
       throw;
     }
     std::size_t i = 0;
@@ -531,8 +531,8 @@ class joint_group {
     b.queued_tokens_ = 0;
     b.tail_.reset();
     b.timer_.disarm();
-    if (b.closed_) x_.close(s, now);  // (its queue is empty)
-    x_.serve_due(now);                // what moved in and is due
+    if (b.closed_) x_->close(s, now);  // (its queue is empty)
+    x_->serve_due(now);                // what moved in and is due
     return s;
   }
 
@@ -541,7 +541,7 @@ class joint_group {
   /// on them), and every member's timer is armed for the first due request
   /// it serves.
   void settle(group_batch& done) noexcept {
-    for (const joint_completion& c : x_.completions()) {
+    for (const joint_completion& c : x_->completions()) {
       auto* w = static_cast<waiter_base*>(c.tag);
       w->queued = false;
       w->unlink();
@@ -564,13 +564,13 @@ class joint_group {
       }
       done.push(w, ec);
     }
-    x_.clear_completions();
+    x_->clear_completions();
     for (std::size_t s = 0; s < members_.size(); ++s)
-      if (members_[s] && x_.multi_on(s) == 0) leave(s);
+      if (members_[s] && x_->multi_on(s) == 0) leave(s);
     if (count_ == 0) {
       // Empty: the group holds no memory while nobody waits jointly (an
       // empty scheduler and vector allocate nothing).
-      x_ = joint_scheduler(x_.now(), false);
+      x_.emplace(x_->now(), false);
       members_ = std::vector<bucket_type*>();
     }
     arm();
@@ -583,12 +583,12 @@ class joint_group {
     bucket_type& b = *members_[s];
     std::vector<joint_scheduler::released> singles;
     try {
-      singles = x_.release_singles(s);
+      singles = x_->release_singles(s);
     } catch (...) {  // std::bad_alloc: it stays, and leaves after a later call
       return;
     }
     std::lock_guard lk(b.mutex_);
-    b.state_ = x_.remove_bucket(s);  // (no request names it now)
+    b.state_ = x_->remove_bucket(s);  // (no request names it now)
     b.slot_ = solo;
     // The group posted its completions: the bucket's timer must not dispatch
     // a grant ahead of one still in the executor's queue (bucket_impl::on_timer).
@@ -620,9 +620,9 @@ class joint_group {
       if (!b) continue;
       std::optional<std::int64_t> at;
       try {
-        at = x_.next_due_of(b);
+        at = x_->next_due_of(b);
       } catch (...) {  // std::bad_alloc making the plan: every timer retries now
-        at = b->timer_.made() ? std::optional<std::int64_t>(x_.now()) : std::nullopt;
+        at = b->timer_.made() ? std::optional<std::int64_t>(x_->now()) : std::nullopt;
       }
       std::lock_guard lk(b->mutex_);
       if (!at) {
@@ -638,7 +638,9 @@ class joint_group {
   }
 
   std::mutex mutex_;
-  joint_scheduler x_{std::numeric_limits<std::int64_t>::min(), false};
+  // (Re-made in place when the group empties: a scheduler is not movable,
+  // its queued requests' nodes being linked into its orders.)
+  std::optional<joint_scheduler> x_{std::in_place, std::numeric_limits<std::int64_t>::min(), false};
   std::vector<bucket_type*> members_;  // by slot; null: free
   std::size_t count_ = 0;              // members
   boost::system::error_code closed_ec_ = error::bucket_closed;

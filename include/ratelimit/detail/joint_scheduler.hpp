@@ -53,30 +53,9 @@ class joint_scheduler {
   /// memory then depends only on what is queued.
   explicit joint_scheduler(std::int64_t now, bool keep_held = true)
       : now_(now), keep_held_(keep_held) {}
+  // Not copyable nor movable: the due orders link its requests' nodes in place.
   joint_scheduler(const joint_scheduler&) = delete;
   joint_scheduler& operator=(const joint_scheduler&) = delete;
-
-  /// Takes `o`'s buckets and requests; the plan is made again (its due
-  /// orders link the requests' nodes, which move with them).
-  joint_scheduler& operator=(joint_scheduler&& o) noexcept {
-    invalidate();
-    o.invalidate();
-    now_ = o.now_;
-    keep_held_ = o.keep_held_;
-    deadlines_.clear();  // (before this side's nodes go)
-    states_ = std::move(o.states_);
-    closed_ = std::move(o.closed_);
-    parts_ = std::move(o.parts_);
-    tokens_ = std::move(o.tokens_);
-    multi_ = std::move(o.multi_);
-    free_ = std::move(o.free_);
-    queued_ = std::move(o.queued_);
-    held_ = std::move(o.held_);
-    next_id_ = o.next_id_;
-    completions_ = std::move(o.completions_);
-    deadlines_.swap(o.deadlines_);  // (emptied above: the nodes moved with queued_)
-    return *this;
-  }
 
   /// A bucket of `capacity` tokens at `r`, holding `initial` at `now`;
   /// returns its number. Throws std::invalid_argument for invalid values.
