@@ -213,8 +213,12 @@ class keyed_limiter_model {
   /// A receipt for `key` gives back `n` tokens (the caller bounds `n` by
   /// what the receipt holds): to the key's bucket as it is now, as
   /// token_bucket_model::give_back; to nothing when the key has no bucket
-  /// (evicted, so full: a fresh one would be full too).
+  /// (evicted, so full: a fresh one would be full too). Giving back nothing
+  /// (n == 0: the receipt held nothing, or k was 0) is no event at all: the
+  /// bucket sees nothing, so neither is the key re-indexed (a stale key stays
+  /// held back; README "Receipts": give_back gives min(k, held())).
   void give_back(const Key& key, std::uint64_t n, std::int64_t now) {
+    if (n == 0) return;
     auto it = buckets_.find(key);
     if (it == buckets_.end()) return;
     slot& s = it->second;

@@ -259,6 +259,25 @@ BOOST_AUTO_TEST_CASE(a_request_on_the_key_brings_its_index_up_to_date) {
   BOOST_TEST(m.try_get(2, 1, 2 * s, {1}) == result::granted);
 }
 
+BOOST_AUTO_TEST_CASE(a_give_back_re_indexes_but_giving_back_nothing_is_no_event) {
+  // Found by fuzz_keyed (keyed_regressions/give_back_of_nothing_keeps_the_key_held_back):
+  // a receipt that holds nothing gives back nothing, and the limiter's bucket never hears
+  // of it, so the model may not treat it as bringing the key's index up to date.
+  keyed m(2, per_s, 1);
+  BOOST_TEST(m.try_get(1, 2, 0) == result::granted);  // full at 2 s
+  const auto r = m.request(1, 1, 0);                  // due at 1 s: full at 3 s with it
+  m.cancel(r, 0);
+  BOOST_TEST((m.held_until(1) == 3 * s));
+  m.give_back(1, 0, 0);
+  BOOST_TEST((m.held_until(1) == 3 * s));    // still held back until 3 s
+  BOOST_TEST(keyed(m).held_back(1, 2 * s));  // (copies: the observers move a bucket's time)
+  BOOST_TEST(keyed(m).try_get(2, 1, 2 * s) == result::too_many_keys);
+  m.give_back(1, 1, 0);  // a real give-back reaches the bucket: exact again
+  BOOST_TEST(!m.held_until(1).has_value());
+  BOOST_TEST(!m.held_back(1, s));  // full at 1 s now
+  BOOST_CHECK_THROW(keyed(m).try_get(2, 1, s), violation);
+}
+
 BOOST_AUTO_TEST_CASE(cancel_all_is_a_cancellation_too) {
   keyed m(1, per_s, 2);
   m.try_get(1, 1, 0);                 // full at 1 s
