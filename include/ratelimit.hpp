@@ -10,6 +10,7 @@
 #include <ratelimit/rate.hpp>
 #include <ratelimit/receipt.hpp>
 #include <ratelimit/remote_limiter.hpp>
+#include <ratelimit/stream.hpp>
 #include <ratelimit/token_bucket.hpp>
 
 #endif  // RATELIMIT_HPP

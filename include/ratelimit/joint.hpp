@@ -104,6 +104,21 @@ class basic_part {
   /// The tokens this part asks for.
   std::uint64_t tokens() const noexcept { return n_; }
 
+  /// The capacity of the part's limiter where it is known without making a
+  /// request (a token bucket's, as of the call; 0 for a moved-from one);
+  /// nothing for a key or a remote limiter.
+  std::optional<std::uint64_t> capacity() const {
+    if (source_ || remote_) return std::nullopt;
+    return bucket_ ? bucket_->capacity() : 0;
+  }
+
+  /// A copy of this part asking for `n` tokens of the same limiter.
+  basic_part with_tokens(std::uint64_t n) const {
+    basic_part p(*this);
+    p.n_ = n;
+    return p;
+  }
+
  private:
   template <typename, typename>
   friend class detail::joint_request;

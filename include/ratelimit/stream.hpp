@@ -1,0 +1,678 @@
+//
+// ratelimit/stream.hpp: byte-rate limits for Asio streams.
+//
+#ifndef RATELIMIT_STREAM_HPP
+#define RATELIMIT_STREAM_HPP
+
+#include <ratelimit/joint.hpp>
+
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/buffer.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/cancellation_state.hpp>
+#include <boost/asio/compose.hpp>
+#include <boost/asio/error.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/socket_base.hpp>
+#include <boost/beast/websocket/teardown.hpp>
+#include <boost/system/error_code.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace ratelimit {
+
+namespace detail {
+
+/// A next layer that can wait until it is readable (a socket).
+template <typename S>
+concept waits_for_read = requires(S& s) {
+  s.async_wait(boost::asio::socket_base::wait_read, [](boost::system::error_code) {});
+};
+
+/// A next layer that says how many bytes can be read without blocking.
+template <typename S>
+concept says_available = requires(S& s, boost::system::error_code& ec) {
+  { s.available(ec) } -> std::convertible_to<std::size_t>;
+};
+
+template <typename S>
+concept closes = requires(S& s, boost::system::error_code& ec) {
+  s.close(ec);
+};
+
+template <typename S>
+concept cancels = requires(S& s, boost::system::error_code& ec) {
+  s.cancel(ec);
+};
+
+template <typename S>
+concept has_lowest_layer = requires(S& s) {
+  typename S::lowest_layer_type;
+  s.lowest_layer();
+};
+
+/// `lowest_layer_type` where the next layer has one (ssl::stream over a
+/// rate-limited stream needs it).
+template <typename NextLayer, bool = has_lowest_layer<NextLayer>>
+struct lowest_layer_base {};
+template <typename NextLayer>
+struct lowest_layer_base<NextLayer, true> {
+  using lowest_layer_type = typename NextLayer::lowest_layer_type;
+};
+
+/// One direction of a rate-limited stream (reads or writes): its limits and
+/// the one operation that may wait for tokens there at a time.
+template <typename Clock, typename WaitTraits>
+struct stream_direction {
+  using part_type = basic_part<Clock, WaitTraits>;
+
+  std::mutex limits_mutex;
+  std::vector<part_type> limits;  // guarded by limits_mutex
+  std::atomic<bool> limited{false};
+  // The largest request the limits took so far without exceeds_capacity
+  // (learned by halving; reset when the limits are set).
+  std::atomic<std::uint64_t> cap_hint{std::numeric_limits<std::uint64_t>::max()};
+
+  // The operation waiting for tokens: close() and cancel() emit `signal`,
+  // which the acquire is bound to, under `wait_mutex` (the acquire is
+  // initiated under it too, so an emission never races the installation).
+  std::mutex wait_mutex;
+  boost::asio::cancellation_signal signal;
+  bool waiting = false;
+
+  /// The limits as of now, and the most bytes they can grant at once as far
+  /// as the buckets' capacities tell (keys' are learned: cap_hint).
+  joint_parts<Clock, WaitTraits> copy_limits(std::uint64_t& cap) {
+    joint_parts<Clock, WaitTraits> out;
+    cap = cap_hint.load(std::memory_order_relaxed);
+    if (!limited.load(std::memory_order_acquire)) return out;
+    {
+      std::lock_guard lk(limits_mutex);
+      out.assign(limits.begin(), limits.end());
+    }
+    for (const part_type& p : out)
+      if (std::optional<std::uint64_t> c = p.capacity()) cap = std::min(cap, *c / p.tokens());
+    if (cap == 0) cap = 1;  // (a part over 1 byte's tokens: the request fails as it must)
+    return out;
+  }
+
+  void set(std::vector<part_type> parts) {
+    for (const part_type& p : parts)
+      if (p.remote())
+        throw std::invalid_argument("ratelimit: a stream's limit cannot be a remote limiter");
+    for (std::size_t i = 0; i < parts.size(); ++i)
+      if (parts[i].tokens() == 0)
+        throw std::invalid_argument("ratelimit: a stream's limit takes at least 1 token a byte");
+    std::lock_guard lk(limits_mutex);
+    limits = std::move(parts);
+    cap_hint.store(std::numeric_limits<std::uint64_t>::max(), std::memory_order_relaxed);
+    limited.store(!limits.empty(), std::memory_order_release);
+  }
+
+  void emit(boost::asio::cancellation_type_t type) {
+    std::lock_guard lk(wait_mutex);
+    if (waiting) signal.emit(type);
+  }
+};
+
+template <typename Clock, typename WaitTraits>
+struct stream_state {
+  stream_direction<Clock, WaitTraits> read, write;
+  std::atomic<std::size_t> slice;
+  std::atomic<bool> closed{false};
+
+  explicit stream_state(std::size_t s) : slice(s) {}
+};
+
+/// The user's per-operation cancellation, forwarded to the direction's
+/// signal while the operation waits for tokens.
+template <typename Clock, typename WaitTraits>
+struct forward_cancellation {
+  std::shared_ptr<stream_state<Clock, WaitTraits>> state;
+  stream_direction<Clock, WaitTraits>* dir;
+  void operator()(boost::asio::cancellation_type_t type) const { dir->emit(type); }
+};
+
+/// The first non-empty buffer of a sequence (a read_some or write_some may
+/// transfer less than all of them, as the next layer's does), or an empty one.
+template <typename Buffer, typename Buffers>
+Buffer first_buffer(const Buffers& buffers) {
+  auto it = boost::asio::buffer_sequence_begin(buffers);
+  auto end = boost::asio::buffer_sequence_end(buffers);
+  for (; it != end; ++it) {
+    Buffer b(*it);
+    if (b.size() != 0) return b;
+  }
+  return Buffer();
+}
+
+template <typename Clock, typename WaitTraits>
+joint_parts<Clock, WaitTraits> scaled(const joint_parts<Clock, WaitTraits>& limits,
+                                      std::uint64_t bytes) {
+  joint_parts<Clock, WaitTraits> out;
+  for (const auto& p : limits)
+    out.push_back(p.with_tokens(p.tokens() * bytes));
+  return out;
+}
+
+/// Gives back, part by part, the tokens of `unused` bytes.
+template <typename Clock, typename WaitTraits>
+void give_back_bytes(joint_receipt& r, const joint_parts<Clock, WaitTraits>& limits,
+                     std::uint64_t unused) {
+  if (unused == 0 || r.empty()) return;
+  for (std::size_t i = 0; i < r.size() && i < limits.size(); ++i)
+    r[i].give_back(limits[i].tokens() * unused);
+}
+
+}  // namespace detail
+
+/// A stream layer that limits the bytes read and written through it: an
+/// AsyncReadStream and AsyncWriteStream over `NextLayer` (a socket, an
+/// `ssl::stream`, a Beast `tcp_stream`, another layer), so that
+/// `asio::async_read`/`async_write`, Beast's HTTP algorithms and WebSocket
+/// stream, and `ssl::stream` work over it, or it over them.
+///
+/// Reads and writes each have limits: any set of limiters (token buckets,
+/// keys of keyed limiters) taken together as one joint request
+/// (ratelimit/joint.hpp), one token per byte (a part's `tokens()` is its
+/// tokens per byte). A per-stream bucket, buckets shared by many streams (a
+/// server's aggregate, a user's connections) and keyed buckets combine
+/// freely. Limits can be set, changed or removed from any thread while the
+/// stream is in use; an operation uses the limits set when it asks for
+/// tokens.
+///
+/// How an operation takes tokens:
+/// - A write takes tokens for what it sends before it sends it: up to the
+///   first non-empty buffer at once if the limits hold them now (no request
+///   is ahead), otherwise at most one *slice* (`slice()`, 16 KiB by default)
+///   when the limits give it; what a short write did not send is given back.
+/// - A read over a next layer that can wait for readability (a socket)
+///   first waits until data is there, holding nothing meanwhile (an idle
+///   connection holds no tokens and delays nobody), then takes at most
+///   min(buffer, bytes available, slice) and gives back what the read did
+///   not use.
+/// - A read over any other next layer (`ssl::stream`, Beast's `tcp_stream`)
+///   reads at most min(buffer, slice) first and pays for what it read after
+///   reading it (the operation completes once it has paid).
+/// - A request larger than a limit's capacity is sliced to fit (the stream
+///   learns the capacity by halving; never `exceeds_capacity`).
+///
+/// Bound: over any window of length T in which the limits do not change,
+/// the bytes moved through all streams sharing a bucket of capacity B and
+/// rate r are at most `B + r·T`, plus one slice per stream whose reads pay
+/// after reading. With a capacity of one slice, a saturated stream moves at
+/// most `0.1·r + 2·slice` bytes in any 100 ms window.
+///
+/// Errors pass through from the next layer unchanged (EOF, resets); a failed
+/// or short operation gives back the tokens of what it did not move. While
+/// an operation waits for tokens, per-operation cancellation (terminal,
+/// partial, total), `cancel()` and `close()` complete it with
+/// `operation_aborted`, taking nothing. A limiter closed or destroyed while
+/// an operation waits completes it with the limiter's error
+/// (`bucket_closed`, `operation_aborted`).
+///
+/// Thread safety: as the next layer's (one read and one write outstanding at
+/// a time; `cancel()`/`close()` from the thread or strand that uses the
+/// stream), except that the limits and the slice may be set from any thread.
+template <typename NextLayer, typename Clock = std::chrono::steady_clock,
+          typename WaitTraits = boost::asio::wait_traits<Clock>>
+class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
+  using state_type = detail::stream_state<Clock, WaitTraits>;
+  using direction = detail::stream_direction<Clock, WaitTraits>;
+  using parts_type = detail::joint_parts<Clock, WaitTraits>;
+
+ public:
+  using next_layer_type = NextLayer;
+  using executor_type = typename NextLayer::executor_type;
+  using part_type = basic_part<Clock, WaitTraits>;
+
+  /// The slice size when none is set: 16 KiB (a TLS record).
+  static constexpr std::size_t default_slice = 16384;
+
+  /// Constructs the next layer from `args`; no limits.
+  template <typename... Args>
+  explicit basic_rate_limited_stream(Args&&... args)
+      : next_(std::forward<Args>(args)...), state_(std::make_shared<state_type>(default_slice)) {}
+
+  /// Moves the next layer and the limits. Not while operations are
+  /// outstanding (as for an Asio socket).
+  basic_rate_limited_stream(basic_rate_limited_stream&&) = default;
+  basic_rate_limited_stream& operator=(basic_rate_limited_stream&&) = default;
+
+  executor_type get_executor() noexcept { return next_.get_executor(); }
+
+  NextLayer& next_layer() noexcept { return next_; }
+  const NextLayer& next_layer() const noexcept { return next_; }
+
+  /// The next layer's lowest layer, where it has one.
+  template <typename N = NextLayer>
+  requires detail::has_lowest_layer<N>
+  typename N::lowest_layer_type& lowest_layer() { return next_.lowest_layer(); }
+  template <typename N = NextLayer>
+  requires detail::has_lowest_layer<N>
+  const typename N::lowest_layer_type& lowest_layer() const { return next_.lowest_layer(); }
+
+  /// Sets the read limits (empty: reads are not limited). Any thread.
+  /// @throws std::invalid_argument a remote limiter's part, a part of 0
+  /// tokens; std::bad_alloc.
+  void set_read_limits(std::vector<part_type> limits) { state_->read.set(std::move(limits)); }
+  /// Sets the write limits (empty: writes are not limited). Any thread.
+  void set_write_limits(std::vector<part_type> limits) { state_->write.set(std::move(limits)); }
+  /// Sets the same limits for reads and for writes (each direction takes
+  /// its own tokens from them).
+  void set_limits(const std::vector<part_type>& limits) {
+    set_read_limits(limits);
+    set_write_limits(limits);
+  }
+
+  /// The largest amount an operation waits for at once when the limits do
+  /// not hold its whole buffer. Smaller slices are smoother and fairer;
+  /// larger ones cost fewer waits. Any thread.
+  /// @throws std::invalid_argument for 0.
+  void set_slice(std::size_t bytes) {
+    if (bytes == 0) throw std::invalid_argument("ratelimit: a stream's slice is at least 1 byte");
+    state_->slice.store(bytes, std::memory_order_relaxed);
+  }
+  std::size_t slice() const noexcept { return state_->slice.load(std::memory_order_relaxed); }
+
+  /// Completes an operation waiting for tokens with `operation_aborted`, and
+  /// cancels the next layer's operations where it has cancel().
+  void cancel() {
+    boost::system::error_code ignored;
+    cancel(ignored);
+  }
+  void cancel(boost::system::error_code& ec) {
+    ec = {};
+    state_->read.emit(boost::asio::cancellation_type::terminal);
+    state_->write.emit(boost::asio::cancellation_type::terminal);
+    if constexpr (detail::cancels<NextLayer>) next_.cancel(ec);
+  }
+
+  /// Closes the stream: an operation waiting for tokens completes with
+  /// `operation_aborted`, later ones fail at once with `operation_aborted`;
+  /// closes the next layer (or its lowest layer) where it has close().
+  void close() {
+    boost::system::error_code ec;
+    close(ec);
+    if (ec) throw boost::system::system_error(ec, "ratelimit: close");
+  }
+  void close(boost::system::error_code& ec) {
+    ec = {};
+    state_->closed.store(true, std::memory_order_release);
+    state_->read.emit(boost::asio::cancellation_type::terminal);
+    state_->write.emit(boost::asio::cancellation_type::terminal);
+    if constexpr (detail::closes<NextLayer>)
+      next_.close(ec);
+    else if constexpr (detail::has_lowest_layer<NextLayer>)
+      next_.lowest_layer().close(ec);
+  }
+
+  /// True after close().
+  bool is_closed() const noexcept { return state_->closed.load(std::memory_order_acquire); }
+
+  /// Reads some bytes as the next layer's async_read_some does, within the
+  /// read limits (see the class). Completion signature
+  /// `void(boost::system::error_code, std::size_t)`. Per-operation
+  /// cancellation: terminal, partial and total while waiting for tokens;
+  /// the next layer's own while it reads.
+  template <typename MutableBufferSequence,
+            typename ReadToken = boost::asio::default_completion_token_t<executor_type>>
+  auto async_read_some(
+      const MutableBufferSequence& buffers,
+      ReadToken&& token = boost::asio::default_completion_token_t<executor_type>()) {
+    return boost::asio::async_compose<ReadToken, void(boost::system::error_code, std::size_t)>(
+        read_op<MutableBufferSequence>{this, state_, buffers}, token, next_);
+  }
+
+  /// Writes some bytes as the next layer's async_write_some does, within the
+  /// write limits (see the class). As async_read_some otherwise.
+  template <typename ConstBufferSequence,
+            typename WriteToken = boost::asio::default_completion_token_t<executor_type>>
+  auto async_write_some(
+      const ConstBufferSequence& buffers,
+      WriteToken&& token = boost::asio::default_completion_token_t<executor_type>()) {
+    return boost::asio::async_compose<WriteToken, void(boost::system::error_code, std::size_t)>(
+        write_op<ConstBufferSequence>{this, state_, buffers}, token, next_);
+  }
+
+ private:
+  enum class phase { start, fail, readable, acquired, moved, paid };
+
+  // What both operations share: taking tokens for `want` bytes, now if the
+  // limits hold them, else by waiting for at most a slice.
+  template <typename Derived>
+  struct op_base {
+    op_base(basic_rate_limited_stream* stream, std::shared_ptr<state_type> st)
+        : s(stream), state(std::move(st)) {}
+
+    basic_rate_limited_stream* s;
+    std::shared_ptr<state_type> state;
+    phase at = phase::start;
+    boost::system::error_code ec{};
+    std::size_t done = 0;       // bytes moved (a paying read's)
+    std::uint64_t granted = 0;  // bytes the receipt is for
+    parts_type limits;          // as of the request
+    std::uint64_t cap = 0;      // the most bytes they grant at once (copy_limits)
+    joint_receipt receipt;
+
+    bool begun = false;
+
+    /// Accepts every kind of per-operation cancellation (terminal, partial,
+    /// total: nothing has moved while an operation waits).
+    template <typename Self>
+    void begin(Self& self) {
+      if (begun) return;
+      begun = true;
+      self.reset_cancellation_state(boost::asio::enable_total_cancellation());
+    }
+
+    /// Fails the operation without calling its handler inside this call.
+    template <typename Self>
+    void fail(Self& self, boost::system::error_code e) {
+      ec = e;
+      at = phase::fail;
+      boost::asio::post(s->next_.get_executor(), std::move(self));
+    }
+
+    /// Tries to take `want` bytes now (halving past a capacity); true when
+    /// granted (then `granted` is set). False with `ec` set: failed.
+    bool take_now(direction& d, std::uint64_t want) {
+      for (;;) {
+        want = std::min(want, cap);
+        const parts_type asked = detail::scaled(limits, want);
+        std::optional<typename Clock::duration> retry;
+        std::optional<joint_receipt> r =
+            try_acquire(std::span<const part_type>(asked.data(), asked.size()), retry, ec);
+        if (r) {
+          receipt = std::move(*r);
+          granted = want;
+          return true;
+        }
+        if (ec != error::exceeds_capacity || want <= 1) return false;
+        ec = {};
+        d.cap_hint.store(want / 2, std::memory_order_relaxed);
+        cap = want / 2;
+      }
+    }
+
+    /// Waits for `want` bytes (at most a slice); resumes with
+    /// (error_code, joint_receipt).
+    template <typename Self>
+    void wait_for(Self& self, direction& d, std::uint64_t want) {
+      want = std::min<std::uint64_t>({want, state->slice.load(std::memory_order_relaxed), cap});
+      if (want == 0) want = 1;
+      granted = want;
+      at = phase::acquired;
+      const parts_type asked = detail::scaled(limits, want);
+      auto slot = self.get_cancellation_state().slot();
+      if (slot.is_connected())
+        slot.template emplace<detail::forward_cancellation<Clock, WaitTraits>>(state, &d);
+      std::lock_guard lk(d.wait_mutex);
+      if (state->closed.load(std::memory_order_acquire)) {
+        if (slot.is_connected()) slot.clear();
+        return fail(self, boost::asio::error::operation_aborted);
+      }
+      d.waiting = true;
+      ratelimit::async_acquire(
+          std::span<const part_type>(asked.data(), asked.size()),
+          boost::asio::bind_cancellation_slot(d.signal.slot(), std::move(self)));
+    }
+
+    /// After wait_for: false when the operation is over (completed).
+    template <typename Self>
+    bool on_acquired(Self& self, direction& d, boost::system::error_code e, joint_receipt r) {
+      {
+        std::lock_guard lk(d.wait_mutex);
+        d.waiting = false;
+      }
+      auto slot = self.get_cancellation_state().slot();
+      if (slot.is_connected()) slot.clear();
+      if (e == error::exceeds_capacity && granted > 1) {  // a capacity lowered meanwhile
+        d.cap_hint.store(granted / 2, std::memory_order_relaxed);
+        at = phase::start;
+        static_cast<Derived*>(this)->restart(self);
+        return false;
+      }
+      if (!e && self.cancelled() != boost::asio::cancellation_type::none) {
+        r.give_back_all();
+        e = boost::asio::error::operation_aborted;
+      }
+      if (e) {
+        self.complete(e, done);
+        return false;
+      }
+      receipt = std::move(r);
+      return true;
+    }
+  };
+
+  template <typename Buffers>
+  struct write_op : op_base<write_op<Buffers>> {
+    Buffers buffers;
+
+    write_op(basic_rate_limited_stream* s, std::shared_ptr<state_type> st, const Buffers& b)
+        : op_base<write_op<Buffers>>(s, std::move(st)), buffers(b) {}
+
+    template <typename Self>
+    void restart(Self& self) {
+      (*this)(self);
+    }
+
+    template <typename Self>
+    void operator()(Self& self) {
+      if (this->at == phase::fail) return self.complete(this->ec, 0);
+      this->begin(self);
+      direction& d = this->state->write;
+      const boost::asio::const_buffer first =
+          detail::first_buffer<boost::asio::const_buffer>(buffers);
+      if (first.size() != 0 && this->state->closed.load(std::memory_order_acquire))
+        return this->fail(self, boost::asio::error::operation_aborted);
+      this->limits = first.size() == 0 ? parts_type() : d.copy_limits(this->cap);
+      if (this->limits.empty()) {
+        this->at = phase::moved;
+        return this->s->next_.async_write_some(buffers, std::move(self));
+      }
+      if (this->take_now(d, first.size())) return send(self, first);
+      if (this->ec) return this->fail(self, this->ec);
+      this->wait_for(self, d, first.size());
+    }
+
+    template <typename Self>
+    void operator()(Self& self, boost::system::error_code e, joint_receipt r) {
+      if (!this->on_acquired(self, this->state->write, e, std::move(r))) return;
+      send(self, detail::first_buffer<boost::asio::const_buffer>(buffers));
+    }
+
+    template <typename Self>
+    void send(Self& self, boost::asio::const_buffer first) {
+      this->at = phase::moved;
+      this->s->next_.async_write_some(
+          boost::asio::buffer(first.data(), static_cast<std::size_t>(this->granted)),
+          std::move(self));
+    }
+
+    template <typename Self>
+    void operator()(Self& self, boost::system::error_code e, std::size_t n) {
+      if (this->granted > n)
+        detail::give_back_bytes(this->receipt, this->limits, this->granted - n);
+      self.complete(e, n);
+    }
+  };
+
+  template <typename Buffers>
+  struct read_op : op_base<read_op<Buffers>> {
+    Buffers buffers;
+
+    read_op(basic_rate_limited_stream* s, std::shared_ptr<state_type> st, const Buffers& b)
+        : op_base<read_op<Buffers>>(s, std::move(st)), buffers(b) {}
+
+    template <typename Self>
+    void restart(Self& self) {
+      (*this)(self);
+    }
+
+    // How many bytes the next layer holds now (0: unknown or none).
+    std::size_t available() {
+      if constexpr (detail::says_available<NextLayer>) {
+        boost::system::error_code e;
+        const std::size_t n = this->s->next_.available(e);
+        return e ? 0 : n;
+      } else {
+        return 0;
+      }
+    }
+
+    template <typename Self>
+    void operator()(Self& self) {
+      if (this->at == phase::fail) return self.complete(this->ec, this->done);
+      this->begin(self);
+      direction& d = this->state->read;
+      const boost::asio::mutable_buffer first =
+          detail::first_buffer<boost::asio::mutable_buffer>(buffers);
+      if (first.size() != 0 && this->state->closed.load(std::memory_order_acquire))
+        return this->fail(self, boost::asio::error::operation_aborted);
+      this->limits = first.size() == 0 ? parts_type() : d.copy_limits(this->cap);
+      if (this->limits.empty()) {
+        this->at = phase::moved;
+        return this->s->next_.async_read_some(buffers, std::move(self));
+      }
+      if constexpr (detail::waits_for_read<NextLayer>) {
+        if (available() == 0) {
+          this->at = phase::readable;
+          return this->s->next_.async_wait(boost::asio::socket_base::wait_read, std::move(self));
+        }
+        take(self, d, first);
+      } else {  // read first, pay after
+        const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(
+            {first.size(), this->state->slice.load(std::memory_order_relaxed), this->cap}));
+        this->at = phase::moved;
+        this->s->next_.async_read_some(
+            boost::asio::buffer(first.data(), std::max<std::size_t>(n, 1)), std::move(self));
+      }
+    }
+
+    // Readable (or failed): takes tokens for what is there.
+    template <typename Self>
+    void operator()(Self& self, boost::system::error_code e) {
+      if (e) return self.complete(e, 0);
+      if (self.cancelled() != boost::asio::cancellation_type::none)
+        return self.complete(boost::asio::error::operation_aborted, 0);
+      take(self, this->state->read, detail::first_buffer<boost::asio::mutable_buffer>(buffers));
+    }
+
+    template <typename Self>
+    void take(Self& self, direction& d, boost::asio::mutable_buffer first) {
+      // What is there, up to the buffer; 1 when nothing is (an EOF or an
+      // error is about to be read, or data is arriving).
+      const std::uint64_t want = std::max<std::size_t>(std::min(available(), first.size()), 1);
+      if (this->take_now(d, want)) return receive(self, first);
+      if (this->ec) return this->fail(self, this->ec);
+      this->wait_for(self, d, want);
+    }
+
+    template <typename Self>
+    void receive(Self& self, boost::asio::mutable_buffer first) {
+      this->at = phase::moved;
+      this->s->next_.async_read_some(
+          boost::asio::buffer(first.data(), static_cast<std::size_t>(this->granted)),
+          std::move(self));
+    }
+
+    template <typename Self>
+    void operator()(Self& self, boost::system::error_code e, joint_receipt r) {
+      if constexpr (detail::waits_for_read<NextLayer>) {
+        if (!this->on_acquired(self, this->state->read, e, std::move(r))) return;
+        receive(self, detail::first_buffer<boost::asio::mutable_buffer>(buffers));
+      } else {  // paid (part of) what was read
+        direction& d = this->state->read;
+        {
+          std::lock_guard lk(d.wait_mutex);
+          d.waiting = false;
+        }
+        auto slot = self.get_cancellation_state().slot();
+        if (slot.is_connected()) slot.clear();
+        if (e == error::exceeds_capacity && this->granted > 1) {  // pay the rest in halves
+          d.cap_hint.store(this->granted / 2, std::memory_order_relaxed);
+          return pay(self);
+        }
+        // The bytes are the caller's now: a cancelled or failed payment
+        // completes with its error and them.
+        if (e) return self.complete(e, this->done);
+        owed -= std::min<std::uint64_t>(owed, this->granted);
+        pay(self);
+      }
+    }
+
+    // Pays what a read took (the read-first mode), then completes.
+    template <typename Self>
+    void pay(Self& self) {
+      direction& d = this->state->read;
+      while (owed != 0) {
+        this->limits = d.copy_limits(this->cap);
+        if (this->limits.empty()) break;
+        if (this->take_now(d, owed)) {
+          owed -= std::min<std::uint64_t>(owed, this->granted);
+          continue;
+        }
+        if (this->ec) return self.complete(this->ec, this->done);
+        return this->wait_for(self, d, owed);
+      }
+      self.complete(ec_read, this->done);
+    }
+
+    template <typename Self>
+    void operator()(Self& self, boost::system::error_code e, std::size_t n) {
+      if constexpr (detail::waits_for_read<NextLayer>) {
+        if (this->granted > n)
+          detail::give_back_bytes(this->receipt, this->limits, this->granted - n);
+        self.complete(e, n);
+      } else {
+        this->done = n;
+        ec_read = e;
+        owed = n;
+        pay(self);
+      }
+    }
+
+    boost::system::error_code ec_read{};
+    std::uint64_t owed = 0;
+  };
+
+  NextLayer next_;
+  std::shared_ptr<state_type> state_;
+};
+
+/// A rate-limited stream over steady_clock limiters.
+template <typename NextLayer>
+using rate_limited_stream = basic_rate_limited_stream<NextLayer>;
+
+/// Beast WebSocket's teardown, through to the next layer.
+template <typename NextLayer, typename Clock, typename WaitTraits>
+void teardown(boost::beast::role_type role,
+              basic_rate_limited_stream<NextLayer, Clock, WaitTraits>& stream,
+              boost::system::error_code& ec) {
+  using boost::beast::websocket::teardown;
+  teardown(role, stream.next_layer(), ec);
+}
+
+template <typename NextLayer, typename Clock, typename WaitTraits, typename TeardownHandler>
+void async_teardown(boost::beast::role_type role,
+                    basic_rate_limited_stream<NextLayer, Clock, WaitTraits>& stream,
+                    TeardownHandler&& handler) {
+  using boost::beast::websocket::async_teardown;
+  async_teardown(role, stream.next_layer(), std::forward<TeardownHandler>(handler));
+}
+
+}  // namespace ratelimit
+
+#endif  // RATELIMIT_STREAM_HPP

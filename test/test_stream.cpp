@@ -1,0 +1,694 @@
+// The rate-limited stream (ratelimit/stream.hpp).
+// - On a fake next layer and the manual clock (deterministic): what each
+//   operation takes and gives back, cancellation, close, errors, slicing.
+// - On loopback TCP in real time (short, low rates): the byte bound,
+//   accuracy, smoothness, fairness, idle connections, limits changed from
+//   another thread.
+#include <ratelimit/stream.hpp>
+
+#include "test_support.hpp"
+
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/write.hpp>
+
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <cstring>
+#include <deque>
+#include <string>
+
+namespace asio = boost::asio;
+using asio::ip::tcp;
+using boost::system::error_code;
+using ratelimit::per_second;
+using ratelimit::test::manual_clock;
+using ratelimit::test::manual_wait_traits;
+using ratelimit::test::pump;
+using ratelimit::test::settle;
+using ratelimit::test::test_bucket;
+using namespace std::chrono_literals;
+using steady = std::chrono::steady_clock;
+
+namespace {
+
+#ifdef RATELIMIT_TEST_SANITIZED
+constexpr int scale = 4;  // the sanitizer trees run fewer connections
+#else
+constexpr int scale = 1;
+#endif
+
+/// A next layer under the test's control: writes take at most `max_write`
+/// bytes, reads hand out `incoming` (at most `max_read` at a time), or fail
+/// with `fail_with`; it cannot wait for readability (reads pay after).
+struct fake_stream {
+  using executor_type = asio::any_io_executor;
+  executor_type ex;
+  std::size_t max_write = SIZE_MAX;
+  std::size_t max_read = SIZE_MAX;
+  std::string written;
+  std::string incoming;
+  error_code fail_with;
+  int writes = 0, reads = 0;
+  std::vector<std::size_t> write_sizes;  // each write_some's buffer size
+
+  explicit fake_stream(executor_type e) : ex(std::move(e)) {}
+  executor_type get_executor() { return ex; }
+
+  template <typename Buffers, typename Token>
+  auto async_write_some(const Buffers& b, Token&& token) {
+    return asio::async_initiate<Token, void(error_code, std::size_t)>(
+        [this](auto h, const Buffers& b) {
+          ++writes;
+          write_sizes.push_back(asio::buffer_size(b));
+          std::size_t n = 0;
+          if (!fail_with) {
+            std::string all(asio::buffer_size(b), '\0');
+            asio::buffer_copy(asio::buffer(all), b);
+            n = std::min(all.size(), max_write);
+            written.append(all, 0, n);
+          }
+          asio::post(ex, [h = std::move(h), e = fail_with, n]() mutable { h(e, n); });
+        },
+        token, b);
+  }
+
+  template <typename Buffers, typename Token>
+  auto async_read_some(const Buffers& b, Token&& token) {
+    return asio::async_initiate<Token, void(error_code, std::size_t)>(
+        [this](auto h, const Buffers& b) {
+          ++reads;
+          std::size_t n = 0;
+          error_code e = fail_with;
+          if (!e && incoming.empty()) e = asio::error::eof;
+          if (!e) {
+            n = asio::buffer_copy(
+                b, asio::buffer(incoming.data(), std::min(incoming.size(), max_read)));
+            incoming.erase(0, n);
+          }
+          asio::post(ex, [h = std::move(h), e, n]() mutable { h(e, n); });
+        },
+        token, b);
+  }
+};
+
+using fake_limited =
+    ratelimit::basic_rate_limited_stream<fake_stream, manual_clock, manual_wait_traits>;
+using test_part = ratelimit::basic_part<manual_clock, manual_wait_traits>;
+
+struct result {
+  bool done = false;
+  error_code ec;
+  std::size_t n = 0;
+  int calls = 0;
+};
+
+auto record(result& r) {
+  return [&r](error_code ec, std::size_t n) {
+    r.done = true;
+    r.ec = ec;
+    r.n = n;
+    ++r.calls;
+  };
+}
+
+struct manual_fixture {
+  manual_fixture() { manual_clock::reset(); }
+  asio::io_context ctx;
+  asio::executor_work_guard<asio::io_context::executor_type> guard{ctx.get_executor()};
+};
+
+/// A connected pair of loopback TCP sockets.
+std::pair<tcp::socket, tcp::socket> socket_pair(asio::io_context& ctx) {
+  tcp::acceptor acc(ctx, tcp::endpoint(asio::ip::address_v4::loopback(), 0));
+  tcp::socket a(ctx), b(ctx);
+  a.connect(acc.local_endpoint());
+  acc.accept(b);
+  return {std::move(a), std::move(b)};
+}
+
+/// Completion times and sizes of one side's operations.
+struct trace {
+  std::vector<std::pair<steady::time_point, std::size_t>> events;
+  std::size_t total = 0;
+  void add(std::size_t n) {
+    events.emplace_back(steady::now(), n);
+    total += n;
+  }
+  /// The most bytes completed within any window of length `w`.
+  std::size_t largest_window(steady::duration w) const {
+    std::size_t best = 0, sum = 0, lo = 0;
+    for (std::size_t hi = 0; hi < events.size(); ++hi) {
+      sum += events[hi].second;
+      while (events[hi].first - events[lo].first >= w)
+        sum -= events[lo++].second;
+      best = std::max(best, sum);
+    }
+    return best;
+  }
+  /// Bytes completed by `t`.
+  std::size_t by(steady::time_point t) const {
+    std::size_t sum = 0;
+    for (auto& [at, n] : events)
+      if (at <= t) sum += n;
+    return sum;
+  }
+};
+
+/// Writes `buf` over and over through `s` until `stop`, recording each
+/// completion.
+template <typename Stream>
+void write_loop(Stream& s, const std::string& buf, trace& t, const bool& stop) {
+  s.async_write_some(asio::buffer(buf), [&s, &buf, &t, &stop](error_code ec, std::size_t n) {
+    if (ec) return;
+    t.add(n);
+    if (!stop) write_loop(s, buf, t, stop);
+  });
+}
+
+template <typename Stream>
+void read_loop(Stream& s, std::vector<char>& buf, trace& t) {
+  s.async_read_some(asio::buffer(buf), [&s, &buf, &t](error_code ec, std::size_t n) {
+    if (ec) return;
+    t.add(n);
+    read_loop(s, buf, t);
+  });
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(stream_exact)
+
+BOOST_FIXTURE_TEST_CASE(a_write_takes_what_it_sends_and_gives_back_a_short_writes_rest,
+                        manual_fixture) {
+  test_bucket bucket(ctx, 1000, per_second(1));
+  fake_limited s(ctx.get_executor());
+  s.set_write_limits({test_part(bucket)});
+  s.next_layer().max_write = 300;
+  std::string data(800, 'x');
+  result r;
+  s.async_write_some(asio::buffer(data), record(r));
+  BOOST_TEST(!r.done);  // never inside the initiating call
+  BOOST_REQUIRE(settle(ctx, [&] { return r.done; }));
+  BOOST_TEST(!r.ec);
+  BOOST_TEST(r.n == 300u);
+  BOOST_TEST(s.next_layer().write_sizes.at(0) == 800u);  // not sliced: the tokens were there
+  BOOST_TEST(bucket.available() == 700u);                // 800 taken, 500 given back
+}
+
+BOOST_FIXTURE_TEST_CASE(a_failed_write_takes_nothing, manual_fixture) {
+  test_bucket bucket(ctx, 1000, per_second(1));
+  fake_limited s(ctx.get_executor());
+  s.set_write_limits({test_part(bucket)});
+  s.next_layer().fail_with = asio::error::connection_reset;
+  std::string data(500, 'x');
+  result r;
+  s.async_write_some(asio::buffer(data), record(r));
+  BOOST_REQUIRE(settle(ctx, [&] { return r.done; }));
+  BOOST_TEST(r.ec == asio::error::connection_reset);  // the next layer's error, unchanged
+  BOOST_TEST(r.n == 0u);
+  BOOST_TEST(bucket.available() == 1000u);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_read_that_cannot_wait_for_data_pays_for_what_it_read, manual_fixture) {
+  test_bucket bucket(ctx, 1000, per_second(100));
+  fake_limited s(ctx.get_executor());
+  s.set_read_limits({test_part(bucket)});
+  s.set_slice(400);
+  s.next_layer().incoming = std::string(1500, 'y');
+  std::vector<char> buf(2000);
+  result r;
+  s.async_read_some(asio::buffer(buf), record(r));
+  BOOST_REQUIRE(settle(ctx, [&] { return r.done; }));
+  BOOST_TEST(!r.ec);
+  BOOST_TEST(r.n == 400u);  // at most a slice before paying
+  BOOST_TEST(bucket.available() == 600u);
+  // The next three reads: 400 (200 left), then 400 waits for 200 more.
+  result r2;
+  s.async_read_some(asio::buffer(buf), record(r2));
+  BOOST_REQUIRE(settle(ctx, [&] { return r2.done; }));
+  BOOST_TEST(r2.n == 400u);
+  BOOST_TEST(bucket.available() == 200u);
+  result r3;
+  s.async_read_some(asio::buffer(buf), record(r3));
+  pump(ctx);
+  BOOST_TEST(!r3.done);  // read, paying: 200 short
+  manual_clock::advance(2s);
+  BOOST_REQUIRE(settle(ctx, [&] { return r3.done; }));
+  BOOST_TEST(r3.n == 400u);
+  BOOST_TEST(bucket.available() == 0u);
+}
+
+BOOST_FIXTURE_TEST_CASE(eof_passes_through_and_takes_nothing, manual_fixture) {
+  test_bucket bucket(ctx, 1000, per_second(1));
+  fake_limited s(ctx.get_executor());
+  s.set_read_limits({test_part(bucket)});
+  std::vector<char> buf(100);
+  result r;
+  s.async_read_some(asio::buffer(buf), record(r));
+  BOOST_REQUIRE(settle(ctx, [&] { return r.done; }));
+  BOOST_TEST(r.ec == asio::error::eof);
+  BOOST_TEST(r.n == 0u);
+  BOOST_TEST(bucket.available() == 1000u);
+}
+
+BOOST_FIXTURE_TEST_CASE(zero_length_buffers_complete_at_once_without_tokens, manual_fixture) {
+  test_bucket bucket(ctx, 10, per_second(1), ratelimit::start_empty);
+  fake_limited s(ctx.get_executor());
+  s.set_limits({test_part(bucket)});
+  s.next_layer().incoming = "abc";
+  result w, r;
+  s.async_write_some(asio::const_buffer(), record(w));
+  s.async_read_some(asio::mutable_buffer(), record(r));
+  BOOST_REQUIRE(settle(ctx, [&] { return w.done && r.done; }));
+  BOOST_TEST(!w.ec);
+  BOOST_TEST(w.n == 0u);
+  BOOST_TEST(!r.ec);
+  BOOST_TEST(r.n == 0u);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_buffer_larger_than_the_capacity_is_sliced_never_refused, manual_fixture) {
+  test_bucket bucket(ctx, 1000, per_second(1000));
+  fake_limited s(ctx.get_executor());
+  s.set_write_limits({test_part(bucket)});
+  std::string data(10000, 'z');
+  result r;
+  asio::async_write(s, asio::buffer(data), record(r));
+  for (int i = 0; i < 100 && !r.done; ++i) {
+    pump(ctx, 2ms);
+    manual_clock::advance(100ms);
+  }
+  BOOST_REQUIRE(settle(ctx, [&] { return r.done; }));
+  BOOST_TEST(!r.ec);
+  BOOST_TEST(r.n == 10000u);
+  BOOST_TEST(s.next_layer().written == data);
+  for (std::size_t n : s.next_layer().write_sizes)
+    BOOST_TEST(n == 1000u);  // a bucket's capacity is known: slices fill it
+}
+
+BOOST_FIXTURE_TEST_CASE(slices_bound_what_a_waiting_write_takes, manual_fixture) {
+  test_bucket bucket(ctx, 100000, per_second(1000), ratelimit::start_empty);
+  fake_limited s(ctx.get_executor());
+  s.set_write_limits({test_part(bucket)});
+  s.set_slice(250);
+  BOOST_TEST(s.slice() == 250u);
+  BOOST_CHECK_THROW(s.set_slice(0), std::invalid_argument);
+  std::string data(1000, 'q');
+  result r;
+  s.async_write_some(asio::buffer(data), record(r));
+  pump(ctx);
+  BOOST_TEST(!r.done);
+  manual_clock::advance(250ms);  // a slice's worth
+  BOOST_REQUIRE(settle(ctx, [&] { return r.done; }));
+  BOOST_TEST(r.n == 250u);
+  BOOST_TEST(bucket.available() == 0u);
+}
+
+BOOST_FIXTURE_TEST_CASE(every_part_of_a_joint_limit_pays_per_byte, manual_fixture) {
+  test_bucket stream_bucket(ctx, 1000, per_second(1));
+  test_bucket shared(ctx, 5000, per_second(1));
+  fake_limited s(ctx.get_executor());
+  s.set_write_limits({test_part(stream_bucket), test_part(shared, 2)});  // 2 tokens a byte
+  s.next_layer().max_write = 100;
+  std::string data(400, 'j');
+  result r;
+  s.async_write_some(asio::buffer(data), record(r));
+  BOOST_REQUIRE(settle(ctx, [&] { return r.done; }));
+  BOOST_TEST(r.n == 100u);
+  BOOST_TEST(stream_bucket.available() == 900u);
+  BOOST_TEST(shared.available() == 4800u);
+  BOOST_CHECK_THROW(s.set_write_limits({test_part(shared, 0)}), std::invalid_argument);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_AUTO_TEST_SUITE(stream_cancellation)
+
+BOOST_FIXTURE_TEST_CASE(per_operation_cancellation_takes_nothing, manual_fixture) {
+  for (auto type : {asio::cancellation_type::terminal, asio::cancellation_type::partial,
+                    asio::cancellation_type::total}) {
+    test_bucket bucket(ctx, 100, per_second(10), ratelimit::start_empty);
+    fake_limited s(ctx.get_executor());
+    s.set_write_limits({test_part(bucket)});
+    std::string data(50, 'c');
+    asio::cancellation_signal sig;
+    result r;
+    s.async_write_some(asio::buffer(data), asio::bind_cancellation_slot(sig.slot(), record(r)));
+    pump(ctx);
+    BOOST_TEST(!r.done);
+    sig.emit(type);
+    BOOST_REQUIRE(settle(ctx, [&] { return r.done; }));
+    BOOST_TEST(r.ec == asio::error::operation_aborted);
+    BOOST_TEST(r.n == 0u);
+    BOOST_TEST(s.next_layer().writes == 0);
+    manual_clock::advance(10s);  // the cancelled request took nothing: the bucket fills
+    BOOST_TEST(bucket.available() == 100u);
+    sig.emit(type);  // late: harmless
+    pump(ctx);
+    BOOST_TEST(r.calls == 1);
+  }
+}
+
+BOOST_FIXTURE_TEST_CASE(cancel_completes_a_waiting_operation_and_the_stream_goes_on,
+                        manual_fixture) {
+  test_bucket bucket(ctx, 100, per_second(10), ratelimit::start_empty);
+  fake_limited s(ctx.get_executor());
+  s.set_write_limits({test_part(bucket)});
+  std::string data(50, 'c');
+  result r;
+  s.async_write_some(asio::buffer(data), record(r));
+  pump(ctx);
+  s.cancel();
+  BOOST_REQUIRE(settle(ctx, [&] { return r.done; }));
+  BOOST_TEST(r.ec == asio::error::operation_aborted);
+  manual_clock::advance(5s);
+  result r2;
+  s.async_write_some(asio::buffer(data), record(r2));
+  BOOST_REQUIRE(settle(ctx, [&] { return r2.done; }));
+  BOOST_TEST(!r2.ec);
+  BOOST_TEST(r2.n == 50u);
+  BOOST_TEST(bucket.available() == 0u);  // 50 accrued, 50 taken: the cancelled one took none
+}
+
+BOOST_FIXTURE_TEST_CASE(close_completes_waiting_operations_and_refuses_later_ones, manual_fixture) {
+  test_bucket bucket(ctx, 100, per_second(10), ratelimit::start_empty);
+  fake_limited s(ctx.get_executor());
+  s.set_limits({test_part(bucket)});
+  s.next_layer().incoming = "hello";
+  std::string data(50, 'c');
+  std::vector<char> buf(50);
+  result w, r;
+  s.async_write_some(asio::buffer(data), record(w));
+  s.async_read_some(asio::buffer(buf), record(r));  // reads first, then waits to pay
+  pump(ctx);
+  BOOST_TEST(!w.done);
+  BOOST_TEST(!r.done);
+  s.close();
+  BOOST_TEST(s.is_closed());
+  BOOST_REQUIRE(settle(ctx, [&] { return w.done && r.done; }));
+  BOOST_TEST(w.ec == asio::error::operation_aborted);
+  BOOST_TEST(w.n == 0u);
+  BOOST_TEST(r.ec == asio::error::operation_aborted);
+  BOOST_TEST(r.n == 5u);  // what it read is the caller's: delivered, not lost
+  BOOST_TEST(std::string(buf.data(), 5) == "hello");
+  result later;
+  s.async_write_some(asio::buffer(data), record(later));
+  BOOST_TEST(!later.done);
+  BOOST_REQUIRE(settle(ctx, [&] { return later.done; }));
+  BOOST_TEST(later.ec == asio::error::operation_aborted);
+  manual_clock::advance(10s);
+  BOOST_TEST(bucket.available() == 100u);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_limiter_closed_under_a_waiting_write_fails_it, manual_fixture) {
+  test_bucket bucket(ctx, 100, per_second(10), ratelimit::start_empty);
+  fake_limited s(ctx.get_executor());
+  s.set_write_limits({test_part(bucket)});
+  std::string data(50, 'c');
+  result r;
+  s.async_write_some(asio::buffer(data), record(r));
+  pump(ctx);
+  bucket.close();
+  BOOST_REQUIRE(settle(ctx, [&] { return r.done; }));
+  BOOST_TEST(r.ec == ratelimit::error::bucket_closed);
+  BOOST_TEST(s.next_layer().writes == 0);
+}
+
+BOOST_FIXTURE_TEST_CASE(removed_limits_stop_limiting_the_next_operation, manual_fixture) {
+  test_bucket bucket(ctx, 10, per_second(1), ratelimit::start_empty);
+  fake_limited s(ctx.get_executor());
+  s.set_write_limits({test_part(bucket)});
+  s.set_write_limits({});
+  std::string data(5000, 'u');
+  result r;
+  s.async_write_some(asio::buffer(data), record(r));
+  BOOST_REQUIRE(settle(ctx, [&] { return r.done; }));
+  BOOST_TEST(r.n == 5000u);
+}
+
+BOOST_AUTO_TEST_CASE(a_tcp_read_waits_for_data_before_taking_tokens) {
+  asio::io_context ctx;
+  auto [a, b] = socket_pair(ctx);
+  ratelimit::token_bucket bucket(ctx, 1000, per_second(1));
+  ratelimit::rate_limited_stream<tcp::socket> s(std::move(b));
+  s.set_read_limits({ratelimit::part(bucket)});
+  std::vector<char> buf(600);
+  result r;
+  s.async_read_some(asio::buffer(buf), record(r));
+  ctx.run_for(50ms);
+  BOOST_TEST(!r.done);
+  BOOST_TEST(bucket.available() == 1000u);  // idle: holds nothing
+  asio::write(a, asio::buffer(std::string(200, 'd')));
+  ctx.restart();
+  ctx.run_for(2s);
+  BOOST_REQUIRE(r.done);
+  BOOST_TEST(r.n == 200u);
+  BOOST_TEST(bucket.available() == 800u);  // exactly what was read
+  // A peer's reset passes through and takes nothing.
+  a.set_option(asio::socket_base::linger(true, 0));
+  a.close();
+  result r2;
+  s.async_read_some(asio::buffer(buf), record(r2));
+  ctx.restart();
+  ctx.run_for(2s);
+  BOOST_REQUIRE(r2.done);
+  BOOST_TEST(r2.ec == asio::error::connection_reset);
+  BOOST_TEST(bucket.available() == 800u);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_AUTO_TEST_SUITE(stream_real_time)
+
+// Writes through a bucket of one slice at rate r for ~T: within the bound in
+// every checked window, at least 98% of r·T, and smooth (largest 100 ms
+// window within 0.1·r + 2·slice).
+BOOST_AUTO_TEST_CASE(writes_are_accurate_bounded_and_smooth) {
+  const std::size_t rate = 40000, slice = 2000;
+  asio::io_context ctx;
+  auto [a, b] = socket_pair(ctx);
+  const auto t0 = steady::now();
+  ratelimit::token_bucket bucket(ctx, slice, per_second(rate));
+  ratelimit::rate_limited_stream<tcp::socket> w(std::move(a));
+  w.set_write_limits({ratelimit::part(bucket)});
+  w.set_slice(slice);
+  std::string out(65536, 'w');
+  std::vector<char> in(65536);
+  trace sent, received;
+  bool stop = false;
+  write_loop(w, out, sent, stop);
+  read_loop(b, in, received);
+  ctx.run_for(1500ms);
+  stop = true;
+  const auto t1 = steady::now();
+  const double T = std::chrono::duration<double>(t1 - t0).count();
+  BOOST_TEST_MESSAGE("sent " << sent.total << " B in " << T << " s");
+  BOOST_TEST(sent.total <= slice + rate * T);
+  // Every window from the start: bytes sent by t <= capacity + rate·(t - t0).
+  for (auto& [at, n] : sent.events)
+    BOOST_TEST(sent.by(at) <= slice + rate * std::chrono::duration<double>(at - t0).count());
+  BOOST_TEST(sent.total >=
+             0.98 * rate * std::chrono::duration<double>(sent.events.back().first - t0).count());
+  const std::size_t window = sent.largest_window(100ms);
+  BOOST_TEST_MESSAGE("largest 100 ms window " << window << " B");
+  BOOST_TEST(window <= rate / 10 + 2 * slice);
+}
+
+BOOST_AUTO_TEST_CASE(reads_are_accurate_and_bounded) {
+  const std::size_t rate = 40000, slice = 2000;
+  asio::io_context ctx;
+  auto [a, b] = socket_pair(ctx);
+  const auto t0 = steady::now();
+  ratelimit::token_bucket bucket(ctx, slice, per_second(rate));
+  ratelimit::rate_limited_stream<tcp::socket> r(std::move(b));
+  r.set_read_limits({ratelimit::part(bucket)});
+  r.set_slice(slice);
+  std::string out(65536, 'r');
+  std::vector<char> in(65536);
+  trace sent, received;
+  bool stop = false;
+  write_loop(a, out, sent, stop);  // unlimited: fills the socket buffers
+  read_loop(r, in, received);
+  ctx.run_for(1500ms);
+  stop = true;
+  const double T = std::chrono::duration<double>(steady::now() - t0).count();
+  BOOST_TEST(received.total <= slice + rate * T);
+  for (auto& [at, n] : received.events)
+    BOOST_TEST(received.by(at) <= slice + rate * std::chrono::duration<double>(at - t0).count());
+  BOOST_TEST(received.total >=
+             0.98 * rate *
+                 std::chrono::duration<double>(received.events.back().first - t0).count());
+  BOOST_TEST(received.largest_window(100ms) <= rate / 10 + 2 * slice);
+}
+
+BOOST_AUTO_TEST_CASE(both_directions_share_one_bucket) {
+  const std::size_t rate = 40000, slice = 2000;
+  asio::io_context ctx;
+  auto [a, b] = socket_pair(ctx);
+  const auto t0 = steady::now();
+  ratelimit::token_bucket bucket(ctx, slice, per_second(rate));
+  ratelimit::rate_limited_stream<tcp::socket> s(std::move(a));
+  s.set_limits({ratelimit::part(bucket)});
+  s.set_slice(slice);
+  std::string out(65536, 'o');
+  std::vector<char> in1(65536), in2(65536);
+  trace s_sent, s_received, peer_sent, peer_received;
+  bool stop = false;
+  write_loop(s, out, s_sent, stop);
+  read_loop(s, in1, s_received);
+  write_loop(b, out, peer_sent, stop);
+  read_loop(b, in2, peer_received);
+  ctx.run_for(1500ms);
+  stop = true;
+  const double T = std::chrono::duration<double>(steady::now() - t0).count();
+  const std::size_t both = s_sent.total + s_received.total;
+  BOOST_TEST_MESSAGE("both directions: " << both << " B in " << T << " s");
+  BOOST_TEST(both <= slice + rate * T);
+  BOOST_TEST(both >= 0.9 * rate * (T - 0.1));
+  BOOST_TEST(s_sent.total > both / 4);  // neither direction starves the other
+  BOOST_TEST(s_received.total > both / 4);
+}
+
+BOOST_AUTO_TEST_CASE(streams_on_one_aggregate_bucket_share_it_fairly) {
+  const std::size_t rate = 80000, slice = 1000;
+  constexpr int streams = 8;
+  asio::io_context ctx;
+  ratelimit::token_bucket aggregate(ctx, slice, per_second(rate));
+  std::vector<std::unique_ptr<ratelimit::rate_limited_stream<tcp::socket>>> writers;
+  std::vector<tcp::socket> readers;
+  std::deque<trace> sent(streams), received(streams);
+  std::vector<std::vector<char>> bufs(streams, std::vector<char>(65536));
+  std::string out(65536, 'f');
+  bool stop = false;
+  for (int i = 0; i < streams; ++i) {
+    auto [a, b] = socket_pair(ctx);
+    writers.push_back(std::make_unique<ratelimit::rate_limited_stream<tcp::socket>>(std::move(a)));
+    writers.back()->set_write_limits({ratelimit::part(aggregate)});
+    writers.back()->set_slice(slice);
+    readers.push_back(std::move(b));
+  }
+  for (int i = 0; i < streams; ++i) {
+    write_loop(*writers[i], out, sent[i], stop);
+    read_loop(readers[i], bufs[i], received[i]);
+  }
+  ctx.run_for(1500ms);
+  stop = true;
+  std::size_t total = 0;
+  for (auto& t : sent)
+    total += t.total;
+  for (int i = 0; i < streams; ++i) {
+    BOOST_TEST_MESSAGE("stream " << i << ": " << sent[i].total << " of " << total);
+    BOOST_TEST(sent[i].total >= 0.9 * total / streams);
+    BOOST_TEST(sent[i].total <= 1.1 * total / streams);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(idle_connections_do_not_delay_an_active_reader) {
+  // Enough descriptors for the idle connections (two sockets each).
+  const int idle = 1000 / scale;
+  rlimit lim{};
+  getrlimit(RLIMIT_NOFILE, &lim);
+  if (lim.rlim_cur < rlim_t(2 * idle + 64)) {
+    lim.rlim_cur = std::min<rlim_t>(lim.rlim_max, 2 * idle + 64);
+    setrlimit(RLIMIT_NOFILE, &lim);
+  }
+  getrlimit(RLIMIT_NOFILE, &lim);
+  BOOST_REQUIRE_MESSAGE(lim.rlim_cur >= rlim_t(2 * idle + 64),
+                        "needs " << 2 * idle + 64 << " descriptors, has " << lim.rlim_cur);
+  const std::size_t rate = 40000, slice = 2000;
+  asio::io_context ctx;
+  ratelimit::token_bucket shared(ctx, slice, per_second(rate));
+  std::vector<std::unique_ptr<ratelimit::rate_limited_stream<tcp::socket>>> idlers;
+  std::vector<tcp::socket> peers;
+  std::vector<char> idle_buf(4096);
+  int idle_done = 0;
+  tcp::acceptor acc(ctx, tcp::endpoint(asio::ip::address_v4::loopback(), 0));
+  for (int i = 0; i < idle; ++i) {
+    tcp::socket a(ctx), b(ctx);
+    a.connect(acc.local_endpoint());
+    acc.accept(b);
+    idlers.push_back(std::make_unique<ratelimit::rate_limited_stream<tcp::socket>>(std::move(b)));
+    idlers.back()->set_read_limits({ratelimit::part(shared)});
+    idlers.back()->async_read_some(asio::buffer(idle_buf),
+                                   [&](error_code, std::size_t) { ++idle_done; });
+    peers.push_back(std::move(a));
+  }
+  auto [a, b] = socket_pair(ctx);
+  const auto t0 = steady::now();
+  ratelimit::rate_limited_stream<tcp::socket> active(std::move(b));
+  active.set_read_limits({ratelimit::part(shared)});
+  active.set_slice(slice);
+  std::string out(65536, 'i');
+  std::vector<char> in(65536);
+  trace sent, received;
+  bool stop = false;
+  write_loop(a, out, sent, stop);
+  read_loop(active, in, received);
+  ctx.run_for(1500ms);
+  stop = true;
+  BOOST_TEST(idle_done == 0);
+  const double T = std::chrono::duration<double>(received.events.back().first - t0).count();
+  BOOST_TEST_MESSAGE(idle << " idle: the active reader got " << received.total << " B in " << T
+                          << " s");
+  BOOST_TEST(received.total >= 0.98 * rate * T);
+  BOOST_TEST(received.total <= slice + rate * (T + 0.01));
+  for (auto& s : idlers)
+    s->close();
+  ctx.restart();
+  ctx.run_for(500ms);
+  BOOST_TEST(idle_done == idle);
+}
+
+BOOST_AUTO_TEST_CASE(limits_change_from_another_thread_while_in_use) {
+  asio::io_context ctx;
+  auto [a, b] = socket_pair(ctx);
+  ratelimit::token_bucket fast(ctx, 8000, per_second(400000));
+  ratelimit::token_bucket slow(ctx, 2000, per_second(100000));
+  ratelimit::rate_limited_stream<tcp::socket> w(std::move(a));
+  ratelimit::rate_limited_stream<tcp::socket> r(std::move(b));
+  std::string data(200000, '\0');
+  for (std::size_t i = 0; i < data.size(); ++i)
+    data[i] = static_cast<char>(i * 7);
+  std::string got(data.size(), '\0');
+  w.set_write_limits({ratelimit::part(fast)});
+  r.set_read_limits({ratelimit::part(slow)});
+  result wr, rr;
+  asio::async_write(w, asio::buffer(data), record(wr));
+  asio::async_read(r, asio::buffer(got), record(rr));
+  std::atomic<bool> done{false};
+  std::thread changer([&] {
+    for (int i = 0; !done; ++i) {
+      switch (i % 4) {
+        case 0:
+          w.set_write_limits({ratelimit::part(fast)});
+          r.set_read_limits({ratelimit::part(slow)});
+          break;
+        case 1:
+          w.set_limits({ratelimit::part(slow), ratelimit::part(fast)});
+          break;
+        case 2:
+          w.set_write_limits({});
+          r.set_read_limits({});
+          break;
+        default:
+          r.set_slice(1 + i % 5000);
+          w.set_slice(1 + (i * 13) % 9000);
+          break;
+      }
+      std::this_thread::sleep_for(1ms);
+    }
+  });
+  ctx.run_for(10s);
+  done = true;
+  changer.join();
+  BOOST_REQUIRE(wr.done);
+  BOOST_REQUIRE(rr.done);
+  BOOST_TEST(!wr.ec);
+  BOOST_TEST(!rr.ec);
+  BOOST_TEST((got == data));
+}
+
+BOOST_AUTO_TEST_SUITE_END()
