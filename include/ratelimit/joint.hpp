@@ -113,10 +113,14 @@ class basic_part {
   }
 
   /// A copy of this part asking for `n` tokens of the same limiter.
-  basic_part with_tokens(std::uint64_t n) const {
+  basic_part with_tokens(std::uint64_t n) const& {
     basic_part p(*this);
     p.n_ = n;
     return p;
+  }
+  basic_part with_tokens(std::uint64_t n) && {
+    n_ = n;
+    return std::move(*this);
   }
 
  private:

@@ -72,6 +72,8 @@ struct lowest_layer_base<NextLayer, true> {
 
 /// One direction of a rate-limited stream (reads or writes): its limits and
 /// the one operation that may wait for tokens there at a time.
+using per_byte_type = boost::container::small_vector<std::uint64_t, 4>;
+
 template <typename Clock, typename WaitTraits>
 struct stream_direction {
   using part_type = basic_part<Clock, WaitTraits>;
@@ -92,18 +94,25 @@ struct stream_direction {
 
   /// The limits as of now, and the most bytes they can grant at once as far
   /// as the buckets' capacities tell (keys' are learned: cap_hint).
-  joint_parts<Clock, WaitTraits> copy_limits(std::uint64_t& cap) {
-    joint_parts<Clock, WaitTraits> out;
+  /// Copies the limits into `out` and their tokens per byte into `per_byte`;
+  /// false when there are none.
+  bool copy_limits(joint_parts<Clock, WaitTraits>& out, per_byte_type& per_byte,
+                   std::uint64_t& cap) {
+    out.clear();
+    per_byte.clear();
     cap = cap_hint.load(std::memory_order_relaxed);
-    if (!limited.load(std::memory_order_acquire)) return out;
+    if (!limited.load(std::memory_order_acquire)) return false;
     {
       std::lock_guard lk(limits_mutex);
       out.assign(limits.begin(), limits.end());
     }
-    for (const part_type& p : out)
+    for (const part_type& p : out) {
+      per_byte.push_back(p.tokens());
+      cap = std::min(cap, std::numeric_limits<std::uint64_t>::max() / p.tokens());  // no overflow
       if (std::optional<std::uint64_t> c = p.capacity()) cap = std::min(cap, *c / p.tokens());
+    }
     if (cap == 0) cap = 1;  // (a part over 1 byte's tokens: the request fails as it must)
-    return out;
+    return !out.empty();
   }
 
   void set(std::vector<part_type> parts) {
@@ -156,22 +165,19 @@ Buffer first_buffer(const Buffers& buffers) {
   return Buffer();
 }
 
+/// Makes each part ask for `bytes` bytes' tokens (in place).
 template <typename Clock, typename WaitTraits>
-joint_parts<Clock, WaitTraits> scaled(const joint_parts<Clock, WaitTraits>& limits,
-                                      std::uint64_t bytes) {
-  joint_parts<Clock, WaitTraits> out;
-  for (const auto& p : limits)
-    out.push_back(p.with_tokens(p.tokens() * bytes));
-  return out;
+void scale(joint_parts<Clock, WaitTraits>& parts, const per_byte_type& per_byte,
+           std::uint64_t bytes) {
+  for (std::size_t i = 0; i < parts.size(); ++i)
+    parts[i] = std::move(parts[i]).with_tokens(per_byte[i] * bytes);
 }
 
 /// Gives back, part by part, the tokens of `unused` bytes.
-template <typename Clock, typename WaitTraits>
-void give_back_bytes(joint_receipt& r, const joint_parts<Clock, WaitTraits>& limits,
-                     std::uint64_t unused) {
+inline void give_back_bytes(joint_receipt& r, const per_byte_type& per_byte, std::uint64_t unused) {
   if (unused == 0 || r.empty()) return;
-  for (std::size_t i = 0; i < r.size() && i < limits.size(); ++i)
-    r[i].give_back(limits[i].tokens() * unused);
+  for (std::size_t i = 0; i < r.size() && i < per_byte.size(); ++i)
+    r[i].give_back(per_byte[i] * unused);
 }
 
 }  // namespace detail
@@ -198,9 +204,10 @@ void give_back_bytes(joint_receipt& r, const joint_parts<Clock, WaitTraits>& lim
 ///   when the limits give it; what a short write did not send is given back.
 /// - A read over a next layer that can wait for readability (a socket)
 ///   first waits until data is there, holding nothing meanwhile (an idle
-///   connection holds no tokens and delays nobody), then takes at most
-///   min(buffer, bytes available, slice) and gives back what the read did
-///   not use.
+///   connection holds no tokens and delays nobody), then takes tokens for
+///   its first buffer at once if the limits hold them now, otherwise waits
+///   for at most a slice of what is there; it gives back what the read did
+///   not use (at once: the data is there).
 /// - A read over any other next layer (`ssl::stream`, Beast's `tcp_stream`)
 ///   reads at most min(buffer, slice) first and pays for what it read after
 ///   reading it (the operation completes once it has paid).
@@ -244,10 +251,27 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
   explicit basic_rate_limited_stream(Args&&... args)
       : next_(std::forward<Args>(args)...), state_(std::make_shared<state_type>(default_slice)) {}
 
-  /// Moves the next layer and the limits. Not while operations are
-  /// outstanding (as for an Asio socket).
-  basic_rate_limited_stream(basic_rate_limited_stream&&) = default;
-  basic_rate_limited_stream& operator=(basic_rate_limited_stream&&) = default;
+  /// Moves the next layer, the limits and the slice; the moved-from stream
+  /// has none (a new, unlimited stream over the moved-from next layer). Not
+  /// while operations are outstanding (as for an Asio socket).
+  /// @throws std::bad_alloc
+  basic_rate_limited_stream(basic_rate_limited_stream&& other)
+      : next_(std::move(other.next_)),
+        state_(std::exchange(other.state_, std::make_shared<state_type>(default_slice))) {}
+  basic_rate_limited_stream& operator=(basic_rate_limited_stream&& other) {
+    if (this != &other) {
+      auto fresh = std::make_shared<state_type>(default_slice);
+      abandon();
+      next_ = std::move(other.next_);
+      state_ = std::exchange(other.state_, std::move(fresh));
+    }
+    return *this;
+  }
+
+  /// An operation waiting for tokens completes with `operation_aborted`
+  /// (as a destroyed socket's operations do); one that is granted
+  /// meanwhile gives its tokens back and does not touch the stream.
+  ~basic_rate_limited_stream() { abandon(); }
 
   executor_type get_executor() noexcept { return next_.get_executor(); }
 
@@ -346,6 +370,16 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
   }
 
  private:
+  void abandon() noexcept {
+    if (!state_) return;
+    state_->closed.store(true, std::memory_order_release);
+    try {
+      state_->read.emit(boost::asio::cancellation_type::terminal);
+      state_->write.emit(boost::asio::cancellation_type::terminal);
+    } catch (...) {  // (a mutex that fails to lock: nothing else to do)
+    }
+  }
+
   enum class phase { start, fail, readable, acquired, moved, paid };
 
   // What both operations share: taking tokens for `want` bytes, now if the
@@ -359,10 +393,11 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     std::shared_ptr<state_type> state;
     phase at = phase::start;
     boost::system::error_code ec{};
-    std::size_t done = 0;       // bytes moved (a paying read's)
-    std::uint64_t granted = 0;  // bytes the receipt is for
-    parts_type limits;          // as of the request
-    std::uint64_t cap = 0;      // the most bytes they grant at once (copy_limits)
+    std::size_t done = 0;            // bytes moved (a paying read's)
+    std::uint64_t granted = 0;       // bytes the receipt is for
+    parts_type limits;               // as of the request (each asking for the request's bytes)
+    detail::per_byte_type per_byte;  // their tokens per byte
+    std::uint64_t cap = 0;           // the most bytes they grant at once (copy_limits)
     joint_receipt receipt;
 
     bool begun = false;
@@ -389,10 +424,10 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     bool take_now(direction& d, std::uint64_t want) {
       for (;;) {
         want = std::min(want, cap);
-        const parts_type asked = detail::scaled(limits, want);
+        detail::scale(limits, per_byte, want);
         std::optional<typename Clock::duration> retry;
         std::optional<joint_receipt> r =
-            try_acquire(std::span<const part_type>(asked.data(), asked.size()), retry, ec);
+            try_acquire(std::span<const part_type>(limits.data(), limits.size()), retry, ec);
         if (r) {
           receipt = std::move(*r);
           granted = want;
@@ -413,7 +448,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
       if (want == 0) want = 1;
       granted = want;
       at = phase::acquired;
-      const parts_type asked = detail::scaled(limits, want);
+      detail::scale(limits, per_byte, want);
       auto slot = self.get_cancellation_state().slot();
       if (slot.is_connected())
         slot.template emplace<detail::forward_cancellation<Clock, WaitTraits>>(state, &d);
@@ -423,6 +458,8 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
         return fail(self, boost::asio::error::operation_aborted);
       }
       d.waiting = true;
+      // Out of the operation first: moving `self` into the handler moves it.
+      const parts_type asked = std::move(limits);
       ratelimit::async_acquire(
           std::span<const part_type>(asked.data(), asked.size()),
           boost::asio::bind_cancellation_slot(d.signal.slot(), std::move(self)));
@@ -437,6 +474,11 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
       }
       auto slot = self.get_cancellation_state().slot();
       if (slot.is_connected()) slot.clear();
+      if (state->closed.load(std::memory_order_acquire)) {  // (the stream may be gone)
+        r.give_back_all();
+        self.complete(boost::asio::error::operation_aborted, done);
+        return false;
+      }
       if (e == error::exceeds_capacity && granted > 1) {  // a capacity lowered meanwhile
         d.cap_hint.store(granted / 2, std::memory_order_relaxed);
         at = phase::start;
@@ -477,8 +519,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
           detail::first_buffer<boost::asio::const_buffer>(buffers);
       if (first.size() != 0 && this->state->closed.load(std::memory_order_acquire))
         return this->fail(self, boost::asio::error::operation_aborted);
-      this->limits = first.size() == 0 ? parts_type() : d.copy_limits(this->cap);
-      if (this->limits.empty()) {
+      if (first.size() == 0 || !d.copy_limits(this->limits, this->per_byte, this->cap)) {
         this->at = phase::moved;
         return this->s->next_.async_write_some(buffers, std::move(self));
       }
@@ -504,7 +545,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     template <typename Self>
     void operator()(Self& self, boost::system::error_code e, std::size_t n) {
       if (this->granted > n)
-        detail::give_back_bytes(this->receipt, this->limits, this->granted - n);
+        detail::give_back_bytes(this->receipt, this->per_byte, this->granted - n);
       self.complete(e, n);
     }
   };
@@ -541,17 +582,17 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
           detail::first_buffer<boost::asio::mutable_buffer>(buffers);
       if (first.size() != 0 && this->state->closed.load(std::memory_order_acquire))
         return this->fail(self, boost::asio::error::operation_aborted);
-      this->limits = first.size() == 0 ? parts_type() : d.copy_limits(this->cap);
-      if (this->limits.empty()) {
+      if (first.size() == 0 || !d.copy_limits(this->limits, this->per_byte, this->cap)) {
         this->at = phase::moved;
         return this->s->next_.async_read_some(buffers, std::move(self));
       }
       if constexpr (detail::waits_for_read<NextLayer>) {
-        if (available() == 0) {
+        const std::size_t there = available();
+        if (there == 0) {
           this->at = phase::readable;
           return this->s->next_.async_wait(boost::asio::socket_base::wait_read, std::move(self));
         }
-        take(self, d, first);
+        take(self, d, first, there);
       } else {  // read first, pay after
         const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(
             {first.size(), this->state->slice.load(std::memory_order_relaxed), this->cap}));
@@ -565,19 +606,22 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     template <typename Self>
     void operator()(Self& self, boost::system::error_code e) {
       if (e) return self.complete(e, 0);
-      if (self.cancelled() != boost::asio::cancellation_type::none)
+      if (self.cancelled() != boost::asio::cancellation_type::none ||
+          this->state->closed.load(std::memory_order_acquire))  // (the stream may be gone)
         return self.complete(boost::asio::error::operation_aborted, 0);
-      take(self, this->state->read, detail::first_buffer<boost::asio::mutable_buffer>(buffers));
+      take(self, this->state->read, detail::first_buffer<boost::asio::mutable_buffer>(buffers),
+           available());
     }
 
+    // Readable, with `there` bytes there: the whole buffer if the limits
+    // hold it now (what the read leaves is given back at once), else waits
+    // for what is there (1 when nothing is: an EOF or an error is about to be
+    // read, or data is arriving), at most a slice.
     template <typename Self>
-    void take(Self& self, direction& d, boost::asio::mutable_buffer first) {
-      // What is there, up to the buffer; 1 when nothing is (an EOF or an
-      // error is about to be read, or data is arriving).
-      const std::uint64_t want = std::max<std::size_t>(std::min(available(), first.size()), 1);
-      if (this->take_now(d, want)) return receive(self, first);
+    void take(Self& self, direction& d, boost::asio::mutable_buffer first, std::size_t there) {
+      if (this->take_now(d, first.size())) return receive(self, first);
       if (this->ec) return this->fail(self, this->ec);
-      this->wait_for(self, d, want);
+      this->wait_for(self, d, std::max<std::size_t>(std::min(there, first.size()), 1));
     }
 
     template <typename Self>
@@ -618,8 +662,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     void pay(Self& self) {
       direction& d = this->state->read;
       while (owed != 0) {
-        this->limits = d.copy_limits(this->cap);
-        if (this->limits.empty()) break;
+        if (!d.copy_limits(this->limits, this->per_byte, this->cap)) break;
         if (this->take_now(d, owed)) {
           owed -= std::min<std::uint64_t>(owed, this->granted);
           continue;
@@ -634,7 +677,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     void operator()(Self& self, boost::system::error_code e, std::size_t n) {
       if constexpr (detail::waits_for_read<NextLayer>) {
         if (this->granted > n)
-          detail::give_back_bytes(this->receipt, this->limits, this->granted - n);
+          detail::give_back_bytes(this->receipt, this->per_byte, this->granted - n);
         self.complete(e, n);
       } else {
         this->done = n;
