@@ -690,3 +690,34 @@ BOOST_AUTO_TEST_CASE(a_wait_past_the_clock_s_end_does_not_spin) {
 }
 
 BOOST_AUTO_TEST_SUITE_END()
+
+// A handler type-erased in any_completion_handler: its allocator is tied to
+// the handler (it frees through the handler's own storage), so the operation
+// must free its memory while the handler is whole: before the handler is
+// invoked, and before it is destroyed when the operation is dropped unrun.
+// (The operation once took its allocator from the handler after moving it
+// out: a null dereference in the rate-limited stream's joint acquire.)
+BOOST_FIXTURE_TEST_SUITE(type_erased_handlers, clock_fixture)
+
+BOOST_AUTO_TEST_CASE(any_completion_handler_completes_and_is_dropped_safely) {
+  using erased = boost::asio::any_completion_handler<void(boost::system::error_code)>;
+  int granted = 0, aborted = 0;
+  {
+    boost::asio::io_context ctx;
+    test_bucket bucket(ctx, 1, per_second(1));
+    auto count = [&](boost::system::error_code ec) { ++(ec ? aborted : granted); };
+    bucket.async_get_token(erased(count));  // a token there
+    bucket.async_get_token(erased(count));  // waits
+    BOOST_REQUIRE(settle(ctx, [&] { return granted == 1; }));
+    manual_clock::advance(std::chrono::seconds(1));
+    BOOST_REQUIRE(settle(ctx, [&] { return granted == 2; }));
+    bucket.async_acquire(
+        1,
+        boost::asio::any_completion_handler<void(boost::system::error_code, ratelimit::receipt)>(
+            [&](boost::system::error_code ec, ratelimit::receipt) { ++(ec ? aborted : granted); }));
+    bucket.async_get_token(erased(count));  // queued when the context goes
+  }  // the context destroyed with the last two unrun: dropped, memory freed, no leak
+  BOOST_TEST(granted == 2);
+}
+
+BOOST_AUTO_TEST_SUITE_END()

@@ -503,6 +503,9 @@ class handler_op final : public Base {
 #endif
   void upcall() {
     [[maybe_unused]] auto work = std::move(work_);
+    // The allocator first: one tied to the handler (any_completion_handler's)
+    // must come from it while it is whole.
+    upcall_alloc_.emplace(fallback_allocator());
     Handler handler(std::move(handler_));
     auto args = std::move(this->result);
     free();
@@ -518,14 +521,27 @@ class handler_op final : public Base {
     memory_.release(&handler_op::free_now, this);
   }
 
+  /// As Asio's operations do: the memory is freed with an allocator taken
+  /// from the handler while the handler lives (moved out of the operation
+  /// first when it is still there), so that an allocator tied to the handler
+  /// (any_completion_handler's) is used while it is valid.
   static void free_now(void* p) noexcept {
     auto* op = static_cast<handler_op*>(p);
-    alloc_type alloc(op->fallback_allocator());
+    if (op->upcall_alloc_) {  // upcall(): the handler is out, about to be invoked
+      alloc_type alloc(*op->upcall_alloc_);
+      alloc_traits::destroy(alloc, op);
+      alloc_traits::deallocate(alloc, op, 1);
+      return;
+    }
+    Handler handler(std::move(op->handler_));  // destroyed after the memory is freed
+    alloc_type alloc(
+        boost::asio::get_associated_allocator(handler, boost::asio::recycling_allocator<void>()));
     alloc_traits::destroy(alloc, op);
     alloc_traits::deallocate(alloc, op, 1);
   }
 
   Handler handler_;
+  std::optional<fallback_type> upcall_alloc_;  // set by upcall()
   [[no_unique_address]] work_type work_;
   op_memory memory_;
 };
