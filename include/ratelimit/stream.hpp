@@ -6,6 +6,7 @@
 
 #include <ratelimit/joint.hpp>
 
+#include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/buffer.hpp>
 #include <boost/asio/cancellation_signal.hpp>
@@ -17,8 +18,16 @@
 #include <boost/beast/websocket/teardown.hpp>
 #include <boost/system/error_code.hpp>
 
+#if !defined(BOOST_ASIO_WINDOWS) && !defined(__CYGWIN__)
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#include <cerrno>
+#endif
+
 #include <algorithm>
 #include <atomic>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -44,6 +53,44 @@ template <typename S>
 concept says_available = requires(S& s, boost::system::error_code& ec) {
   { s.available(ec) } -> std::convertible_to<std::size_t>;
 };
+
+#if !defined(BOOST_ASIO_WINDOWS) && !defined(__CYGWIN__)
+/// A socket over a POSIX descriptor (it can be read without blocking and
+/// without Asio's reactor: receive_now).
+template <typename S>
+concept receives_now = waits_for_read<S> && requires(S& s) {
+  { s.native_handle() } -> std::convertible_to<int>;
+};
+
+/// Reads what is there now without blocking: true when done (bytes, EOF or an
+/// error), false when nothing is there.
+template <typename S>
+bool receive_now(S& s, void* data, std::size_t size, std::size_t& n,
+                 boost::system::error_code& ec) {
+  for (;;) {
+    const ::ssize_t r = ::recv(s.native_handle(), data, size, MSG_DONTWAIT);
+    if (r > 0) {
+      n = static_cast<std::size_t>(r);
+      return true;
+    }
+    if (r == 0) {
+      ec = boost::asio::error::eof;
+      return true;
+    }
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
+    ec = boost::system::error_code(errno, boost::asio::error::get_system_category());
+    return true;
+  }
+}
+#else
+template <typename S>
+concept receives_now = false;
+template <typename S>
+bool receive_now(S&, void*, std::size_t, std::size_t&, boost::system::error_code&) {
+  return false;
+}
+#endif
 
 template <typename S>
 concept closes = requires(S& s, boost::system::error_code& ec) {
@@ -81,6 +128,7 @@ struct stream_direction {
   std::mutex limits_mutex;
   std::vector<part_type> limits;  // guarded by limits_mutex
   std::atomic<bool> limited{false};
+  std::atomic<std::uint64_t> version{0};  // bumped by every set()
   // The largest request the limits took so far without exceeds_capacity
   // (learned by halving; reset when the limits are set).
   std::atomic<std::uint64_t> cap_hint{std::numeric_limits<std::uint64_t>::max()};
@@ -88,31 +136,43 @@ struct stream_direction {
   // The operation waiting for tokens: close() and cancel() emit `signal`,
   // which the acquire is bound to, under `wait_mutex` (the acquire is
   // initiated under it too, so an emission never races the installation).
+  // The one operation of this direction at a time: its limits as of its
+  // request (each part asking for the request's bytes), their tokens per
+  // byte, and its receipt. Here rather than in the operation, which Asio
+  // moves at every step.
+  joint_parts<Clock, WaitTraits> op_limits;
+  per_byte_type op_per_byte;
+  std::uint64_t op_version = ~std::uint64_t{0};  // of the limits op_limits copies
+  joint_receipt op_receipt;
+
   std::mutex wait_mutex;
   boost::asio::cancellation_signal signal;
   bool waiting = false;
 
   /// The limits as of now, and the most bytes they can grant at once as far
   /// as the buckets' capacities tell (keys' are learned: cap_hint).
-  /// Copies the limits into `out` and their tokens per byte into `per_byte`;
-  /// false when there are none.
-  bool copy_limits(joint_parts<Clock, WaitTraits>& out, per_byte_type& per_byte,
-                   std::uint64_t& cap) {
-    out.clear();
-    per_byte.clear();
+  /// Brings op_limits and op_per_byte up to the limits as of now (copied
+  /// only when they were set since the last operation); sets `cap` to the
+  /// most bytes they can grant at once as far as the buckets' capacities
+  /// tell (keys' are learned: cap_hint). False when there are none.
+  bool copy_limits(std::uint64_t& cap) {
     cap = cap_hint.load(std::memory_order_relaxed);
     if (!limited.load(std::memory_order_acquire)) return false;
-    {
+    if (op_version != version.load(std::memory_order_acquire)) {
       std::lock_guard lk(limits_mutex);
-      out.assign(limits.begin(), limits.end());
+      op_limits.assign(limits.begin(), limits.end());
+      op_per_byte.clear();
+      for (const part_type& p : op_limits)
+        op_per_byte.push_back(p.tokens());
+      op_version = version.load(std::memory_order_relaxed);
     }
-    for (const part_type& p : out) {
-      per_byte.push_back(p.tokens());
-      cap = std::min(cap, std::numeric_limits<std::uint64_t>::max() / p.tokens());  // no overflow
-      if (std::optional<std::uint64_t> c = p.capacity()) cap = std::min(cap, *c / p.tokens());
+    for (std::size_t i = 0; i < op_limits.size(); ++i) {
+      const std::uint64_t per = op_per_byte[i];
+      cap = std::min(cap, std::numeric_limits<std::uint64_t>::max() / per);  // no overflow
+      if (std::optional<std::uint64_t> c = op_limits[i].capacity()) cap = std::min(cap, *c / per);
     }
     if (cap == 0) cap = 1;  // (a part over 1 byte's tokens: the request fails as it must)
-    return !out.empty();
+    return !op_limits.empty();
   }
 
   void set(std::vector<part_type> parts) {
@@ -125,6 +185,7 @@ struct stream_direction {
     std::lock_guard lk(limits_mutex);
     limits = std::move(parts);
     cap_hint.store(std::numeric_limits<std::uint64_t>::max(), std::memory_order_relaxed);
+    version.fetch_add(1, std::memory_order_release);
     limited.store(!limits.empty(), std::memory_order_release);
   }
 
@@ -248,7 +309,10 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
 
   /// Constructs the next layer from `args`; no limits.
   template <typename... Args>
-  explicit basic_rate_limited_stream(Args&&... args)
+  requires std::constructible_from<NextLayer, Args&&...> &&
+      (sizeof...(Args) != 1 ||
+       !(std::is_same_v<std::remove_cvref_t<Args>, basic_rate_limited_stream> ||
+         ...)) explicit basic_rate_limited_stream(Args&&... args)
       : next_(std::forward<Args>(args)...), state_(std::make_shared<state_type>(default_slice)) {}
 
   /// Moves the next layer, the limits and the slice; the moved-from stream
@@ -380,25 +444,26 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     }
   }
 
+  using acquire_handler =
+      boost::asio::any_completion_handler<void(boost::system::error_code, joint_receipt)>;
+
   enum class phase { start, fail, readable, acquired, moved, paid };
 
   // What both operations share: taking tokens for `want` bytes, now if the
   // limits hold them, else by waiting for at most a slice.
   template <typename Derived>
   struct op_base {
-    op_base(basic_rate_limited_stream* stream, std::shared_ptr<state_type> st)
-        : s(stream), state(std::move(st)) {}
+    op_base(basic_rate_limited_stream* stream, std::shared_ptr<state_type> st, direction* d)
+        : s(stream), state(std::move(st)), dir(d) {}
 
     basic_rate_limited_stream* s;
     std::shared_ptr<state_type> state;
+    direction* dir;  // (in *state) its op_* members: this operation's limits and receipt
     phase at = phase::start;
     boost::system::error_code ec{};
-    std::size_t done = 0;            // bytes moved (a paying read's)
-    std::uint64_t granted = 0;       // bytes the receipt is for
-    parts_type limits;               // as of the request (each asking for the request's bytes)
-    detail::per_byte_type per_byte;  // their tokens per byte
-    std::uint64_t cap = 0;           // the most bytes they grant at once (copy_limits)
-    joint_receipt receipt;
+    std::size_t done = 0;       // bytes moved (a paying read's)
+    std::uint64_t granted = 0;  // bytes the receipt is for
+    std::uint64_t cap = 0;      // the most bytes they grant at once (copy_limits)
 
     bool begun = false;
 
@@ -411,7 +476,8 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
       self.reset_cancellation_state(boost::asio::enable_total_cancellation());
     }
 
-    /// Fails the operation without calling its handler inside this call.
+    /// Completes the operation with `e` (and `done` bytes) without calling
+    /// its handler inside this call.
     template <typename Self>
     void fail(Self& self, boost::system::error_code e) {
       ec = e;
@@ -424,12 +490,12 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     bool take_now(direction& d, std::uint64_t want) {
       for (;;) {
         want = std::min(want, cap);
-        detail::scale(limits, per_byte, want);
+        detail::scale(dir->op_limits, dir->op_per_byte, want);
         std::optional<typename Clock::duration> retry;
-        std::optional<joint_receipt> r =
-            try_acquire(std::span<const part_type>(limits.data(), limits.size()), retry, ec);
+        std::optional<joint_receipt> r = try_acquire(
+            std::span<const part_type>(dir->op_limits.data(), dir->op_limits.size()), retry, ec);
         if (r) {
-          receipt = std::move(*r);
+          dir->op_receipt = std::move(*r);
           granted = want;
           return true;
         }
@@ -448,7 +514,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
       if (want == 0) want = 1;
       granted = want;
       at = phase::acquired;
-      detail::scale(limits, per_byte, want);
+      detail::scale(dir->op_limits, dir->op_per_byte, want);
       auto slot = self.get_cancellation_state().slot();
       if (slot.is_connected())
         slot.template emplace<detail::forward_cancellation<Clock, WaitTraits>>(state, &d);
@@ -458,11 +524,11 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
         return fail(self, boost::asio::error::operation_aborted);
       }
       d.waiting = true;
-      // Out of the operation first: moving `self` into the handler moves it.
-      const parts_type asked = std::move(limits);
+      // Type-erased: the joint acquire is compiled once for every kind of
+      // operation over the stream (Beast's, SSL's, ... each a handler type).
       ratelimit::async_acquire(
-          std::span<const part_type>(asked.data(), asked.size()),
-          boost::asio::bind_cancellation_slot(d.signal.slot(), std::move(self)));
+          std::span<const part_type>(dir->op_limits.data(), dir->op_limits.size()),
+          acquire_handler(boost::asio::bind_cancellation_slot(d.signal.slot(), std::move(self))));
     }
 
     /// After wait_for: false when the operation is over (completed).
@@ -493,7 +559,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
         self.complete(e, done);
         return false;
       }
-      receipt = std::move(r);
+      dir->op_receipt = std::move(r);
       return true;
     }
   };
@@ -503,7 +569,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     Buffers buffers;
 
     write_op(basic_rate_limited_stream* s, std::shared_ptr<state_type> st, const Buffers& b)
-        : op_base<write_op<Buffers>>(s, std::move(st)), buffers(b) {}
+        : op_base<write_op<Buffers>>(s, st, &st->write), buffers(b) {}
 
     template <typename Self>
     void restart(Self& self) {
@@ -519,7 +585,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
           detail::first_buffer<boost::asio::const_buffer>(buffers);
       if (first.size() != 0 && this->state->closed.load(std::memory_order_acquire))
         return this->fail(self, boost::asio::error::operation_aborted);
-      if (first.size() == 0 || !d.copy_limits(this->limits, this->per_byte, this->cap)) {
+      if (first.size() == 0 || !d.copy_limits(this->cap)) {
         this->at = phase::moved;
         return this->s->next_.async_write_some(buffers, std::move(self));
       }
@@ -545,7 +611,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     template <typename Self>
     void operator()(Self& self, boost::system::error_code e, std::size_t n) {
       if (this->granted > n)
-        detail::give_back_bytes(this->receipt, this->per_byte, this->granted - n);
+        detail::give_back_bytes(this->dir->op_receipt, this->dir->op_per_byte, this->granted - n);
       self.complete(e, n);
     }
   };
@@ -555,11 +621,27 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     Buffers buffers;
 
     read_op(basic_rate_limited_stream* s, std::shared_ptr<state_type> st, const Buffers& b)
-        : op_base<read_op<Buffers>>(s, std::move(st)), buffers(b) {}
+        : op_base<read_op<Buffers>>(s, st, &st->read), buffers(b) {}
 
     template <typename Self>
     void restart(Self& self) {
       (*this)(self);
+    }
+
+    enum class now { read, nothing_there, short_of_tokens };
+
+    // A socket whose limits hold the whole buffer now: reads what is there
+    // at once (one system call, as the socket's own read makes), giving back
+    // what it did not use. Short of tokens: took nothing (`ec` says if the
+    // request failed).
+    now read_now(direction& d, boost::asio::mutable_buffer first, std::size_t& n,
+                 boost::system::error_code& e) {
+      if (!this->take_now(d, first.size())) return now::short_of_tokens;
+      const bool read = detail::receive_now(this->s->next_, first.data(),
+                                            static_cast<std::size_t>(this->granted), n, e);
+      detail::give_back_bytes(this->dir->op_receipt, this->dir->op_per_byte, this->granted - n);
+      this->granted = 0;
+      return read ? now::read : now::nothing_there;
     }
 
     // How many bytes the next layer holds now (0: unknown or none).
@@ -582,9 +664,23 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
           detail::first_buffer<boost::asio::mutable_buffer>(buffers);
       if (first.size() != 0 && this->state->closed.load(std::memory_order_acquire))
         return this->fail(self, boost::asio::error::operation_aborted);
-      if (first.size() == 0 || !d.copy_limits(this->limits, this->per_byte, this->cap)) {
+      if (first.size() == 0 || !d.copy_limits(this->cap)) {
         this->at = phase::moved;
         return this->s->next_.async_read_some(buffers, std::move(self));
+      }
+      if constexpr (detail::receives_now<NextLayer>) {
+        std::size_t n = 0;
+        boost::system::error_code e;
+        switch (read_now(d, first, n, e)) {
+          case now::read:
+            this->done = n;
+            return this->fail(self, e);  // (completes with e and n, outside this call)
+          case now::nothing_there:
+            this->at = phase::readable;
+            return this->s->next_.async_wait(boost::asio::socket_base::wait_read, std::move(self));
+          case now::short_of_tokens:
+            if (this->ec) return this->fail(self, this->ec);
+        }
       }
       if constexpr (detail::waits_for_read<NextLayer>) {
         const std::size_t there = available();
@@ -609,8 +705,25 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
       if (self.cancelled() != boost::asio::cancellation_type::none ||
           this->state->closed.load(std::memory_order_acquire))  // (the stream may be gone)
         return self.complete(boost::asio::error::operation_aborted, 0);
-      take(self, this->state->read, detail::first_buffer<boost::asio::mutable_buffer>(buffers),
-           available());
+      direction& d = this->state->read;
+      const auto first = detail::first_buffer<boost::asio::mutable_buffer>(buffers);
+      if (!d.copy_limits(this->cap)) {  // removed meanwhile
+        this->at = phase::moved;
+        return this->s->next_.async_read_some(buffers, std::move(self));
+      }
+      if constexpr (detail::receives_now<NextLayer>) {  // as in the first step
+        std::size_t n = 0;
+        boost::system::error_code re;
+        switch (read_now(d, first, n, re)) {
+          case now::read:
+            return self.complete(re, n);
+          case now::nothing_there:  // (woken for nothing)
+            return this->s->next_.async_wait(boost::asio::socket_base::wait_read, std::move(self));
+          case now::short_of_tokens:
+            if (this->ec) return self.complete(this->ec, 0);
+        }
+      }
+      take(self, d, first, available());
     }
 
     // Readable, with `there` bytes there: the whole buffer if the limits
@@ -662,7 +775,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     void pay(Self& self) {
       direction& d = this->state->read;
       while (owed != 0) {
-        if (!d.copy_limits(this->limits, this->per_byte, this->cap)) break;
+        if (!d.copy_limits(this->cap)) break;
         if (this->take_now(d, owed)) {
           owed -= std::min<std::uint64_t>(owed, this->granted);
           continue;
@@ -677,7 +790,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     void operator()(Self& self, boost::system::error_code e, std::size_t n) {
       if constexpr (detail::waits_for_read<NextLayer>) {
         if (this->granted > n)
-          detail::give_back_bytes(this->receipt, this->per_byte, this->granted - n);
+          detail::give_back_bytes(this->dir->op_receipt, this->dir->op_per_byte, this->granted - n);
         self.complete(e, n);
       } else {
         this->done = n;
