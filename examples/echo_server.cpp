@@ -15,6 +15,13 @@
 //   echo_server --port 5555 --msg-rate 2 --burst 5
 //   nc 127.0.0.1 5555
 //
+// Optionally, bytes too (--byte-rate per client, --global-byte-rate for the
+// whole server, each way): each client's socket is then wrapped in a
+// ratelimit::rate_limited_stream whose reads and writes take one token a byte
+// from the client's bucket and the server's as one joint request.
+//
+//   echo_server --port 5555 --byte-rate 100000 --global-byte-rate 1000000
+//
 // Bad clients are handled one by one without harm to the others: a line longer
 // than --max-line, a client that stops reading (--write-timeout), abrupt
 // resets, half-closed sockets, more clients than --max-clients. SIGINT or
@@ -22,6 +29,7 @@
 // in-flight echoes --shutdown-timeout seconds, and exits 0.
 #include <ratelimit.hpp>
 #include <ratelimit/keyed_limiter.hpp>
+#include <ratelimit/stream.hpp>
 
 #include "cli.hpp"
 
@@ -30,6 +38,7 @@
 
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstdint>
@@ -43,7 +52,9 @@
 #include <span>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <variant>
+#include <vector>
 
 namespace asio = boost::asio;
 using asio::ip::tcp;
@@ -70,7 +81,20 @@ struct config {
   std::size_t max_keys = 100000;
   double write_timeout = 10;
   double shutdown_timeout = 3;
+  // Bytes per second each way (reads from a client, writes to it); 0: unlimited.
+  std::uint64_t byte_rate = 0;         // per client connection
+  std::uint64_t global_byte_rate = 0;  // all clients together
 };
+
+using limited_socket = ratelimit::rate_limited_stream<tcp::socket>;
+
+/// The capacity of the byte buckets: one slice of a rate_limited_stream (the
+/// most an operation waits for at once), so that a client's burst is one slice.
+constexpr std::uint64_t byte_burst = limited_socket::default_slice;
+
+/// The socket under a stream (the stream itself when it is one).
+tcp::socket& socket_of(tcp::socket& s) { return s; }
+tcp::socket& socket_of(limited_socket& s) { return s.next_layer(); }
 
 /// ", retry in 0.42 s": the wait rounded up to 10 ms (a line sent then
 /// passes, if nothing else is asked meanwhile); nothing when there is none.
@@ -112,6 +136,10 @@ class server {
         connections_(ctx, cfg.conn_rate, ratelimit::per_second(cfg.conn_rate)),
         global_(ctx, cfg.global_rate, ratelimit::per_second(cfg.global_rate)),
         clients_(ctx, cfg.burst, ratelimit::per_second(cfg.msg_rate), cfg.max_keys) {
+    if (cfg.global_byte_rate != 0) {
+      global_read_bytes_.emplace(ctx, byte_burst, ratelimit::per_second(cfg.global_byte_rate));
+      global_write_bytes_.emplace(ctx, byte_burst, ratelimit::per_second(cfg.global_byte_rate));
+    }
     // A quota is configuration: it holds whether or not the address has a
     // bucket now, and across eviction.
     if (!cfg.trusted.empty())
@@ -127,6 +155,9 @@ class server {
     if (!cfg_.trusted.empty())
       log("trusted client ", cfg_.trusted, ": ", cfg_.trusted_rate, " lines/s, burst ",
           cfg_.trusted_burst);
+    if (byte_limited())
+      log("bytes each way: per client ", bytes_per_second(cfg_.byte_rate), ", all clients ",
+          bytes_per_second(cfg_.global_byte_rate), " (burst ", byte_burst, " bytes)");
     asio::co_spawn(ctx_, accept_loop(), asio::detached);
     asio::co_spawn(ctx_, wait_for_signal(), asio::detached);
   }
@@ -135,6 +166,19 @@ class server {
   struct session_stats {
     std::uint64_t echoed = 0, delayed = 0, rejected = 0;
   };
+
+  /// A session as the shutdown sees it: its socket, and its byte-limited
+  /// stream if it has one (closing the stream also ends a wait for bytes).
+  struct session_handle {
+    tcp::socket* sock;
+    limited_socket* limited = nullptr;
+  };
+
+  bool byte_limited() const { return cfg_.byte_rate != 0 || cfg_.global_byte_rate != 0; }
+
+  static std::string bytes_per_second(std::uint64_t rate) {
+    return rate == 0 ? "unlimited" : std::to_string(rate) + " B/s";
+  }
 
   asio::awaitable<void> accept_loop() {
     bool paused = false;
@@ -187,7 +231,37 @@ class server {
     return os.str();
   }
 
+  /// A client's session: over its bare socket, or, with byte limits, over a
+  /// rate_limited_stream whose reads and writes each take a token a byte from
+  /// the client's bucket and the server's, as one joint request (nothing is
+  /// taken from either until both can give).
   asio::awaitable<void> session(tcp::socket sock, std::uint64_t id) {
+    if (!byte_limited()) {
+      co_await serve(sock, id);
+      co_return;
+    }
+    // The client's buckets, one per direction, outlive its stream (declared first).
+    std::optional<ratelimit::token_bucket> own_read, own_write;
+    std::vector<ratelimit::part> reads, writes;
+    if (cfg_.byte_rate != 0) {
+      own_read.emplace(ctx_, byte_burst, ratelimit::per_second(cfg_.byte_rate));
+      own_write.emplace(ctx_, byte_burst, ratelimit::per_second(cfg_.byte_rate));
+      reads.emplace_back(*own_read);
+      writes.emplace_back(*own_write);
+    }
+    if (global_read_bytes_) {
+      reads.emplace_back(*global_read_bytes_);
+      writes.emplace_back(*global_write_bytes_);
+    }
+    limited_socket stream(std::move(sock));
+    stream.set_read_limits(std::move(reads));
+    stream.set_write_limits(std::move(writes));
+    co_await serve(stream, id);
+  }
+
+  template <typename Stream>
+  asio::awaitable<void> serve(Stream& stream, std::uint64_t id) {
+    tcp::socket& sock = socket_of(stream);
     boost::system::error_code ec;
     const auto remote = sock.remote_endpoint(ec);
     if (ec) co_return;  // reset before we got to it
@@ -197,7 +271,9 @@ class server {
     const std::string tag = tag_os.str();
     sock.set_option(tcp::no_delay(true), ec);
 
-    sessions_.emplace(id, &sock);
+    session_handle handle{&sock};
+    if constexpr (std::is_same_v<Stream, limited_socket>) handle.limited = &stream;
+    sessions_.emplace(id, handle);
     struct unregister {
       server* s;
       std::uint64_t id;
@@ -211,7 +287,7 @@ class server {
     bool over_limit = false;  // logs the start of each streak, not every line
     for (;;) {
       auto [rec, n] = co_await asio::async_read_until(
-          sock, asio::dynamic_buffer(buf, cfg_.max_line + 1), '\n', nothrow);
+          stream, asio::dynamic_buffer(buf, cfg_.max_line + 1), '\n', nothrow);
       bool last = false;
       if (rec == asio::error::eof) {
         if (buf.empty()) {
@@ -222,7 +298,7 @@ class server {
         last = true;
       } else if (rec == asio::error::not_found) {
         log(tag, " sent a line longer than ", cfg_.max_line, " bytes: disconnecting it");
-        co_await write(sock, "error: line too long\n", tag);
+        co_await write(stream, "error: line too long\n", tag);
         why = "disconnected (line too long)";
         break;
       } else if (rec) {
@@ -251,7 +327,7 @@ class server {
           if (!over_limit) log(tag, " over its limit: rejecting its lines");
           over_limit = true;
           ++stats.rejected;
-          if (!co_await write(sock, "error: rate limit exceeded" + retry_in(wait) + "\n", tag))
+          if (!co_await write(stream, "error: rate limit exceeded" + retry_in(wait) + "\n", tag))
             break;
           if (last) break;
           continue;
@@ -274,16 +350,16 @@ class server {
       }
       if (lec == ratelimit::error::too_many_keys) {
         log(tag, " refused: ", lec.message());
-        co_await write(sock, "error: server busy\n", tag);
+        co_await write(stream, "error: server busy\n", tag);
         why = "disconnected (too many client addresses)";
         break;
       }
       if (lec) {  // bucket_closed or operation_aborted: shutting down
-        co_await write(sock, "error: server shutting down\n", tag);
+        co_await write(stream, "error: server shutting down\n", tag);
         why = "closed at shutdown";
         break;
       }
-      if (!co_await write(sock, line, tag)) {
+      if (!co_await write(stream, line, tag)) {
         why = "disconnected (write failed)";
         break;
       }
@@ -301,11 +377,24 @@ class server {
   }
 
   /// Writes all of `data`, giving up after --write-timeout (a client that
-  /// does not read). Returns false on failure.
-  asio::awaitable<bool> write(tcp::socket& sock, std::string_view data, const std::string& tag) {
-    if (!sock.is_open()) co_return false;
-    asio::steady_timer timer(ctx_, seconds_of(cfg_.write_timeout));
-    auto r = co_await (asio::async_write(sock, asio::buffer(data), nothrow) ||
+  /// does not read), plus, with byte limits, the time they need for `data`
+  /// (at the client's rate, or its share of the global one if lower).
+  /// Returns false on failure.
+  template <typename Stream>
+  asio::awaitable<bool> write(Stream& stream, std::string_view data, const std::string& tag) {
+    if (!socket_of(stream).is_open()) co_return false;
+    double timeout = cfg_.write_timeout;
+    if (byte_limited()) {
+      double rate = double(cfg_.byte_rate);
+      if (cfg_.global_byte_rate != 0) {
+        const double share = double(cfg_.global_byte_rate) /
+                             double(std::max<std::size_t>(sessions_.size(), 1));
+        rate = rate == 0 ? share : std::min(rate, share);
+      }
+      timeout += double(data.size()) / rate;
+    }
+    asio::steady_timer timer(ctx_, seconds_of(timeout));
+    auto r = co_await (asio::async_write(stream, asio::buffer(data), nothrow) ||
                        timer.async_wait(nothrow));
     if (r.index() == 1) {
       log(tag, " has not read its echoes for ", cfg_.write_timeout, " s: disconnecting it");
@@ -336,7 +425,7 @@ class server {
     global_.close();
     // Idle readers see end-of-file; echoes being written go on.
     for (auto& [id, s] : sessions_)
-      s->shutdown(tcp::socket::shutdown_receive, ignored);
+      s.sock->shutdown(tcp::socket::shutdown_receive, ignored);
     if (!sessions_.empty()) {
       drained_.expires_after(seconds_of(cfg_.shutdown_timeout));
       co_await drained_.async_wait(nothrow);
@@ -344,8 +433,12 @@ class server {
     if (!sessions_.empty()) {
       log(sessions_.size(), " clients still busy after ", cfg_.shutdown_timeout,
           " s: closing them");
-      for (auto& [id, s] : sessions_)
-        s->close(ignored);
+      for (auto& [id, s] : sessions_) {
+        if (s.limited)
+          s.limited->close(ignored);  // also ends a wait for bytes
+        else
+          s.sock->close(ignored);
+      }
     }
     log("shutdown complete");
   }
@@ -356,7 +449,9 @@ class server {
   ratelimit::token_bucket connections_;
   ratelimit::token_bucket global_;
   ratelimit::keyed_limiter<asio::ip::address> clients_;
-  std::map<std::uint64_t, tcp::socket*> sessions_;
+  // The server's byte buckets (--global-byte-rate), one per direction.
+  std::optional<ratelimit::token_bucket> global_read_bytes_, global_write_bytes_;
+  std::map<std::uint64_t, session_handle> sessions_;
   std::uint64_t next_id_ = 1;
   bool stopping_ = false;
   asio::steady_timer drained_{ctx_};
@@ -406,7 +501,11 @@ int main(int argc, char* argv[]) {
       .option("write-timeout", cfg.write_timeout, 0.001, 31536000.0,
               "seconds a client may leave its echoes unread")
       .option("shutdown-timeout", cfg.shutdown_timeout, 0.0, 31536000.0,
-              "seconds given to in-flight echoes at shutdown");
+              "seconds given to in-flight echoes at shutdown")
+      .option("byte-rate", cfg.byte_rate, std::uint64_t(0), any,
+              "bytes per second per client, each way (0: unlimited)")
+      .option("global-byte-rate", cfg.global_byte_rate, std::uint64_t(0), any,
+              "bytes per second, all clients together, each way (0: unlimited)");
   if (int rc = cli.parse(argc, argv); rc >= 0) return rc;
   cfg.reject = on_limit == "reject";
   const bool trusted_limits = cli.given("trusted-rate") || cli.given("trusted-burst");

@@ -15,6 +15,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <filesystem>
@@ -247,6 +248,54 @@ std::vector<std::string> with(std::vector<std::string> base, std::vector<std::st
   return base;
 }
 
+/// What one client of echo_bytes() got back, and when (s after the start).
+struct echo_result {
+  bool intact = false;
+  std::size_t received = 0;
+  double seconds = 0;
+};
+
+/// `clients` clients connect, each sends `bytes` bytes at once (lines of 1 KiB,
+/// each client's its own) and reads its echo; all at the same time, on one
+/// io_context. Bounded at 20 s.
+std::vector<echo_result> echo_bytes(const tcp::endpoint& server, int clients, std::size_t bytes) {
+  asio::io_context ctx;
+  struct conn {
+    tcp::socket sock;
+    std::string out, in;
+    echo_result r;
+  };
+  std::vector<std::unique_ptr<conn>> conns;
+  for (int i = 0; i < clients; ++i) {
+    auto c = std::make_unique<conn>(conn{tcp::socket(ctx), {}, {}, {}});
+    for (std::size_t n = 0; c->out.size() < bytes; ++n) {
+      std::string line = "client " + std::to_string(i) + " line " + std::to_string(n) + ' ';
+      line.resize(std::min<std::size_t>(1023, bytes - c->out.size() - 1), char('a' + n % 26));
+      c->out += line + '\n';
+    }
+    c->sock.connect(server);
+    c->sock.set_option(tcp::no_delay(true));
+    c->in.resize(c->out.size());
+    conns.push_back(std::move(c));
+  }
+  const auto t0 = clock_type::now();
+  for (auto& c : conns) {
+    conn& r = *c;
+    asio::async_write(r.sock, asio::buffer(r.out), [](auto, auto) {});
+    asio::async_read(r.sock, asio::buffer(r.in),
+                     [&r, t0](boost::system::error_code, std::size_t n) {
+                       r.r.seconds = since(t0);
+                       r.r.received = n;
+                       r.r.intact = n == r.out.size() && r.in == r.out;
+                     });
+  }
+  ctx.run_for(20s);
+  std::vector<echo_result> out;
+  for (auto& c : conns)
+    out.push_back(c->r);
+  return out;
+}
+
 }  // namespace
 
 BOOST_AUTO_TEST_SUITE(echo_server_e2e)
@@ -443,6 +492,54 @@ BOOST_AUTO_TEST_CASE(a_trusted_client_has_its_own_quota) {
   BOOST_TEST(other.read_line() == numbered("o", 2));
   const std::string third = other.read_line();
   BOOST_TEST(third.rfind("error: rate limit exceeded, retry in ", 0) == 0, third);
+}
+
+// --byte-rate: each client's reads and writes go through a rate-limited
+// stream over its own bucket (16 KiB burst, then the rate); the echoes are
+// the bytes sent, just slower.
+BOOST_AUTO_TEST_CASE(byte_rate_paces_each_client) {
+  server_process s(with(unlimited, {"--byte-rate", "100000"}));
+  keep_log_on_failure k{s};
+  BOOST_TEST(s.log_contains("bytes each way: per client 100000 B/s, all clients unlimited"));
+  constexpr std::size_t bytes = 60 * 1024;
+  const auto r = echo_bytes(s.endpoint(), 1, bytes);
+  BOOST_TEST(r[0].received == bytes);
+  BOOST_TEST(r[0].intact);
+  // The burst, then 100000 B/s: (61440 - 16384) / 100000 = 0.45 s at the least.
+  BOOST_TEST(r[0].seconds >= 0.4, r[0].seconds << " s");
+  BOOST_TEST(r[0].seconds < 5.0, r[0].seconds << " s");
+  BOOST_TEST_MESSAGE("60 KiB at 100000 B/s: " << r[0].seconds << " s");
+  // A client's limit is its own: another one after it starts with a full bucket.
+  const auto again = echo_bytes(s.endpoint(), 1, 16 * 1024);
+  BOOST_TEST(again[0].intact);
+  BOOST_TEST(again[0].seconds < 0.3, again[0].seconds << " s");
+}
+
+// --global-byte-rate: one bucket for all clients; two clients at once each
+// get about half of it, one alone gets all of it.
+BOOST_AUTO_TEST_CASE(global_byte_rate_is_shared_by_the_clients) {
+  server_process s(with(unlimited, {"--global-byte-rate", "100000"}));
+  keep_log_on_failure k{s};
+  constexpr std::size_t bytes = 48 * 1024;
+  const auto alone = echo_bytes(s.endpoint(), 1, bytes);
+  BOOST_TEST(alone[0].intact);
+  // (49152 - 16384) / 100000 = 0.33 s at the least.
+  BOOST_TEST(alone[0].seconds >= 0.3, alone[0].seconds << " s");
+  std::this_thread::sleep_for(200ms);  // the bucket refills (16 KiB at 100000 B/s: 0.16 s)
+  const auto two = echo_bytes(s.endpoint(), 2, bytes);
+  for (const auto& r : two) {
+    BOOST_TEST(r.received == bytes);
+    BOOST_TEST(r.intact);
+    BOOST_TEST(r.seconds < 6.0, r.seconds << " s");
+  }
+  const double first = std::min(two[0].seconds, two[1].seconds);
+  const double last = std::max(two[0].seconds, two[1].seconds);
+  BOOST_TEST_MESSAGE("48 KiB alone: " << alone[0].seconds << " s; two at once: " << two[0].seconds
+                                      << " s and " << two[1].seconds << " s");
+  // Both together: (2 * 49152 - 16384) / 100000 = 0.82 s at the least; and
+  // each about half the rate (the faster one well under what it had alone).
+  BOOST_TEST(last >= 0.75, last << " s");
+  BOOST_TEST(first >= 0.5, first << " s");
 }
 
 BOOST_AUTO_TEST_CASE(an_oversized_line_is_survived) {

@@ -1,5 +1,6 @@
-// The threads and coroutines examples, run with short settings: their output
-// says what the README says it does, at the times it says.
+// The threads, coroutines and http_download examples, run with short
+// settings: their output says what the README says it does, at the times it
+// says.
 #include <boost/test/unit_test.hpp>
 
 #include <sys/wait.h>
@@ -105,6 +106,56 @@ BOOST_AUTO_TEST_CASE(coroutines_shows_each_feature) {
     BOOST_TEST(t >= previous);
     previous = t;
   }
+}
+
+// http_download's demo, small: two downloads half a second apart through a
+// server limiting each connection to 200000 B/s and all of them to 300000.
+BOOST_AUTO_TEST_CASE(http_download_demo_keeps_to_its_byte_rates) {
+  constexpr double size = 196608, rate = 200000, global = 300000, burst = 16384;
+  int status = 0;
+  const std::string out = run(std::string(HTTP_DOWNLOAD_EXE) +
+                                  " --size 196608 --rate 200000 --global-rate 300000"
+                                  " --clients 2 --stagger 0.5",
+                              status);
+  BOOST_REQUIRE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  const auto lines = lines_of(out);
+  BOOST_REQUIRE(lines.size() >= 5);
+  BOOST_TEST(std::regex_match(
+      lines[0],
+      std::regex("2 clients download 196608 bytes from http://127\\.0\\.0\\.1:[0-9]+/, 0\\.5 s apart")),
+      lines[0]);
+  BOOST_TEST(lines[1] ==
+             "limits: 195.3 KiB/s per connection, 293.0 KiB/s for the server (burst 16384 bytes)");
+  const std::regex progress(" *([0-9.]+) s  client ([12]): +([0-9]+) bytes  ([0-9.]+) KiB/s");
+  const std::regex done("client ([12]): 196608 bytes in ([0-9.]+) s \\(([0-9.]+) KiB/s\\), "
+                        "complete and intact");
+  const std::regex all("all: 393216 bytes in ([0-9.]+) s \\(([0-9.]+) KiB/s; limit 293\\.0 KiB/s\\)");
+  int finished = 0;
+  bool summed = false;
+  for (std::size_t i = 2; i < lines.size(); ++i) {
+    std::smatch m;
+    if (std::regex_match(lines[i], m, progress)) {
+      BOOST_TEST(!finished, "progress after the summary: " << lines[i]);
+      // Never much over the connection's rate (its burst over a half second at most).
+      BOOST_TEST(std::stod(m[4]) * 1024 <= 1.1 * (rate + 2 * burst), lines[i]);
+    } else if (std::regex_match(lines[i], m, done)) {
+      ++finished;
+      // A connection's burst, then its rate at most.
+      BOOST_TEST(std::stod(m[2]) >= 0.95 * (size - burst) / rate, lines[i]);
+    } else if (std::regex_match(lines[i], m, all)) {
+      summed = true;
+      // The server's burst, then its rate at most; and not far below it
+      // (the stagger leaves the first half second to one connection).
+      const double secs = std::stod(m[1]), achieved = std::stod(m[2]) * 1024;
+      BOOST_TEST(secs >= 0.95 * (2 * size - burst) / global, lines[i]);
+      BOOST_TEST(achieved <= global + burst / secs + 1024, lines[i]);
+      BOOST_TEST(achieved >= 0.4 * global, lines[i]);
+    } else {
+      BOOST_ERROR("unexpected line: " << lines[i]);
+    }
+  }
+  BOOST_TEST(finished == 2);
+  BOOST_TEST(summed);
 }
 
 BOOST_AUTO_TEST_SUITE_END()
