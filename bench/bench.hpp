@@ -72,6 +72,7 @@ void run_throughput();  // W0-W3, W7
 void run_paced();       // W4
 void run_waiters();     // W5, W7b
 void run_idle();        // W6, W6b
+void run_stream();      // W8, W8b
 
 }  // namespace bench
 

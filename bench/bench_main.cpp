@@ -1,7 +1,7 @@
 //
 // bench/bench_main.cpp: bench_ratelimit, the C++ side of the benchmarks.
 //
-// Usage: bench_ratelimit --impl IMPL --workload W0|W1|W2|W3|W4|W5|W6|W6b|W7|W7b
+// Usage: bench_ratelimit --impl IMPL --workload W0|W1|W2|W3|W4|W5|W6|W6b|W7|W7b|W8|W8b
 //                        [--quick] [--reps N] [--waiters N]
 //
 // The (impl, workload) pairs, and what each measures, are listed by --list.
@@ -157,6 +157,11 @@ const std::map<std::string, std::string> pairs = {
     {"asio_ratelimit_two_sequential_try", "W7"},            // try_get_token on a, then b
     {"asio_ratelimit_two_acquires_callback", "W7"},         // a, then b: async_acquire (receipts)
     {"asio_ratelimit_two_acquires_awaitable", "W7"},        // co_await a, then b: async_acquire
+    // W8, W8b: byte-rate streams over loopback TCP.
+    {"raw_socket", "W8"},                       // tcp::socket at both ends
+    {"asio_ratelimit_stream_unlimited", "W8"},  // rate_limited_stream, limits that never bind
+    {"asio_ratelimit_stream", "W8b"},           // rate_limited_stream, 20 MiB/s writer
+    {"beast_simple_rate_policy", "W8b"},        // beast::basic_stream + simple_rate_policy
 };
 
 }  // namespace
@@ -174,7 +179,8 @@ int main(int argc, char** argv) {
                   "(scripts/bench runs them all).");
   cli.choice("impl", opt.impl, impls, "the implementation (see --list for its workloads)")
       .choice("workload", opt.workload,
-              {"W0", "W1", "W2", "W3", "W4", "W5", "W6", "W6b", "W7", "W7b"}, "the workload")
+              {"W0", "W1", "W2", "W3", "W4", "W5", "W6", "W6b", "W7", "W7b", "W8", "W8b"},
+              "the workload")
       .flag("quick", opt.quick, "a short run (a smoke test)")
       .option("reps", opt.reps, 1, 10000, "measured repetitions")
       .default_text("reps", "the workload's")
@@ -227,6 +233,8 @@ int main(int argc, char** argv) {
     bench::run_paced();
   else if (w == "W5" || w == "W7b")
     bench::run_waiters();
+  else if (w == "W8" || w == "W8b")
+    bench::run_stream();
   else
     bench::run_idle();
   return 0;

@@ -4,7 +4,7 @@
 Called by scripts/bench (which installs and builds first). Prints the raw result lines as they
 come (`impl=... workload=... rep=i metric=value ...`, the format of ../shared/BENCHMARKS.md), then
 a table of medians with our ratio to each peer and to the floor, then the targets of issue 4 and
-of W7 (the joint acquire) with PASS/MISS. Results are checked by the programs themselves: a
+of W7 (the joint acquire) and W8 (streams) with PASS/MISS. Results are checked by the programs themselves: a
 program that exits non-zero (a try that failed, an acquire that waited where none should, a
 limiter that over-granted) fails the run.
 Speed is reported, never asserted: a MISS does not change the exit status.
@@ -22,14 +22,15 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-WORKLOADS = ["W0", "W1", "W2", "W3", "W4", "W5", "W6", "W6b", "W7", "W7b", "redis"]
+WORKLOADS = ["W0", "W1", "W2", "W3", "W4", "W5", "W6", "W6b", "W7", "W7b", "W8", "W8b", "redis"]
 PEERS = {"go_xtime_rate": "peer_go", "java_guava": "peer_guava"}
-# Workloads the peers do not run (ours only: the joint acquire has no peer).
-NO_PEERS = {"W7", "W7b", "redis"}
+# Workloads the peers do not run (ours only: the joint acquire has no peer; W8, W8b: streams,
+# set against a raw socket and Beast's rate policy in bench_ratelimit itself).
+NO_PEERS = {"W7", "W7b", "W8", "W8b", "redis"}
 OURS = ["asio_ratelimit", "asio_ratelimit_try", "asio_ratelimit_callback",
         "asio_ratelimit_awaitable", "asio_ratelimit_blocking",
         "asio_ratelimit_joint_callback", "asio_ratelimit_joint_awaitable",
-        "asio_ratelimit_joint_try"]
+        "asio_ratelimit_joint_try", "asio_ratelimit_stream_unlimited", "asio_ratelimit_stream"]
 # The floor each of our rows is set against, per workload.
 FLOOR = {
     ("W1", "asio_ratelimit_try"): "floor_atomic",
@@ -49,9 +50,14 @@ FLOOR = {
     ("W7", "asio_ratelimit_joint_try"): "asio_ratelimit_two_sequential_try",
     ("W7b", "asio_ratelimit_joint_callback"): "asio_ratelimit_two_sequential_callback",
     ("W7b", "asio_ratelimit_joint_awaitable"): "asio_ratelimit_two_sequential_awaitable",
+    # W8: the stream whose limits never bind against the raw socket (bytes_per_s: higher is
+    # better); W8b: against Beast's simple_rate_policy at the same rate (window_rel).
+    ("W8", "asio_ratelimit_stream_unlimited"): "raw_socket",
+    ("W8b", "asio_ratelimit_stream"): "beast_simple_rate_policy",
 }
-# The metric a row is compared on (lower is better for all of them).
-PRIMARY = {"W4": "late_p99_us", "W5": "wall_s", "W6": "cpu_ms", "W6b": "cpu_ms", "W7b": "wall_s"}
+# The metric a row is compared on (lower is better for all of them but W8's bytes_per_s).
+PRIMARY = {"W4": "late_p99_us", "W5": "wall_s", "W6": "cpu_ms", "W6b": "cpu_ms", "W7b": "wall_s",
+           "W8b": "window_rel"}
 DESCRIPTION = {
     "W0": "clock read, ns/op",
     "W1": "try, 1 thread, huge rate, ns/op",
@@ -63,6 +69,9 @@ DESCRIPTION = {
     "W6b": "idle limiter at 1000/s, 3 s window",
     "W7": "joint acquire of two buckets with tokens there, vs two sequential acquires, ns/op",
     "W7b": "N/s burst 1 on two buckets, N joint waiters parked first",
+    "W8": "bulk transfer over loopback TCP, limits that never bind, bytes/s (higher is better)",
+    "W8b": "a writer limited to 20 MiB/s over loopback TCP: achieved / configured, "
+           "largest 100 ms window / (0.1 rate)",
     "redis": "Redis bucket, grants/s through one connection (higher is better)",
 }
 
@@ -331,6 +340,25 @@ def targets(results, quick):
             info(f"context: W7b bytes per joint {flavour} waiter (reported, no target)",
                  f"{fmt_num(bj)} B; two sequential acquires {fmt_num(bs)} B; "
                  f"one bucket (W5) {fmt_num(b1)} B")
+    # W8, W8b: the stream layer (rate_limited_stream).
+    u, raw = med("W8", "asio_ratelimit_stream_unlimited", "bytes_per_s"), med("W8", "raw_socket", "bytes_per_s")
+    check("W8 stream, limits that never bind >= 0.95x raw socket", None if u is None or raw is None else u >= 0.95 * raw,
+          f"{fmt_num(None if u is None else u / 2**20)} vs {fmt_num(None if raw is None else raw / 2**20)} MiB/s ({ratio(u, raw)})")
+    a = med("W8b", "asio_ratelimit_stream", "achieved_ratio")
+    stall, secs8 = med("W8b", "asio_ratelimit_stream", "stall_ms"), med("W8b", "asio_ratelimit_stream", "seconds")
+    check("W8b stream achieved rate within 1% of configured (20 MiB/s, capacity one slice)",
+          None if a is None else abs(a - 1) <= 0.01,
+          f"{'-' if a is None else f'{a:.4f}'} ({'-' if a is None else f'{(a - 1) * 100:+.2f}%'}); "
+          f"the bucket stood full {fmt_num(stall)} ms while the writer was held up "
+          f"({'-' if stall is None or not secs8 else f'{stall / 10 / secs8:.2f}%'} of the run: "
+          f"the process's stalls, which a capacity of one slice cannot bank)")
+    w, wb = med("W8b", "asio_ratelimit_stream", "window_rel"), med("W8b", "beast_simple_rate_policy", "window_rel")
+    ab = med("W8b", "beast_simple_rate_policy", "achieved_ratio")
+    if w is not None or wb is not None:
+        info("context: W8b largest 100 ms window / (0.1 rate), ours vs Beast simple_rate_policy",
+             f"{'-' if w is None else f'{w:.4f}'} vs {fmt_num(wb)} (bound for ours: 1 + capacity / (0.1 rate) = "
+             f"{1 + 16384 / (0.1 * 20 * 2**20):.4f}); Beast's achieved / configured "
+             f"{'-' if ab is None else f'{ab:.4f}'}")
     r0, r16 = med("redis", "asio_ratelimit", "grants_per_s"), med("redis", "asio_ratelimit_lease16", "grants_per_s")
     rb1, rb50 = med("redis", "redis_benchmark_c1_P200", "grants_per_s"), med("redis", "redis_benchmark_c50_P1", "grants_per_s")
     if r0 is not None:
@@ -419,7 +447,7 @@ def main():
     print()
     print(table(results))
     print()
-    print("## Targets (W0-W6: issue 4; W7, W7b: issue 12; ratios within this run)")
+    print("## Targets (W0-W6: issue 4; W7, W7b: issue 12; W8, W8b: streams; ratios within this run)")
     print()
     for name, verdict, detail in targets(results, args.quick):
         if verdict == "info":
