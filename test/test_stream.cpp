@@ -17,6 +17,7 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <deque>
 #include <optional>
@@ -349,8 +350,8 @@ BOOST_FIXTURE_TEST_CASE(per_operation_cancellation_takes_nothing, manual_fixture
     BOOST_TEST(r.ec == asio::error::operation_aborted);
     BOOST_TEST(r.n == 0u);
     BOOST_TEST(s.next_layer().writes == 0);
-    manual_clock::advance(10s);  // the cancelled request took nothing: the bucket fills
-    BOOST_TEST(bucket.available() == 100u);
+    manual_clock::advance(5s);  // the cancelled request took nothing: half the capacity
+    BOOST_TEST(bucket.available() == 50u);
     sig.emit(type);  // late: harmless
     pump(ctx);
     BOOST_TEST(r.calls == 1);
@@ -404,8 +405,8 @@ BOOST_FIXTURE_TEST_CASE(close_completes_waiting_operations_and_refuses_later_one
   BOOST_TEST(!later.done);
   BOOST_REQUIRE(settle(ctx, [&] { return later.done; }));
   BOOST_TEST(later.ec == asio::error::operation_aborted);
-  manual_clock::advance(10s);
-  BOOST_TEST(bucket.available() == 100u);
+  manual_clock::advance(5s);
+  BOOST_TEST(bucket.available() == 50u);
 }
 
 BOOST_FIXTURE_TEST_CASE(destroying_the_stream_aborts_waiting_operations, manual_fixture) {
@@ -424,9 +425,9 @@ BOOST_FIXTURE_TEST_CASE(destroying_the_stream_aborts_waiting_operations, manual_
   BOOST_TEST(w.ec == asio::error::operation_aborted);
   BOOST_TEST(r.ec == asio::error::operation_aborted);
   BOOST_TEST(r.n == 3u);
-  manual_clock::advance(10s);
+  manual_clock::advance(5s);
   pump(ctx);
-  BOOST_TEST(bucket.available() == 100u);  // nothing taken
+  BOOST_TEST(bucket.available() == 50u);  // nothing taken
 }
 
 BOOST_FIXTURE_TEST_CASE(a_grant_that_arrives_after_the_stream_is_gone_is_given_back,
@@ -451,6 +452,95 @@ BOOST_FIXTURE_TEST_CASE(a_grant_that_arrives_after_the_stream_is_gone_is_given_b
   BOOST_REQUIRE(settle(ctx, [&] { return w.done; }));
   BOOST_TEST(w.ec == asio::error::operation_aborted);
   BOOST_TEST(bucket.available() == 20u);  // granted, then given back: the 20 accrued are there
+}
+
+BOOST_FIXTURE_TEST_CASE(a_read_done_when_the_stream_is_destroyed_does_not_touch_it,
+                        manual_fixture) {
+  test_bucket bucket(ctx, 100, per_second(10), ratelimit::start_empty);
+  auto s = std::make_unique<fake_limited>(ctx.get_executor());
+  s->set_read_limits({test_part(bucket)});
+  s->next_layer().incoming = "abcdef";
+  std::vector<char> buf(50);
+  result r;
+  s->async_read_some(asio::buffer(buf), record(r));  // its read's completion is queued
+  s.reset();                                         // before it runs
+  BOOST_REQUIRE(settle(ctx, [&] { return r.done; }));
+  BOOST_TEST(r.ec == asio::error::operation_aborted);
+  BOOST_TEST(r.n == 6u);  // delivered, unpaid (nothing is left to pay it)
+  BOOST_TEST(bucket.available() == 0u);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_cancel_that_comes_while_a_grant_is_on_its_way_is_not_lost,
+                        manual_fixture) {
+  test_bucket bucket(ctx, 100, per_second(10), ratelimit::start_empty);
+  fake_limited s(ctx.get_executor());
+  s.set_write_limits({test_part(bucket)});
+  std::string data(20, 'c');
+  result w;
+  s.async_write_some(asio::buffer(data), record(w));
+  pump(ctx);
+  manual_clock::advance(2s);
+  for (int i = 0; i < 2000 && bucket.waiting() != 0; ++i) {
+    ctx.restart();
+    ctx.run_one_for(1ms);
+  }
+  BOOST_REQUIRE(bucket.waiting() == 0u);  // granted, its completion queued
+  BOOST_REQUIRE(!w.done);
+  s.cancel();
+  BOOST_REQUIRE(settle(ctx, [&] { return w.done; }));
+  BOOST_TEST(w.ec == asio::error::operation_aborted);
+  BOOST_TEST(s.next_layer().writes == 0);
+  BOOST_TEST(bucket.available() == 20u);  // given back
+}
+
+BOOST_FIXTURE_TEST_CASE(a_read_whose_payment_is_cancelled_leaves_a_debt_the_next_read_pays,
+                        manual_fixture) {
+  test_bucket bucket(ctx, 1000, per_second(100), ratelimit::start_empty);
+  fake_limited s(ctx.get_executor());
+  s.set_read_limits({test_part(bucket)});
+  s.set_slice(400);
+  s.next_layer().incoming = std::string(1000, 'd');
+  std::vector<char> buf(1000);
+  asio::cancellation_signal sig;
+  result r1;
+  s.async_read_some(asio::buffer(buf), asio::bind_cancellation_slot(sig.slot(), record(r1)));
+  pump(ctx);
+  BOOST_TEST(!r1.done);                      // read 400, waiting to pay
+  sig.emit(asio::cancellation_type::total);  // not accepted once bytes were delivered
+  pump(ctx);
+  BOOST_TEST(!r1.done);
+  sig.emit(asio::cancellation_type::terminal);
+  BOOST_REQUIRE(settle(ctx, [&] { return r1.done; }));
+  BOOST_TEST(r1.ec == asio::error::operation_aborted);
+  BOOST_TEST(r1.n == 400u);  // the caller's
+  result r2;
+  s.async_read_some(asio::buffer(buf), record(r2));  // pays the 400 first, then reads 400
+  pump(ctx);
+  BOOST_TEST(!r2.done);
+  BOOST_TEST(s.next_layer().reads == 1);  // not read yet: paying the debt
+  manual_clock::advance(4s);
+  pump(ctx);
+  BOOST_TEST(s.next_layer().reads == 2);
+  manual_clock::advance(4s);
+  BOOST_REQUIRE(settle(ctx, [&] { return r2.done; }));
+  BOOST_TEST(!r2.ec);
+  BOOST_TEST(r2.n == 400u);
+  BOOST_TEST(bucket.available() == 0u);  // 800 accrued, 800 read: all paid
+}
+
+BOOST_FIXTURE_TEST_CASE(a_write_of_several_buffers_is_one_write_of_them_all, manual_fixture) {
+  test_bucket bucket(ctx, 1000, per_second(1));
+  fake_limited s(ctx.get_executor());
+  s.set_write_limits({test_part(bucket)});
+  const std::string a(10, 'a'), b(20, 'b'), c(30, 'c');
+  const std::array<asio::const_buffer, 3> bufs{asio::buffer(a), asio::buffer(b), asio::buffer(c)};
+  result w;
+  s.async_write_some(bufs, record(w));
+  BOOST_REQUIRE(settle(ctx, [&] { return w.done; }));
+  BOOST_TEST(w.n == 60u);
+  BOOST_TEST(s.next_layer().write_sizes.at(0) == 60u);
+  BOOST_TEST(s.next_layer().written == a + b + c);
+  BOOST_TEST(bucket.available() == 940u);
 }
 
 BOOST_FIXTURE_TEST_CASE(a_moved_stream_keeps_its_limits, manual_fixture) {
@@ -561,6 +651,24 @@ BOOST_AUTO_TEST_CASE(a_tcp_read_sees_eof_at_once_or_after_waiting_and_takes_noth
   }
 }
 
+BOOST_AUTO_TEST_CASE(an_eof_is_delivered_at_once_even_when_the_limits_are_short) {
+  asio::io_context ctx;
+  auto [a, b] = socket_pair(ctx);
+  ratelimit::token_bucket bucket(ctx, 10, ratelimit::per_hour(1), ratelimit::start_empty);
+  ratelimit::rate_limited_stream<tcp::socket> s(std::move(b));
+  s.set_read_limits({ratelimit::part(bucket)});
+  std::vector<char> buf(100);
+  result r;
+  s.async_read_some(asio::buffer(buf), record(r));
+  ctx.run_for(20ms);
+  BOOST_TEST(!r.done);
+  a.shutdown(tcp::socket::shutdown_send);
+  ctx.restart();
+  ctx.run_for(2s);
+  BOOST_REQUIRE(r.done);  // not after an hour's wait for a token
+  BOOST_TEST(r.ec == asio::error::eof);
+}
+
 BOOST_AUTO_TEST_CASE(limits_removed_while_a_tcp_read_waits_for_data_no_longer_apply) {
   asio::io_context ctx;
   auto [a, b] = socket_pair(ctx);
@@ -592,7 +700,8 @@ BOOST_AUTO_TEST_SUITE(stream_random)
 // end: every token a bucket lost paid for a byte that moved, and every byte
 // that moved was paid (but a read's delivered after its payment failed:
 // documented), so each bucket holds exactly what accrued minus what moved
-// times its tokens a byte.
+// times its tokens a byte (a read delivered after its payment was cancelled is
+// paid by the next read, first: exact after a last read).
 BOOST_AUTO_TEST_CASE(random_histories_lose_and_leak_no_token) {
   const int histories = 40 / scale;
   std::uint64_t checks = 0, moved_all = 0, cancelled = 0, unpaid_reads = 0;
@@ -610,7 +719,7 @@ BOOST_AUTO_TEST_CASE(random_histories_lose_and_leak_no_token) {
     fake_limited s(ctx.get_executor());
     s.set_limits({test_part(one), test_part(two, 2)});
     s.set_slice(1 + pick(400));
-    std::uint64_t elapsed_ms = 0, paid = 0;
+    std::uint64_t elapsed_ms = 0, paid = 0, debt = 0;
     std::string wbuf(3000, 'w');
     std::vector<char> rbuf(3000);
     std::optional<result> w, r;
@@ -632,15 +741,23 @@ BOOST_AUTO_TEST_CASE(random_histories_lose_and_leak_no_token) {
       if (r && r->done) {
         BOOST_TEST(r->calls == 1);
         if (!r->ec) paid += r->n;
-        if (r->ec && r->n != 0) ++unpaid_reads;
+        if (r->ec && r->n != 0) {  // delivered unpaid: the next read pays it first
+          ++unpaid_reads;
+          debt += r->n;
+        }
         if (r->ec == asio::error::operation_aborted) ++cancelled;
         moved_all += r->n;
         r.reset();
       }
     };
+    // Exact but for the debt (some or all of it may be paid by now).
     auto check = [&] {
-      BOOST_TEST(one.available() == elapsed_ms - paid);
-      BOOST_TEST(two.available() == 2 * elapsed_ms - 2 * paid);
+      BOOST_TEST(one.available() <= elapsed_ms - paid);
+      BOOST_TEST(std::int64_t(one.available()) >=
+                 std::int64_t(elapsed_ms - paid) - std::int64_t(debt));
+      BOOST_TEST(two.available() <= 2 * elapsed_ms - 2 * paid);
+      BOOST_TEST(std::int64_t(two.available()) >=
+                 std::int64_t(2 * elapsed_ms - 2 * paid) - std::int64_t(2 * debt));
       ++checks;
     };
     for (int step = 0; step < 200; ++step) {
@@ -701,13 +818,24 @@ BOOST_AUTO_TEST_CASE(random_histories_lose_and_leak_no_token) {
       collect();
       return !w && !r;
     }));
-    check();
+    // One more read pays any debt (then meets the end of the input): exact.
+    s.next_layer().incoming.clear();
+    result last;
+    s.async_read_some(asio::buffer(rbuf.data(), 100), record(last));
+    manual_clock::advance(std::chrono::seconds(1000));
+    elapsed_ms += 1000 * 1000;
+    BOOST_REQUIRE(settle(ctx, [&] { return last.done; }));
+    BOOST_TEST(last.ec == asio::error::eof);
+    paid += debt;
+    BOOST_TEST(one.available() == elapsed_ms - paid);
+    BOOST_TEST(two.available() == 2 * elapsed_ms - 2 * paid);
+    ++checks;
   }
   BOOST_TEST_MESSAGE(histories << " histories: " << checks << " checks, " << moved_all
                                << " bytes moved, " << cancelled << " cancelled, " << unpaid_reads
                                << " reads delivered unpaid");
   BOOST_TEST(cancelled > 10u);  // the histories reach what they are for
-  BOOST_TEST(moved_all > 100000u);
+  BOOST_TEST(moved_all > 100000u / scale);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

@@ -15,6 +15,7 @@
 #include <boost/asio/error.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/socket_base.hpp>
+#include <boost/beast/core/buffers_prefix.hpp>
 #include <boost/beast/websocket/teardown.hpp>
 #include <boost/system/error_code.hpp>
 
@@ -83,9 +84,32 @@ bool receive_now(S& s, void* data, std::size_t size, std::size_t& n,
     return true;
   }
 }
+
+/// Whether the socket holds an end of file or an error to read now (`ec`
+/// then says which), without taking anything from it.
+template <typename S>
+bool ends_now(S& s, boost::system::error_code& ec) {
+  char c;
+  for (;;) {
+    const ::ssize_t r = ::recv(s.native_handle(), &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (r > 0) return false;
+    if (r == 0) {
+      ec = boost::asio::error::eof;
+      return true;
+    }
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
+    ec = boost::system::error_code(errno, boost::asio::error::get_system_category());
+    return true;
+  }
+}
 #else
 template <typename S>
 concept receives_now = false;
+template <typename S>
+bool ends_now(S&, boost::system::error_code&) {
+  return false;
+}
 template <typename S>
 bool receive_now(S&, void*, std::size_t, std::size_t&, boost::system::error_code&) {
   return false;
@@ -100,6 +124,14 @@ concept closes = requires(S& s, boost::system::error_code& ec) {
 template <typename S>
 concept cancels = requires(S& s, boost::system::error_code& ec) {
   s.cancel(ec);
+};
+template <typename S>
+concept cancels_or_throws = requires(S& s) {
+  s.cancel();
+};  // (Beast's basic_stream)
+template <typename S>
+concept closes_or_throws = requires(S& s) {
+  s.close();
 };
 
 template <typename S>
@@ -145,6 +177,15 @@ struct stream_direction {
   std::uint64_t op_version = ~std::uint64_t{0};  // of the limits op_limits copies
   joint_receipt op_receipt;
 
+  // Bytes a read delivered without paying for them (its payment cancelled
+  // or failed): the next read pays them first (the one read at a time).
+  std::uint64_t debt = 0;
+
+  // Bumped by the stream's cancel() and close(): an operation that sees it
+  // changed since it began stops at its next step (a cancel() that came
+  // while a grant or readiness was on its way is not lost).
+  std::atomic<std::uint64_t> cancels{0};
+
   std::mutex wait_mutex;
   boost::asio::cancellation_signal signal;
   bool waiting = false;
@@ -166,10 +207,15 @@ struct stream_direction {
         op_per_byte.push_back(p.tokens());
       op_version = version.load(std::memory_order_relaxed);
     }
+    const std::uint64_t hint = cap;
+    cap = std::numeric_limits<std::uint64_t>::max();
     for (std::size_t i = 0; i < op_limits.size(); ++i) {
       const std::uint64_t per = op_per_byte[i];
       cap = std::min(cap, std::numeric_limits<std::uint64_t>::max() / per);  // no overflow
-      if (std::optional<std::uint64_t> c = op_limits[i].capacity()) cap = std::min(cap, *c / per);
+      if (std::optional<std::uint64_t> c = op_limits[i].capacity())
+        cap = std::min(cap, *c / per);
+      else
+        cap = std::min(cap, hint);  // (learned: only where the capacity is not known)
     }
     if (cap == 0) cap = 1;  // (a part over 1 byte's tokens: the request fails as it must)
     return !op_limits.empty();
@@ -210,7 +256,10 @@ template <typename Clock, typename WaitTraits>
 struct forward_cancellation {
   std::shared_ptr<stream_state<Clock, WaitTraits>> state;
   stream_direction<Clock, WaitTraits>* dir;
-  void operator()(boost::asio::cancellation_type_t type) const { dir->emit(type); }
+  boost::asio::cancellation_type_t accepted;
+  void operator()(boost::asio::cancellation_type_t type) const {
+    if ((type & accepted) != boost::asio::cancellation_type::none) dir->emit(type & accepted);
+  }
 };
 
 /// The first non-empty buffer of a sequence (a read_some or write_some may
@@ -259,21 +308,25 @@ inline void give_back_bytes(joint_receipt& r, const per_byte_type& per_byte, std
 /// tokens.
 ///
 /// How an operation takes tokens:
-/// - A write takes tokens for what it sends before it sends it: up to the
-///   first non-empty buffer at once if the limits hold them now (no request
-///   is ahead), otherwise at most one *slice* (`slice()`, 16 KiB by default)
-///   when the limits give it; what a short write did not send is given back.
+/// - A write takes tokens for what it sends before it sends it: its whole
+///   buffer sequence at once (up to the limits' capacity) if the limits hold
+///   it now (no request is ahead), otherwise at most one *slice* (`slice()`,
+///   16 KiB by default) when the limits give it; what a short write did not
+///   send is given back.
 /// - A read over a next layer that can wait for readability (a socket)
 ///   first waits until data is there, holding nothing meanwhile (an idle
 ///   connection holds no tokens and delays nobody), then takes tokens for
 ///   its first buffer at once if the limits hold them now, otherwise waits
 ///   for at most a slice of what is there; it gives back what the read did
-///   not use (at once: the data is there).
+///   not use (at once: the data is there). An end of file or an error there
+///   is delivered at once, even when the limits are short.
 /// - A read over any other next layer (`ssl::stream`, Beast's `tcp_stream`)
 ///   reads at most min(buffer, slice) first and pays for what it read after
-///   reading it (the operation completes once it has paid).
-/// - A request larger than a limit's capacity is sliced to fit (the stream
-///   learns the capacity by halving; never `exceeds_capacity`).
+///   reading it (the operation completes once it has paid; a payment
+///   cancelled or failed delivers the bytes with its error, and the next
+///   read pays for them before it reads).
+/// - A request larger than a limit's capacity is sliced to fit (a bucket's
+///   capacity is read, a key's learned by halving; never `exceeds_capacity`).
 ///
 /// Bound: over any window of length T in which the limits do not change,
 /// the bytes moved through all streams sharing a bucket of capacity B and
@@ -284,10 +337,11 @@ inline void give_back_bytes(joint_receipt& r, const per_byte_type& per_byte, std
 /// Errors pass through from the next layer unchanged (EOF, resets); a failed
 /// or short operation gives back the tokens of what it did not move. While
 /// an operation waits for tokens, per-operation cancellation (terminal,
-/// partial, total), `cancel()` and `close()` complete it with
-/// `operation_aborted`, taking nothing. A limiter closed or destroyed while
-/// an operation waits completes it with the limiter's error
-/// (`bucket_closed`, `operation_aborted`).
+/// partial, total; terminal and partial only once a paying read delivered
+/// bytes), `cancel()` and `close()` complete it with `operation_aborted`,
+/// taking nothing (one whose grant is on its way gives it back). A limiter
+/// closed or destroyed while an operation waits completes it with the
+/// limiter's error (`bucket_closed`, `operation_aborted`).
 ///
 /// Thread safety: as the next layer's (one read and one write outstanding at
 /// a time; `cancel()`/`close()` from the thread or strand that uses the
@@ -373,22 +427,28 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
   }
   std::size_t slice() const noexcept { return state_->slice.load(std::memory_order_relaxed); }
 
-  /// Completes an operation waiting for tokens with `operation_aborted`, and
-  /// cancels the next layer's operations where it has cancel().
+  /// Completes the operations outstanding with `operation_aborted`: one
+  /// waiting for tokens at once, one on its way between steps at its next
+  /// step; and cancels the next layer's (or its lowest layer's) operations.
   void cancel() {
     boost::system::error_code ignored;
     cancel(ignored);
   }
   void cancel(boost::system::error_code& ec) {
     ec = {};
-    state_->read.emit(boost::asio::cancellation_type::terminal);
-    state_->write.emit(boost::asio::cancellation_type::terminal);
-    if constexpr (detail::cancels<NextLayer>) next_.cancel(ec);
+    stop_waiting();
+    if constexpr (detail::cancels<NextLayer>)
+      next_.cancel(ec);
+    else if constexpr (detail::cancels_or_throws<NextLayer>)
+      next_.cancel();
+    else if constexpr (detail::has_lowest_layer<NextLayer>)
+      next_.lowest_layer().cancel(ec);
   }
 
-  /// Closes the stream: an operation waiting for tokens completes with
-  /// `operation_aborted`, later ones fail at once with `operation_aborted`;
-  /// closes the next layer (or its lowest layer) where it has close().
+  /// Closes the stream for good (as a Beast WebSocket stream): operations
+  /// outstanding complete with `operation_aborted` (as with cancel()), later
+  /// ones fail at once with `operation_aborted`; closes the next layer (or its
+  /// lowest layer).
   void close() {
     boost::system::error_code ec;
     close(ec);
@@ -397,10 +457,11 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
   void close(boost::system::error_code& ec) {
     ec = {};
     state_->closed.store(true, std::memory_order_release);
-    state_->read.emit(boost::asio::cancellation_type::terminal);
-    state_->write.emit(boost::asio::cancellation_type::terminal);
+    stop_waiting();
     if constexpr (detail::closes<NextLayer>)
       next_.close(ec);
+    else if constexpr (detail::closes_or_throws<NextLayer>)
+      next_.close();
     else if constexpr (detail::has_lowest_layer<NextLayer>)
       next_.lowest_layer().close(ec);
   }
@@ -438,9 +499,15 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     if (!state_) return;
     state_->closed.store(true, std::memory_order_release);
     try {
-      state_->read.emit(boost::asio::cancellation_type::terminal);
-      state_->write.emit(boost::asio::cancellation_type::terminal);
+      stop_waiting();
     } catch (...) {  // (a mutex that fails to lock: nothing else to do)
+    }
+  }
+
+  void stop_waiting() {
+    for (direction* d : {&state_->read, &state_->write}) {
+      d->cancels.fetch_add(1, std::memory_order_acq_rel);
+      d->emit(boost::asio::cancellation_type::terminal);
     }
   }
 
@@ -454,7 +521,17 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
   template <typename Derived>
   struct op_base {
     op_base(basic_rate_limited_stream* stream, std::shared_ptr<state_type> st, direction* d)
-        : s(stream), state(std::move(st)), dir(d) {}
+        : s(stream),
+          state(std::move(st)),
+          dir(d),
+          cancels(d->cancels.load(std::memory_order_acquire)) {}
+
+    /// The stream was closed, destroyed (then `s` may dangle: not to be
+    /// touched) or cancelled since this operation began.
+    bool stopped() const noexcept {
+      return state->closed.load(std::memory_order_acquire) ||
+             dir->cancels.load(std::memory_order_acquire) != cancels;
+    }
 
     basic_rate_limited_stream* s;
     std::shared_ptr<state_type> state;
@@ -464,6 +541,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     std::size_t done = 0;       // bytes moved (a paying read's)
     std::uint64_t granted = 0;  // bytes the receipt is for
     std::uint64_t cap = 0;      // the most bytes they grant at once (copy_limits)
+    std::uint64_t cancels;      // dir->cancels when it began
 
     bool begun = false;
 
@@ -482,7 +560,8 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     void fail(Self& self, boost::system::error_code e) {
       ec = e;
       at = phase::fail;
-      boost::asio::post(s->next_.get_executor(), std::move(self));
+      auto io_ex = self.get_io_executor();  // (never the stream's: it may be gone)
+      boost::asio::post(io_ex, std::move(self));
     }
 
     /// Tries to take `want` bytes now (halving past a capacity); true when
@@ -509,7 +588,8 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     /// Waits for `want` bytes (at most a slice); resumes with
     /// (error_code, joint_receipt).
     template <typename Self>
-    void wait_for(Self& self, direction& d, std::uint64_t want) {
+    void wait_for(Self& self, direction& d, std::uint64_t want,
+                  boost::asio::cancellation_type_t accepted = boost::asio::cancellation_type::all) {
       want = std::min<std::uint64_t>({want, state->slice.load(std::memory_order_relaxed), cap});
       if (want == 0) want = 1;
       granted = want;
@@ -517,9 +597,9 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
       detail::scale(dir->op_limits, dir->op_per_byte, want);
       auto slot = self.get_cancellation_state().slot();
       if (slot.is_connected())
-        slot.template emplace<detail::forward_cancellation<Clock, WaitTraits>>(state, &d);
+        slot.template emplace<detail::forward_cancellation<Clock, WaitTraits>>(state, &d, accepted);
       std::lock_guard lk(d.wait_mutex);
-      if (state->closed.load(std::memory_order_acquire)) {
+      if (stopped()) {
         if (slot.is_connected()) slot.clear();
         return fail(self, boost::asio::error::operation_aborted);
       }
@@ -540,13 +620,14 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
       }
       auto slot = self.get_cancellation_state().slot();
       if (slot.is_connected()) slot.clear();
-      if (state->closed.load(std::memory_order_acquire)) {  // (the stream may be gone)
+      if (stopped()) {  // (the stream may be gone: not touched)
         r.give_back_all();
         self.complete(boost::asio::error::operation_aborted, done);
         return false;
       }
       if (e == error::exceeds_capacity && granted > 1) {  // a capacity lowered meanwhile
         d.cap_hint.store(granted / 2, std::memory_order_relaxed);
+        granted = 0;
         at = phase::start;
         static_cast<Derived*>(this)->restart(self);
         return false;
@@ -580,31 +661,33 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     void operator()(Self& self) {
       if (this->at == phase::fail) return self.complete(this->ec, 0);
       this->begin(self);
+      this->granted = 0;
       direction& d = this->state->write;
-      const boost::asio::const_buffer first =
-          detail::first_buffer<boost::asio::const_buffer>(buffers);
-      if (first.size() != 0 && this->state->closed.load(std::memory_order_acquire))
+      // The whole sequence (a Beast header is a dozen buffers: one write of
+      // them all, as the next layer would make), up to what the limits give.
+      const std::size_t size = boost::asio::buffer_size(buffers);
+      if (size != 0 && this->state->closed.load(std::memory_order_acquire))
         return this->fail(self, boost::asio::error::operation_aborted);
-      if (first.size() == 0 || !d.copy_limits(this->cap)) {
+      if (size == 0 || !d.copy_limits(this->cap)) {
         this->at = phase::moved;
         return this->s->next_.async_write_some(buffers, std::move(self));
       }
-      if (this->take_now(d, first.size())) return send(self, first);
+      if (this->take_now(d, size)) return send(self);
       if (this->ec) return this->fail(self, this->ec);
-      this->wait_for(self, d, first.size());
+      this->wait_for(self, d, size);
     }
 
     template <typename Self>
     void operator()(Self& self, boost::system::error_code e, joint_receipt r) {
       if (!this->on_acquired(self, this->state->write, e, std::move(r))) return;
-      send(self, detail::first_buffer<boost::asio::const_buffer>(buffers));
+      send(self);
     }
 
     template <typename Self>
-    void send(Self& self, boost::asio::const_buffer first) {
+    void send(Self& self) {
       this->at = phase::moved;
       this->s->next_.async_write_some(
-          boost::asio::buffer(first.data(), static_cast<std::size_t>(this->granted)),
+          boost::beast::buffers_prefix(static_cast<std::size_t>(this->granted), buffers),
           std::move(self));
     }
 
@@ -612,6 +695,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     void operator()(Self& self, boost::system::error_code e, std::size_t n) {
       if (this->granted > n)
         detail::give_back_bytes(this->dir->op_receipt, this->dir->op_per_byte, this->granted - n);
+      this->dir->op_receipt = joint_receipt();  // (used: nothing of it is given back again)
       self.complete(e, n);
     }
   };
@@ -659,6 +743,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     void operator()(Self& self) {
       if (this->at == phase::fail) return self.complete(this->ec, this->done);
       this->begin(self);
+      this->granted = 0;
       direction& d = this->state->read;
       const boost::asio::mutable_buffer first =
           detail::first_buffer<boost::asio::mutable_buffer>(buffers);
@@ -689,13 +774,23 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
           return this->s->next_.async_wait(boost::asio::socket_base::wait_read, std::move(self));
         }
         take(self, d, first, there);
-      } else {  // read first, pay after
-        const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(
-            {first.size(), this->state->slice.load(std::memory_order_relaxed), this->cap}));
-        this->at = phase::moved;
-        this->s->next_.async_read_some(
-            boost::asio::buffer(first.data(), std::max<std::size_t>(n, 1)), std::move(self));
+      } else {              // read first, pay after
+        if (d.debt != 0) {  // an earlier read's unpaid bytes first
+          owed = std::exchange(d.debt, 0);
+          paying_debt = true;
+          return pay(self);
+        }
+        read_first(self, first);
       }
+    }
+
+    template <typename Self>
+    void read_first(Self& self, boost::asio::mutable_buffer first) {
+      const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(
+          {first.size(), this->state->slice.load(std::memory_order_relaxed), this->cap}));
+      this->at = phase::moved;
+      this->s->next_.async_read_some(boost::asio::buffer(first.data(), std::max<std::size_t>(n, 1)),
+                                     std::move(self));
     }
 
     // Readable (or failed): takes tokens for what is there.
@@ -703,7 +798,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     void operator()(Self& self, boost::system::error_code e) {
       if (e) return self.complete(e, 0);
       if (self.cancelled() != boost::asio::cancellation_type::none ||
-          this->state->closed.load(std::memory_order_acquire))  // (the stream may be gone)
+          this->stopped())  // (the stream may be gone)
         return self.complete(boost::asio::error::operation_aborted, 0);
       direction& d = this->state->read;
       const auto first = detail::first_buffer<boost::asio::mutable_buffer>(buffers);
@@ -734,6 +829,12 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     void take(Self& self, direction& d, boost::asio::mutable_buffer first, std::size_t there) {
       if (this->take_now(d, first.size())) return receive(self, first);
       if (this->ec) return this->fail(self, this->ec);
+      if constexpr (detail::receives_now<NextLayer>) {
+        // Nothing there but an end of file or an error: delivered now, not
+        // after a wait for a token in the limits' order.
+        boost::system::error_code end;
+        if (there == 0 && detail::ends_now(this->s->next_, end)) return this->fail(self, end);
+      }
       this->wait_for(self, d, std::max<std::size_t>(std::min(there, first.size()), 1));
     }
 
@@ -762,12 +863,20 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
           d.cap_hint.store(this->granted / 2, std::memory_order_relaxed);
           return pay(self);
         }
-        // The bytes are the caller's now: a cancelled or failed payment
-        // completes with its error and them.
-        if (e) return self.complete(e, this->done);
-        owed -= std::min<std::uint64_t>(owed, this->granted);
+        if (!e) owed -= std::min<std::uint64_t>(owed, this->granted);
+        if (!e && this->stopped() && owed != 0) e = boost::asio::error::operation_aborted;
+        if (e) return unpaid(self, e);
         pay(self);
       }
+    }
+
+    // The payment failed or was cancelled: the bytes are the caller's now
+    // (completed with the error and them); the next read pays for them.
+    template <typename Self>
+    void unpaid(Self& self, boost::system::error_code e) {
+      this->state->read.debt += owed;
+      owed = 0;
+      self.complete(e, this->done);
     }
 
     // Pays what a read took (the read-first mode), then completes.
@@ -780,8 +889,19 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
           owed -= std::min<std::uint64_t>(owed, this->granted);
           continue;
         }
-        if (this->ec) return self.complete(this->ec, this->done);
-        return this->wait_for(self, d, owed);
+        if (this->ec) return unpaid(self, this->ec);
+        // Once bytes were delivered, a cancellation has a side effect (they
+        // are delivered with it): terminal and partial only, not total.
+        return this->wait_for(self, d, owed,
+                              this->done == 0 ? boost::asio::cancellation_type::all
+                                              : boost::asio::cancellation_type::terminal |
+                                                    boost::asio::cancellation_type::partial);
+      }
+      owed = 0;
+      if (paying_debt) {  // then this operation's own read
+        paying_debt = false;
+        if (this->stopped()) return this->fail(self, boost::asio::error::operation_aborted);
+        return read_first(self, detail::first_buffer<boost::asio::mutable_buffer>(buffers));
       }
       self.complete(ec_read, this->done);
     }
@@ -791,6 +911,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
       if constexpr (detail::waits_for_read<NextLayer>) {
         if (this->granted > n)
           detail::give_back_bytes(this->dir->op_receipt, this->dir->op_per_byte, this->granted - n);
+        this->dir->op_receipt = joint_receipt();
         self.complete(e, n);
       } else {
         this->done = n;
@@ -801,7 +922,8 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     }
 
     boost::system::error_code ec_read{};
-    std::uint64_t owed = 0;
+    std::uint64_t owed = 0;  // bytes read (or owed from before) not paid yet
+    bool paying_debt = false;
   };
 
   NextLayer next_;
