@@ -28,6 +28,7 @@
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 
+#include <array>
 #include <chrono>
 #include <deque>
 #include <exception>
@@ -457,6 +458,71 @@ BOOST_AUTO_TEST_CASE(http_over_limited_socket) {
 // reading); a plain server.
 BOOST_AUTO_TEST_CASE(http_over_limited_tcp_stream) {
   http_exchange<beast::tcp_stream, tcp::socket>(kSlice);
+}
+
+// cancel() and close() over Beast's tcp_stream (which has no cancel(ec) or
+// close(ec): its own throwing forms are called): a read pending in the
+// socket and a read waiting to pay both complete with operation_aborted.
+BOOST_AUTO_TEST_CASE(cancel_and_close_reach_a_beast_tcp_stream) {
+  asio::io_context ctx;
+  tcp::acceptor acc(ctx, tcp::endpoint(asio::ip::address_v4::loopback(), 0));
+  beast::tcp_stream client(ctx);
+  client.connect(acc.local_endpoint());
+  tcp::socket server = acc.accept();
+  ratelimit::rate_limited_stream<beast::tcp_stream> s(std::move(client));
+  ratelimit::token_bucket bucket(ctx, 100, per_second(1), ratelimit::start_empty);
+  std::array<char, 16> buf{};
+  boost::system::error_code ec;
+  std::size_t n = 99;
+  bool done = false;
+  auto record = [&](boost::system::error_code e, std::size_t k) {
+    ec = e;
+    n = k;
+    done = true;
+  };
+  auto run_until_done = [&] {
+    for (int i = 0; i < 2000 && !done; ++i) {
+      ctx.restart();
+      ctx.run_one_for(5ms);
+    }
+  };
+
+  // Unlimited: the read is the tcp_stream's, pending in the socket.
+  s.async_read_some(asio::buffer(buf), record);
+  ctx.restart();
+  ctx.run_for(20ms);
+  BOOST_REQUIRE(!done);
+  s.cancel();
+  run_until_done();
+  BOOST_REQUIRE(done);
+  BOOST_TEST(ec == asio::error::operation_aborted);
+  BOOST_TEST(n == 0u);
+
+  // Still usable after cancel(); now limited: the read reads, then waits to pay.
+  s.set_read_limits(limit(bucket));
+  asio::write(server, asio::buffer("hello", 5));
+  done = false;
+  s.async_read_some(asio::buffer(buf), record);
+  ctx.restart();
+  ctx.run_for(50ms);
+  BOOST_REQUIRE(!done);
+  s.close();
+  BOOST_TEST(s.is_closed());
+  BOOST_TEST(!s.next_layer().socket().is_open());
+  run_until_done();
+  BOOST_REQUIRE(done);
+  BOOST_TEST(ec == asio::error::operation_aborted);
+  BOOST_TEST(n == 5u);  // read before the payment: delivered with the error
+  BOOST_TEST(std::string(buf.data(), 5) == "hello");
+  BOOST_TEST(bucket.waiting() == 0u);
+
+  // Later operations fail at once (outside the call).
+  done = false;
+  s.async_write_some(asio::buffer("x", 1), record);
+  BOOST_TEST(!done);
+  run_until_done();
+  BOOST_REQUIRE(done);
+  BOOST_TEST(ec == asio::error::operation_aborted);
 }
 
 // ---------------------------------------------------------------------------

@@ -52,6 +52,7 @@ template <typename Clock, typename WaitTraits>
 struct remote_joint_op;
 template <typename Clock, typename WaitTraits>
 struct initiate_joint_acquire;
+struct part_access;
 }  // namespace detail
 
 /// One limit of a joint request: `n` tokens of a token bucket, of one key of
@@ -130,6 +131,7 @@ class basic_part {
   friend struct detail::remote_joint_op;
   template <typename, typename>
   friend struct detail::initiate_joint_acquire;
+  friend struct detail::part_access;
 
   std::shared_ptr<detail::bucket_impl<Clock, WaitTraits>> bucket_;  // a token bucket's
   std::shared_ptr<detail::part_source<Clock, WaitTraits>> source_;  // or a key's
@@ -140,6 +142,16 @@ class basic_part {
 
 /// A part of a joint request over steady_clock limiters.
 using part = basic_part<std::chrono::steady_clock>;
+
+namespace detail {
+/// The token bucket of a part (null for a key's or a remote limiter's part).
+struct part_access {
+  template <typename Clock, typename WaitTraits>
+  static bucket_impl<Clock, WaitTraits>* bucket(const basic_part<Clock, WaitTraits>& p) noexcept {
+    return p.bucket_.get();
+  }
+};
+}  // namespace detail
 
 /// The receipts of a joint grant: one per part, in the order of the parts
 /// (each gives back to its own limiter, as `ratelimit::receipt` does).

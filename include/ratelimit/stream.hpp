@@ -7,11 +7,13 @@
 #include <ratelimit/joint.hpp>
 
 #include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/append.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/buffer.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/cancellation_state.hpp>
 #include <boost/asio/compose.hpp>
+#include <boost/asio/defer.hpp>
 #include <boost/asio/error.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/socket_base.hpp>
@@ -153,6 +155,21 @@ struct lowest_layer_base<NextLayer, true> {
 /// the one operation that may wait for tokens there at a time.
 using per_byte_type = boost::container::small_vector<std::uint64_t, 4>;
 
+/// Makes each part ask for `bytes` bytes' tokens (in place).
+template <typename Clock, typename WaitTraits>
+void scale(joint_parts<Clock, WaitTraits>& parts, const per_byte_type& per_byte,
+           std::uint64_t bytes) {
+  for (std::size_t i = 0; i < parts.size(); ++i)
+    parts[i] = std::move(parts[i]).with_tokens(per_byte[i] * bytes);
+}
+
+/// Gives back, part by part, the tokens of `unused` bytes.
+inline void give_back_bytes(joint_receipt& r, const per_byte_type& per_byte, std::uint64_t unused) {
+  if (unused == 0 || r.empty()) return;
+  for (std::size_t i = 0; i < r.size() && i < per_byte.size(); ++i)
+    r[i].give_back(per_byte[i] * unused);
+}
+
 template <typename Clock, typename WaitTraits>
 struct stream_direction {
   using part_type = basic_part<Clock, WaitTraits>;
@@ -176,6 +193,15 @@ struct stream_direction {
   per_byte_type op_per_byte;
   std::uint64_t op_version = ~std::uint64_t{0};  // of the limits op_limits copies
   joint_receipt op_receipt;
+  // When the limits are one token bucket (the common case), what the
+  // operation takes now is taken from it directly and given back to it
+  // directly: what a joint request of one part does, without the request and
+  // its receipt (a third of an unlimited stream's cost over the socket: W8).
+  // `op_solo` is op_limits[0]'s bucket (kept alive by it), `op_solo_held` the
+  // tokens taken so and not given back. A grant that was waited for is a
+  // joint acquire's, in op_receipt.
+  bucket_impl<Clock, WaitTraits>* op_solo = nullptr;
+  std::uint64_t op_solo_held = 0;
 
   // Bytes a read delivered without paying for them (its payment cancelled
   // or failed): the next read pays them first (the one read at a time).
@@ -205,6 +231,7 @@ struct stream_direction {
       op_per_byte.clear();
       for (const part_type& p : op_limits)
         op_per_byte.push_back(p.tokens());
+      op_solo = op_limits.size() == 1 ? part_access::bucket(op_limits[0]) : nullptr;
       op_version = version.load(std::memory_order_relaxed);
     }
     const std::uint64_t hint = cap;
@@ -219,6 +246,64 @@ struct stream_direction {
     }
     if (cap == 0) cap = 1;  // (a part over 1 byte's tokens: the request fails as it must)
     return !op_limits.empty();
+  }
+
+  /// Takes the tokens of `bytes` bytes now, all or nothing, as a joint
+  /// try_acquire of op_limits scaled to `bytes` would (false, `ec` clear, when
+  /// they are not there or a request is ahead; `ec` set when it fails).
+  std::optional<joint_receipt> take(std::uint64_t bytes, boost::system::error_code& ec) {
+    op_solo_held = 0;
+    if (op_solo) {
+      const std::uint64_t n = op_per_byte[0] * bytes;
+      if (op_solo->try_get(n)) {
+        op_solo_held = n;
+        return joint_receipt();
+      }
+      // Not there, or it fails (closed, over the capacity): the joint
+      // request says which, as it would have.
+    }
+    scale(op_limits, op_per_byte, bytes);
+    std::optional<typename Clock::duration> retry;
+    return try_acquire(std::span<const part_type>(op_limits.data(), op_limits.size()), retry, ec);
+  }
+
+  /// Takes the tokens of `want` bytes (at most `cap`) now if the limits
+  /// hold them, halving past a capacity (learned into cap_hint and `cap`);
+  /// true when taken (`granted` says how many bytes). False, `ec` clear, when
+  /// not there; false with `ec` set when the request fails.
+  bool take_now(std::uint64_t want, std::uint64_t& cap, std::uint64_t& granted,
+                boost::system::error_code& ec) {
+    for (;;) {
+      want = std::min(want, cap);
+      std::optional<joint_receipt> r = take(want, ec);
+      if (r) {
+        op_receipt = std::move(*r);
+        granted = want;
+        return true;
+      }
+      if (ec != error::exceeds_capacity || want <= 1) return false;
+      ec = {};
+      cap_hint.store(want / 2, std::memory_order_relaxed);
+      cap = want / 2;
+    }
+  }
+
+  /// Gives back the tokens of `unused` bytes of what the operation holds.
+  void give_back(std::uint64_t unused) {
+    if (unused == 0) return;
+    if (op_solo_held != 0) {
+      const std::uint64_t n = std::min(op_solo_held, op_per_byte[0] * unused);
+      op_solo_held -= n;
+      op_solo->return_tokens(n);
+      return;
+    }
+    give_back_bytes(op_receipt, op_per_byte, unused);
+  }
+
+  /// The operation's grant is used: nothing of it is given back again.
+  void release() noexcept {
+    op_receipt = joint_receipt();
+    op_solo_held = 0;
   }
 
   void set(std::vector<part_type> parts) {
@@ -275,20 +360,55 @@ Buffer first_buffer(const Buffers& buffers) {
   return Buffer();
 }
 
-/// Makes each part ask for `bytes` bytes' tokens (in place).
-template <typename Clock, typename WaitTraits>
-void scale(joint_parts<Clock, WaitTraits>& parts, const per_byte_type& per_byte,
-           std::uint64_t bytes) {
-  for (std::size_t i = 0; i < parts.size(); ++i)
-    parts[i] = std::move(parts[i]).with_tokens(per_byte[i] * bytes);
-}
+/// A handler of the stream's own wrapping the caller's (`Body` says what it
+/// does, then calls the caller's handler): every association (executor,
+/// allocator, cancellation slot) and continuation hint is the caller's.
+template <typename Handler, typename Body>
+struct stream_handler {
+  Handler handler;
+  Body body;
 
-/// Gives back, part by part, the tokens of `unused` bytes.
-inline void give_back_bytes(joint_receipt& r, const per_byte_type& per_byte, std::uint64_t unused) {
-  if (unused == 0 || r.empty()) return;
-  for (std::size_t i = 0; i < r.size() && i < per_byte.size(); ++i)
-    r[i].give_back(per_byte[i] * unused);
-}
+  template <typename... Args>
+  void operator()(Args&&... args) {
+    body(handler, std::forward<Args>(args)...);
+  }
+
+  friend bool asio_handler_is_continuation(stream_handler* self) {
+    return boost_asio_handler_cont_helpers::is_continuation(self->handler);
+  }
+};
+
+/// The body of a write that took its tokens in the initiating call and went
+/// straight to the next layer (no composed operation): gives back what a
+/// short write did not send.
+template <typename Clock, typename WaitTraits>
+struct stream_write_done {
+  std::shared_ptr<stream_state<Clock, WaitTraits>> state;
+  std::uint64_t granted;
+
+  template <typename Handler>
+  void operator()(Handler& handler, boost::system::error_code e, std::size_t n) {
+    auto& d = state->write;
+    if (granted > n) d.give_back(granted - n);
+    d.release();
+    std::move(handler)(e, n);
+  }
+};
+
+/// The body of the deferred start of a socket read whose stream has limits
+/// (basic_rate_limited_stream::start_read, read_started).
+template <typename Stream, typename Buffers>
+struct stream_read_start {
+  Stream* stream;  // not touched once the stream is closed or destroyed
+  std::shared_ptr<typename Stream::state_type> state;
+  std::uint64_t cancels;  // the direction's cancel() generation at the start
+  Buffers buffers;
+
+  template <typename Handler>
+  void operator()(Handler& handler) {
+    Stream::read_started(*this, handler);
+  }
+};
 
 }  // namespace detail
 
@@ -333,6 +453,13 @@ inline void give_back_bytes(joint_receipt& r, const per_byte_type& per_byte, std
 /// rate r are at most `B + r·T`, plus one slice per stream whose reads pay
 /// after reading. With a capacity of one slice, a saturated stream moves at
 /// most `0.1·r + 2·slice` bytes in any 100 ms window.
+///
+/// Cost: an operation whose limits hold it now (or that has no limits) goes
+/// straight to the next layer, with the caller's handler (unlimited) or a
+/// thin wrapper of it that gives back what a short transfer did not use; a
+/// socket read takes its tokens and reads what is there in the initiating
+/// call, as the socket's own speculative read does. Only an operation that
+/// waits (for tokens, for data, to pay) is a composed operation.
 ///
 /// Errors pass through from the next layer unchanged (EOF, resets); a failed
 /// or short operation gives back the tokens of what it did not move. While
@@ -479,8 +606,8 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
   auto async_read_some(
       const MutableBufferSequence& buffers,
       ReadToken&& token = boost::asio::default_completion_token_t<executor_type>()) {
-    return boost::asio::async_compose<ReadToken, void(boost::system::error_code, std::size_t)>(
-        read_op<MutableBufferSequence>{this, state_, buffers}, token, next_);
+    return boost::asio::async_initiate<ReadToken, void(boost::system::error_code, std::size_t)>(
+        initiate<false>{this}, token, buffers);
   }
 
   /// Writes some bytes as the next layer's async_write_some does, within the
@@ -490,11 +617,125 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
   auto async_write_some(
       const ConstBufferSequence& buffers,
       WriteToken&& token = boost::asio::default_completion_token_t<executor_type>()) {
-    return boost::asio::async_compose<WriteToken, void(boost::system::error_code, std::size_t)>(
-        write_op<ConstBufferSequence>{this, state_, buffers}, token, next_);
+    return boost::asio::async_initiate<WriteToken, void(boost::system::error_code, std::size_t)>(
+        initiate<true>{this}, token, buffers);
   }
 
  private:
+  // The initiations. The common case (no limits, or limits that hold the
+  // request now) goes straight to the next layer with the user's handler, or
+  // a thin wrapper of it, as the next layer's own operation would; the rest
+  // (waiting for tokens or for data, paying after reading, failing at once)
+  // is a composed operation, which starts over from the beginning.
+  template <bool Write>
+  struct initiate {
+    basic_rate_limited_stream* s;
+    using executor_type = typename basic_rate_limited_stream::executor_type;
+    executor_type get_executor() const noexcept { return s->get_executor(); }
+    template <typename Handler, typename Buffers>
+    void operator()(Handler&& handler, const Buffers& buffers) const {
+      if constexpr (Write)
+        s->start_write(std::forward<Handler>(handler), buffers);
+      else
+        s->start_read(std::forward<Handler>(handler), buffers);
+    }
+  };
+
+  template <typename Handler, typename Buffers>
+  void start_write(Handler&& handler, const Buffers& buffers) {
+    using sig = void(boost::system::error_code, std::size_t);
+    direction& d = state_->write;
+    const std::size_t size = boost::asio::buffer_size(buffers);
+    std::uint64_t cap = 0, granted = 0;
+    boost::system::error_code ec;
+    if (size != 0 && !state_->closed.load(std::memory_order_acquire)) {
+      if (!d.copy_limits(cap)) return next_.async_write_some(buffers, std::move(handler));
+      if (d.take_now(size, cap, granted, ec)) {
+        const std::size_t n = static_cast<std::size_t>(granted);
+        const auto first = detail::first_buffer<boost::asio::const_buffer>(buffers);
+        detail::stream_handler<std::decay_t<Handler>, detail::stream_write_done<Clock, WaitTraits>>
+            done{std::move(handler), {state_, granted}};
+        // Within the first buffer (the common case): that buffer alone, so
+        // that a socket sends it as its own write of one buffer would (send,
+        // not sendmsg with an iovec: cheaper per call in the kernel).
+        try {
+          if (first.size() >= n)
+            return next_.async_write_some(boost::asio::const_buffer(first.data(), n),
+                                          std::move(done));
+          return next_.async_write_some(boost::beast::buffers_prefix(n, buffers), std::move(done));
+        } catch (...) {  // (the next layer started nothing: the tokens go back)
+          d.give_back(granted);
+          d.release();
+          throw;
+        }
+      }
+    }
+    boost::asio::async_compose<std::decay_t<Handler>, sig>(write_op<Buffers>{this, state_, buffers},
+                                                           handler, next_);
+  }
+
+  template <typename Handler, typename Buffers>
+  void start_read(Handler&& handler, const Buffers& buffers) {
+    using sig = void(boost::system::error_code, std::size_t);
+    direction& d = state_->read;
+    const auto first = detail::first_buffer<boost::asio::mutable_buffer>(buffers);
+    std::uint64_t cap = 0;
+    if (first.size() != 0 && !state_->closed.load(std::memory_order_acquire)) {
+      if (!d.copy_limits(cap)) return next_.async_read_some(buffers, std::move(handler));
+      if constexpr (detail::receives_now<NextLayer>) {
+        // What a socket's own read does first: read what is there now. One
+        // turn later (deferred: its memory is allocated before anything is
+        // read, so that no completion allocates after the bytes are taken
+        // from the socket), with the tokens for the whole buffer taken then
+        // and the rest given back at once.
+        auto io_ex = next_.get_executor();
+        using start = detail::stream_read_start<basic_rate_limited_stream, Buffers>;
+        return boost::asio::defer(
+            io_ex, detail::stream_handler<std::decay_t<Handler>, start>{
+                       std::move(handler),
+                       start{this, state_, d.cancels.load(std::memory_order_acquire), buffers}});
+      }
+    }
+    boost::asio::async_compose<std::decay_t<Handler>, sig>(read_op<Buffers>{this, state_, buffers},
+                                                           handler, next_);
+  }
+
+  template <typename, typename>
+  friend struct detail::stream_read_start;
+
+  /// The deferred start of a socket read (stream_read_start): reads what is
+  /// there now if the limits hold the buffer and completes, else goes on as
+  /// a composed operation (waiting for data first when nothing was there).
+  template <typename Buffers, typename Handler>
+  static void read_started(detail::stream_read_start<basic_rate_limited_stream, Buffers>& op,
+                           Handler& handler) {
+    using sig = void(boost::system::error_code, std::size_t);
+    state_type& st = *op.state;
+    direction& d = st.read;
+    // Closed or destroyed (then op.stream may dangle: not touched), or cancel()ed.
+    if (st.closed.load(std::memory_order_acquire) ||
+        d.cancels.load(std::memory_order_acquire) != op.cancels)
+      return std::move(handler)(boost::asio::error::operation_aborted, std::size_t{0});
+    basic_rate_limited_stream& s = *op.stream;
+    const auto first = detail::first_buffer<boost::asio::mutable_buffer>(op.buffers);
+    std::uint64_t cap = 0, granted = 0;
+    boost::system::error_code ec;
+    if (!d.copy_limits(cap))  // removed meanwhile
+      return s.next_.async_read_some(op.buffers, std::move(handler));
+    bool wait_first = false;
+    if (d.take_now(first.size(), cap, granted, ec)) {
+      std::size_t n = 0;
+      const bool read =
+          detail::receive_now(s.next_, first.data(), static_cast<std::size_t>(granted), n, ec);
+      d.give_back(granted - n);
+      d.release();
+      if (read) return std::move(handler)(ec, n);  // (on the handler's executor already)
+      wait_first = true;                           // nothing there: wait for data first
+    }
+    boost::asio::async_compose<Handler, sig>(read_op<Buffers>{&s, op.state, op.buffers, wait_first},
+                                             handler, s.next_);
+  }
+
   void abandon() noexcept {
     if (!state_) return;
     state_->closed.store(true, std::memory_order_release);
@@ -560,30 +801,16 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     void fail(Self& self, boost::system::error_code e) {
       ec = e;
       at = phase::fail;
+      // Deferred, not posted: a continuation of the handler that is running
+      // (when one is), queued on this thread without the scheduler's lock, as
+      // a socket's own read that completes at once is.
       auto io_ex = self.get_io_executor();  // (never the stream's: it may be gone)
-      boost::asio::post(io_ex, std::move(self));
+      boost::asio::defer(io_ex, std::move(self));
     }
 
     /// Tries to take `want` bytes now (halving past a capacity); true when
     /// granted (then `granted` is set). False with `ec` set: failed.
-    bool take_now(direction& d, std::uint64_t want) {
-      for (;;) {
-        want = std::min(want, cap);
-        detail::scale(dir->op_limits, dir->op_per_byte, want);
-        std::optional<typename Clock::duration> retry;
-        std::optional<joint_receipt> r = try_acquire(
-            std::span<const part_type>(dir->op_limits.data(), dir->op_limits.size()), retry, ec);
-        if (r) {
-          dir->op_receipt = std::move(*r);
-          granted = want;
-          return true;
-        }
-        if (ec != error::exceeds_capacity || want <= 1) return false;
-        ec = {};
-        d.cap_hint.store(want / 2, std::memory_order_relaxed);
-        cap = want / 2;
-      }
-    }
+    bool take_now(direction&, std::uint64_t want) { return dir->take_now(want, cap, granted, ec); }
 
     /// Waits for `want` bytes (at most a slice); resumes with
     /// (error_code, joint_receipt).
@@ -641,6 +868,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
         return false;
       }
       dir->op_receipt = std::move(r);
+      dir->op_solo_held = 0;
       return true;
     }
   };
@@ -686,16 +914,25 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     template <typename Self>
     void send(Self& self) {
       this->at = phase::moved;
-      this->s->next_.async_write_some(
-          boost::beast::buffers_prefix(static_cast<std::size_t>(this->granted), buffers),
-          std::move(self));
+      const std::size_t n = static_cast<std::size_t>(this->granted);
+      try {
+        // Within the first buffer: that buffer alone (as in start_write).
+        const auto first = detail::first_buffer<boost::asio::const_buffer>(buffers);
+        if (first.size() >= n)
+          return this->s->next_.async_write_some(boost::asio::const_buffer(first.data(), n),
+                                                 std::move(self));
+        this->s->next_.async_write_some(boost::beast::buffers_prefix(n, buffers), std::move(self));
+      } catch (...) {  // (the next layer started nothing: the tokens go back)
+        this->dir->give_back(this->granted);
+        this->dir->release();
+        throw;
+      }
     }
 
     template <typename Self>
     void operator()(Self& self, boost::system::error_code e, std::size_t n) {
-      if (this->granted > n)
-        detail::give_back_bytes(this->dir->op_receipt, this->dir->op_per_byte, this->granted - n);
-      this->dir->op_receipt = joint_receipt();  // (used: nothing of it is given back again)
+      if (this->granted > n) this->dir->give_back(this->granted - n);
+      this->dir->release();
       self.complete(e, n);
     }
   };
@@ -704,8 +941,9 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
   struct read_op : op_base<read_op<Buffers>> {
     Buffers buffers;
 
-    read_op(basic_rate_limited_stream* s, std::shared_ptr<state_type> st, const Buffers& b)
-        : op_base<read_op<Buffers>>(s, st, &st->read), buffers(b) {}
+    read_op(basic_rate_limited_stream* s, std::shared_ptr<state_type> st, const Buffers& b,
+            bool wait = false)
+        : op_base<read_op<Buffers>>(s, st, &st->read), buffers(b), wait_first(wait) {}
 
     template <typename Self>
     void restart(Self& self) {
@@ -723,7 +961,8 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
       if (!this->take_now(d, first.size())) return now::short_of_tokens;
       const bool read = detail::receive_now(this->s->next_, first.data(),
                                             static_cast<std::size_t>(this->granted), n, e);
-      detail::give_back_bytes(this->dir->op_receipt, this->dir->op_per_byte, this->granted - n);
+      this->dir->give_back(this->granted - n);
+      this->dir->release();
       this->granted = 0;
       return read ? now::read : now::nothing_there;
     }
@@ -752,6 +991,12 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
       if (first.size() == 0 || !d.copy_limits(this->cap)) {
         this->at = phase::moved;
         return this->s->next_.async_read_some(buffers, std::move(self));
+      }
+      if constexpr (detail::waits_for_read<NextLayer>) {
+        if (std::exchange(wait_first, false)) {  // (the initiation read nothing there)
+          this->at = phase::readable;
+          return this->s->next_.async_wait(boost::asio::socket_base::wait_read, std::move(self));
+        }
       }
       if constexpr (detail::receives_now<NextLayer>) {
         std::size_t n = 0;
@@ -841,9 +1086,15 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     template <typename Self>
     void receive(Self& self, boost::asio::mutable_buffer first) {
       this->at = phase::moved;
-      this->s->next_.async_read_some(
-          boost::asio::buffer(first.data(), static_cast<std::size_t>(this->granted)),
-          std::move(self));
+      try {
+        this->s->next_.async_read_some(
+            boost::asio::buffer(first.data(), static_cast<std::size_t>(this->granted)),
+            std::move(self));
+      } catch (...) {  // (the next layer started nothing: the tokens go back)
+        this->dir->give_back(this->granted);
+        this->dir->release();
+        throw;
+      }
     }
 
     template <typename Self>
@@ -909,9 +1160,8 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     template <typename Self>
     void operator()(Self& self, boost::system::error_code e, std::size_t n) {
       if constexpr (detail::waits_for_read<NextLayer>) {
-        if (this->granted > n)
-          detail::give_back_bytes(this->dir->op_receipt, this->dir->op_per_byte, this->granted - n);
-        this->dir->op_receipt = joint_receipt();
+        if (this->granted > n) this->dir->give_back(this->granted - n);
+        this->dir->release();
         self.complete(e, n);
       } else {
         this->done = n;
@@ -924,6 +1174,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     boost::system::error_code ec_read{};
     std::uint64_t owed = 0;  // bytes read (or owed from before) not paid yet
     bool paying_debt = false;
+    bool wait_first = false;  // the initiation found nothing there: wait for data first
   };
 
   NextLayer next_;
@@ -952,5 +1203,22 @@ void async_teardown(boost::beast::role_type role,
 }
 
 }  // namespace ratelimit
+
+namespace boost::asio {
+template <template <typename, typename> class Associator, typename Handler, typename Body,
+          typename DefaultCandidate>
+struct associator<Associator, ratelimit::detail::stream_handler<Handler, Body>, DefaultCandidate>
+    : Associator<Handler, DefaultCandidate> {
+  static typename Associator<Handler, DefaultCandidate>::type get(
+      const ratelimit::detail::stream_handler<Handler, Body>& h) noexcept {
+    return Associator<Handler, DefaultCandidate>::get(h.handler);
+  }
+  static auto get(const ratelimit::detail::stream_handler<Handler, Body>& h,
+                  const DefaultCandidate& c) noexcept
+      -> decltype(Associator<Handler, DefaultCandidate>::get(h.handler, c)) {
+    return Associator<Handler, DefaultCandidate>::get(h.handler, c);
+  }
+};
+}  // namespace boost::asio
 
 #endif  // RATELIMIT_STREAM_HPP
