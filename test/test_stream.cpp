@@ -6,6 +6,7 @@
 //   another thread.
 #include <ratelimit/stream.hpp>
 
+#include "fake_stream.hpp"
 #include "test_support.hpp"
 
 #include <boost/asio/bind_cancellation_slot.hpp>
@@ -29,6 +30,7 @@ namespace asio = boost::asio;
 using asio::ip::tcp;
 using boost::system::error_code;
 using ratelimit::per_second;
+using ratelimit::test::fake_stream;
 using ratelimit::test::manual_clock;
 using ratelimit::test::manual_wait_traits;
 using ratelimit::test::pump;
@@ -44,63 +46,6 @@ constexpr int scale = 4;  // the sanitizer trees run fewer connections
 #else
 constexpr int scale = 1;
 #endif
-
-/// A next layer under the test's control: writes take at most `max_write`
-/// bytes, reads hand out `incoming` (at most `max_read` at a time), or fail
-/// with `fail_with`; it cannot wait for readability (reads pay after).
-struct fake_stream {
-  using executor_type = asio::any_io_executor;
-  executor_type ex;
-  std::size_t max_write = SIZE_MAX;
-  std::size_t max_read = SIZE_MAX;
-  std::string written;
-  std::string incoming;
-  error_code fail_with;
-  int writes = 0, reads = 0;
-  std::vector<std::size_t> write_sizes;  // each write_some's buffer size
-
-  explicit fake_stream(executor_type e) : ex(std::move(e)) {}
-  // Moves copy (a moved-from fake keeps its executor, as a moved-from socket does).
-  fake_stream(const fake_stream&) = default;
-  fake_stream& operator=(const fake_stream&) = default;
-  executor_type get_executor() { return ex; }
-
-  template <typename Buffers, typename Token>
-  auto async_write_some(const Buffers& b, Token&& token) {
-    return asio::async_initiate<Token, void(error_code, std::size_t)>(
-        [this](auto h, const Buffers& b) {
-          ++writes;
-          write_sizes.push_back(asio::buffer_size(b));
-          std::size_t n = 0;
-          if (!fail_with) {
-            std::string all(asio::buffer_size(b), '\0');
-            asio::buffer_copy(asio::buffer(all), b);
-            n = std::min(all.size(), max_write);
-            written.append(all, 0, n);
-          }
-          asio::post(ex, [h = std::move(h), e = fail_with, n]() mutable { h(e, n); });
-        },
-        token, b);
-  }
-
-  template <typename Buffers, typename Token>
-  auto async_read_some(const Buffers& b, Token&& token) {
-    return asio::async_initiate<Token, void(error_code, std::size_t)>(
-        [this](auto h, const Buffers& b) {
-          ++reads;
-          std::size_t n = 0;
-          error_code e = fail_with;
-          if (!e && incoming.empty()) e = asio::error::eof;
-          if (!e) {
-            n = asio::buffer_copy(
-                b, asio::buffer(incoming.data(), std::min(incoming.size(), max_read)));
-            incoming.erase(0, n);
-          }
-          asio::post(ex, [h = std::move(h), e, n]() mutable { h(e, n); });
-        },
-        token, b);
-  }
-};
 
 using fake_limited =
     ratelimit::basic_rate_limited_stream<fake_stream, manual_clock, manual_wait_traits>;
@@ -652,6 +597,28 @@ BOOST_FIXTURE_TEST_CASE(a_read_whose_payment_is_cancelled_leaves_a_debt_the_next
   BOOST_TEST(bucket.available() == 0u);  // 800 accrued, 800 read: all paid
 }
 
+BOOST_FIXTURE_TEST_CASE(a_read_whose_debt_cannot_be_paid_fails_outside_its_initiating_call,
+                        manual_fixture) {
+  // Found by fuzz_stream: a read paying an earlier read's debt first, whose
+  // payment failed at once, completed inside its initiating call.
+  test_bucket tiny(ctx, 1, per_second(1));
+  fake_limited s(ctx.get_executor());
+  s.set_read_limits({test_part(tiny, 2)});  // a byte needs 2 tokens: more than it holds
+  s.next_layer().incoming = "ab";
+  std::vector<char> buf(10);
+  result r1, r2;
+  s.async_read_some(asio::buffer(buf), record(r1));
+  BOOST_REQUIRE(settle(ctx, [&] { return r1.done; }));
+  BOOST_TEST(r1.ec == ratelimit::error::exceeds_capacity);
+  BOOST_TEST(r1.n == 1u);  // read before paying: delivered with the error, a debt
+  s.async_read_some(asio::buffer(buf), record(r2));
+  BOOST_TEST(!r2.done);  // never inside the initiating call
+  BOOST_REQUIRE(settle(ctx, [&] { return r2.done; }));
+  BOOST_TEST(r2.ec == ratelimit::error::exceeds_capacity);
+  BOOST_TEST(r2.n == 0u);
+  BOOST_TEST(s.next_layer().incoming == "b");  // nothing read while the debt stands
+}
+
 BOOST_FIXTURE_TEST_CASE(a_write_of_several_buffers_is_one_write_of_them_all, manual_fixture) {
   test_bucket bucket(ctx, 1000, per_second(1));
   fake_limited s(ctx.get_executor());
@@ -716,6 +683,53 @@ BOOST_FIXTURE_TEST_CASE(removed_limits_stop_limiting_the_next_operation, manual_
   s.async_write_some(asio::buffer(data), record(r));
   BOOST_REQUIRE(settle(ctx, [&] { return r.done; }));
   BOOST_TEST(r.n == 5000u);
+}
+
+BOOST_AUTO_TEST_CASE(a_tcp_read_cancelled_before_it_starts_completes_at_once) {
+  // A socket read starts one turn after its initiation: a per-operation
+  // cancellation, or the socket closed under the stream, in that turn ends
+  // it with operation_aborted (it must not go on to wait for data).
+  asio::io_context ctx;
+  auto [a, b] = socket_pair(ctx);
+  ratelimit::token_bucket bucket(ctx, 1000, per_second(1));
+  ratelimit::rate_limited_stream<tcp::socket> s(std::move(b));
+  s.set_read_limits({ratelimit::part(bucket)});
+  std::vector<char> buf(600);
+  for (const auto type : {asio::cancellation_type::terminal, asio::cancellation_type::partial,
+                          asio::cancellation_type::total}) {
+    asio::cancellation_signal sig;
+    result r;
+    s.async_read_some(asio::buffer(buf), asio::bind_cancellation_slot(sig.slot(), record(r)));
+    sig.emit(type);  // before the start has run
+    BOOST_TEST(!r.done);
+    ctx.restart();
+    ctx.run_for(1s);
+    BOOST_REQUIRE(r.done);
+    BOOST_TEST(r.ec == asio::error::operation_aborted);
+    BOOST_TEST(r.n == 0u);
+    BOOST_TEST(bucket.available() == 1000u);
+  }
+  // Not cancelled: data sent meanwhile is read (the slot, cleared, is inert).
+  asio::cancellation_signal sig;
+  result r;
+  asio::write(a, asio::buffer(std::string(100, 'x')));
+  s.async_read_some(asio::buffer(buf), asio::bind_cancellation_slot(sig.slot(), record(r)));
+  ctx.restart();
+  ctx.run_for(1s);
+  BOOST_REQUIRE(r.done);
+  BOOST_TEST(!r.ec);
+  BOOST_TEST(r.n == 100u);
+  sig.emit(asio::cancellation_type::terminal);  // late: harmless
+  BOOST_TEST(bucket.available() == 900u);
+  // The socket closed under the stream before the start runs.
+  result c;
+  s.async_read_some(asio::buffer(buf), record(c));
+  s.next_layer().close();
+  ctx.restart();
+  ctx.run_for(1s);
+  BOOST_REQUIRE(c.done);
+  BOOST_TEST(c.ec == asio::error::operation_aborted);
+  BOOST_TEST(bucket.available() == 900u);
 }
 
 BOOST_AUTO_TEST_CASE(a_tcp_read_waits_for_data_before_taking_tokens) {

@@ -7,7 +7,7 @@
 #include <ratelimit/joint.hpp>
 
 #include <boost/asio/any_completion_handler.hpp>
-#include <boost/asio/append.hpp>
+#include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/buffer.hpp>
 #include <boost/asio/cancellation_signal.hpp>
@@ -15,7 +15,6 @@
 #include <boost/asio/compose.hpp>
 #include <boost/asio/defer.hpp>
 #include <boost/asio/error.hpp>
-#include <boost/asio/post.hpp>
 #include <boost/asio/socket_base.hpp>
 #include <boost/beast/core/buffers_prefix.hpp>
 #include <boost/beast/websocket/teardown.hpp>
@@ -62,6 +61,7 @@ concept says_available = requires(S& s, boost::system::error_code& ec) {
 /// without Asio's reactor: receive_now).
 template <typename S>
 concept receives_now = waits_for_read<S> && requires(S& s) {
+  typename S::protocol_type;  // (a socket: not a posix::stream_descriptor, which recv refuses)
   { s.native_handle() } -> std::convertible_to<int>;
 };
 
@@ -203,6 +203,10 @@ struct stream_direction {
   bucket_impl<Clock, WaitTraits>* op_solo = nullptr;
   std::uint64_t op_solo_held = 0;
 
+  // A per-operation cancellation of a read whose deferred start is queued
+  // (the start completes it with operation_aborted; see start_read).
+  std::atomic<bool> start_cancelled{false};
+
   // Bytes a read delivered without paying for them (its payment cancelled
   // or failed): the next read pays them first (the one read at a time).
   std::uint64_t debt = 0;
@@ -339,6 +343,13 @@ struct stream_state {
 /// signal while the operation waits for tokens.
 template <typename Clock, typename WaitTraits>
 struct forward_cancellation {
+  // (A constructor: slot.emplace() constructs with parentheses, which clang
+  // 14 does not accept for an aggregate.)
+  forward_cancellation(std::shared_ptr<stream_state<Clock, WaitTraits>> s,
+                       stream_direction<Clock, WaitTraits>* d,
+                       boost::asio::cancellation_type_t a) noexcept
+      : state(std::move(s)), dir(d), accepted(a) {}
+
   std::shared_ptr<stream_state<Clock, WaitTraits>> state;
   stream_direction<Clock, WaitTraits>* dir;
   boost::asio::cancellation_type_t accepted;
@@ -395,11 +406,25 @@ struct stream_write_done {
   }
 };
 
+/// Notes a per-operation cancellation of a read whose deferred start is
+/// queued (installed in the caller's slot until the start runs).
+template <typename Clock, typename WaitTraits>
+struct note_start_cancelled {
+  std::shared_ptr<stream_state<Clock, WaitTraits>> state;
+  explicit note_start_cancelled(std::shared_ptr<stream_state<Clock, WaitTraits>> s) noexcept
+      : state(std::move(s)) {}
+  void operator()(boost::asio::cancellation_type_t type) const noexcept {
+    if (type != boost::asio::cancellation_type::none)
+      state->read.start_cancelled.store(true, std::memory_order_release);
+  }
+};
+
 /// The body of the deferred start of a socket read whose stream has limits
 /// (basic_rate_limited_stream::start_read, read_started).
 template <typename Stream, typename Buffers>
 struct stream_read_start {
-  Stream* stream;  // not touched once the stream is closed or destroyed
+  Stream* stream;  // not touched once the stream is closed or destroyed (nor
+                   // moved: no operation may be outstanding then)
   std::shared_ptr<typename Stream::state_type> state;
   std::uint64_t cancels;  // the direction's cancel() generation at the start
   Buffers buffers;
@@ -457,9 +482,13 @@ struct stream_read_start {
 /// Cost: an operation whose limits hold it now (or that has no limits) goes
 /// straight to the next layer, with the caller's handler (unlimited) or a
 /// thin wrapper of it that gives back what a short transfer did not use; a
-/// socket read takes its tokens and reads what is there in the initiating
-/// call, as the socket's own speculative read does. Only an operation that
-/// waits (for tokens, for data, to pay) is a composed operation.
+/// socket read, one turn after its initiation (its memory allocated before it
+/// reads anything), takes its tokens and reads what is there, as the
+/// socket's own speculative read does. Only an operation that waits (for
+/// tokens, for data, to pay) is a composed operation. A read or write is in
+/// the next layer, where the next layer's own cancel() reaches it, only once
+/// it has its tokens: before that, the stream's cancel() (or per-operation
+/// cancellation) is what reaches it.
 ///
 /// Errors pass through from the next layer unchanged (EOF, resets); a failed
 /// or short operation gives back the tokens of what it did not move. While
@@ -653,12 +682,13 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
       if (d.take_now(size, cap, granted, ec)) {
         const std::size_t n = static_cast<std::size_t>(granted);
         const auto first = detail::first_buffer<boost::asio::const_buffer>(buffers);
-        detail::stream_handler<std::decay_t<Handler>, detail::stream_write_done<Clock, WaitTraits>>
-            done{std::move(handler), {state_, granted}};
         // Within the first buffer (the common case): that buffer alone, so
         // that a socket sends it as its own write of one buffer would (send,
         // not sendmsg with an iovec: cheaper per call in the kernel).
         try {
+          detail::stream_handler<std::decay_t<Handler>,
+                                 detail::stream_write_done<Clock, WaitTraits>>
+              done{std::move(handler), {state_, granted}};
           if (first.size() >= n)
             return next_.async_write_some(boost::asio::const_buffer(first.data(), n),
                                           std::move(done));
@@ -688,6 +718,12 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
         // read, so that no completion allocates after the bytes are taken
         // from the socket), with the tokens for the whole buffer taken then
         // and the rest given back at once.
+        // A cancellation meanwhile completes it (nothing has moved): noted
+        // through the caller's slot until the start runs.
+        d.start_cancelled.store(false, std::memory_order_relaxed);
+        auto slot = boost::asio::get_associated_cancellation_slot(handler);
+        if (slot.is_connected())
+          slot.template emplace<detail::note_start_cancelled<Clock, WaitTraits>>(state_);
         auto io_ex = next_.get_executor();
         using start = detail::stream_read_start<basic_rate_limited_stream, Buffers>;
         return boost::asio::defer(
@@ -712,11 +748,17 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     using sig = void(boost::system::error_code, std::size_t);
     state_type& st = *op.state;
     direction& d = st.read;
-    // Closed or destroyed (then op.stream may dangle: not touched), or cancel()ed.
-    if (st.closed.load(std::memory_order_acquire) ||
+    auto slot = boost::asio::get_associated_cancellation_slot(handler);
+    if (slot.is_connected()) slot.clear();
+    const bool cancelled = d.start_cancelled.exchange(false, std::memory_order_acq_rel);
+    // Cancelled through its slot, closed or destroyed (then op.stream may
+    // dangle: not touched), or the stream's cancel() came.
+    if (cancelled || st.closed.load(std::memory_order_acquire) ||
         d.cancels.load(std::memory_order_acquire) != op.cancels)
       return std::move(handler)(boost::asio::error::operation_aborted, std::size_t{0});
     basic_rate_limited_stream& s = *op.stream;
+    if (!s.next_.is_open())  // (closed under the stream: as a pending read would end)
+      return std::move(handler)(boost::asio::error::operation_aborted, std::size_t{0});
     const auto first = detail::first_buffer<boost::asio::mutable_buffer>(op.buffers);
     std::uint64_t cap = 0, granted = 0;
     boost::system::error_code ec;
@@ -1127,7 +1169,9 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     void unpaid(Self& self, boost::system::error_code e) {
       this->state->read.debt += owed;
       owed = 0;
-      self.complete(e, this->done);
+      // Deferred: paying an earlier read's debt first, this may still be the
+      // initiating call (fuzz_stream found it completing there).
+      this->fail(self, e);
     }
 
     // Pays what a read took (the read-first mode), then completes.
@@ -1138,6 +1182,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
         if (!d.copy_limits(this->cap)) break;
         if (this->take_now(d, owed)) {
           owed -= std::min<std::uint64_t>(owed, this->granted);
+          d.release();  // (paid: nothing of it is given back)
           continue;
         }
         if (this->ec) return unpaid(self, this->ec);
