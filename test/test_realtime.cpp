@@ -16,9 +16,12 @@ BOOST_AUTO_TEST_SUITE(real_time)
 
 BOOST_AUTO_TEST_CASE(paces_grants_at_the_rate) {
   asio::io_context ctx;
+  // t0 before the bucket: its first token is due 50 ms after its
+  // construction, which is no earlier than 50 ms after t0. (Read after the
+  // construction, t0 could be late by a preemption, and every grant "early".)
+  const auto t0 = steady::now();
   ratelimit::token_bucket bucket(ctx, 1, per_second(20), ratelimit::start_empty);
   std::vector<steady::duration> at;
-  const auto t0 = steady::now();
   for (int i = 0; i < 10; ++i)
     bucket.async_get_token([&](boost::system::error_code ec) {
       if (!ec) at.push_back(steady::now() - t0);
@@ -60,16 +63,18 @@ BOOST_AUTO_TEST_CASE(run_returns_once_the_last_waiter_is_cancelled) {
 
 BOOST_AUTO_TEST_CASE(blocking_threads_with_a_running_loop) {
   asio::io_context ctx;
+  const auto t0 = steady::now();  // before the bucket, as above
   ratelimit::token_bucket bucket(ctx, 2, per_second(50));
   auto guard = asio::make_work_guard(ctx);
   std::thread loop([&] { ctx.run(); });
-  const auto t0 = steady::now();
   std::vector<std::thread> workers;
   for (int i = 0; i < 4; ++i)
     workers.emplace_back([&] {
-      for (int j = 0; j < 3; ++j) bucket.get_token();
+      for (int j = 0; j < 3; ++j)
+        bucket.get_token();
     });
-  for (auto& w : workers) w.join();
+  for (auto& w : workers)
+    w.join();
   const auto took = steady::now() - t0;
   guard.reset();
   loop.join();

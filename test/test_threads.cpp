@@ -81,8 +81,8 @@ BOOST_AUTO_TEST_CASE(every_member_function_at_once) {
   // bucket could have produced.
   running_context pool(2);
   using bucket_t = ratelimit::token_bucket;
+  const auto t0 = std::chrono::steady_clock::now();  // before the bucket fills
   bucket_t bucket(pool.ctx, 20, per_second(20'000));
-  const auto t0 = std::chrono::steady_clock::now();
   std::atomic<std::uint64_t> granted{0}, issued{0}, completed{0};
   std::atomic<bool> stop{false};
   std::vector<std::thread> ts;
