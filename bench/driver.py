@@ -131,7 +131,7 @@ def ratio(a, b):
 
 # ------------------------------------------------------------------------------- running
 
-W8_REPS = 7  # alternating repetitions of each W8 row (see jobs())
+W8_REPS = 15  # alternating repetitions of each W8 row (see jobs())
 
 
 def jobs(bindir, quick):

@@ -255,20 +255,25 @@ struct stream_direction {
   /// Takes the tokens of `bytes` bytes now, all or nothing, as a joint
   /// try_acquire of op_limits scaled to `bytes` would (false, `ec` clear, when
   /// they are not there or a request is ahead; `ec` set when it fails).
-  std::optional<joint_receipt> take(std::uint64_t bytes, boost::system::error_code& ec) {
+  bool take(std::uint64_t bytes, boost::system::error_code& ec) {
     op_solo_held = 0;
     if (op_solo) {
       const std::uint64_t n = op_per_byte[0] * bytes;
       if (op_solo->try_get(n)) {
         op_solo_held = n;
-        return joint_receipt();
+        if (!op_receipt.empty()) op_receipt = joint_receipt();  // (none held: as a joint grant)
+        return true;
       }
       // Not there, or it fails (closed, over the capacity): the joint
       // request says which, as it would have.
     }
     scale(op_limits, op_per_byte, bytes);
     std::optional<typename Clock::duration> retry;
-    return try_acquire(std::span<const part_type>(op_limits.data(), op_limits.size()), retry, ec);
+    std::optional<joint_receipt> r =
+        try_acquire(std::span<const part_type>(op_limits.data(), op_limits.size()), retry, ec);
+    if (!r) return false;
+    op_receipt = std::move(*r);
+    return true;
   }
 
   /// Takes the tokens of `want` bytes (at most `cap`) now if the limits
@@ -279,9 +284,7 @@ struct stream_direction {
                 boost::system::error_code& ec) {
     for (;;) {
       want = std::min(want, cap);
-      std::optional<joint_receipt> r = take(want, ec);
-      if (r) {
-        op_receipt = std::move(*r);
+      if (take(want, ec)) {
         granted = want;
         return true;
       }
@@ -306,7 +309,7 @@ struct stream_direction {
 
   /// The operation's grant is used: nothing of it is given back again.
   void release() noexcept {
-    op_receipt = joint_receipt();
+    if (!op_receipt.empty()) op_receipt = joint_receipt();
     op_solo_held = 0;
   }
 
