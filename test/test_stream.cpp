@@ -14,6 +14,7 @@
 #include <boost/asio/deferred.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/read.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/asio/write.hpp>
 
 #include <sys/resource.h>
@@ -22,9 +23,11 @@
 #include <array>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <optional>
 #include <random>
 #include <string>
+#include <thread>
 
 namespace asio = boost::asio;
 using asio::ip::tcp;
@@ -1214,6 +1217,216 @@ BOOST_AUTO_TEST_CASE(limits_change_from_another_thread_while_in_use) {
   BOOST_TEST(!wr.ec);
   BOOST_TEST(!rr.ec);
   BOOST_TEST((got == data));
+}
+
+// Concurrent stress (run under TSan in its tree): connections on an
+// io_context run by three threads, each end on a strand of its own, every
+// stream limited by a bucket of its own and a shared aggregate, in both
+// directions; per-operation cancellations and the streams' cancel() on their
+// strands, the limits, slices, rates and capacities changed from another
+// thread; at the end one reader closed on its strand while it waits.
+// Checks: every operation completes exactly once, the bytes arrive whole
+// and in order (a cancelled write resumes where it stopped), and the
+// aggregate passed no more than its largest capacity and rate allow.
+BOOST_AUTO_TEST_CASE(streams_on_a_thread_pool_under_concurrent_cancels_close_and_changes) {
+  using limited = ratelimit::rate_limited_stream<tcp::socket>;
+  constexpr int conns = 4;
+  const auto run_for = 1500ms / scale;
+  const std::uint64_t agg_cap = 65536, agg_rate_max = 4'000'000;
+  const auto t0 = steady::now();  // before the aggregate is built (it starts full)
+  asio::io_context ctx(3);
+  ratelimit::token_bucket aggregate(ctx, agg_cap, per_second(agg_rate_max));
+  auto byte_at = [](std::uint64_t pos, int c) { return static_cast<char>((pos * 131 + c) % 251); };
+
+  struct end_state {
+    std::optional<limited> s;
+    asio::strand<asio::io_context::executor_type> strand;
+    std::optional<ratelimit::token_bucket> own;
+    std::uint64_t pos = 0;  // bytes written (writer) or read and checked (reader)
+    bool outstanding = false;
+    int twice = 0, bad_bytes = 0, ops = 0, aborted = 0;
+    error_code end;  // how its last operation ended
+    bool done = false;
+    bool closed = false;
+    std::mt19937 rng;
+    std::vector<char> buf;
+    explicit end_state(asio::io_context& c, unsigned seed)
+        : strand(asio::make_strand(c)), rng(seed) {}
+  };
+  std::vector<std::unique_ptr<end_state>> writers, readers;
+  for (int c = 0; c < conns; ++c) {
+    tcp::acceptor acc(ctx, tcp::endpoint(asio::ip::address_v4::loopback(), 0));
+    auto w = std::make_unique<end_state>(ctx, 10 + c), r = std::make_unique<end_state>(ctx, 20 + c);
+    tcp::socket a(w->strand), b(r->strand);
+    a.connect(acc.local_endpoint());
+    acc.accept(b);
+    w->own.emplace(ctx, 16384, per_second(1'000'000));
+    r->own.emplace(ctx, 16384, per_second(1'000'000));
+    w->s.emplace(std::move(a));
+    r->s.emplace(std::move(b));
+    w->s->set_limits({ratelimit::part(*w->own), ratelimit::part(aggregate)});
+    r->s->set_limits({ratelimit::part(*r->own), ratelimit::part(aggregate)});
+    w->buf.resize(20000);
+    r->buf.resize(30000);
+    writers.push_back(std::move(w));
+    readers.push_back(std::move(r));
+  }
+  std::atomic<bool> stop{false};
+  std::atomic<std::uint64_t> through_aggregate{0};
+
+  // The writer of connection c: async_write of the pattern from where it
+  // stopped, sometimes cancelled through its slot, sometimes by cancel().
+  std::function<void(int)> write_next = [&](int c) {
+    end_state& w = *writers[c];
+    if (stop || !w.s) {
+      error_code ignored;
+      if (w.s) w.s->next_layer().shutdown(tcp::socket::shutdown_send, ignored);
+      w.done = true;
+      return;
+    }
+    const std::size_t len = 1 + w.rng() % w.buf.size();
+    for (std::size_t i = 0; i < len; ++i)
+      w.buf[i] = byte_at(w.pos + i, c);
+    auto sig = std::make_shared<asio::cancellation_signal>();
+    if (w.outstanding) ++w.twice;
+    w.outstanding = true;
+    asio::async_write(
+        *w.s, asio::buffer(w.buf.data(), len),
+        asio::bind_cancellation_slot(sig->slot(), [&, c, sig](error_code ec, std::size_t n) {
+          end_state& w = *writers[c];
+          if (!w.outstanding) ++w.twice;
+          w.outstanding = false;
+          ++w.ops;
+          w.pos += n;
+          through_aggregate += n;
+          if (ec == asio::error::operation_aborted)
+            ++w.aborted;
+          else if (ec) {
+            w.end = ec;
+            w.done = true;
+            return;
+          }
+          write_next(c);
+        }));
+    switch (w.rng() % 8) {
+      case 0:  // a per-operation cancellation, on the strand, a turn later
+        asio::post(w.strand, [sig] { sig->emit(asio::cancellation_type::terminal); });
+        break;
+      case 1:
+        asio::post(w.strand, [&, c] {
+          if (writers[c]->s) writers[c]->s->cancel();
+        });
+        break;
+      default:
+        break;
+    }
+  };
+  std::function<void(int)> read_next = [&](int c) {
+    end_state& r = *readers[c];
+    auto sig = std::make_shared<asio::cancellation_signal>();
+    if (r.outstanding) ++r.twice;
+    r.outstanding = true;
+    r.s->async_read_some(
+        asio::buffer(r.buf.data(), 1 + r.rng() % r.buf.size()),
+        asio::bind_cancellation_slot(sig->slot(), [&, c, sig](error_code ec, std::size_t n) {
+          end_state& r = *readers[c];
+          if (!r.outstanding) ++r.twice;
+          r.outstanding = false;
+          ++r.ops;
+          for (std::size_t i = 0; i < n; ++i)
+            if (r.buf[i] != byte_at(r.pos + i, c)) ++r.bad_bytes;
+          r.pos += n;
+          through_aggregate += n;
+          if (ec == asio::error::operation_aborted && !r.closed) {  // (goes on to the EOF)
+            ++r.aborted;
+          } else if (ec) {
+            r.end = ec;
+            r.done = true;
+            return;
+          }
+          read_next(c);
+        }));
+    if (r.rng() % 8 == 0)
+      asio::post(r.strand, [sig] { sig->emit(asio::cancellation_type::terminal); });
+  };
+  for (int c = 0; c < conns; ++c) {
+    asio::post(writers[c]->strand, [&, c] { write_next(c); });
+    asio::post(readers[c]->strand, [&, c] { read_next(c); });
+  }
+  std::thread changer([&] {
+    std::mt19937 rng(5);
+    while (!stop) {
+      const int c = static_cast<int>(rng() % conns);
+      switch (rng() % 6) {
+        case 0:
+          writers[c]->s->set_write_limits({ratelimit::part(aggregate)});
+          break;
+        case 1:
+          writers[c]->s->set_limits(
+              {ratelimit::part(*writers[c]->own), ratelimit::part(aggregate)});
+          readers[c]->s->set_limits(
+              {ratelimit::part(*readers[c]->own), ratelimit::part(aggregate)});
+          break;
+        case 2:
+          readers[c]->s->set_slice(1 + rng() % 8192);
+          writers[c]->s->set_slice(1 + rng() % 8192);
+          break;
+        case 3:
+          aggregate.set_rate(per_second(1'000'000 + rng() % (agg_rate_max - 1'000'000)));
+          break;
+        case 4:
+          writers[c]->own->set_capacity(4096 + rng() % 16384);
+          break;
+        default:
+          readers[c]->own->set_rate(per_second(200'000 + rng() % 800'000));
+          break;
+      }
+      std::this_thread::sleep_for(200us);
+    }
+  });
+  std::vector<std::thread> pool;
+  for (int i = 0; i < 3; ++i)
+    pool.emplace_back([&] { ctx.run(); });
+  std::this_thread::sleep_for(run_for);
+  asio::post(readers[0]->strand, [&] {
+    readers[0]->closed = true;
+    readers[0]->s->close();
+  });
+  stop = true;
+  changer.join();
+  for (auto& t : pool)
+    t.join();  // every loop ended: the context ran out of work
+  const double T = std::chrono::duration<double>(steady::now() - t0).count();
+  for (int c = 0; c < conns; ++c) {
+    const end_state &w = *writers[c], &r = *readers[c];
+    BOOST_TEST_CONTEXT("connection " << c) {
+      BOOST_TEST(w.twice == 0);
+      BOOST_TEST(r.twice == 0);
+      BOOST_TEST(!w.outstanding);
+      BOOST_TEST(!r.outstanding);
+      BOOST_TEST(w.done);
+      BOOST_TEST(r.done);
+      BOOST_TEST(r.bad_bytes == 0);
+      if (c == 0) {  // closed: the read ends aborted, or after an EOF
+        BOOST_TEST((r.end == asio::error::operation_aborted || r.end == asio::error::eof ||
+                    r.end == asio::error::bad_descriptor),
+                   r.end.message());
+        BOOST_TEST(r.pos <= w.pos);
+      } else {
+        BOOST_TEST(!w.end);
+        BOOST_TEST(r.end == asio::error::eof);
+        BOOST_TEST(r.pos == w.pos);  // whole: what was written arrived, in order
+      }
+      BOOST_TEST(w.pos > 0u);
+      BOOST_TEST_MESSAGE("connection " << c << ": " << w.pos << " B in " << w.ops << " writes ("
+                                       << w.aborted << " cancelled), " << r.ops << " reads ("
+                                       << r.aborted << " cancelled)");
+    }
+  }
+  // Each direction of each stream took the aggregate's tokens for what it
+  // moved: both ends count, so the sum is twice what crossed the sockets.
+  BOOST_TEST(static_cast<double>(through_aggregate.load()) <=
+             static_cast<double>(agg_cap) + static_cast<double>(agg_rate_max) * T);
 }
 
 BOOST_AUTO_TEST_SUITE_END()
