@@ -22,14 +22,16 @@ std::atomic<bool> g_fired{false};
 thread_local int t_suspended = 0;
 std::atomic<bool> g_one_thread{false};  // only_this_thread(true) is in force
 thread_local bool t_the_thread = false;
+std::atomic<bool> g_fail_nothrow{true};
 
 constexpr int max_frames = 48;
 void* g_stack[max_frames];
 int g_stack_depth = 0;
 
 /// Counts one allocation; true when it is the one to fail.
-bool should_fail() noexcept {
+bool should_fail(bool nothrow) noexcept {
   if (t_suspended) return false;
+  if (nothrow && !g_fail_nothrow.load(std::memory_order_relaxed)) return false;
   if (g_one_thread.load(std::memory_order_relaxed) && !t_the_thread) return false;
   const std::uint64_t n = g_count.fetch_add(1, std::memory_order_relaxed) + 1;
   std::uint64_t target = g_target.load(std::memory_order_relaxed);
@@ -40,8 +42,8 @@ bool should_fail() noexcept {
   return true;
 }
 
-void* allocate(std::size_t n, std::size_t align) noexcept {
-  if (should_fail()) return nullptr;
+void* allocate(std::size_t n, std::size_t align, bool nothrow) noexcept {
+  if (should_fail(nothrow)) return nullptr;
   if (n == 0) n = 1;
   void* p = nullptr;
   if (align <= alignof(std::max_align_t)) {
@@ -60,7 +62,7 @@ void release(void* p) noexcept {
 }
 
 void* allocate_or_throw(std::size_t n, std::size_t align) {
-  if (void* p = allocate(n, align)) return p;
+  if (void* p = allocate(n, align, false)) return p;
   throw std::bad_alloc();
 }
 
@@ -87,6 +89,10 @@ bool fired() noexcept {
 
 void print_failure_stack() noexcept {
   if (g_stack_depth > 0) ::backtrace_symbols_fd(g_stack, g_stack_depth, 2);
+}
+
+void fail_nothrow(bool on) noexcept {
+  g_fail_nothrow.store(on);
 }
 
 void only_this_thread(bool on) noexcept {
@@ -130,16 +136,16 @@ void* operator new[](std::size_t n, align_t a) {
   return af::allocate_or_throw(n, static_cast<std::size_t>(a));
 }
 void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
-  return af::allocate(n, 0);
+  return af::allocate(n, 0, true);
 }
 void* operator new[](std::size_t n, const std::nothrow_t&) noexcept {
-  return af::allocate(n, 0);
+  return af::allocate(n, 0, true);
 }
 void* operator new(std::size_t n, align_t a, const std::nothrow_t&) noexcept {
-  return af::allocate(n, static_cast<std::size_t>(a));
+  return af::allocate(n, static_cast<std::size_t>(a), true);
 }
 void* operator new[](std::size_t n, align_t a, const std::nothrow_t&) noexcept {
-  return af::allocate(n, static_cast<std::size_t>(a));
+  return af::allocate(n, static_cast<std::size_t>(a), true);
 }
 
 void operator delete(void* p) noexcept {

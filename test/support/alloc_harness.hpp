@@ -84,6 +84,7 @@
 #include <thread>
 #include <type_traits>
 #include <utility>
+#include <variant>
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/lsan_interface.h>
@@ -162,12 +163,18 @@ struct outcome {
   bool granted = false;
   bool receipt_wrong = false;  // a receipt not empty on failure, or empty on success
   bool no_handler = false;     // the start threw before its handler was made (deferred)
-  // use_future
-  std::optional<std::future<void>> fut;
-  std::optional<std::future<bool>> fut_bool;
-  std::optional<std::future<ratelimit::receipt>> fut_receipt;
-  std::optional<std::future<ratelimit::joint_receipt>> fut_joint;
+  // A byte count (a stream's void(error_code, std::size_t)): known when the
+  // kind delivers it (not an awaitable's or a future's that failed).
+  std::size_t bytes = 0;
+  bool bytes_known = false;
+  // use_future: one future for each completion signature (std::monostate:
+  // none yet); `collected` once collect() took its result.
+  std::variant<std::monostate, std::future<void>, std::future<bool>,
+               std::future<ratelimit::receipt>, std::future<ratelimit::joint_receipt>,
+               std::future<std::size_t>>
+      fut;
   bool future = false;  // a use_future request (the future is set once accepted)
+  bool collected = false;
   // use_awaitable
   std::atomic<int> frames{0};       // coroutine frames alive (sentinel)
   std::atomic<int> frames_made{0};  // coroutine frames made
@@ -184,15 +191,16 @@ struct outcome {
     granted = false;
     receipt_wrong = false;
     no_handler = false;
-    fut.reset();
-    fut_bool.reset();
-    fut_receipt.reset();
-    fut_joint.reset();
+    bytes = 0;
+    bytes_known = false;
+    fut = std::monostate();
     future = false;
+    collected = false;
     frames = frames_made = inner_threw = spawn_done = other_error = 0;
     coroutine = false;
   }
   bool done() const { return calls.load() > 0 || inner_threw.load() > 0; }
+  bool has_future() const { return !std::holds_alternative<std::monostate>(fut); }
 };
 
 inline std::array<outcome, 48> outcomes;
@@ -215,6 +223,27 @@ inline bool receipt_empty(const ratelimit::joint_receipt& r) {
   return r.empty();
 }
 
+// What a completion's argument after its error_code says, one overload per
+// completion signature (the recorder, the coroutine and collect() of a
+// future share them): a try's bool (granted), a receipt (granted on
+// success: of what was granted, empty on failure), a byte count.
+inline void note_value(outcome& o, const error_code&, bool granted) {
+  o.granted = granted;
+}
+template <typename Receipt>
+requires std::is_same_v<Receipt, ratelimit::receipt> ||
+    std::is_same_v<Receipt, ratelimit::joint_receipt>
+inline void note_value(outcome& o, const error_code& ec, const Receipt& r) {
+  o.granted = !ec;
+  const bool empty = receipt_empty(r);
+  if (ec && !empty) o.receipt_wrong = true;
+  if (!ec && empty) o.receipt_wrong = true;
+}
+inline void note_value(outcome& o, const error_code&, std::size_t bytes) {
+  o.bytes = bytes;
+  o.bytes_known = true;
+}
+
 /// A move-only handler recording into an outcome; notices being destroyed uncalled.
 template <typename... Args>
 class recorder {
@@ -229,17 +258,7 @@ class recorder {
     outcome* o = std::exchange(o_, nullptr);
     if (!o) return;
     o->ec = ec;
-    // One more argument: a try's bool (granted), or a receipt (granted on success).
-    if constexpr (sizeof...(Args) == 1) {
-      if constexpr ((std::is_same_v<Args, bool> && ...)) {
-        o->granted = (args, ...);
-      } else {  // a receipt (or a joint one): of what was granted, empty on failure
-        o->granted = !ec;
-        const bool empty = (receipt_empty(args), ...);
-        if (ec && !empty) o->receipt_wrong = true;
-        if (!ec && empty) o->receipt_wrong = true;
-      }
-    }
+    (note_value(*o, ec, args), ...);  // (one more argument at most)
     ++o->calls;
   }
 
@@ -395,6 +414,52 @@ class env {
     }
   }
 
+  /// Runs until every accepted request is over (collect()ing futures; an
+  /// awaitable dropped by Asio, see escapes_allowed, counts as over);
+  /// bounded, false if not.
+  bool settle_all(std::chrono::milliseconds limit = 2s) {
+    return settle(
+        [] {
+          for (std::size_t i = 0; i < outcomes_used; ++i) {
+            outcome& o = outcomes[i];
+            if (o.started != outcome::start::accepted) continue;
+            collect(o);
+            if (!o.done() && !(o.coroutine && escapes > 0)) return false;
+          }
+          return true;
+        },
+        limit);
+  }
+
+  /// A use_future request's result, once ready, into its outcome (ec, the
+  /// value's note_value; calls counted): its future is then spent.
+  static void collect(outcome& o) {
+    if (o.collected || o.started != outcome::start::accepted) return;
+    std::visit(
+        [&](auto& fut) {
+          if constexpr (!std::is_same_v<std::decay_t<decltype(fut)>, std::monostate>) {
+            if (!fut.valid() || fut.wait_for(0s) != std::future_status::ready) return;
+            o.collected = true;
+            try {
+              if constexpr (std::is_same_v<std::decay_t<decltype(fut)>, std::future<void>>) {
+                fut.get();
+              } else {
+                note_value(o, error_code(), fut.get());
+              }
+              o.ec = {};
+            } catch (const boost::system::system_error& e) {
+              o.ec = e.code();
+            } catch (const std::bad_alloc&) {  // asio's handler building the system_error
+              o.ec = asio::error::no_memory;
+            } catch (const std::future_error&) {
+              AF_CHECK(!"use_future: the handler was destroyed uncalled (broken promise)");
+            }
+            ++o.calls;
+          }
+        },
+        o.fut);
+  }
+
   /// Moves the manual clock and lets due timers fire.
   void advance(std::chrono::nanoseconds d, std::chrono::microseconds real = 1ms) {
     manual_clock::advance(d);
@@ -472,14 +537,8 @@ class env {
         return;
       }
       case kind::future:
-        if constexpr (sizeof...(Args) == 0)
-          o->fut.emplace(init(asio::bind_cancellation_slot(slot, asio::use_future)));
-        else if constexpr ((std::is_same_v<Args, bool> && ...))
-          o->fut_bool.emplace(init(asio::bind_cancellation_slot(slot, asio::use_future)));
-        else if constexpr ((std::is_same_v<Args, ratelimit::joint_receipt> && ...))
-          o->fut_joint.emplace(init(asio::bind_cancellation_slot(slot, asio::use_future)));
-        else
-          o->fut_receipt.emplace(init(asio::bind_cancellation_slot(slot, asio::use_future)));
+        // std::future<void> or of the one argument after the error_code.
+        o->fut = init(asio::bind_cancellation_slot(slot, asio::use_future));
         return;
       case kind::awaitable: {
         o->coroutine = true;
@@ -493,11 +552,8 @@ class env {
               try {
                 if constexpr (sizeof...(Args) == 0) {
                   co_await std::move(op)(asio::use_awaitable);
-                } else if constexpr ((std::is_same_v<Args, bool> && ...)) {
-                  o->granted = co_await std::move(op)(asio::use_awaitable);
                 } else {
-                  co_await std::move(op)(asio::use_awaitable);  // a receipt
-                  o->granted = true;
+                  note_value(*o, error_code(), co_await std::move(op)(asio::use_awaitable));
                 }
                 o->ec = {};
                 ++o->calls;
@@ -531,13 +587,14 @@ inline void check_outcomes() {
   for (std::size_t i = 0; i < outcomes_used; ++i) {
     outcome& o = outcomes[i];
     AF_CHECK(!o.receipt_wrong);
-    if (o.future && !o.fut && !o.fut_bool && !o.fut_receipt && !o.fut_joint) {
+    if (o.future && !o.has_future()) {
       AF_CHECK(o.started != outcome::start::accepted);
       continue;
     }
     // An accepted use_future request has its result (or its error) by now.
     auto check_future = [&](auto& fut) {
       if (o.started != outcome::start::accepted) return;
+      if (o.collected) return;  // (collect() took it)
       AF_CHECK(fut.wait_for(0s) == std::future_status::ready);
       if (fut.wait_for(0s) != std::future_status::ready) return;
       try {
@@ -548,20 +605,13 @@ inline void check_outcomes() {
         AF_CHECK(!"use_future: the handler was destroyed uncalled (broken promise)");
       }
     };
-    if (o.fut) {
-      check_future(*o.fut);
-      continue;
-    }
-    if (o.fut_bool) {
-      check_future(*o.fut_bool);
-      continue;
-    }
-    if (o.fut_receipt) {
-      check_future(*o.fut_receipt);
-      continue;
-    }
-    if (o.fut_joint) {
-      check_future(*o.fut_joint);
+    if (o.has_future()) {
+      std::visit(
+          [&](auto& fut) {
+            if constexpr (!std::is_same_v<std::decay_t<decltype(fut)>, std::monostate>)
+              check_future(fut);
+          },
+          o.fut);
       continue;
     }
     if (o.coroutine) {
@@ -762,10 +812,8 @@ run_result run_once(Body& body, kind hk, place where, std::uint64_t k, bool chec
 #endif
     {
       alloc_failure::suspend s;
-      for (std::size_t i = 0; i < outcomes_used; ++i) {
-        outcomes[i].fut.reset();
-        outcomes[i].fut_bool.reset();
-      }
+      for (std::size_t i = 0; i < outcomes_used; ++i)
+        outcomes[i].fut = std::monostate();
       e.reset();
       io.reset();
       pool.reset();
