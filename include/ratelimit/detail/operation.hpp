@@ -63,6 +63,7 @@
 #include <atomic>
 #include <cstddef>
 #include <memory>
+#include <new>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -408,6 +409,10 @@ class handler_op final : public Base {
         handler_(std::forward<H>(handler)) {
     if constexpr (!uses_io_executor<Handler>) {
       auto ex = boost::asio::get_associated_executor(handler_, io_ex);
+      // An empty executor: what Asio's any_completion_handler gives when it
+      // cannot allocate its executor (it allocates with nothrow new).
+      if constexpr (std::is_constructible_v<bool, decltype(ex)>)
+        if (!ex) throw std::bad_alloc();
       if constexpr (std::is_same_v<decltype(ex), boost::asio::any_io_executor>)
         if (ex == io_ex) return;
       work_.emplace(boost::asio::prefer(ex, boost::asio::execution::outstanding_work.tracked));
