@@ -207,8 +207,9 @@ struct stream_direction {
   // (the start completes it with operation_aborted; see start_read).
   std::atomic<bool> start_cancelled{false};
 
-  // Bytes a read delivered without paying for them (its payment cancelled
-  // or failed): the next read pays them first (the one read at a time).
+  // Bytes reads delivered without paying for them (what the limits did not
+  // hold when they read, or a payment that failed): the next read pays them
+  // first (the one read at a time).
   std::uint64_t debt = 0;
 
   // Bumped by the stream's cancel() and close(): an operation that sees it
@@ -470,9 +471,10 @@ struct stream_read_start {
 ///   is delivered at once, even when the limits are short.
 /// - A read over any other next layer (`ssl::stream`, Beast's `tcp_stream`)
 ///   reads at most min(buffer, slice) first and pays for what it read after
-///   reading it (the operation completes once it has paid; a payment
-///   cancelled or failed delivers the bytes with its error, and the next
-///   read pays for them before it reads).
+///   reading it, with what the limits hold then: the read completes with its
+///   bytes at once, and what it could not pay is the stream's debt, which the
+///   next read pays (waiting for tokens if need be) before it reads. A
+///   payment that fails delivers the bytes with its error, the debt kept.
 /// - A request larger than a limit's capacity is sliced to fit (a bucket's
 ///   capacity is read, a key's learned by halving; never `exceeds_capacity`).
 ///
@@ -488,7 +490,7 @@ struct stream_read_start {
 /// socket read, one turn after its initiation (its memory allocated before it
 /// reads anything), takes its tokens and reads what is there, as the
 /// socket's own speculative read does. Only an operation that waits (for
-/// tokens, for data, to pay) is a composed operation. A read or write is in
+/// tokens, for data, to pay a debt) is a composed operation. A read or write is in
 /// the next layer, where the next layer's own cancel() reaches it, only once
 /// it has its tokens: before that, the stream's cancel() (or per-operation
 /// cancellation) is what reaches it.
@@ -496,8 +498,7 @@ struct stream_read_start {
 /// Errors pass through from the next layer unchanged (EOF, resets); a failed
 /// or short operation gives back the tokens of what it did not move. While
 /// an operation waits for tokens, per-operation cancellation (terminal,
-/// partial, total; terminal and partial only once a paying read delivered
-/// bytes), `cancel()` and `close()` complete it with `operation_aborted`,
+/// partial, total), `cancel()` and `close()` complete it with `operation_aborted`,
 /// taking nothing (one whose grant is on its way gives it back). A limiter
 /// closed or destroyed while an operation waits completes it with the
 /// limiter's error (`bucket_closed`, `operation_aborted`).
@@ -1147,7 +1148,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
       if constexpr (detail::waits_for_read<NextLayer>) {
         if (!this->on_acquired(self, this->state->read, e, std::move(r))) return;
         receive(self, detail::first_buffer<boost::asio::mutable_buffer>(buffers));
-      } else {  // paid (part of) what was read
+      } else {  // paid (part of) a debt
         direction& d = this->state->read;
         {
           std::lock_guard lk(d.wait_mutex);
@@ -1177,10 +1178,33 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
       this->fail(self, e);
     }
 
-    // Pays what a read took (the read-first mode), then completes.
+    // Pays what a read took (the read-first mode), then completes. An
+    // earlier read's debt (paid before this read reads anything) may wait for
+    // tokens. This read's own bytes, in the caller's buffer already, are paid
+    // only with what the limits hold now: what they do not becomes the
+    // stream's debt, paid by the next read before it reads, and the read
+    // completes with its bytes at once. Nothing here waits or may lose the
+    // bytes once they are read: an allocation that fails while paying them
+    // (copying new limits, a key's first receipt) leaves them owed too.
     template <typename Self>
     void pay(Self& self) {
       direction& d = this->state->read;
+      if (!paying_debt) {
+        try {
+          while (owed != 0 && d.copy_limits(this->cap)) {
+            if (!this->take_now(d, owed)) break;
+            owed -= std::min<std::uint64_t>(owed, this->granted);
+            d.release();  // (paid: nothing of it is given back)
+          }
+        } catch (const std::bad_alloc&) {  // (nothing taken by the failed step)
+          this->ec = {};
+        }
+        if (owed != 0 && this->ec)
+          return unpaid(self, this->ec);  // (the limits fail: delivered with the error)
+        if (owed != 0 && d.limited.load(std::memory_order_acquire)) d.debt += owed;
+        owed = 0;
+        return self.complete(ec_read, this->done);
+      }
       while (owed != 0) {
         if (!d.copy_limits(this->cap)) break;
         if (this->take_now(d, owed)) {
@@ -1189,20 +1213,21 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
           continue;
         }
         if (this->ec) return unpaid(self, this->ec);
-        // Once bytes were delivered, a cancellation has a side effect (they
-        // are delivered with it): terminal and partial only, not total.
-        return this->wait_for(self, d, owed,
-                              this->done == 0 ? boost::asio::cancellation_type::all
-                                              : boost::asio::cancellation_type::terminal |
-                                                    boost::asio::cancellation_type::partial);
+        // Nothing of this operation's own is delivered yet: any cancellation.
+        auto st = this->state;
+        const std::uint64_t left = owed;
+        try {
+          return this->wait_for(self, d, owed);
+        } catch (...) {  // (not waiting: the debt stays the stream's)
+          st->read.debt += left;
+          throw;
+        }
       }
       owed = 0;
-      if (paying_debt) {  // then this operation's own read
-        paying_debt = false;
-        if (this->stopped()) return this->fail(self, boost::asio::error::operation_aborted);
-        return read_first(self, detail::first_buffer<boost::asio::mutable_buffer>(buffers));
-      }
-      self.complete(ec_read, this->done);
+      // Paid the earlier read's debt: then this operation's own read.
+      paying_debt = false;
+      if (this->stopped()) return this->fail(self, boost::asio::error::operation_aborted);
+      return read_first(self, detail::first_buffer<boost::asio::mutable_buffer>(buffers));
     }
 
     template <typename Self>

@@ -10,8 +10,9 @@
 //   2  that bucket and a key of a keyed limiter (capacity learned by halving).
 // The first bucket's capacity never binds (2^50) and it starts empty, so it
 // is exact: after each step with no operation in flight it must hold what
-// accrued minus what moved, up to the debt of reads delivered unpaid
-// (documented: the next read pays them first), and exactly that at the end
+// accrued minus what moved, up to the bytes of reads (a read delivers its
+// bytes at once, paid with what the limits hold then, the rest owed:
+// documented, the next read pays a debt first), and exactly that at the end
 // once a last read has paid. The second bucket and the key may be small:
 // requests larger than them are sliced (never `exceeds_capacity`), and at the
 // end, idle long enough, they are full again (nothing held, nothing lost).
@@ -321,10 +322,10 @@ class harness {
       if (r_->ec && !expected(r_->ec) && r_->ec != asio::error::eof)
         fail("a read failed with an unexpected error", r_->ec.value(), 0);
       last_read_ec_ = r_->ec;
-      if (!r_->ec)
-        paid_ += r_->n;
-      else
-        debt_ += r_->n;  // delivered with its error, unpaid: the next read pays it first
+      // Paid if the limits held its tokens when it read, else owed (and
+      // always owed when delivered with an error): the next read pays a debt
+      // first. The model does not tell which: some or all of it is debt.
+      debt_ += r_->n;
       moved_ += r_->n;
       r_.reset();
     }
