@@ -25,30 +25,31 @@
 //
 // The rate-limited stream (stream.*; over support/fake_stream.hpp in its
 // effect_in_completion mode, so that a failed initiation moves no byte): a
-// read and a write the limits hold at once, a short write (tokens given back),
-// EOF and a next layer's error, per-operation cancellation, cancel() and
-// close(), destruction with a write waiting; after each, what the fake took
-// equals what the callers got, in order (no data lost), and each bucket's
-// tokens taken equal the bytes moved (the nothrow operator new fails in turn
-// too: see the last point below). Four scenarios run only with --stream-bugs (a write waiting for
-// tokens, sliced async_read/async_write, limits changed while waiting, a
-// joint bucket-and-key limit), because they fail on library bugs:
-// - a write granted after a wait calls the next layer's async_write_some from
-//   the grant's completion (stream.hpp, write_op::send); a bad_alloc there is
-//   rethrown out of io_context::run and the operation is destroyed uncompleted;
-// - a read over a next layer that cannot wait for readability pays after
-//   reading (read_op::pay): a joint try_acquire (a key's receipt) or a wait
-//   for tokens (op_base::wait_for: the slot's forward_cancellation, the
-//   any_completion_handler, the acquire) allocates after the bytes were taken
-//   from the next layer: bad_alloc escapes run(), the handler is destroyed
-//   uncalled and the bytes are lost (--reads-wait-to-pay shows it on every
-//   scenario with reads);
-// - (fixed) Asio 1.81's any_completion_handler makes its associated
-//   any_completion_executor with new (std::nothrow) and hands out an empty
-//   one when that fails; handler_op's constructor (detail/operation.hpp)
-//   called prefer() on it: SIGSEGV. It now throws bad_alloc in the initiating
-//   call (--only stream.wait_for_tokens --kind callback --k 11 --stream-bugs
-//   --fail-nothrow passes).
+// read and a write the limits hold at once, a write waiting for tokens,
+// sliced async_read/async_write, a short write (tokens given back), EOF and
+// a next layer's error, per-operation cancellation, cancel() and close(),
+// destruction with a write waiting, limits changed while operations wait, a
+// joint bucket-and-key limit; each with reads that pay at once and again
+// with reads whose buckets start empty (they owe what they read). After
+// each, what the fake took equals what the callers got, in order (no data
+// lost), and each bucket's tokens taken plus the stream's read debt equal
+// the bytes moved (no token lost, none taken twice). The nothrow operator
+// new fails in turn too (Asio 1.81's any_completion_handler allocates its
+// executor with it: an empty one is now a bad_alloc in the initiating call).
+// A stream's operation is composed: a step after a wait starts the next
+// layer's operation (or another wait) from a completion, and a bad_alloc
+// there escapes run() and destroys the operation uncalled, as in Asio's own
+// composed operations (alloc::later_steps_allocate); such an operation must
+// have moved nothing and hold no token. A read over this fake (which cannot
+// wait for readability) pays for its own bytes only with what the limits
+// hold at once, owing the rest, so no allocation can come between its bytes
+// and its caller.
+//
+// RATELIMIT_ALLOC_STRIDE=n (or --stride n) tests every n-th allocation only;
+// --only NAME runs the scenarios whose name contains NAME, --kind KIND one
+// handler kind, --k K one failing allocation, --trace prints its stack;
+// --reads-pay-at-once or --reads-wait-to-pay one of the stream's two read
+// settings only.
 //
 // Its own executable, without the shared Boost.Test main and PCH objects:
 // the replaced operator new (support/alloc_failure.cpp) must see only this
@@ -74,6 +75,7 @@
 #include <boost/asio/write.hpp>
 
 #include <functional>
+#include <string>
 #include <string_view>
 
 namespace asio = boost::asio;
@@ -509,13 +511,9 @@ using stream_part = ratelimit::basic_part<manual_clock, manual_wait_traits>;
 
 constexpr std::uint64_t big = 100000;  // a capacity no scenario fills: tokens = rate·T − taken
 
-/// Whether reads wait to pay (their buckets start empty): --reads-wait-to-pay,
-/// not in the default run, which shows the library bug described in the
-/// report of this section (a read over a next layer that cannot wait for
-/// readability reads, then allocates to wait for its payment: a failure there
-/// escapes the next layer's completion and loses the read's bytes and its
-/// handler). By default the read buckets start with tokens to spare, so that
-/// reads pay at once.
+/// Whether the read buckets of the scenarios calling read_start() start
+/// empty (a read owes what it read, the next one waits to pay it first) or
+/// with tokens to spare (reads pay at once): each such scenario runs both.
 bool reads_wait_to_pay = false;
 ratelimit::initial_tokens read_start() {
   return {reads_wait_to_pay ? 0u : big / 2};
@@ -544,7 +542,8 @@ struct stream_ops {
   struct op {
     outcome* o;
     bool write;
-    char* buf;  // a read's buffer
+    char* buf;      // a read's buffer
+    bool composed;  // asio::async_write / asio::async_read over the stream
   };
   std::array<op, 12> ops;
   std::size_t n = 0;
@@ -566,7 +565,7 @@ struct stream_ops {
             : e.start<std::size_t>(
                   [&](auto&& t) { return s.async_write_some(b, std::forward<decltype(t)>(t)); },
                   slot);
-    ops.at(n++) = {o, true, nullptr};
+    ops.at(n++) = {o, true, nullptr, composed};
     return o;
   }
   /// async_read_some / asio::async_read (composed) into a buffer of `len` bytes.
@@ -582,27 +581,28 @@ struct stream_ops {
             : e.start<std::size_t>(
                   [&](auto&& t) { return s.async_read_some(b, std::forward<decltype(t)>(t)); },
                   slot);
-    ops.at(n++) = {o, false, p};
+    ops.at(n++) = {o, false, p, composed};
     return o;
   }
 
   /// After every operation completed (settle_all): the bytes the fake took
   /// (written, read) are those the callers were told of, in order, and each
-  /// read's buffer holds what the fake handed out. Sets `debt_possible` when
-  /// a read may have delivered bytes unpaid (completed with an error).
-  void verify(const fake_stream& f, std::size_t& written, std::size_t& read,
-              bool& debt_possible) const {
+  /// read's buffer holds what the fake handed out. A stream's operation
+  /// dropped by a later step's bad_alloc (alloc::later_steps_allocate) moved
+  /// nothing; an asio::async_write or async_read so dropped may have moved
+  /// bytes in its earlier steps (Asio's own composed operation: their count
+  /// is lost with its handler).
+  void verify(const fake_stream& f, std::size_t& written, std::size_t& read) const {
     written = f.written.size();
     read = incoming - f.incoming.size();
     AF_CHECK(written <= pattern_size);
     AF_CHECK(read <= incoming && f.incoming == std::string_view(pattern + read, incoming - read));
     bool known = true;
     std::size_t w = 0, r = 0;
-    debt_possible = false;
     for (std::size_t i = 0; i < n; ++i) {
       const outcome& o = *ops[i].o;
       if (o.started != outcome::start::accepted) continue;
-      if (!ops[i].write && o.ec && (!o.bytes_known || o.bytes != 0)) debt_possible = true;
+      if (dropped_by_later_step(o) && !ops[i].composed) continue;
       if (!o.bytes_known) {
         known = false;
         continue;
@@ -643,25 +643,36 @@ bool make_stream(env& e, std::optional<stream_t>& s, stream_ops& ops, std::size_
 }
 
 /// Checks a direction's tokens: `taken` (by each of its buckets, summed
-/// over those it used) against the bytes moved; exact unless a read may owe
-/// a debt (then the tokens taken are at most the bytes moved).
-void check_tokens(std::uint64_t taken, std::size_t moved, bool debt_possible = false) {
-  if (debt_possible)
-    AF_CHECK(taken <= moved);
-  else
-    AF_CHECK(taken == moved);
+/// over those it used, plus for reads the stream's debt) against the bytes
+/// moved.
+void check_tokens(std::uint64_t taken, std::size_t moved) {
+  AF_CHECK(taken == moved);
 }
 
+}  // namespace
+
+namespace ratelimit::detail {
+struct stream_test_access {
+  template <typename Stream>
+  static std::uint64_t read_debt(const Stream& s) {
+    return s.state_->read.debt;
+  }
+};
+}  // namespace ratelimit::detail
+
+namespace {
+
 /// The usual end: every accepted operation completes; what moved is what
-/// the callers got.
+/// the callers got; `debt`: the bytes read and not paid yet.
 struct moved_bytes {
   std::size_t written = 0, read = 0;
-  bool debt_possible = false;
+  std::uint64_t debt = 0;
 };
 moved_bytes finish(env& e, stream_t& s, const stream_ops& ops) {
   AF_CHECK(e.settle_all());
   moved_bytes m;
-  ops.verify(s.next_layer(), m.written, m.read, m.debt_possible);
+  ops.verify(s.next_layer(), m.written, m.read);
+  m.debt = ratelimit::detail::stream_test_access::read_debt(s);
   return m;
 }
 
@@ -681,7 +692,7 @@ void stream_at_once(env& e) {
   ops.read(e, *s, 200);
   const moved_bytes m = finish(e, *s, ops);
   check_tokens(big - wb->available(), m.written);
-  check_tokens(big - rb->available(), m.read, m.debt_possible);
+  check_tokens(big - rb->available() + m.debt, m.read);
   s.reset();
 }
 
@@ -703,7 +714,7 @@ void stream_wait_for_tokens(env& e) {
   e.advance(100ms);
   const moved_bytes m = finish(e, *s, ops);
   check_tokens(300 - wb->available(), m.written);
-  check_tokens(read_base() + 300 - rb->available(), m.read, m.debt_possible);
+  check_tokens(read_base() + 300 - rb->available() + m.debt, m.read);
   s.reset();
 }
 
@@ -726,7 +737,7 @@ void stream_sliced(env& e) {
     e.advance(100ms);
   const moved_bytes m = finish(e, *s, ops);
   check_tokens(300 - wb->available(), m.written);
-  check_tokens(read_base() + 300 - rb->available(), m.read, m.debt_possible);
+  check_tokens(read_base() + 300 - rb->available() + m.debt, m.read);
   s.reset();
 }
 
@@ -753,7 +764,7 @@ void stream_short_write_eof_error(env& e) {
   ops.read(e, *s, 100);
   const moved_bytes m = finish(e, *s, ops);
   check_tokens(big - wb->available(), m.written);
-  check_tokens(big - rb->available(), m.read, m.debt_possible);
+  check_tokens(big - rb->available() + m.debt, m.read);
   s.reset();
 }
 
@@ -776,11 +787,12 @@ void stream_per_operation_cancellation(env& e) {
   e.call("emit", [&] { rs.emit(asio::cancellation_type::terminal); });
   e.pump();
   e.advance(400ms);
-  ops.read(e, *s, 100);  // pays the debt, then reads and pays
+  AF_CHECK(e.settle_all());  // (one read and one write at a time: the first are over)
+  ops.read(e, *s, 100);      // pays the debt, then reads and pays
   ops.write(e, *s, 100);
   const moved_bytes m = finish(e, *s, ops);
   check_tokens(400 - wb->available(), m.written);
-  check_tokens(read_base() + 400 - rb->available(), m.read, m.debt_possible);
+  check_tokens(read_base() + 400 - rb->available() + m.debt, m.read);
   s.reset();
 }
 
@@ -800,6 +812,7 @@ void stream_cancel_and_close(env& e) {
   e.pump();
   e.call("cancel", [&] { s->cancel(); });
   e.pump();
+  AF_CHECK(e.settle_all());  // (one write at a time: the first is over)
   ops.write(e, *s, 100);
   e.pump();
   e.call("close", [&] { s->close(); });
@@ -807,7 +820,7 @@ void stream_cancel_and_close(env& e) {
   e.advance(300ms);
   const moved_bytes m = finish(e, *s, ops);
   check_tokens(300 - wb->available(), m.written);
-  check_tokens(read_base() + 300 - rb->available(), m.read, m.debt_possible);
+  check_tokens(read_base() + 300 - rb->available() + m.debt, m.read);
   s.reset();
 }
 
@@ -837,8 +850,7 @@ void stream_destroy_while_waiting(env& e) {
   AF_CHECK(e.settle_all());
   AF_CHECK(written == 0);  // the write never had its tokens
   check_tokens(300 - wb->available(), written);
-  check_tokens(read_base() + 300 - rb->available(), read,
-               true);  // (the read's debt died with the stream)
+  AF_CHECK(read_base() + 300 - rb->available() <= read);  // (a debt dies with the stream)
   std::size_t delivered = 0;
   bool known = true;
   for (std::size_t i = 0; i < ops.n; ++i) {
@@ -871,15 +883,16 @@ void stream_limits_changed(env& e) {
   const bool removed = e.call("set_read_limits", [&] { s->set_read_limits({}); });
   e.pump();
   e.advance(200ms);
-  ops.write(e, *s, 100);  // on wb2 when changed
-  ops.read(e, *s, 100);   // unlimited when removed
+  AF_CHECK(e.settle_all());  // (one write at a time: the first is over)
+  ops.write(e, *s, 100);     // on wb2 when changed
+  ops.read(e, *s, 100);      // unlimited when removed
   e.pump();
   e.advance(100ms);
   const moved_bytes m = finish(e, *s, ops);
   const std::uint64_t w_taken = (300 - wb->available()) + (big / 2 + 300 - wb2->available());
   check_tokens(w_taken, m.written);
   AF_CHECK(changed || wb2->available() == big / 2 + 300);
-  if (!removed) check_tokens(read_base() + 300 - rb->available(), m.read, m.debt_possible);
+  if (!removed) check_tokens(read_base() + 300 - rb->available() + m.debt, m.read);
   AF_CHECK(read_base() + 300 - rb->available() <= m.read);
   s.reset();
 }
@@ -911,8 +924,8 @@ void stream_joint(env& e) {
   check_tokens(200 - wb->available(), m.written);
   check_tokens((1000 - l->available(1)) / 2, m.written);
   AF_CHECK((1000 - l->available(1)) % 2 == 0);
-  check_tokens(read_base() + 200 - rb->available(), m.read, m.debt_possible);
-  check_tokens(1000 - l->available(2), m.read, m.debt_possible);
+  check_tokens(read_base() + 200 - rb->available() + m.debt, m.read);
+  check_tokens(1000 - l->available(2) + m.debt, m.read);
   s.reset();
 }
 
@@ -921,12 +934,10 @@ struct scenario {
   void (*body)(env&);
   unsigned kinds;
   bool on_strand_and_pool;  // also run on a strand and on a thread_pool (callbacks)
-  // The nothrow operator new neither counted nor failed (alloc_failure::
-  // fail_nothrow): the stream's known-bug scenarios, short of the bugs they
-  // show (see the stream's section above).
-  bool spare_nothrow = false;
-  // Fails on a library bug (see the stream's section): run with --stream-bugs only.
-  bool known_bug = false;
+  // A stream's: its operations are composed (alloc::later_steps_allocate).
+  bool composed = false;
+  // Its reads' buckets come from read_start(): run with both settings.
+  bool both_read_starts = false;
 };
 
 const scenario scenarios[] = {
@@ -948,16 +959,17 @@ const scenario scenarios[] = {
     {"keyed.acquire", keyed_acquire, all_kinds, false},
     {"joint.acquire", joint_acquire, all_kinds, true},
     {"joint.remote", joint_remote, all_kinds, true},
-    {"stream.at_once", stream_at_once, all_kinds, false},
+    {"stream.at_once", stream_at_once, all_kinds, false, true},
     {"stream.wait_for_tokens", stream_wait_for_tokens, all_kinds, false, true, true},
     {"stream.sliced", stream_sliced, all_kinds, false, true, true},
     // (Not use_future: Asio's promise handler allocates the system_error of an
     // EOF or an error, and that bad_alloc escapes run(): Asio's, not the stream's.)
     {"stream.short_write_eof_error", stream_short_write_eof_error, all_kinds & ~bit(kind::future),
-     false},
-    {"stream.per_operation_cancellation", stream_per_operation_cancellation, all_kinds, false},
-    {"stream.cancel_and_close", stream_cancel_and_close, all_kinds, false},
-    {"stream.destroy_while_waiting", stream_destroy_while_waiting, all_kinds, false},
+     false, true},
+    {"stream.per_operation_cancellation", stream_per_operation_cancellation, all_kinds, false, true,
+     true},
+    {"stream.cancel_and_close", stream_cancel_and_close, all_kinds, false, true, true},
+    {"stream.destroy_while_waiting", stream_destroy_while_waiting, all_kinds, false, true, true},
     {"stream.limits_changed", stream_limits_changed, all_kinds, false, true, true},
     {"stream.joint", stream_joint, all_kinds, false, true, true},
 };
@@ -981,30 +993,33 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i)
     if (!std::strcmp(argv[i], "--leak-selftest")) return leak_selftest();
   const options opt = parse(argc, argv);
-  bool fail_nothrow = false, stream_bugs = false;
+  bool pay_at_once = true, wait_to_pay = true;
   for (int i = 1; i < argc; ++i)
-    if (!std::strcmp(argv[i], "--fail-nothrow"))
-      fail_nothrow = true;
+    if (!std::strcmp(argv[i], "--reads-pay-at-once"))
+      wait_to_pay = false;
     else if (!std::strcmp(argv[i], "--reads-wait-to-pay"))
-      reads_wait_to_pay = true;
-    else if (!std::strcmp(argv[i], "--stream-bugs"))
-      stream_bugs = true;
+      pay_at_once = false;
   int runs = 0;
   const kind every_kind[] = {kind::callback, kind::std_allocator, kind::counting_allocator,
                              kind::strand,   kind::deferred,      kind::future,
                              kind::awaitable};
   for (const scenario& s : scenarios) {
-    if (s.known_bug && !stream_bugs) continue;
-    alloc_failure::fail_nothrow(!s.spare_nothrow || fail_nothrow);
-    for (kind k : every_kind) {
-      if (!(s.kinds & bit(k))) continue;
-      exhaust(s.name, s.body, k, place::io_context, opt);
-      ++runs;
-    }
-    if (s.on_strand_and_pool) {
-      exhaust(s.name, s.body, kind::std_allocator, place::io_strand, opt);
-      exhaust(s.name, s.body, kind::std_allocator, place::thread_pool, opt);
-      runs += 2;
+    later_steps_allocate = s.composed;
+    for (const bool wait : {false, true}) {
+      if (wait && !s.both_read_starts) break;
+      if (s.both_read_starts && !(wait ? wait_to_pay : pay_at_once)) continue;
+      reads_wait_to_pay = wait;
+      const std::string name = std::string(s.name) + (wait ? "/wait_to_pay" : "");
+      for (kind k : every_kind) {
+        if (!(s.kinds & bit(k))) continue;
+        exhaust(name.c_str(), s.body, k, place::io_context, opt);
+        ++runs;
+      }
+      if (s.on_strand_and_pool) {
+        exhaust(name.c_str(), s.body, kind::std_allocator, place::io_strand, opt);
+        exhaust(name.c_str(), s.body, kind::std_allocator, place::thread_pool, opt);
+        runs += 2;
+      }
     }
   }
   return summary(runs);

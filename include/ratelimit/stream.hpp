@@ -439,6 +439,9 @@ struct stream_read_start {
   }
 };
 
+/// Declared only: a test's window into a stream's state (its read debt).
+struct stream_test_access;
+
 }  // namespace detail
 
 /// A stream layer that limits the bytes read and written through it: an
@@ -502,6 +505,16 @@ struct stream_read_start {
 /// taking nothing (one whose grant is on its way gives it back). A limiter
 /// closed or destroyed while an operation waits completes it with the
 /// limiter's error (`bucket_closed`, `operation_aborted`).
+///
+/// Memory: an initiation that throws (`std::bad_alloc`) has taken nothing
+/// and moved nothing. As in Asio's own composed operations (`async_write`
+/// over a socket), a step that follows a wait starts the next layer's
+/// operation, or another wait, from a completion: if that throws, the
+/// exception leaves the `run()` that ran the completion and the operation is
+/// destroyed without completing. It has then moved nothing and holds no
+/// token (its grant is given back); a read's debt stays the stream's. No
+/// step allocates between taking bytes from the next layer and delivering
+/// them, so no bytes are lost this way.
 ///
 /// Thread safety: as the next layer's (one read and one write outstanding at
 /// a time; `cancel()`/`close()` from the thread or strand that uses the
@@ -742,6 +755,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
 
   template <typename, typename>
   friend struct detail::stream_read_start;
+  friend struct detail::stream_test_access;
 
   /// The deferred start of a socket read (stream_read_start): reads what is
   /// there now if the limits hold the buffer and completes, else goes on as
