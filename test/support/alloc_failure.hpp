@@ -62,10 +62,8 @@ void only_this_thread(bool on) noexcept;
 
 /// With `on` (the default), the nothrow forms of operator new count and
 /// may fail like the others; off, they are neither counted nor failed. (Off
-/// for the rate-limited stream's scenarios: Asio 1.81's any_completion_handler
-/// gets its executor through `new (std::nothrow)` and hands out an empty
-/// any_completion_executor when that fails, which the library then uses;
-/// see test_alloc_failure.cpp, --fail-nothrow.)
+/// only for the stream's --stream-bugs scenarios, short of the bugs they
+/// show; see test_alloc_failure.cpp, spare_nothrow and --fail-nothrow.)
 void fail_nothrow(bool on) noexcept;
 
 /// Arms fail_at(k) for its lifetime.
