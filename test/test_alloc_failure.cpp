@@ -631,6 +631,15 @@ struct stream_ops {
   }
 };
 
+/// Runs until `o` is over (as settle_all sees it: completed, or dropped).
+void settle_one(env& e, outcome* o) {
+  AF_CHECK(e.settle([o] {
+    env::collect(*o);
+    return o->started != outcome::start::accepted || o->done() || dropped_by_later_step(*o) ||
+           (o->coroutine && escapes > 0);  // (see alloc::escapes_allowed)
+  }));
+}
+
 /// Makes the stream over the fake (effect_in_completion, `incoming` bytes of
 /// the pattern to read).
 bool make_stream(env& e, std::optional<stream_t>& s, stream_ops& ops, std::size_t incoming) {
@@ -768,8 +777,9 @@ void stream_short_write_eof_error(env& e) {
   s.reset();
 }
 
-/// Per-operation cancellation of a write waiting for tokens and of a read
-/// waiting to pay (it delivers its bytes unpaid: the next read pays them).
+/// Per-operation cancellation of a write waiting for tokens and of a second
+/// read (with empty read buckets: waiting to pay the first one's debt, which
+/// stays owed; the next read pays it).
 void stream_per_operation_cancellation(env& e) {
   asio::cancellation_signal ws, rs;
   std::optional<bucket_t> rb, wb;
@@ -781,6 +791,7 @@ void stream_per_operation_cancellation(env& e) {
   if (!e.call("set_read_limits", [&] { s->set_read_limits({stream_part(*rb)}); })) return;
   if (!e.call("set_write_limits", [&] { s->set_write_limits({stream_part(*wb)}); })) return;
   ops.write(e, *s, 200, false, ws.slot());
+  settle_one(e, ops.read(e, *s, 100));
   ops.read(e, *s, 100, false, rs.slot());
   e.pump();
   e.call("emit", [&] { ws.emit(asio::cancellation_type::terminal); });
@@ -796,8 +807,9 @@ void stream_per_operation_cancellation(env& e) {
   s.reset();
 }
 
-/// The stream's cancel() with a write and a paying read waiting; then close()
-/// with a write waiting, and a write after close (fails at once).
+/// The stream's cancel() with a write waiting and a second read (waiting to
+/// pay the first one's debt, with empty read buckets); then close() with a
+/// write waiting, and a write after close (fails at once).
 void stream_cancel_and_close(env& e) {
   std::optional<bucket_t> rb, wb;
   if (!make(e, rb, big, per_second(1000), read_start())) return;
@@ -808,6 +820,7 @@ void stream_cancel_and_close(env& e) {
   if (!e.call("set_read_limits", [&] { s->set_read_limits({stream_part(*rb)}); })) return;
   if (!e.call("set_write_limits", [&] { s->set_write_limits({stream_part(*wb)}); })) return;
   ops.write(e, *s, 200);
+  settle_one(e, ops.read(e, *s, 100));
   ops.read(e, *s, 100);
   e.pump();
   e.call("cancel", [&] { s->cancel(); });
@@ -824,9 +837,9 @@ void stream_cancel_and_close(env& e) {
   s.reset();
 }
 
-/// The stream destroyed with a write waiting for tokens and a read waiting
-/// to pay: both complete (operation_aborted), their tokens never taken or
-/// given back.
+/// The stream destroyed with a write waiting for tokens and a second read
+/// (waiting to pay the first one's debt, with empty read buckets): both
+/// complete (operation_aborted), their tokens never taken or given back.
 void stream_destroy_while_waiting(env& e) {
   std::optional<bucket_t> rb, wb;
   if (!make(e, rb, big, per_second(1000), read_start())) return;
@@ -837,6 +850,7 @@ void stream_destroy_while_waiting(env& e) {
   if (!e.call("set_read_limits", [&] { s->set_read_limits({stream_part(*rb)}); })) return;
   if (!e.call("set_write_limits", [&] { s->set_write_limits({stream_part(*wb)}); })) return;
   ops.write(e, *s, 200);
+  settle_one(e, ops.read(e, *s, 100));
   ops.read(e, *s, 100);
   e.pump();
   std::size_t written = 0, read = 0;
@@ -864,7 +878,8 @@ void stream_destroy_while_waiting(env& e) {
 
 /// The limits changed while operations wait: the waiting write keeps the
 /// limits it asked (the first bucket), the next write uses the new ones; the
-/// read's limits removed while it waits to pay.
+/// read limits removed while a second read waits to pay the first one's
+/// debt (with empty read buckets).
 void stream_limits_changed(env& e) {
   std::optional<bucket_t> rb, wb, wb2;
   if (!make(e, rb, big, per_second(1000), read_start())) return;
@@ -876,6 +891,7 @@ void stream_limits_changed(env& e) {
   if (!e.call("set_read_limits", [&] { s->set_read_limits({stream_part(*rb)}); })) return;
   if (!e.call("set_write_limits", [&] { s->set_write_limits({stream_part(*wb)}); })) return;
   ops.write(e, *s, 200);
+  settle_one(e, ops.read(e, *s, 100));
   ops.read(e, *s, 100);
   e.pump();
   const bool changed =
@@ -897,8 +913,9 @@ void stream_limits_changed(env& e) {
   s.reset();
 }
 
-/// Two parts (a bucket and a key of a keyed limiter) a direction: the read
-/// at once (a joint try), the write waits (a joint acquire).
+/// Two parts (a bucket and a key of a keyed limiter) a direction: the reads
+/// pay at once (a joint try), or, with empty read buckets, the second waits
+/// to pay the first one's debt (a joint acquire); the write waits.
 void stream_joint(env& e) {
   std::optional<bucket_t> rb, wb;
   std::optional<keyed_t> l;
@@ -917,6 +934,7 @@ void stream_joint(env& e) {
       }))
     return;
   ops.write(e, *s, 200);
+  settle_one(e, ops.read(e, *s, 150));
   ops.read(e, *s, 150);
   e.pump();
   e.advance(200ms);

@@ -474,18 +474,20 @@ struct stream_test_access;
 ///   is delivered at once, even when the limits are short.
 /// - A read over any other next layer (`ssl::stream`, Beast's `tcp_stream`)
 ///   reads at most min(buffer, slice) first and pays for what it read after
-///   reading it, with what the limits hold then: the read completes with its
-///   bytes at once, and what it could not pay is the stream's debt, which the
-///   next read pays (waiting for tokens if need be) before it reads. A
-///   payment that fails delivers the bytes with its error, the debt kept.
+///   reading it if the limits hold those tokens then (all of them, in pieces
+///   of at most a limit's capacity): the read completes with its bytes at
+///   once, and what it could not pay is the stream's debt, which the next
+///   read pays (waiting for tokens if need be; stopped or cancelled, it reads
+///   nothing and the debt stays) before it reads. Limits that fail (closed)
+///   deliver the bytes with their error, owed. A debt dies with the stream.
 /// - A request larger than a limit's capacity is sliced to fit (a bucket's
 ///   capacity is read, a key's learned by halving; never `exceeds_capacity`).
 ///
 /// Bound: over any window of length T in which the limits do not change,
 /// the bytes moved through all streams sharing a bucket of capacity B and
-/// rate r are at most `B + r·T`, plus one slice per stream whose reads pay
-/// after reading. With a capacity of one slice, a saturated stream moves at
-/// most `0.1·r + 2·slice` bytes in any 100 ms window.
+/// rate r are at most `B + r·T`, plus one slice for each stream whose reads
+/// pay after reading and that reads in the window. With a capacity of one slice, a saturated stream
+/// moves at most `0.1·r + 2·slice` bytes in any 100 ms window.
 ///
 /// Cost: an operation whose limits hold it now (or that has no limits) goes
 /// straight to the next layer, with the caller's handler (unlimited) or a
@@ -506,13 +508,12 @@ struct stream_test_access;
 /// closed or destroyed while an operation waits completes it with the
 /// limiter's error (`bucket_closed`, `operation_aborted`).
 ///
-/// Memory: an initiation that throws (`std::bad_alloc`) has taken nothing
-/// and moved nothing. As in Asio's own composed operations (`async_write`
-/// over a socket), a step that follows a wait starts the next layer's
-/// operation, or another wait, from a completion: if that throws, the
-/// exception leaves the `run()` that ran the completion and the operation is
-/// destroyed without completing. It has then moved nothing and holds no
-/// token (its grant is given back); a read's debt stays the stream's. No
+/// Memory: an initiation that throws (`std::bad_alloc`) has moved nothing
+/// and holds no token (what it paid of an earlier read's debt stays paid). As in Asio's own
+/// composed operations (`async_write` over a socket), a step that follows a wait starts the next
+/// layer's operation, or another wait, from a completion: if that throws, the exception leaves the
+/// `run()` that ran the completion and the operation is destroyed without completing. It has then
+/// moved nothing and holds no token (its grant is given back); a read's debt stays the stream's. No
 /// step allocates between taking bytes from the next layer and delivering
 /// them, so no bytes are lost this way.
 ///
@@ -888,6 +889,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
       std::lock_guard lk(d.wait_mutex);
       if (stopped()) {
         if (slot.is_connected()) slot.clear();
+        static_cast<Derived*>(this)->not_waiting();
         return fail(self, boost::asio::error::operation_aborted);
       }
       d.waiting = true;
@@ -939,6 +941,8 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
 
     write_op(basic_rate_limited_stream* s, std::shared_ptr<state_type> st, const Buffers& b)
         : op_base<write_op<Buffers>>(s, st, &st->write), buffers(b) {}
+
+    void not_waiting() noexcept {}
 
     template <typename Self>
     void restart(Self& self) {
@@ -1004,6 +1008,14 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     read_op(basic_rate_limited_stream* s, std::shared_ptr<state_type> st, const Buffers& b,
             bool wait = false)
         : op_base<read_op<Buffers>>(s, st, &st->read), buffers(b), wait_first(wait) {}
+
+    // wait_for found the operation stopped: a debt it was to pay stays owed.
+    void not_waiting() noexcept {
+      if (paying_debt) {
+        this->state->read.debt += owed;
+        owed = 0;
+      }
+    }
 
     template <typename Self>
     void restart(Self& self) {
@@ -1094,6 +1106,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
       const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(
           {first.size(), this->state->slice.load(std::memory_order_relaxed), this->cap}));
       this->at = phase::moved;
+      limited_read = true;
       this->s->next_.async_read_some(boost::asio::buffer(first.data(), std::max<std::size_t>(n, 1)),
                                      std::move(self));
     }
@@ -1170,12 +1183,16 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
         }
         auto slot = self.get_cancellation_state().slot();
         if (slot.is_connected()) slot.clear();
-        if (e == error::exceeds_capacity && this->granted > 1) {  // pay the rest in halves
+        if (e == error::exceeds_capacity && this->granted > 1 && !this->stopped() &&
+            self.cancelled() == boost::asio::cancellation_type::none) {  // pay the rest in halves
           d.cap_hint.store(this->granted / 2, std::memory_order_relaxed);
           return pay(self);
         }
         if (!e) owed -= std::min<std::uint64_t>(owed, this->granted);
-        if (!e && this->stopped() && owed != 0) e = boost::asio::error::operation_aborted;
+        // Stopped or cancelled while the grant was on its way (what was paid
+        // stays paid): the rest stays owed, and this read reads nothing.
+        if (!e && (this->stopped() || self.cancelled() != boost::asio::cancellation_type::none))
+          e = boost::asio::error::operation_aborted;
         if (e) return unpaid(self, e);
         pay(self);
       }
@@ -1213,34 +1230,41 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
         } catch (const std::bad_alloc&) {  // (nothing taken by the failed step)
           this->ec = {};
         }
-        if (owed != 0 && this->ec)
-          return unpaid(self, this->ec);  // (the limits fail: delivered with the error)
+        // In the next layer's completion: completed directly (nothing that
+        // could fail between the bytes and their caller). The limits failing
+        // (closed) deliver the bytes with their error, owed.
         if (owed != 0 && d.limited.load(std::memory_order_acquire)) d.debt += owed;
         owed = 0;
-        return self.complete(ec_read, this->done);
+        return self.complete(this->ec ? this->ec : ec_read, this->done);
       }
-      while (owed != 0) {
-        if (!d.copy_limits(this->cap)) break;
-        if (this->take_now(d, owed)) {
-          owed -= std::min<std::uint64_t>(owed, this->granted);
-          d.release();  // (paid: nothing of it is given back)
-          continue;
-        }
-        if (this->ec) return unpaid(self, this->ec);
-        // Nothing of this operation's own is delivered yet: any cancellation.
-        auto st = this->state;
-        const std::uint64_t left = owed;
-        try {
+      // An earlier read's debt. Whatever throws here (copying new limits, a
+      // joint take, the wait) leaves what is not paid yet owed; nothing of
+      // this operation's own is delivered yet: any cancellation type.
+      auto st = this->state;
+      std::uint64_t left = owed;  // (what a throw leaves owed)
+      try {
+        while (owed != 0) {
+          left = owed;
+          if (!d.copy_limits(this->cap)) break;
+          if (this->take_now(d, owed)) {
+            owed -= std::min<std::uint64_t>(owed, this->granted);
+            d.release();  // (paid: nothing of it is given back)
+            continue;
+          }
+          left = 0;
+          if (this->ec) return unpaid(self, this->ec);
+          left = owed;
           return this->wait_for(self, d, owed);
-        } catch (...) {  // (not waiting: the debt stays the stream's)
-          st->read.debt += left;
-          throw;
         }
+      } catch (...) {
+        st->read.debt += left;
+        throw;
       }
       owed = 0;
       // Paid the earlier read's debt: then this operation's own read.
       paying_debt = false;
-      if (this->stopped()) return this->fail(self, boost::asio::error::operation_aborted);
+      if (this->stopped() || self.cancelled() != boost::asio::cancellation_type::none)
+        return this->fail(self, boost::asio::error::operation_aborted);
       return read_first(self, detail::first_buffer<boost::asio::mutable_buffer>(buffers));
     }
 
@@ -1253,7 +1277,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
       } else {
         this->done = n;
         ec_read = e;
-        owed = n;
+        owed = limited_read ? n : 0;  // (a read the limits did not slice owes nothing)
         pay(self);
       }
     }
@@ -1261,7 +1285,8 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
     boost::system::error_code ec_read{};
     std::uint64_t owed = 0;  // bytes read (or owed from before) not paid yet
     bool paying_debt = false;
-    bool wait_first = false;  // the initiation found nothing there: wait for data first
+    bool limited_read = false;  // read_first's read (sliced, to be paid)
+    bool wait_first = false;    // the initiation found nothing there: wait for data first
   };
 
   NextLayer next_;
