@@ -7,6 +7,7 @@
 #include "test_support.hpp"
 
 #include <ratelimit/detail/bucket_state.hpp>
+#include <ratelimit/redis/detail/reserve_script.hpp>
 #include <ratelimit/redis/detail/script.hpp>
 #include <ratelimit/redis/redis_token_bucket.hpp>
 
@@ -128,6 +129,97 @@ std::vector<step> random_steps(std::mt19937_64& rng, std::uint64_t capacity, rat
   return steps;
 }
 
+/// The reservation script's promise, written with bucket_state (not from
+/// the script): requests are served in the order they arrive, each at the
+/// earliest whole microsecond at which the bucket holds its tokens once every
+/// earlier reservation took its own at its due time; one due further than
+/// `horizon` from its arrival, or after its deadline, is refused and takes
+/// nothing. (A time earlier than the latest a key saw counts as that one:
+/// the caller passes the latest.)
+struct fifo_model {
+  detail::bucket_state st;
+  std::int64_t prev_due_ns = std::numeric_limits<std::int64_t>::min();
+
+  fifo_model(std::uint64_t capacity, rate r, std::int64_t start_us)
+      : st(capacity, detail::reduce(r), start_us * 1000, capacity) {}
+
+  rd::reservation_result reserve(std::int64_t now_us, std::uint64_t n, std::uint64_t horizon_us,
+                                 std::optional<std::int64_t> deadline_us) {
+    detail::bucket_state next = st;
+    const std::int64_t t = std::max(now_us * 1000, prev_due_ns);
+    next.refill(t);
+    std::int64_t due_ns = t;
+    if (!next.has(n)) due_ns = next.last() + static_cast<std::int64_t>(next.ticks_until(n));
+    const std::int64_t due_us = (due_ns + 999) / 1000;  // (times are whole microseconds)
+    using st_t = rd::reservation_result::status;
+    if (due_us - now_us > static_cast<std::int64_t>(horizon_us))
+      return {st_t::refused_horizon, static_cast<std::uint64_t>(due_us)};
+    if (deadline_us && due_us > *deadline_us)
+      return {st_t::refused_deadline, static_cast<std::uint64_t>(due_us)};
+    next.refill(due_us * 1000);
+    BOOST_REQUIRE(next.has(n));
+    next.take(n);
+    st = next;
+    prev_due_ns = due_us * 1000;
+    return {st_t::reserved, static_cast<std::uint64_t>(due_us)};
+  }
+};
+
+struct reserve_call {
+  std::int64_t now_us;
+  std::vector<std::uint64_t> ns;
+  std::optional<std::int64_t> deadline_us;
+};
+
+/// Runs `calls` through the reservation script on `key` (pipelined) and
+/// through fifo_model; compares every request's answer.
+void reserve_side_by_side(boost::asio::io_context& ctx, redis_connection& conn,
+                          const std::string& key, std::uint64_t capacity, rate r,
+                          std::uint64_t horizon_us, const std::vector<reserve_call>& calls,
+                          std::size_t& reserved, std::size_t& refused) {
+  const auto rr = rd::make_reserve_rate(capacity, r, horizon_us);
+  const std::string sha = rd::sha1_hex(rd::reserve_script);
+  exec(ctx, conn, {"DEL", key});
+  auto load = exec(ctx, conn, {"SCRIPT", "LOAD", std::string(rd::reserve_script)});
+  BOOST_REQUIRE(!load.ec);
+  BOOST_REQUIRE_EQUAL(load.reply.str, sha);
+  std::vector<std::optional<exec_result>> results(calls.size());
+  for (std::size_t i = 0; i < calls.size(); ++i)
+    conn.async_exec(rd::reserve_args(sha, key, rr, calls[i].ns, calls[i].deadline_us.value_or(-1),
+                                     calls[i].now_us),
+                    [&results, i](boost::system::error_code ec, redis_reply reply) {
+                      results[i] = exec_result{ec, std::move(reply)};
+                    });
+  BOOST_REQUIRE(run_until(
+      ctx, [&] { return results.back().has_value(); }, 60s));
+  fifo_model model(capacity, r, calls.front().now_us);
+  std::int64_t seen = calls.front().now_us;  // a time before the latest seen counts as it
+  for (std::size_t i = 0; i < calls.size(); ++i) {
+    const auto& c = calls[i];
+    seen = std::max(seen, c.now_us);
+    BOOST_REQUIRE(results[i].has_value());
+    BOOST_REQUIRE_MESSAGE(!results[i]->ec, "call " << i << ": " << results[i]->ec.message() << " "
+                                                   << results[i]->reply.str);
+    std::uint64_t now = 0;
+    std::vector<rd::reservation_result> got;
+    BOOST_REQUIRE(!rd::parse_reserve_reply(results[i]->reply, c.ns.size(), now, got));
+    BOOST_REQUIRE_EQUAL(now, static_cast<std::uint64_t>(seen));
+    for (std::size_t j = 0; j < c.ns.size(); ++j) {
+      const auto want = model.reserve(seen, c.ns[j], horizon_us, c.deadline_us);
+      BOOST_REQUIRE_MESSAGE(got[j].what == want.what && got[j].due_us == want.due_us,
+                            "call " << i << " request " << j << " (n=" << c.ns[j]
+                                    << ", t=" << c.now_us << "): script says " << int(got[j].what)
+                                    << " at " << got[j].due_us << ", the model " << int(want.what)
+                                    << " at " << want.due_us);
+      if (want.what == rd::reservation_result::status::reserved)
+        ++reserved;
+      else
+        ++refused;
+    }
+  }
+  exec(ctx, conn, {"DEL", key});
+}
+
 struct server_fixture {
   redis_server server;
   boost::asio::io_context ctx;
@@ -165,6 +257,139 @@ BOOST_FIXTURE_TEST_CASE(agrees_with_bucket_state, server_fixture) {
     }
     ++i;
   }
+}
+
+BOOST_FIXTURE_TEST_CASE(reservations_agree_with_a_fifo_bucket, server_fixture) {
+  struct config {
+    std::uint64_t capacity;
+    rate r;
+  };
+  const config configs[] = {
+      {10, per_second(3)},       {1, rate{1, 1ns}},   {7, rate{5, 3ns}},
+      {13, rate{7, 1300ns}},     {100, rate{3, 7us}}, {2'000'000, per_hour(7)},
+      {5, rate{1'000'000, 1ns}},
+  };
+  std::mt19937_64 rng(20261130);
+  std::size_t reserved = 0, refused = 0;
+  int i = 0;
+  for (const auto& c : configs) {
+    const auto sr = rd::make_script_rate(c.capacity, c.r);
+    const std::uint64_t full_us = (c.capacity * sr.tick + sr.tok - 1) / sr.tok;
+    const std::uint64_t token_us = std::max<std::uint64_t>(1, sr.tick / sr.tok);
+    // Up to a few bucketfuls ahead, within what stays exact in Redis.
+    const std::uint64_t room = (rd::max_exact - c.capacity * sr.tick - sr.tok) / sr.tok;
+    const std::uint64_t horizon = std::min<std::uint64_t>(room, 1 + rng() % (3 * full_us + 1));
+    std::vector<reserve_call> calls;
+    std::int64_t now = 1'764'000'000'000'000;
+    for (int k = 0; k < 600; ++k) {
+      switch (rng() % 6) {
+        case 0:
+          break;
+        case 1:
+          now -= static_cast<std::int64_t>(rng() % (token_us * 3 + 1));  // back
+          break;
+        case 2:
+          now += static_cast<std::int64_t>(
+              rng() % (std::min<std::uint64_t>(2 * full_us, 1'000'000'000'000) + 1));
+          break;
+        default:
+          now += static_cast<std::int64_t>(rng() % (token_us * 2 + 1));
+          break;
+      }
+      reserve_call call{now, {}, std::nullopt};
+      const std::size_t count = 1 + rng() % 4;  // coalesced requests
+      for (std::size_t j = 0; j < count; ++j)
+        call.ns.push_back(rng() % 3 == 0
+                              ? c.capacity - rng() % std::min<std::uint64_t>(c.capacity, 2)
+                              : 1 + rng() % std::min<std::uint64_t>(c.capacity, 3));
+      if (rng() % 4 == 0) call.deadline_us = now + static_cast<std::int64_t>(rng() % (horizon + 1));
+      calls.push_back(std::move(call));
+    }
+    BOOST_TEST_CONTEXT("capacity " << c.capacity << ", " << c.r.tokens << " per "
+                                   << c.r.period.count() << " ns, horizon " << horizon << " us") {
+      reserve_side_by_side(ctx, conn, "res:" + std::to_string(i), c.capacity, c.r, horizon, calls,
+                           reserved, refused);
+    }
+    ++i;
+  }
+  // Both kinds of answer were exercised.
+  BOOST_TEST(reserved > 1000u);
+  BOOST_TEST(refused > 200u);
+}
+
+BOOST_FIXTURE_TEST_CASE(a_refund_before_the_due_time_gives_the_tokens_back, server_fixture) {
+  // 10 tokens, 1 a millisecond; all times fixed (the test hook).
+  const auto rr = rd::make_reserve_rate(10, per_second(1000), 1'000'000);
+  const std::string rs = rd::sha1_hex(rd::reserve_script), fs = rd::sha1_hex(rd::refund_script);
+  exec(ctx, conn, {"SCRIPT", "LOAD", std::string(rd::reserve_script)});
+  exec(ctx, conn, {"SCRIPT", "LOAD", std::string(rd::refund_script)});
+  const std::string key = "refund";
+  exec(ctx, conn, {"DEL", key});
+  const std::int64_t t0 = 1'764'000'000'000'000;
+  auto reserve = [&](std::int64_t now, std::vector<std::uint64_t> ns) {
+    auto res = exec(ctx, conn, rd::reserve_args(rs, key, rr, ns, -1, now));
+    BOOST_REQUIRE_MESSAGE(!res.ec, res.reply.str);
+    std::uint64_t at = 0;
+    std::vector<rd::reservation_result> out;
+    BOOST_REQUIRE(!rd::parse_reserve_reply(res.reply, ns.size(), at, out));
+    return out;
+  };
+  auto refund = [&](std::uint64_t n, std::uint64_t due, std::int64_t now) {
+    auto res = exec(ctx, conn, rd::refund_args(fs, key, rr, n, due, now));
+    BOOST_REQUIRE_MESSAGE(!res.ec, res.reply.str);
+    BOOST_REQUIRE((res.reply.type == redis_reply::kind::integer));
+    return res.reply.integer;
+  };
+  using st = rd::reservation_result::status;
+  // 10 now, then 5 due 5 ms later, then 5 due 10 ms later.
+  auto a = reserve(t0, {10, 5, 5});
+  BOOST_TEST((a[0].what == st::reserved && a[0].due_us == std::uint64_t(t0)));
+  BOOST_TEST((a[1].what == st::reserved && a[1].due_us == std::uint64_t(t0 + 5000)));
+  BOOST_TEST((a[2].what == st::reserved && a[2].due_us == std::uint64_t(t0 + 10000)));
+  // The first 5 given back before their due time: a request made now is due
+  // when the second 5 would have been (a refunded token serves it; the
+  // reservation made after the refunded one keeps its time).
+  BOOST_TEST(refund(5, a[1].due_us, t0 + 1000) == 1);
+  auto b = reserve(t0 + 1000, {5});
+  BOOST_TEST((b[0].what == st::reserved && b[0].due_us == std::uint64_t(t0 + 10000)));
+  // A refund at or after the due time does nothing (the tokens were the request's),
+  // also when the clock says earlier than the key's last time (set back).
+  BOOST_TEST(refund(5, a[2].due_us, t0 + 10000) == 0);
+  auto c = reserve(t0 + 10000, {1});
+  BOOST_TEST((c[0].what == st::reserved && c[0].due_us == std::uint64_t(t0 + 11000)));
+  BOOST_TEST(refund(5, a[2].due_us, t0 + 9000) == 0);
+  // A refund never fills the bucket past its capacity: 20 ms on the bucket
+  // is full again; 10 taken, given back twice over, leaves it full (10).
+  auto d = reserve(t0 + 40000, {10});
+  BOOST_TEST((d[0].what == st::reserved && d[0].due_us == std::uint64_t(t0 + 40000)));
+  auto e = reserve(t0 + 40000, {3});
+  BOOST_TEST((e[0].what == st::reserved && e[0].due_us == std::uint64_t(t0 + 43000)));
+  BOOST_TEST(refund(3, e[0].due_us, t0 + 40000) == 1);
+  BOOST_TEST(refund(10, e[0].due_us, t0 + 40000) == 1);  // (more than was taken since full)
+  auto f = reserve(t0 + 40000, {10, 1});
+  BOOST_TEST((f[0].what == st::reserved && f[0].due_us == std::uint64_t(t0 + 40000)));
+  BOOST_TEST((f[1].what == st::reserved && f[1].due_us == std::uint64_t(t0 + 41000)));
+  exec(ctx, conn, {"DEL", key});
+}
+
+BOOST_FIXTURE_TEST_CASE(a_key_serves_one_mode_only, server_fixture) {
+  const auto rr = rd::make_reserve_rate(10, per_second(3), 1000);
+  const std::string key = "mode";
+  exec(ctx, conn, {"DEL", key});
+  const std::int64_t t0 = 1'764'000'000'000'000;
+  const std::vector<std::uint64_t> one{1};
+  auto r = exec(ctx, conn, rd::reserve_args("", key, rr, one, -1, t0));
+  BOOST_REQUIRE(!r.ec);
+  auto h = exec(ctx, conn, rd::script_args("", key, rr.rate, 1, 0, t0));
+  BOOST_TEST(h.ec == error::make_error_code(error::redis_error));
+  BOOST_TEST(h.reply.str.find("configured as r:10:3:1000000") != std::string::npos);
+  exec(ctx, conn, {"DEL", key});
+  auto h2 = exec(ctx, conn, rd::script_args("", key, rr.rate, 1, 0, t0));
+  BOOST_REQUIRE(!h2.ec);
+  auto r2 = exec(ctx, conn, rd::reserve_args("", key, rr, one, -1, t0));
+  BOOST_TEST(r2.ec == error::make_error_code(error::redis_error));
+  BOOST_TEST(r2.reply.str.find("not r:10:3:1000000") != std::string::npos);
+  exec(ctx, conn, {"DEL", key});
 }
 
 // EVALSHA names the script by the SHA-1 our own code computes (no private
