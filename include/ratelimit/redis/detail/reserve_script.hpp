@@ -48,15 +48,9 @@
 
 namespace ratelimit::redis_detail {
 
-/// KEYS[1]: the bucket. ARGV: capacity, tok, tick, horizon (us), deadline
-/// (us of the server's clock; empty: none), now (us; empty: the server's TIME,
-/// a test hook that also keeps the key from expiring), then n1, n2, ... (the
-/// tokens of each request, in order, 1 to capacity each).
-/// Returns {now, s1, d1, s2, d2, ...}: `now` the time the script used (the
-/// later of the given or server time and the last time the key saw); per
-/// request s = 1 reserved, due at d; s = 0 refused, due beyond the horizon;
-/// s = 2 refused, due after the deadline (d: when it would have been due).
-inline constexpr std::string_view reserve_script = R"lua(
+namespace lua {
+
+inline constexpr std::string_view reserve_args = R"lua(
 local cap = tonumber(ARGV[1])
 local tok = tonumber(ARGV[2])
 local tick = tonumber(ARGV[3])
@@ -70,52 +64,21 @@ if ARGV[5] ~= '' then
   if not deadline then return redis.error_reply('ratelimit: bad deadline argument') end
 end
 local cfg = 'r:' .. ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3]
-local now
-local fixed = ARGV[6] ~= ''
-if fixed then
-  now = tonumber(ARGV[6])
-  if not now then return redis.error_reply('ratelimit: bad time argument') end
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+)lua";
+
+inline constexpr std::string_view reserve_full = R"lua(
 local full = cap * tick
 local floor = -horizon * tok
-local level, last
--- HLEN fails (WRONGTYPE) for a key of another type, before anything is written
-local fields = redis.call('HLEN', KEYS[1])
-if fields == 0 then
-  level = full
-  last = now
-else
-  local v = redis.call('HMGET', KEYS[1], 'l', 't', 'c')
-  if fields ~= 3 or not v[1] or not v[2] or not v[3] then
-    return redis.error_reply('ratelimit: key ' .. KEYS[1] .. ' holds a hash that is not a bucket')
-  end
-  if v[3] ~= cfg then
-    return redis.error_reply('ratelimit: key ' .. KEYS[1] .. ' holds a bucket configured as ' ..
-                             v[3] .. ', not ' .. cfg)
-  end
-  level = tonumber(v[1])
-  last = tonumber(v[2])
-  if not level or not last or level > full or level ~= math.floor(level) or level < floor - full then
-    return redis.error_reply('ratelimit: key ' .. KEYS[1] .. ' does not hold a bucket state')
-  end
-end
--- a time before the last one is taken as the last one (a server clock set
--- back mints nothing and dates nothing earlier than what it dated before)
+local lowest = floor - full
+)lua";
+
+/// A time before the last one the key saw is taken as that one: a server
+/// clock set back mints nothing and dates nothing earlier than it did.
+inline constexpr std::string_view not_before_last = R"lua(
 if now < last then now = last end
--- refill (a debt is paid back first)
-if now > last then
-  local elapsed = now - last
-  last = now
-  if level < full then
-    local missing = full - level
-    local to_full = math.floor(missing / tok)
-    if to_full * tok < missing then to_full = to_full + 1 end
-    if elapsed >= to_full then level = full else level = level + elapsed * tok end
-  end
-end
+)lua";
+
+inline constexpr std::string_view reserve_each = R"lua(
 local out = {now}
 for i = 7, #ARGV do
   local n = tonumber(ARGV[i])
@@ -143,27 +106,13 @@ for i = 7, #ARGV do
   end
   out[#out + 1] = due
 end
-if fixed then
-  redis.call('HSET', KEYS[1], 'l', string.format('%.0f', level), 't', string.format('%.0f', last), 'c', cfg)
-  redis.call('PERSIST', KEYS[1])
-elseif level >= full then
-  redis.call('DEL', KEYS[1])
-else
-  redis.call('HSET', KEYS[1], 'l', string.format('%.0f', level), 't', string.format('%.0f', last), 'c', cfg)
-  local to_full = math.floor((full - level) / tok)
-  if to_full * tok < full - level then to_full = to_full + 1 end
-  local ms = math.floor(to_full / 1000)
-  if ms * 1000 < to_full then ms = ms + 1 end
-  redis.call('PEXPIRE', KEYS[1], ms)
-end
+)lua";
+
+inline constexpr std::string_view reserve_return = R"lua(
 return out
 )lua";
 
-/// KEYS[1]: the bucket. ARGV: capacity, tok, tick, n, due (us), now (us;
-/// empty: the server's TIME). Gives `n` tokens of a reservation due at `due`
-/// back if it is not due yet (capped at the capacity). Returns 1 when given
-/// back, 0 when already due (or the key holds no bucket: expired, full).
-inline constexpr std::string_view refund_script = R"lua(
+inline constexpr std::string_view refund_args = R"lua(
 local cap = tonumber(ARGV[1])
 local tok = tonumber(ARGV[2])
 local tick = tonumber(ARGV[3])
@@ -173,59 +122,48 @@ if not (cap and tok and tick and n and due) or cap < 1 or tok < 1 or tick < 1 or
   return redis.error_reply('ratelimit: bad script arguments')
 end
 local cfg = 'r:' .. ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3]
-local now
-local fixed = ARGV[6] ~= nil and ARGV[6] ~= ''
-if fixed then
-  now = tonumber(ARGV[6])
-  if not now then return redis.error_reply('ratelimit: bad time argument') end
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local fields = redis.call('HLEN', KEYS[1])
-if fields == 0 then return 0 end
-local v = redis.call('HMGET', KEYS[1], 'l', 't', 'c')
-if fields ~= 3 or not v[1] or not v[2] or not v[3] then
-  return redis.error_reply('ratelimit: key ' .. KEYS[1] .. ' holds a hash that is not a bucket')
-end
-if v[3] ~= cfg then
-  return redis.error_reply('ratelimit: key ' .. KEYS[1] .. ' holds a bucket configured as ' ..
-                           v[3] .. ', not ' .. cfg)
-end
+)lua";
+
+inline constexpr std::string_view refund_full = R"lua(
 local full = cap * tick
-local level = tonumber(v[1])
-local last = tonumber(v[2])
-if not level or not last or level > full or level ~= math.floor(level) then
-  return redis.error_reply('ratelimit: key ' .. KEYS[1] .. ' does not hold a bucket state')
-end
-if now < last then now = last end  -- (as in the reservation script)
+local lowest = -math.huge
+)lua";
+
+inline constexpr std::string_view refund_due = R"lua(
 if now >= due then return 0 end
-if now > last then
-  local elapsed = now - last
-  last = now
-  if level < full then
-    local missing = full - level
-    local to_full = math.floor(missing / tok)
-    if to_full * tok < missing then to_full = to_full + 1 end
-    if elapsed >= to_full then level = full else level = level + elapsed * tok end
-  end
-end
+)lua";
+
+inline constexpr std::string_view refund_give = R"lua(
 level = level + n * tick
 if level > full then level = full end
-if fixed then
-  redis.call('HSET', KEYS[1], 'l', string.format('%.0f', level), 't', string.format('%.0f', last), 'c', cfg)
-elseif level >= full then
-  redis.call('DEL', KEYS[1])
-else
-  redis.call('HSET', KEYS[1], 'l', string.format('%.0f', level), 't', string.format('%.0f', last), 'c', cfg)
-  local to_full = math.floor((full - level) / tok)
-  if to_full * tok < full - level then to_full = to_full + 1 end
-  local ms = math.floor(to_full / 1000)
-  if ms * 1000 < to_full then ms = ms + 1 end
-  redis.call('PEXPIRE', KEYS[1], ms)
-end
+)lua";
+
+inline constexpr std::string_view refund_return = R"lua(
 return 1
 )lua";
+
+}  // namespace lua
+
+/// KEYS[1]: the bucket. ARGV: capacity, tok, tick, horizon (us), deadline
+/// (us of the server's clock; empty: none), now (us; empty: the server's TIME,
+/// a test hook that also keeps the key from expiring), then n1, n2, ... (the
+/// tokens of each request, in order, 1 to capacity each).
+/// Returns {now, s1, d1, s2, d2, ...}: `now` the time the script used (the
+/// later of the given or server time and the last time the key saw); per
+/// request s = 1 reserved, due at d; s = 0 refused, due beyond the horizon;
+/// s = 2 refused, due after the deadline (d: when it would have been due).
+inline constexpr std::string_view reserve_script =
+    lua_join<lua::reserve_args, lua::now, lua::reserve_full, lua::read_state, lua::not_before_last,
+             lua::refill, lua::reserve_each, lua::write_state, lua::reserve_return>::value;
+
+/// KEYS[1]: the bucket. ARGV: capacity, tok, tick, n, due (us), now (us;
+/// empty: the server's TIME). Gives `n` tokens of a reservation due at `due`
+/// back if it is not due yet, up to the capacity (a missing key is a full
+/// bucket). Returns 1 when it was not due yet, 0 when it was (nothing done).
+inline constexpr std::string_view refund_script =
+    lua_join<lua::refund_args, lua::now, lua::refund_full, lua::read_state, lua::not_before_last,
+             lua::refund_due, lua::refill, lua::refund_give, lua::write_state,
+             lua::refund_return>::value;
 
 /// A reservation bucket's configuration in the script's terms.
 struct reserve_rate {

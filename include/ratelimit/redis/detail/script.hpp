@@ -36,6 +36,8 @@
 
 #include <ratelimit/redis/detail/sha1.hpp>
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
 #include <numeric>
 #include <stdexcept>
@@ -44,21 +46,27 @@
 
 namespace ratelimit::redis_detail {
 
-/// KEYS[1]: the bucket. ARGV: capacity, tok, tick, n (tokens wanted), extra
-/// (up to this many more, taken only if there: leasing), now (microseconds;
-/// empty: the server's TIME; a test hook, which also keeps the key from expiring).
-/// Returns {granted (0/1), tokens taken, wait in microseconds from now,
-/// saturating at max_wait_us}.
-inline constexpr std::string_view bucket_script = R"lua(
-local cap = tonumber(ARGV[1])
-local tok = tonumber(ARGV[2])
-local tick = tonumber(ARGV[3])
-local n = tonumber(ARGV[4])
-local extra = tonumber(ARGV[5])
-if not (cap and tok and tick and n and extra) or cap < 1 or tok < 1 or tick < 1 or n < 0 or n > cap or extra < 0 then
-  return redis.error_reply('ratelimit: bad script arguments')
-end
-local cfg = ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3]
+/// Joins Lua fragments into one script at compile time (each mechanism of
+/// the scripts is written once: the time, reading the state, the refill,
+/// writing it back).
+template <const std::string_view&... Parts>
+struct lua_join {
+  static constexpr auto storage = [] {
+    std::array<char, (Parts.size() + ...)> a{};
+    std::size_t at = 0;
+    ((std::copy(Parts.begin(), Parts.end(), a.begin() + static_cast<std::ptrdiff_t>(at)),
+      at += Parts.size()),
+     ...);
+    return a;
+  }();
+  static constexpr std::string_view value{storage.data(), storage.size()};
+};
+
+namespace lua {
+
+/// Sets `now` (microseconds) and `fixed`: ARGV[6] when given (a test hook,
+/// which also keeps the key from expiring), else the server's TIME.
+inline constexpr std::string_view now = R"lua(
 local now
 local fixed = ARGV[6] ~= nil and ARGV[6] ~= ''
 if fixed then
@@ -68,9 +76,14 @@ else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-local full = cap * tick
+)lua";
+
+/// Reads the bucket of KEYS[1] into `level` and `last` (a fresh one is full
+/// as of now), given `cfg`, `full` and `lowest` (the lowest valid level).
+/// Refuses, before anything is written, a key of another type (HLEN fails:
+/// WRONGTYPE), a hash that is not a bucket, one of another configuration.
+inline constexpr std::string_view read_state = R"lua(
 local level, last
--- HLEN fails (WRONGTYPE) for a key of another type, before anything is written
 local fields = redis.call('HLEN', KEYS[1])
 if fields == 0 then
   level = full
@@ -86,11 +99,16 @@ else
   end
   level = tonumber(v[1])
   last = tonumber(v[2])
-  if not level or not last or level < 0 or level > full or level ~= math.floor(level) then
+  if not level or not last or level < lowest or level > full or level ~= math.floor(level) then
     return redis.error_reply('ratelimit: key ' .. KEYS[1] .. ' does not hold a bucket state')
   end
 end
--- refill: a time before the last one mints nothing
+)lua";
+
+/// Refills `level` from `last` to `now`, up to `full` (elapsed time is
+/// clamped to the time-to-full before it is multiplied); a time before the
+/// last one mints nothing.
+inline constexpr std::string_view refill = R"lua(
 if now > last then
   local elapsed = now - last
   last = now
@@ -101,6 +119,47 @@ if now > last then
     if elapsed >= to_full then level = full else level = level + elapsed * tok end
   end
 end
+)lua";
+
+/// Writes `level` and `last` back: a full bucket is deleted (it is what a
+/// missing key reads as), any other expires when it would be full again;
+/// with a fixed time it is kept (persisted).
+inline constexpr std::string_view write_state = R"lua(
+if fixed then
+  redis.call('HSET', KEYS[1], 'l', string.format('%.0f', level), 't', string.format('%.0f', last), 'c', cfg)
+  redis.call('PERSIST', KEYS[1])
+elseif level >= full then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('HSET', KEYS[1], 'l', string.format('%.0f', level), 't', string.format('%.0f', last), 'c', cfg)
+  local to_full = math.floor((full - level) / tok)
+  if to_full * tok < full - level then to_full = to_full + 1 end
+  local ms = math.floor(to_full / 1000)
+  if ms * 1000 < to_full then ms = ms + 1 end
+  redis.call('PEXPIRE', KEYS[1], ms)
+end
+)lua";
+
+/// The head-only bucket's arguments and configuration.
+inline constexpr std::string_view bucket_args = R"lua(
+local cap = tonumber(ARGV[1])
+local tok = tonumber(ARGV[2])
+local tick = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
+local extra = tonumber(ARGV[5])
+if not (cap and tok and tick and n and extra) or cap < 1 or tok < 1 or tick < 1 or n < 0 or n > cap or extra < 0 then
+  return redis.error_reply('ratelimit: bad script arguments')
+end
+local cfg = ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3]
+)lua";
+
+inline constexpr std::string_view bucket_full = R"lua(
+local full = cap * tick
+local lowest = 0
+)lua";
+
+/// The head-only bucket's decision.
+inline constexpr std::string_view bucket_take = R"lua(
 local need = n * tick
 local granted, taken, wait = 0, 0, 0
 if level >= need then
@@ -117,21 +176,22 @@ else
   -- past 2^52 us (142 years) the sum may be inexact: saturate, as bucket_state does
   if wait > 4503599627370496 then wait = 4503599627370496 end
 end
-if fixed then
-  redis.call('HSET', KEYS[1], 'l', string.format('%.0f', level), 't', string.format('%.0f', last), 'c', cfg)
-  redis.call('PERSIST', KEYS[1])
-elseif level >= full then
-  redis.call('DEL', KEYS[1])
-else
-  redis.call('HSET', KEYS[1], 'l', string.format('%.0f', level), 't', string.format('%.0f', last), 'c', cfg)
-  local to_full = math.floor((full - level) / tok)
-  if to_full * tok < full - level then to_full = to_full + 1 end
-  local ms = math.floor(to_full / 1000)
-  if ms * 1000 < to_full then ms = ms + 1 end
-  redis.call('PEXPIRE', KEYS[1], ms)
-end
+)lua";
+
+inline constexpr std::string_view bucket_return = R"lua(
 return {granted, taken, wait}
 )lua";
+
+}  // namespace lua
+
+/// KEYS[1]: the bucket. ARGV: capacity, tok, tick, n (tokens wanted), extra
+/// (up to this many more, taken only if there: leasing), now (microseconds;
+/// empty: the server's TIME; a test hook, which also keeps the key from expiring).
+/// Returns {granted (0/1), tokens taken, wait in microseconds from now,
+/// saturating at max_wait_us}.
+inline constexpr std::string_view bucket_script =
+    lua_join<lua::bucket_args, lua::now, lua::bucket_full, lua::read_state, lua::refill,
+             lua::bucket_take, lua::write_state, lua::bucket_return>::value;
 
 /// The script's SHA1, as EVALSHA wants it (lower-case hex).
 inline std::string script_sha1(std::string_view text = bucket_script) {
