@@ -470,6 +470,41 @@ BOOST_AUTO_TEST_CASE(reply_parser) {
   BOOST_TEST(rd::parse_script_reply(e, res) == error::make_error_code(error::redis_error));
 }
 
+BOOST_FIXTURE_TEST_CASE(a_reservation_key_expires_when_its_debt_is_paid_and_it_is_full,
+                        server_fixture) {
+  // On the server's clock: 10 tokens, 10 ms each, reservations up to 1 s ahead.
+  const auto rr = rd::make_reserve_rate(10, per_second(100), 1'000'000);
+  const std::vector<std::uint64_t> ten{10}, five{5};
+  exec(ctx, conn, {"DEL", "rexp"});
+  // 10 now and 5 more in debt: full again 150 ms later; the key expires then.
+  BOOST_REQUIRE(!exec(ctx, conn, rd::reserve_args("", "rexp", rr, ten)).ec);
+  auto r = exec(ctx, conn, rd::reserve_args("", "rexp", rr, five));
+  BOOST_REQUIRE(!r.ec);
+  std::uint64_t now = 0;
+  std::vector<rd::reservation_result> out;
+  BOOST_REQUIRE(!rd::parse_reserve_reply(r.reply, 1, now, out));
+  BOOST_TEST((out[0].what == rd::reservation_result::status::reserved));
+  BOOST_TEST(out[0].due_us > now + 40'000);  // 50 ms of debt, less what passed
+  BOOST_TEST(out[0].due_us <= now + 50'000);
+  auto ttl = exec(ctx, conn, {"PTTL", "rexp"});
+  BOOST_TEST(ttl.reply.integer > 100);
+  BOOST_TEST(ttl.reply.integer <= 150);
+  // After expiry the bucket is full: 10 due at once.
+  BOOST_REQUIRE(run_until(
+      ctx,
+      [&] {
+        return exec(ctx, conn, {"EXISTS", "rexp"}).reply.integer == 0;
+      },
+      3s));
+  auto f = exec(ctx, conn, rd::reserve_args("", "rexp", rr, ten));
+  BOOST_REQUIRE(!rd::parse_reserve_reply(f.reply, 1, now, out));
+  BOOST_TEST((out[0].what == rd::reservation_result::status::reserved && out[0].due_us == now));
+  // A refund that leaves it full deletes it at once: an idle bucket costs nothing.
+  BOOST_TEST(exec(ctx, conn, rd::refund_args("", "rexp", rr, 10, now + 1'000'000)).reply.integer ==
+             1);
+  BOOST_TEST(exec(ctx, conn, {"EXISTS", "rexp"}).reply.integer == 0);
+}
+
 BOOST_FIXTURE_TEST_CASE(key_expires_when_full_again, server_fixture) {
   const auto sr = rd::make_script_rate(10, per_second(100));  // 10 ms per token
   const std::string sha = rd::script_sha1();
