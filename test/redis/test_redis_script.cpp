@@ -133,7 +133,7 @@ std::vector<step> random_steps(std::mt19937_64& rng, std::uint64_t capacity, rat
 /// the script): requests are served in the order they arrive, each at the
 /// earliest whole microsecond at which the bucket holds its tokens once every
 /// earlier reservation took its own at its due time; one due further than
-/// `horizon` from its arrival, or after its deadline, is refused and takes
+/// `horizon` from its arrival, or further than it accepts to wait, is refused and takes
 /// nothing. (A time earlier than the latest a key saw counts as that one:
 /// the caller passes the latest.)
 struct fifo_model {
@@ -144,7 +144,7 @@ struct fifo_model {
       : st(capacity, detail::reduce(r), start_us * 1000, capacity) {}
 
   rd::reservation_result reserve(std::int64_t now_us, std::uint64_t n, std::uint64_t horizon_us,
-                                 std::optional<std::int64_t> deadline_us) {
+                                 std::optional<std::int64_t> within_us) {
     detail::bucket_state next = st;
     const std::int64_t t = std::max(now_us * 1000, prev_due_ns);
     next.refill(t);
@@ -152,10 +152,10 @@ struct fifo_model {
     if (!next.has(n)) due_ns = next.last() + static_cast<std::int64_t>(next.ticks_until(n));
     const std::int64_t due_us = (due_ns + 999) / 1000;  // (times are whole microseconds)
     using st_t = rd::reservation_result::status;
+    if (within_us && due_us - now_us > *within_us)
+      return {st_t::refused_within, static_cast<std::uint64_t>(due_us)};
     if (due_us - now_us > static_cast<std::int64_t>(horizon_us))
       return {st_t::refused_horizon, static_cast<std::uint64_t>(due_us)};
-    if (deadline_us && due_us > *deadline_us)
-      return {st_t::refused_deadline, static_cast<std::uint64_t>(due_us)};
     next.refill(due_us * 1000);
     BOOST_REQUIRE(next.has(n));
     next.take(n);
@@ -167,8 +167,7 @@ struct fifo_model {
 
 struct reserve_call {
   std::int64_t now_us;
-  std::vector<std::uint64_t> ns;
-  std::optional<std::int64_t> deadline_us;
+  std::vector<rd::reserve_request> reqs;
 };
 
 /// Runs `calls` through the reservation script on `key` (pipelined) and
@@ -185,8 +184,7 @@ void reserve_side_by_side(boost::asio::io_context& ctx, redis_connection& conn,
   BOOST_REQUIRE_EQUAL(load.reply.str, sha);
   std::vector<std::optional<exec_result>> results(calls.size());
   for (std::size_t i = 0; i < calls.size(); ++i)
-    conn.async_exec(rd::reserve_args(sha, key, rr, calls[i].ns, calls[i].deadline_us.value_or(-1),
-                                     calls[i].now_us),
+    conn.async_exec(rd::reserve_args(sha, key, rr, calls[i].reqs, calls[i].now_us),
                     [&results, i](boost::system::error_code ec, redis_reply reply) {
                       results[i] = exec_result{ec, std::move(reply)};
                     });
@@ -202,15 +200,17 @@ void reserve_side_by_side(boost::asio::io_context& ctx, redis_connection& conn,
                                                    << results[i]->reply.str);
     std::uint64_t now = 0;
     std::vector<rd::reservation_result> got;
-    BOOST_REQUIRE(!rd::parse_reserve_reply(results[i]->reply, c.ns.size(), now, got));
+    BOOST_REQUIRE(!rd::parse_reserve_reply(results[i]->reply, c.reqs.size(), now, got));
     BOOST_REQUIRE_EQUAL(now, static_cast<std::uint64_t>(seen));
-    for (std::size_t j = 0; j < c.ns.size(); ++j) {
-      const auto want = model.reserve(seen, c.ns[j], horizon_us, c.deadline_us);
+    for (std::size_t j = 0; j < c.reqs.size(); ++j) {
+      const auto& q = c.reqs[j];
+      const auto want = model.reserve(seen, q.n, horizon_us,
+                                      q.within_us < 0 ? std::nullopt : std::optional(q.within_us));
       BOOST_REQUIRE_MESSAGE(got[j].what == want.what && got[j].due_us == want.due_us,
-                            "call " << i << " request " << j << " (n=" << c.ns[j]
-                                    << ", t=" << c.now_us << "): script says " << int(got[j].what)
-                                    << " at " << got[j].due_us << ", the model " << int(want.what)
-                                    << " at " << want.due_us);
+                            "call " << i << " request " << j << " (n=" << q.n << ", t=" << c.now_us
+                                    << "): script says " << int(got[j].what) << " at "
+                                    << got[j].due_us << ", the model " << int(want.what) << " at "
+                                    << want.due_us);
       if (want.what == rd::reservation_result::status::reserved)
         ++reserved;
       else
@@ -296,13 +296,16 @@ BOOST_FIXTURE_TEST_CASE(reservations_agree_with_a_fifo_bucket, server_fixture) {
           now += static_cast<std::int64_t>(rng() % (token_us * 2 + 1));
           break;
       }
-      reserve_call call{now, {}, std::nullopt};
+      reserve_call call{now, {}};
       const std::size_t count = 1 + rng() % 4;  // coalesced requests
-      for (std::size_t j = 0; j < count; ++j)
-        call.ns.push_back(rng() % 3 == 0
-                              ? c.capacity - rng() % std::min<std::uint64_t>(c.capacity, 2)
-                              : 1 + rng() % std::min<std::uint64_t>(c.capacity, 3));
-      if (rng() % 4 == 0) call.deadline_us = now + static_cast<std::int64_t>(rng() % (horizon + 1));
+      for (std::size_t j = 0; j < count; ++j) {
+        rd::reserve_request q{rng() % 3 == 0
+                                  ? c.capacity - rng() % std::min<std::uint64_t>(c.capacity, 2)
+                                  : 1 + rng() % std::min<std::uint64_t>(c.capacity, 3)};
+        // Some accept a shorter wait, a few a longer one than the horizon.
+        if (rng() % 4 == 0) q.within_us = static_cast<std::int64_t>(rng() % (2 * horizon + 2));
+        call.reqs.push_back(q);
+      }
       calls.push_back(std::move(call));
     }
     BOOST_TEST_CONTEXT("capacity " << c.capacity << ", " << c.r.tokens << " per "
@@ -327,7 +330,10 @@ BOOST_FIXTURE_TEST_CASE(a_refund_before_the_due_time_gives_the_tokens_back, serv
   exec(ctx, conn, {"DEL", key});
   const std::int64_t t0 = 1'764'000'000'000'000;
   auto reserve = [&](std::int64_t now, std::vector<std::uint64_t> ns) {
-    auto res = exec(ctx, conn, rd::reserve_args(rs, key, rr, ns, -1, now));
+    std::vector<rd::reserve_request> reqs;
+    for (std::uint64_t n : ns)
+      reqs.push_back({n});
+    auto res = exec(ctx, conn, rd::reserve_args(rs, key, rr, reqs, now));
     BOOST_REQUIRE_MESSAGE(!res.ec, res.reply.str);
     std::uint64_t at = 0;
     std::vector<rd::reservation_result> out;
@@ -335,7 +341,8 @@ BOOST_FIXTURE_TEST_CASE(a_refund_before_the_due_time_gives_the_tokens_back, serv
     return out;
   };
   auto refund = [&](std::uint64_t n, std::uint64_t due, std::int64_t now) {
-    auto res = exec(ctx, conn, rd::refund_args(fs, key, rr, n, due, now));
+    const rd::refund_item item{n, due};
+    auto res = exec(ctx, conn, rd::refund_args(fs, key, rr, {&item, 1}, now));
     BOOST_REQUIRE_MESSAGE(!res.ec, res.reply.str);
     BOOST_REQUIRE((res.reply.type == redis_reply::kind::integer));
     return res.reply.integer;
@@ -349,7 +356,7 @@ BOOST_FIXTURE_TEST_CASE(a_refund_before_the_due_time_gives_the_tokens_back, serv
   // The first 5 given back before their due time: a request made now is due
   // when the second 5 would have been (a refunded token serves it; the
   // reservation made after the refunded one keeps its time).
-  BOOST_TEST(refund(5, a[1].due_us, t0 + 1000) == 1);
+  BOOST_TEST(refund(5, a[1].due_us, t0 + 1000) == 5);
   auto b = reserve(t0 + 1000, {5});
   BOOST_TEST((b[0].what == st::reserved && b[0].due_us == std::uint64_t(t0 + 10000)));
   // A refund at or after the due time does nothing (the tokens were the request's),
@@ -364,11 +371,22 @@ BOOST_FIXTURE_TEST_CASE(a_refund_before_the_due_time_gives_the_tokens_back, serv
   BOOST_TEST((d[0].what == st::reserved && d[0].due_us == std::uint64_t(t0 + 40000)));
   auto e = reserve(t0 + 40000, {3});
   BOOST_TEST((e[0].what == st::reserved && e[0].due_us == std::uint64_t(t0 + 43000)));
-  BOOST_TEST(refund(3, e[0].due_us, t0 + 40000) == 1);
-  BOOST_TEST(refund(10, e[0].due_us, t0 + 40000) == 1);  // (more than was taken since full)
+  BOOST_TEST(refund(3, e[0].due_us, t0 + 40000) == 3);
+  BOOST_TEST(refund(10, e[0].due_us, t0 + 40000) == 10);  // (more than was taken since full)
   auto f = reserve(t0 + 40000, {10, 1});
   BOOST_TEST((f[0].what == st::reserved && f[0].due_us == std::uint64_t(t0 + 40000)));
   BOOST_TEST((f[1].what == st::reserved && f[1].due_us == std::uint64_t(t0 + 41000)));
+  // One call gives back many reservations, only those not yet due: at
+  // t0 + 41000 the 1 of f[1] is due (the request's), 2 and 3 more are not.
+  auto g = reserve(t0 + 41000, {2, 3});
+  BOOST_TEST((g[0].what == st::reserved && g[0].due_us == std::uint64_t(t0 + 43000)));
+  BOOST_TEST((g[1].what == st::reserved && g[1].due_us == std::uint64_t(t0 + 46000)));
+  const rd::refund_item items[] = {{1, f[1].due_us}, {2, g[0].due_us}, {3, g[1].due_us}};
+  auto back = exec(ctx, conn, rd::refund_args(fs, key, rr, items, t0 + 41000));
+  BOOST_TEST(back.reply.integer == 5);
+  // As if only f had been taken since full: empty at t0 + 41000.
+  auto h = reserve(t0 + 41000, {5});
+  BOOST_TEST((h[0].what == st::reserved && h[0].due_us == std::uint64_t(t0 + 46000)));
   exec(ctx, conn, {"DEL", key});
 }
 
@@ -377,8 +395,8 @@ BOOST_FIXTURE_TEST_CASE(a_key_serves_one_mode_only, server_fixture) {
   const std::string key = "mode";
   exec(ctx, conn, {"DEL", key});
   const std::int64_t t0 = 1'764'000'000'000'000;
-  const std::vector<std::uint64_t> one{1};
-  auto r = exec(ctx, conn, rd::reserve_args("", key, rr, one, -1, t0));
+  const std::vector<rd::reserve_request> one{{1}};
+  auto r = exec(ctx, conn, rd::reserve_args("", key, rr, one, t0));
   BOOST_REQUIRE(!r.ec);
   auto h = exec(ctx, conn, rd::script_args("", key, rr.rate, 1, 0, t0));
   BOOST_TEST(h.ec == error::make_error_code(error::redis_error));
@@ -386,7 +404,7 @@ BOOST_FIXTURE_TEST_CASE(a_key_serves_one_mode_only, server_fixture) {
   exec(ctx, conn, {"DEL", key});
   auto h2 = exec(ctx, conn, rd::script_args("", key, rr.rate, 1, 0, t0));
   BOOST_REQUIRE(!h2.ec);
-  auto r2 = exec(ctx, conn, rd::reserve_args("", key, rr, one, -1, t0));
+  auto r2 = exec(ctx, conn, rd::reserve_args("", key, rr, one, t0));
   BOOST_TEST(r2.ec == error::make_error_code(error::redis_error));
   BOOST_TEST(r2.reply.str.find("not r:10:3:1000000") != std::string::npos);
   exec(ctx, conn, {"DEL", key});
@@ -474,7 +492,7 @@ BOOST_FIXTURE_TEST_CASE(a_reservation_key_expires_when_its_debt_is_paid_and_it_i
                         server_fixture) {
   // On the server's clock: 10 tokens, 10 ms each, reservations up to 1 s ahead.
   const auto rr = rd::make_reserve_rate(10, per_second(100), 1'000'000);
-  const std::vector<std::uint64_t> ten{10}, five{5};
+  const std::vector<rd::reserve_request> ten{{10}}, five{{5}};
   exec(ctx, conn, {"DEL", "rexp"});
   // 10 now and 5 more in debt: full again 150 ms later; the key expires then.
   BOOST_REQUIRE(!exec(ctx, conn, rd::reserve_args("", "rexp", rr, ten)).ec);
@@ -500,8 +518,8 @@ BOOST_FIXTURE_TEST_CASE(a_reservation_key_expires_when_its_debt_is_paid_and_it_i
   BOOST_REQUIRE(!rd::parse_reserve_reply(f.reply, 1, now, out));
   BOOST_TEST((out[0].what == rd::reservation_result::status::reserved && out[0].due_us == now));
   // A refund that leaves it full deletes it at once: an idle bucket costs nothing.
-  BOOST_TEST(exec(ctx, conn, rd::refund_args("", "rexp", rr, 10, now + 1'000'000)).reply.integer ==
-             1);
+  const rd::refund_item all{10, now + 1'000'000};
+  BOOST_TEST(exec(ctx, conn, rd::refund_args("", "rexp", rr, {&all, 1})).reply.integer == 10);
   BOOST_TEST(exec(ctx, conn, {"EXISTS", "rexp"}).reply.integer == 0);
 }
 

@@ -10,9 +10,10 @@
 // reserved before it has taken its own (a FIFO token bucket). One call may
 // carry many requests (coalesced): each gets its own reservation, in order.
 //
-// A request whose due time is further than `horizon` from now, or later than
-// its deadline, is refused and takes nothing (later requests of the same call
-// may still fit: a smaller one, or one with a later deadline).
+// A request whose due time is further than `horizon` from now, or than the
+// longest wait it accepts (`within`: a deadline form), is refused and takes
+// nothing (later requests of the same call may still fit: a smaller one, or
+// one that accepts a longer wait).
 //
 // A reservation may be refunded before it is due (its request was cancelled):
 // its tokens go back to the level, capped at the capacity. Reservations made
@@ -31,6 +32,8 @@
 // Exactness in Lua's doubles: besides script.hpp's bound, horizon·tok is
 // bounded too: capacity·tick + horizon·tok + tok <= 2^53 (checked by
 // make_reserve_rate).
+//
+// Refunds carry many reservations per call too (a cancel() of many waiters).
 //
 // Thread safety: everything here is a pure function.
 //
@@ -55,13 +58,10 @@ local cap = tonumber(ARGV[1])
 local tok = tonumber(ARGV[2])
 local tick = tonumber(ARGV[3])
 local horizon = tonumber(ARGV[4])
-if not (cap and tok and tick and horizon) or cap < 1 or tok < 1 or tick < 1 or horizon < 0 or #ARGV < 7 then
+local count = tonumber(ARGV[5])
+if not (cap and tok and tick and horizon and count) or cap < 1 or tok < 1 or tick < 1 or
+   horizon < 0 or count < 1 or #ARGV ~= 6 + 2 * count then
   return redis.error_reply('ratelimit: bad script arguments')
-end
-local deadline = nil
-if ARGV[5] ~= '' then
-  deadline = tonumber(ARGV[5])
-  if not deadline then return redis.error_reply('ratelimit: bad deadline argument') end
 end
 local cfg = 'r:' .. ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3]
 )lua";
@@ -80,9 +80,12 @@ if now < last then now = last end
 
 inline constexpr std::string_view reserve_each = R"lua(
 local out = {now}
-for i = 7, #ARGV do
+for i = 7, #ARGV, 2 do
   local n = tonumber(ARGV[i])
-  if not n or n < 1 or n > cap or n ~= math.floor(n) then
+  local within = nil
+  if ARGV[i + 1] ~= '' then within = tonumber(ARGV[i + 1]) end
+  if not n or n < 1 or n > cap or n ~= math.floor(n) or
+     (ARGV[i + 1] ~= '' and (not within or within < 0)) then
     return redis.error_reply('ratelimit: bad script arguments')
   end
   local after = level - n * tick
@@ -96,10 +99,10 @@ for i = 7, #ARGV do
     local over = after + wait * tok - (full - n * tick)
     if over > 0 then after = after - over end
   end
-  if due - now > horizon then
-    out[#out + 1] = 0
-  elseif deadline and due > deadline then
+  if within and due - now > within then
     out[#out + 1] = 2
+  elseif due - now > horizon then
+    out[#out + 1] = 0
   else
     level = after
     out[#out + 1] = 1
@@ -116,52 +119,61 @@ inline constexpr std::string_view refund_args = R"lua(
 local cap = tonumber(ARGV[1])
 local tok = tonumber(ARGV[2])
 local tick = tonumber(ARGV[3])
-local n = tonumber(ARGV[4])
-local due = tonumber(ARGV[5])
-if not (cap and tok and tick and n and due) or cap < 1 or tok < 1 or tick < 1 or n < 1 or n > cap then
+local horizon = tonumber(ARGV[4])
+local count = tonumber(ARGV[5])
+if not (cap and tok and tick and horizon and count) or cap < 1 or tok < 1 or tick < 1 or
+   horizon < 0 or count < 1 or #ARGV ~= 6 + 2 * count then
   return redis.error_reply('ratelimit: bad script arguments')
 end
 local cfg = 'r:' .. ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3]
 )lua";
 
-inline constexpr std::string_view refund_full = R"lua(
-local full = cap * tick
-local lowest = -math.huge
-)lua";
-
+/// The tokens of the reservations not due yet (pairs n, due from ARGV[7]).
 inline constexpr std::string_view refund_due = R"lua(
-if now >= due then return 0 end
+local give = 0
+for i = 7, #ARGV, 2 do
+  local n = tonumber(ARGV[i])
+  local due = tonumber(ARGV[i + 1])
+  if not n or not due or n < 1 or n > cap or n ~= math.floor(n) then
+    return redis.error_reply('ratelimit: bad script arguments')
+  end
+  if now < due then give = give + n end
+end
+if give == 0 then return 0 end
 )lua";
 
 inline constexpr std::string_view refund_give = R"lua(
-level = level + n * tick
+level = level + give * tick
 if level > full then level = full end
 )lua";
 
 inline constexpr std::string_view refund_return = R"lua(
-return 1
+return give
 )lua";
 
 }  // namespace lua
 
-/// KEYS[1]: the bucket. ARGV: capacity, tok, tick, horizon (us), deadline
-/// (us of the server's clock; empty: none), now (us; empty: the server's TIME,
-/// a test hook that also keeps the key from expiring), then n1, n2, ... (the
-/// tokens of each request, in order, 1 to capacity each).
+/// KEYS[1]: the bucket. ARGV: capacity, tok, tick, horizon (us), k (the
+/// number of requests), now (us; empty: the server's TIME, a test hook that
+/// also keeps the key from expiring), then k pairs (n, within): a request's
+/// tokens (1 to capacity) and the longest it may wait (us; empty: up to the
+/// horizon).
 /// Returns {now, s1, d1, s2, d2, ...}: `now` the time the script used (the
 /// later of the given or server time and the last time the key saw); per
-/// request s = 1 reserved, due at d; s = 0 refused, due beyond the horizon;
-/// s = 2 refused, due after the deadline (d: when it would have been due).
+/// request s = 1 reserved, due at d; s = 2 refused, due later than its
+/// `within`; s = 0 refused, due beyond the horizon (d: when it would have
+/// been due). A refused request takes nothing.
 inline constexpr std::string_view reserve_script =
     lua_join<lua::reserve_args, lua::now, lua::reserve_full, lua::read_state, lua::not_before_last,
              lua::refill, lua::reserve_each, lua::write_state, lua::reserve_return>::value;
 
-/// KEYS[1]: the bucket. ARGV: capacity, tok, tick, n, due (us), now (us;
-/// empty: the server's TIME). Gives `n` tokens of a reservation due at `due`
-/// back if it is not due yet, up to the capacity (a missing key is a full
-/// bucket). Returns 1 when it was not due yet, 0 when it was (nothing done).
+/// KEYS[1]: the bucket. ARGV: capacity, tok, tick, horizon (us), k, now (us;
+/// empty: the server's TIME), then k pairs (n, due): reservations of n tokens
+/// due at `due` (us). Gives back the tokens of those not due yet, up to the
+/// capacity (a missing key is a full bucket); those already due are the
+/// requests' and stay taken. Returns the tokens given back.
 inline constexpr std::string_view refund_script =
-    lua_join<lua::refund_args, lua::now, lua::refund_full, lua::read_state, lua::not_before_last,
+    lua_join<lua::refund_args, lua::now, lua::reserve_full, lua::read_state, lua::not_before_last,
              lua::refund_due, lua::refill, lua::refund_give, lua::write_state,
              lua::refund_return>::value;
 
@@ -189,49 +201,71 @@ inline reserve_rate make_reserve_rate(std::uint64_t capacity, const rate& r,
   return reserve_rate{sr, horizon_us};
 }
 
-/// EVALSHA (or, `sha` empty, EVAL) arguments reserving `ns` (each request's
-/// tokens, in order) on `key`. `deadline_us`, `now_us`: none when negative.
-inline std::vector<std::string> reserve_args(const std::string& sha, const std::string& key,
-                                             const reserve_rate& rr,
-                                             std::span<const std::uint64_t> ns,
-                                             std::int64_t deadline_us = -1,
-                                             std::int64_t now_us = -1) {
-  std::vector<std::string> a{sha.empty() ? "EVAL" : "EVALSHA",
-                             sha.empty() ? std::string(reserve_script) : sha,
-                             "1",
-                             key,
-                             std::to_string(rr.rate.capacity),
-                             std::to_string(rr.rate.tok),
-                             std::to_string(rr.rate.tick),
-                             std::to_string(rr.horizon_us),
-                             deadline_us < 0 ? std::string() : std::to_string(deadline_us),
-                             now_us < 0 ? std::string() : std::to_string(now_us)};
-  a.reserve(a.size() + ns.size());
-  for (std::uint64_t n : ns)
-    a.push_back(std::to_string(n));
+/// One request of a reservation call: `n` tokens, waiting at most `within_us`
+/// (negative: up to the horizon).
+struct reserve_request {
+  std::uint64_t n;
+  std::int64_t within_us = -1;
+};
+
+/// One reservation to give back: `n` tokens due at `due_us` (server time).
+struct refund_item {
+  std::uint64_t n;
+  std::uint64_t due_us;
+};
+
+namespace reserve_detail {
+
+inline std::vector<std::string> head(std::string_view script, const std::string& sha,
+                                     const std::string& key, const reserve_rate& rr,
+                                     std::size_t count, std::int64_t now_us) {
+  std::vector<std::string> a;
+  a.reserve(10 + 2 * count);
+  a.push_back(sha.empty() ? "EVAL" : "EVALSHA");
+  a.push_back(sha.empty() ? std::string(script) : sha);
+  a.push_back("1");
+  a.push_back(key);
+  a.push_back(std::to_string(rr.rate.capacity));
+  a.push_back(std::to_string(rr.rate.tok));
+  a.push_back(std::to_string(rr.rate.tick));
+  a.push_back(std::to_string(rr.horizon_us));
+  a.push_back(std::to_string(count));
+  a.push_back(now_us < 0 ? std::string() : std::to_string(now_us));
   return a;
 }
 
-/// EVALSHA (or EVAL) arguments refunding `n` tokens of a reservation due at `due_us`.
+}  // namespace reserve_detail
+
+/// EVALSHA (or, `sha` empty, EVAL) arguments reserving `reqs`, in order, on
+/// `key` (at least one). `now_us`: none when negative (the server's clock).
+inline std::vector<std::string> reserve_args(const std::string& sha, const std::string& key,
+                                             const reserve_rate& rr,
+                                             std::span<const reserve_request> reqs,
+                                             std::int64_t now_us = -1) {
+  auto a = reserve_detail::head(reserve_script, sha, key, rr, reqs.size(), now_us);
+  for (const reserve_request& r : reqs) {
+    a.push_back(std::to_string(r.n));
+    a.push_back(r.within_us < 0 ? std::string() : std::to_string(r.within_us));
+  }
+  return a;
+}
+
+/// EVALSHA (or EVAL) arguments refunding `items` (at least one).
 inline std::vector<std::string> refund_args(const std::string& sha, const std::string& key,
-                                            const reserve_rate& rr, std::uint64_t n,
-                                            std::uint64_t due_us, std::int64_t now_us = -1) {
-  std::vector<std::string> a{sha.empty() ? "EVAL" : "EVALSHA",
-                             sha.empty() ? std::string(refund_script) : sha,
-                             "1",
-                             key,
-                             std::to_string(rr.rate.capacity),
-                             std::to_string(rr.rate.tok),
-                             std::to_string(rr.rate.tick),
-                             std::to_string(n),
-                             std::to_string(due_us)};
-  if (now_us >= 0) a.push_back(std::to_string(now_us));
+                                            const reserve_rate& rr,
+                                            std::span<const refund_item> items,
+                                            std::int64_t now_us = -1) {
+  auto a = reserve_detail::head(refund_script, sha, key, rr, items.size(), now_us);
+  for (const refund_item& r : items) {
+    a.push_back(std::to_string(r.n));
+    a.push_back(std::to_string(r.due_us));
+  }
   return a;
 }
 
 /// One request's answer.
 struct reservation_result {
-  enum class status { refused_horizon = 0, reserved = 1, refused_deadline = 2 };
+  enum class status { refused_horizon = 0, reserved = 1, refused_within = 2 };
   status what = status::refused_horizon;
   std::uint64_t due_us = 0;  // server time (when it would have been due, if refused)
 };
