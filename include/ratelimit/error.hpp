@@ -42,6 +42,11 @@ enum errors {
   /// io_context is stopped (its run() has returned, e.g. for lack of work):
   /// nobody would fire the bucket's timer, so it failed at once.
   context_stopped,
+
+  /// A Redis bucket in reservation mode would have to reserve the tokens
+  /// further ahead than its `horizon` (the key's line is that long): the
+  /// request took nothing and failed at once.
+  exceeds_horizon,
 };
 
 namespace detail {
@@ -73,6 +78,8 @@ class category final : public boost::system::error_category {
         return "unexpected reply from redis";
       case context_stopped:
         return "blocking wait on a bucket whose io_context is stopped (nothing runs its timer)";
+      case exceeds_horizon:
+        return "the tokens would be due further ahead than the bucket's reservation horizon";
     }
     return "unknown ratelimit error";
   }

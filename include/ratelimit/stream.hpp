@@ -4,6 +4,7 @@
 #ifndef RATELIMIT_STREAM_HPP
 #define RATELIMIT_STREAM_HPP
 
+#include <ratelimit/detail/wrapped_handler.hpp>
 #include <ratelimit/joint.hpp>
 
 #include <boost/asio/any_completion_handler.hpp>
@@ -375,23 +376,9 @@ Buffer first_buffer(const Buffers& buffers) {
   return Buffer();
 }
 
-/// A handler of the stream's own wrapping the caller's (`Body` says what it
-/// does, then calls the caller's handler): every association (executor,
-/// allocator, cancellation slot) and continuation hint is the caller's.
+/// A handler of the stream's own wrapping the caller's.
 template <typename Handler, typename Body>
-struct stream_handler {
-  Handler handler;
-  Body body;
-
-  template <typename... Args>
-  void operator()(Args&&... args) {
-    body(handler, std::forward<Args>(args)...);
-  }
-
-  friend bool asio_handler_is_continuation(stream_handler* self) {
-    return boost_asio_handler_cont_helpers::is_continuation(self->handler);
-  }
-};
+using stream_handler = wrapped_handler<Handler, Body>;
 
 /// The body of a write that took its tokens in the initiating call and went
 /// straight to the next layer (no composed operation): gives back what a
@@ -1315,22 +1302,5 @@ void async_teardown(boost::beast::role_type role,
 }
 
 }  // namespace ratelimit
-
-namespace boost::asio {
-template <template <typename, typename> class Associator, typename Handler, typename Body,
-          typename DefaultCandidate>
-struct associator<Associator, ratelimit::detail::stream_handler<Handler, Body>, DefaultCandidate>
-    : Associator<Handler, DefaultCandidate> {
-  static typename Associator<Handler, DefaultCandidate>::type get(
-      const ratelimit::detail::stream_handler<Handler, Body>& h) noexcept {
-    return Associator<Handler, DefaultCandidate>::get(h.handler);
-  }
-  static auto get(const ratelimit::detail::stream_handler<Handler, Body>& h,
-                  const DefaultCandidate& c) noexcept
-      -> decltype(Associator<Handler, DefaultCandidate>::get(h.handler, c)) {
-    return Associator<Handler, DefaultCandidate>::get(h.handler, c);
-  }
-};
-}  // namespace boost::asio
 
 #endif  // RATELIMIT_STREAM_HPP

@@ -298,13 +298,7 @@ class basic_token_bucket {
       ec = error::bucket_closed;
       return false;
     }
-    // In long double first: a timeout of hours::max() must saturate, not overflow.
-    const long double ns = std::chrono::duration<long double, std::nano>(timeout).count();
-    const std::int64_t limit = ns <= 0 ? 0
-                               : ns >= static_cast<long double>(detail::max_time)
-                                   ? detail::max_time
-                                   : static_cast<std::int64_t>(std::ceil(ns));
-    return impl_->get_blocking(n, limit, ec);
+    return impl_->get_blocking(n, detail::saturating_ns(timeout), ec);
   }
 
   // --- with a receipt -------------------------------------------------------

@@ -1,7 +1,9 @@
 // redis_token_bucket in one process against a real redis-server: grants and
 // waits, try, FIFO, cancellation, close, blocking calls, clock independence,
 // each fault policy with the server killed mid-run, bad keys, script reload,
-// and the lease slack bound.
+// and the lease slack bound. Every test runs in both modes: CTest runs this
+// program twice, the second time (test_redis_bucket_reserve) with
+// RATELIMIT_TEST_REDIS_MODE=reserve; the tests of one mode only say so.
 #include "fault_proxy.hpp"
 #include "redis_server.hpp"
 #include "test_support.hpp"
@@ -20,6 +22,28 @@ using steady = std::chrono::steady_clock;
 namespace {
 
 const auto unavailable = error::make_error_code(error::redis_unavailable);
+
+/// The mode under test (see the header comment).
+bool reserve_mode() {
+  const char* m = std::getenv("RATELIMIT_TEST_REDIS_MODE");
+  return m && std::string_view(m) == "reserve";
+}
+
+/// A test of head-only mode (leasing, only the head asking): skipped, and
+/// reported as such, in the reservation mode run.
+struct head_only_test {
+  boost::test_tools::assertion_result operator()(boost::unit_test::test_unit_id) const {
+    boost::test_tools::assertion_result r(!reserve_mode());
+    r.message() << "a test of head-only mode";
+    return r;
+  }
+};
+
+/// The options of every bucket here, in the mode under test.
+redis_bucket_options mode_options(redis_bucket_options o = {}) {
+  if (reserve_mode()) o.mode = redis_bucket_mode::reserve;
+  return o;
+}
 
 struct fixture {
   redis_server server;
@@ -69,7 +93,7 @@ struct skewed_traits {
 BOOST_AUTO_TEST_SUITE(redis_bucket)
 
 BOOST_FIXTURE_TEST_CASE(grants_then_waits_for_the_rate, fixture) {
-  redis_token_bucket bucket(conn, "b", 5, per_second(20));  // 50 ms per token
+  redis_token_bucket bucket(conn, "b", 5, per_second(20), mode_options());  // 50 ms per token
   // The key is created (full) after t0: the 6th token cannot exist before
   // t0 + 50 ms, nor the 7th and 8th before t0 + 150 ms.
   const auto t0 = steady::now();
@@ -99,7 +123,7 @@ BOOST_FIXTURE_TEST_CASE(grants_then_waits_for_the_rate, fixture) {
 }
 
 BOOST_FIXTURE_TEST_CASE(immediate_errors, fixture) {
-  redis_token_bucket bucket(conn, "e", 3, per_second(1));
+  redis_token_bucket bucket(conn, "e", 3, per_second(1), mode_options());
   auto big = request(bucket, 4);
   BOOST_TEST(!big->done());
   BOOST_REQUIRE(run_until(ctx, [&] { return big->done(); }));
@@ -119,7 +143,7 @@ BOOST_FIXTURE_TEST_CASE(immediate_errors, fixture) {
 }
 
 BOOST_FIXTURE_TEST_CASE(try_get_token, fixture) {
-  redis_token_bucket bucket(conn, "t", 2, per_second(1));
+  redis_token_bucket bucket(conn, "t", 2, per_second(1), mode_options());
   BOOST_TEST(try_get(ctx, bucket)->second);
   BOOST_TEST(try_get(ctx, bucket)->second);
   auto third = try_get(ctx, bucket);
@@ -134,7 +158,7 @@ BOOST_FIXTURE_TEST_CASE(try_get_token, fixture) {
   BOOST_REQUIRE(run_until(ctx, [&] { return w->done(); }));
   BOOST_TEST(w->ec == asio::error::operation_aborted);
   // A try whose request is out when the bucket is closed is not granted.
-  redis_token_bucket fresh(conn, "t2", 2, per_second(1));
+  redis_token_bucket fresh(conn, "t2", 2, per_second(1), mode_options());
   std::optional<std::pair<boost::system::error_code, bool>> r;
   fresh.async_try_get_token(1, [&](boost::system::error_code ec, bool g) { r.emplace(ec, g); });
   fresh.close();
@@ -143,8 +167,9 @@ BOOST_FIXTURE_TEST_CASE(try_get_token, fixture) {
   BOOST_TEST(!r->second);
 }
 
-BOOST_FIXTURE_TEST_CASE(fifo_and_only_the_head_asks, fixture) {
-  redis_token_bucket bucket(conn, "fifo", 3, per_second(200));  // 5 ms per token
+BOOST_FIXTURE_TEST_CASE(fifo_and_only_the_head_asks, fixture,
+                        *boost::unit_test::precondition(head_only_test())) {
+  redis_token_bucket bucket(conn, "fifo", 3, per_second(200), mode_options());  // 5 ms per token
   std::vector<std::shared_ptr<outcome>> all;
   for (int i = 0; i < 40; ++i)
     all.push_back(request(bucket, 1 + i % 3));
@@ -157,8 +182,33 @@ BOOST_FIXTURE_TEST_CASE(fifo_and_only_the_head_asks, fixture) {
   BOOST_TEST(bucket.stats().round_trips <= 3 * all.size());
 }
 
+BOOST_FIXTURE_TEST_CASE(fifo_with_one_round_trip_per_grant_at_most, fixture,
+                        *boost::unit_test::precondition([](boost::unit_test::test_unit_id) {
+                          return reserve_mode();
+                        })) {
+  redis_token_bucket bucket(conn, "fifo-r", 3, per_second(200), mode_options());
+  // The first call loads the script (NOSCRIPT, then EVAL: two round trips).
+  auto warm = request(bucket);
+  BOOST_REQUIRE(run_until(ctx, [&] { return warm->done(); }));
+  const auto before = bucket.stats();
+  std::vector<std::shared_ptr<outcome>> all;
+  for (int i = 0; i < 40; ++i)
+    all.push_back(request(bucket, 1 + i % 3));
+  BOOST_REQUIRE(run_until(ctx, [&] { return all.back()->done(); }));
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    BOOST_TEST(all[i]->ok());
+    if (i) BOOST_TEST(all[i - 1]->order < all[i]->order);
+  }
+  // Queued together, they went together: the first calls fill the window
+  // (4), the rest go in one call when the first reply arrives.
+  const auto st = bucket.stats();
+  BOOST_TEST(st.round_trips - before.round_trips <= 5u);
+  BOOST_TEST(st.reserved - before.reserved == all.size());
+  BOOST_TEST(st.granted - before.granted == 79u);
+}
+
 BOOST_FIXTURE_TEST_CASE(per_operation_cancellation, fixture) {
-  redis_token_bucket bucket(conn, "c", 1, per_second(1));
+  redis_token_bucket bucket(conn, "c", 1, per_second(1), mode_options());
   auto first = request(bucket);
   BOOST_REQUIRE(run_until(ctx, [&] { return first->done(); }));
   for (auto type : {asio::cancellation_type::terminal, asio::cancellation_type::partial,
@@ -190,7 +240,7 @@ BOOST_FIXTURE_TEST_CASE(close_and_destroy_complete_waiters, fixture) {
   auto waiter_closed = std::make_shared<outcome>();
   auto waiter_destroyed = std::make_shared<outcome>();
   {
-    redis_token_bucket bucket(conn, "cl", 1, per_minute(1));
+    redis_token_bucket bucket(conn, "cl", 1, per_minute(1), mode_options());
     auto first = request(bucket);
     BOOST_REQUIRE(run_until(ctx, [&] { return first->done(); }));
     bucket.async_get_token(checked_handler(waiter_closed));
@@ -201,7 +251,7 @@ BOOST_FIXTURE_TEST_CASE(close_and_destroy_complete_waiters, fixture) {
     BOOST_TEST(waiter_closed->ec == error::make_error_code(error::bucket_closed));
   }
   {
-    redis_token_bucket bucket(conn, "cl2", 1, per_minute(1));
+    redis_token_bucket bucket(conn, "cl2", 1, per_minute(1), mode_options());
     auto first = request(bucket);
     BOOST_REQUIRE(run_until(ctx, [&] { return first->done(); }));
     bucket.async_get_token(checked_handler(waiter_destroyed));
@@ -212,7 +262,7 @@ BOOST_FIXTURE_TEST_CASE(close_and_destroy_complete_waiters, fixture) {
   BOOST_TEST(waiter_destroyed->ec == asio::error::operation_aborted);
   // A request in flight when the bucket dies completes into nothing.
   {
-    redis_token_bucket bucket(conn, "cl3", 1, per_minute(1));
+    redis_token_bucket bucket(conn, "cl3", 1, per_minute(1), mode_options());
     auto o = request(bucket);
     (void)o;
   }
@@ -221,7 +271,7 @@ BOOST_FIXTURE_TEST_CASE(close_and_destroy_complete_waiters, fixture) {
 }
 
 BOOST_FIXTURE_TEST_CASE(blocking_get_token, fixture) {
-  redis_token_bucket bucket(conn, "blk", 2, per_second(20));
+  redis_token_bucket bucket(conn, "blk", 2, per_second(20), mode_options());
   auto guard = asio::make_work_guard(ctx);
   std::thread runner([&] { ctx.run(); });
   const auto t0 = steady::now();
@@ -246,45 +296,61 @@ BOOST_FIXTURE_TEST_CASE(blocking_get_token, fixture) {
 }
 
 BOOST_FIXTURE_TEST_CASE(client_clocks_do_not_matter, fixture) {
-  // Two clients of one key: one clock an hour ahead running 3x fast (its
-  // waits end early), one a day behind running at half speed.
-  using fast_clock = skewed_clock<1, 3600, 3, 1>;
-  using slow_clock = skewed_clock<2, -86400, 1, 2>;
   redis_connection conn2(ctx, server.config());
-  basic_redis_token_bucket<fast_clock, skewed_traits<fast_clock, 3, 1>> fast(conn, "skew", 10,
-                                                                             per_second(200));
-  basic_redis_token_bucket<slow_clock, skewed_traits<slow_clock, 1, 2>> slow(conn2, "skew", 10,
-                                                                             per_second(200));
-  std::atomic<bool> stop{false};
-  int granted = 0, running = 0;
-  auto worker = [&](auto& bucket) -> asio::awaitable<void> {
-    ++running;
-    while (!stop) {
-      auto [ec] = co_await bucket.async_get_token(asio::as_tuple(asio::use_awaitable));
-      if (ec) break;
-      if (!stop) ++granted;
+  auto run = [&](auto& fast, auto& slow) {
+    std::atomic<bool> stop{false};
+    int granted = 0, running = 0;
+    auto worker = [&](auto& bucket) -> asio::awaitable<void> {
+      ++running;
+      while (!stop) {
+        auto [ec] = co_await bucket.async_get_token(asio::as_tuple(asio::use_awaitable));
+        if (ec) break;
+        if (!stop) ++granted;
+      }
+      --running;
+    };
+    const auto t0 = std::chrono::system_clock::now();
+    for (int i = 0; i < 10; ++i) {
+      asio::co_spawn(ctx, worker(fast), asio::detached);
+      asio::co_spawn(ctx, worker(slow), asio::detached);
     }
-    --running;
+    run_until(
+        ctx, [] { return false; }, 1000ms);
+    stop = true;
+    const double elapsed =
+        std::chrono::duration<double>(std::chrono::system_clock::now() - t0).count();
+    fast.close();
+    slow.close();
+    BOOST_REQUIRE(run_until(ctx, [&] { return running == 0; }));
+    const double bound = 10 + 200 * elapsed;
+    BOOST_TEST_MESSAGE("granted " << granted << " in " << elapsed << " s, bound " << bound);
+    BOOST_TEST(granted <= bound);
+    BOOST_TEST(granted >= 0.85 * bound);
+    BOOST_TEST(fast.stats().granted > 0u);
+    BOOST_TEST(slow.stats().granted > 0u);
   };
-  const auto t0 = std::chrono::system_clock::now();
-  for (int i = 0; i < 10; ++i) {
-    asio::co_spawn(ctx, worker(fast), asio::detached);
-    asio::co_spawn(ctx, worker(slow), asio::detached);
+  if (!reserve_mode()) {
+    // Two clients of one key: one clock an hour ahead running 3x fast (its
+    // waits end early), one a day behind running at half speed.
+    using fast_clock = skewed_clock<1, 3600, 3, 1>;
+    using slow_clock = skewed_clock<2, -86400, 1, 2>;
+    basic_redis_token_bucket<fast_clock, skewed_traits<fast_clock, 3, 1>> fast(conn, "skew", 10,
+                                                                               per_second(200));
+    basic_redis_token_bucket<slow_clock, skewed_traits<slow_clock, 1, 2>> slow(conn2, "skew", 10,
+                                                                               per_second(200));
+    run(fast, slow);
+  } else {
+    // A reservation is granted when the client's clock says it is due, so
+    // only a clock's offset does not matter; its rate does (a clock running
+    // fast by e grants up to e of each wait early: the README's bound).
+    using ahead = skewed_clock<3, 3600, 1, 1>;
+    using behind = skewed_clock<4, -86400, 1, 1>;
+    basic_redis_token_bucket<ahead, skewed_traits<ahead, 1, 1>> fast(
+        conn, "skew-r", 10, per_second(200), mode_options());
+    basic_redis_token_bucket<behind, skewed_traits<behind, 1, 1>> slow(
+        conn2, "skew-r", 10, per_second(200), mode_options());
+    run(fast, slow);
   }
-  run_until(
-      ctx, [] { return false; }, 1000ms);
-  stop = true;
-  const double elapsed =
-      std::chrono::duration<double>(std::chrono::system_clock::now() - t0).count();
-  fast.close();
-  slow.close();
-  BOOST_REQUIRE(run_until(ctx, [&] { return running == 0; }));
-  const double bound = 10 + 200 * elapsed;
-  BOOST_TEST_MESSAGE("granted " << granted << " in " << elapsed << " s, bound " << bound);
-  BOOST_TEST(granted <= bound);
-  BOOST_TEST(granted >= 0.85 * bound);
-  BOOST_TEST(fast.stats().granted > 0u);
-  BOOST_TEST(slow.stats().granted > 0u);
 }
 
 namespace {
@@ -304,7 +370,7 @@ fault_run run_with_fault(redis_fault_policy policy) {
   redis_connection conn(ctx, cfg);
   redis_bucket_options opts;
   opts.on_fault = policy;
-  redis_token_bucket bucket(conn, "fault", 5, per_second(50), opts);
+  redis_token_bucket bucket(conn, "fault", 5, per_second(50), mode_options(opts));
   int phase = 0, running = 0;
   bool stop = false;
   fault_run out;
@@ -357,7 +423,9 @@ BOOST_AUTO_TEST_CASE(fault_fail_closed) {
   BOOST_TEST_MESSAGE("closed: " << r.before << " " << r.during << " " << r.after << " errors "
                                 << r.errors_during);
   BOOST_TEST(r.before >= 10);
-  BOOST_TEST(r.during == 0);
+  // Reservation mode: a reservation made before the server died is still
+  // granted when due (one per coroutine at most).
+  BOOST_TEST(r.during <= (reserve_mode() ? 10 : 0));
   BOOST_TEST(r.errors_during > 0);
   BOOST_TEST(r.after >= 10);  // recovered without a new connection object
   BOOST_TEST(r.other_errors == 0);
@@ -380,7 +448,7 @@ BOOST_AUTO_TEST_CASE(fault_local_fallback) {
   BOOST_TEST(r.before >= 10);
   // The local bucket (5 tokens, 50/s) serves about 5 + 50 * 0.58 while Redis is gone.
   BOOST_TEST(r.during >= 10);
-  BOOST_TEST(r.during <= 5 + 50 * 0.62 + 2);
+  BOOST_TEST(r.during <= 5 + 50 * 0.62 + 2 + (reserve_mode() ? 10 : 0));
   BOOST_TEST(r.errors_during == 0);
   BOOST_TEST(r.stats.fallback_grants > 0u);
   BOOST_TEST(r.after >= 10);
@@ -389,7 +457,7 @@ BOOST_AUTO_TEST_CASE(fault_local_fallback) {
 
 BOOST_FIXTURE_TEST_CASE(bad_keys_give_clear_errors, fixture) {
   exec(ctx, conn, {"SET", "str", "hello"});
-  redis_token_bucket wrong_type(conn, "str", 5, per_second(1));
+  redis_token_bucket wrong_type(conn, "str", 5, per_second(1), mode_options());
   auto o = request(wrong_type);
   BOOST_REQUIRE(run_until(ctx, [&] { return o->done(); }));
   BOOST_TEST(o->ec == error::make_error_code(error::redis_error));
@@ -400,18 +468,18 @@ BOOST_FIXTURE_TEST_CASE(bad_keys_give_clear_errors, fixture) {
   BOOST_REQUIRE(run_until(ctx, [&] { return o2->done(); }));
   BOOST_TEST(o2->ec == error::make_error_code(error::redis_error));
 
-  redis_token_bucket a(conn, "shared", 5, per_second(1));
+  redis_token_bucket a(conn, "shared", 5, per_second(1), mode_options());
   auto oa = request(a);
   BOOST_REQUIRE(run_until(ctx, [&] { return oa->done(); }));
   BOOST_TEST(oa->ok());
-  redis_token_bucket b(conn, "shared", 5, per_second(2));  // another configuration
+  redis_token_bucket b(conn, "shared", 5, per_second(2), mode_options());  // another configuration
   auto ob = request(b);
   BOOST_REQUIRE(run_until(ctx, [&] { return ob->done(); }));
   BOOST_TEST(ob->ec == error::make_error_code(error::redis_error));
 }
 
 BOOST_FIXTURE_TEST_CASE(script_reloaded_after_flush, fixture) {
-  redis_token_bucket bucket(conn, "flush", 100, per_second(1));
+  redis_token_bucket bucket(conn, "flush", 100, per_second(1), mode_options());
   auto o = request(bucket);
   BOOST_REQUIRE(run_until(ctx, [&] { return o->done(); }));
   BOOST_TEST(o->ok());
@@ -423,10 +491,11 @@ BOOST_FIXTURE_TEST_CASE(script_reloaded_after_flush, fixture) {
   BOOST_TEST(try_get(ctx, bucket)->second);
 }
 
-BOOST_FIXTURE_TEST_CASE(leasing_cuts_round_trips, fixture) {
+BOOST_FIXTURE_TEST_CASE(leasing_cuts_round_trips, fixture,
+                        *boost::unit_test::precondition(head_only_test())) {
   redis_bucket_options opts;
   opts.lease = 9;
-  redis_token_bucket bucket(conn, "lease", 100, per_second(1), opts);
+  redis_token_bucket bucket(conn, "lease", 100, per_second(1), mode_options(opts));
   std::vector<std::shared_ptr<outcome>> all;
   for (int i = 0; i < 50; ++i)
     all.push_back(request(bucket));
@@ -441,7 +510,8 @@ BOOST_FIXTURE_TEST_CASE(leasing_cuts_round_trips, fixture) {
   BOOST_TEST(s.redis_tokens == 50u);
 }
 
-BOOST_FIXTURE_TEST_CASE(lease_slack_is_exactly_processes_times_lease, fixture) {
+BOOST_FIXTURE_TEST_CASE(lease_slack_is_exactly_processes_times_lease, fixture,
+                        *boost::unit_test::precondition(head_only_test())) {
   // Two clients (two connections, as two processes would have) lease 4
   // tokens each, then the Redis bucket refills to full: in the window that
   // follows, capacity + 2 * 4 tokens are granted at once, and not one more.
@@ -449,8 +519,8 @@ BOOST_FIXTURE_TEST_CASE(lease_slack_is_exactly_processes_times_lease, fixture) {
   redis_bucket_options opts;
   opts.lease = 4;
   opts.lease_ttl = 10s;
-  redis_token_bucket a(conn, "slack", 10, per_second(100), opts);
-  redis_token_bucket b(conn2, "slack", 10, per_second(100), opts);
+  redis_token_bucket a(conn, "slack", 10, per_second(100), mode_options(opts));
+  redis_token_bucket b(conn2, "slack", 10, per_second(100), mode_options(opts));
   BOOST_TEST(try_get(ctx, a)->second);  // takes 1 + 4
   BOOST_TEST(try_get(ctx, b)->second);  // takes 1 + 4
   BOOST_TEST(a.stats().redis_tokens == 5u);
@@ -499,7 +569,8 @@ std::uint64_t taken_in(std::string_view raw) {
 // bucket refills meanwhile, and 8 tries plus the queue's head are in flight at
 // once. (The old code asked every request for a whole lease whatever was held
 // or on its way: 9 requests could bring 9 leases at once.)
-BOOST_AUTO_TEST_CASE(lease_held_never_exceeds_the_lease_with_requests_in_flight) {
+BOOST_AUTO_TEST_CASE(lease_held_never_exceeds_the_lease_with_requests_in_flight,
+                     *boost::unit_test::precondition(head_only_test())) {
   redis_server server;
   fault_proxy proxy(server.port());
   proxy.set_delay(direction::to_client, 20ms);
@@ -517,7 +588,7 @@ BOOST_AUTO_TEST_CASE(lease_held_never_exceeds_the_lease_with_requests_in_flight)
   redis_bucket_options opts;
   opts.lease = lease;
   opts.lease_ttl = 10s;
-  redis_token_bucket bucket(conn, "held", 200, per_second(20000), opts);
+  redis_token_bucket bucket(conn, "held", 200, per_second(20000), mode_options(opts));
   bool stop = false;
   int running = 0;
   auto try_loop = [&]() -> asio::awaitable<void> {
@@ -557,11 +628,12 @@ BOOST_AUTO_TEST_CASE(lease_held_never_exceeds_the_lease_with_requests_in_flight)
   BOOST_TEST(max_held <= static_cast<std::int64_t>(lease + tries + 1));
 }
 
-BOOST_FIXTURE_TEST_CASE(leased_tokens_expire, fixture) {
+BOOST_FIXTURE_TEST_CASE(leased_tokens_expire, fixture,
+                        *boost::unit_test::precondition(head_only_test())) {
   redis_bucket_options opts;
   opts.lease = 5;
   opts.lease_ttl = 50ms;
-  redis_token_bucket bucket(conn, "lttl", 10, per_second(1), opts);
+  redis_token_bucket bucket(conn, "lttl", 10, per_second(1), mode_options(opts));
   BOOST_TEST(try_get(ctx, bucket)->second);  // 1 + 5 taken
   run_until(
       ctx, [] { return false; }, 100ms);

@@ -20,17 +20,20 @@ namespace ratelimit::detail {
 
 /// Lives on the blocked caller's stack. Completion moves the promise out of
 /// the waiter before fulfilling it, so the caller, who returns as soon as the
-/// future is ready, never frees memory the completer still uses.
-class sync_waiter final : public waiter_base {
+/// future is ready, never frees memory the completer still uses. `Base` is
+/// waiter_base or an owner's waiter derived from it (the Redis bucket's
+/// reservation), constructible from (fn, n) as waiter_base is.
+template <typename Base>
+class basic_sync_waiter final : public Base {
  public:
   /// A blocked caller's request for `n` tokens, granted no later than
   /// `deadline` (owner's clock, ns; max_time: none). The owner never grants
   /// it later: once it is at the head with its tokens due only after the
   /// deadline, it leaves the queue with asio::error::timed_out.
-  explicit sync_waiter(std::uint64_t n,
-                       std::int64_t deadline = std::numeric_limits<std::int64_t>::max())
-      : waiter_base(&sync_waiter::do_action, n), deadline(deadline) {
-    timed = deadline != std::numeric_limits<std::int64_t>::max();
+  explicit basic_sync_waiter(std::uint64_t n,
+                             std::int64_t deadline = std::numeric_limits<std::int64_t>::max())
+      : Base(&basic_sync_waiter::do_action, n), deadline(deadline) {
+    this->timed = deadline != std::numeric_limits<std::int64_t>::max();
   }
 
   const std::int64_t deadline;
@@ -38,9 +41,11 @@ class sync_waiter final : public waiter_base {
   std::future<boost::system::error_code> get_future() { return promise_.get_future(); }
 
  private:
-  static void do_action(completion_base_type* base, action a,
+  using action = typename Base::action;
+
+  static void do_action(typename Base::completion_base_type* base, action a,
                         const boost::asio::any_io_executor*) noexcept {
-    auto* w = static_cast<sync_waiter*>(static_cast<waiter_base*>(base));
+    auto* w = static_cast<basic_sync_waiter*>(static_cast<Base*>(base));
     const boost::system::error_code ec =
         a == action::destroy ? boost::asio::error::operation_aborted : w->error();
     std::promise<boost::system::error_code> p = std::move(w->promise_);
@@ -49,6 +54,8 @@ class sync_waiter final : public waiter_base {
 
   std::promise<boost::system::error_code> promise_;
 };
+
+using sync_waiter = basic_sync_waiter<waiter_base>;
 
 /// True when the calling thread runs the execution context behind `ex` (an
 /// io_context or a thread_pool, directly or through strands): a blocking

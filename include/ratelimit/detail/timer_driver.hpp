@@ -32,7 +32,9 @@
 #include <boost/asio/post.hpp>
 
 #include <chrono>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <type_traits>
@@ -48,6 +50,19 @@ Duration to_duration(std::int64_t ns) noexcept {
   using wide = std::chrono::duration<long double, std::nano>;
   if (wide(ns) >= wide(Duration::max())) return Duration::max();
   return std::chrono::ceil<Duration>(std::chrono::nanoseconds(ns));
+}
+
+/// A caller's timeout in nanoseconds, rounded up, 0 when not positive, and
+/// saturated at INT64_MAX (max_time; computed in long double first:
+/// hours::max() must saturate, not overflow). The one conversion of every
+/// timeout the limiters take.
+template <typename Rep, typename Period>
+std::int64_t saturating_ns(std::chrono::duration<Rep, Period> timeout) noexcept {
+  constexpr std::int64_t most = std::numeric_limits<std::int64_t>::max();
+  const long double ns = std::chrono::duration<long double, std::nano>(timeout).count();
+  if (!(ns > 0)) return 0;
+  if (ns >= static_cast<long double>(most)) return most;
+  return static_cast<std::int64_t>(std::ceil(ns));
 }
 
 template <typename Clock, typename WaitTraits>

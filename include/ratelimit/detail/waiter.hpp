@@ -152,6 +152,21 @@ class waiter_queue {
     ++size_;
   }
 
+  void push_front(waiter_base* w) noexcept { insert_after(nullptr, w); }
+
+  /// Inserts `w` after `pos` (a waiter of this queue), or first when `pos` is null.
+  void insert_after(waiter_base* pos, waiter_base* w) noexcept {
+    waiter_base* after = pos ? pos->next : head_;
+    w->prev = pos;
+    w->next = after;
+    (pos ? pos->next : head_) = w;
+    (after ? after->prev : tail_) = w;
+    w->queued = true;
+    ++size_;
+  }
+
+  waiter_base* back() const noexcept { return tail_; }
+
   /// Removes `w`, which must be in this queue, and unlinks its cancellation
   /// handler: from here on a cancellation does not reach it.
   void erase(waiter_base* w) noexcept {

@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -23,6 +24,23 @@ enum class redis_fault_policy {
   /// Requests are served by a local bucket of the same capacity and rate
   /// (one per bucket object, so the limit becomes per process while Redis is gone).
   local_fallback,
+};
+
+/// How a Redis bucket's requests reach Redis.
+enum class redis_bucket_mode {
+  /// Only the head of this object's queue asks Redis, one request at a time;
+  /// refused, it waits (a local timer) until the script says its tokens will
+  /// be there, then asks again. Across processes there is no line: whoever
+  /// asks first when tokens are there gets them. The mode that can lease.
+  head_only,
+  /// Every request is sent at once (requests queued together in one script
+  /// call, several calls in flight) and reserves its tokens in Redis: the
+  /// key keeps one line for every process, in order of arrival at Redis, and
+  /// the script answers with the instant the tokens are due, at which the
+  /// request is granted without asking again. One round trip per grant,
+  /// exact, fair across processes. A request that would be due further than
+  /// `horizon` ahead fails at once with `exceeds_horizon`, taking nothing.
+  reserve,
 };
 
 /// Options of a Redis bucket. Every value has a meaning or is refused by the
@@ -47,6 +65,33 @@ struct redis_bucket_options {
   /// Leased tokens not used within this time are dropped (never returned to
   /// Redis). Must be positive; only read when `lease > 0`.
   std::chrono::milliseconds lease_ttl{1000};
+
+  /// How requests reach Redis (see redis_bucket_mode). Leasing needs `head_only`.
+  redis_bucket_mode mode = redis_bucket_mode::head_only;
+
+  /// Reservation mode: the longest a request may be reserved ahead (the
+  /// longest line a key keeps, in time); a request that would be due later
+  /// fails at once with `exceeds_horizon`, taking nothing. Not negative; 0
+  /// grants only tokens that are there (never waits in line). The default,
+  /// `milliseconds::max()`, is as far ahead as the script computes exactly
+  /// (capacity·tick + horizon·tok + tok within 2^53: centuries at usual rates,
+  /// days at a billion tokens a second), so requests wait in line as long as
+  /// they must, as on a local bucket. A shorter horizon bounds the wait and
+  /// what a lost key (a server restarted without its data) can forgive: see
+  /// the README. An explicit horizon beyond exactness is refused by the
+  /// constructor.
+  std::chrono::milliseconds horizon = std::chrono::milliseconds::max();
+
+  /// Reservation mode: script calls this object keeps in flight at once on
+  /// its connection (at least 1). Requests that arrive while the window is
+  /// full wait locally and go in the next call together.
+  std::size_t max_in_flight = 4;
+
+  /// Reservation mode: the most requests one script call carries (1 to
+  /// 4096): a call runs atomically on the server, blocking it for about a
+  /// microsecond per request, so this bounds what one call makes the
+  /// connection's other requests wait.
+  std::size_t max_batch = 256;
 };
 
 /// Throws std::invalid_argument, naming the option and the value, unless
@@ -64,6 +109,13 @@ inline void validate(const redis_bucket_options& o, std::uint64_t capacity) {
       fail("on_fault is not a redis_fault_policy (" + std::to_string(static_cast<int>(o.on_fault)) +
            ")");
   }
+  switch (o.mode) {
+    case redis_bucket_mode::head_only:
+    case redis_bucket_mode::reserve:
+      break;
+    default:
+      fail("mode is not a redis_bucket_mode (" + std::to_string(static_cast<int>(o.mode)) + ")");
+  }
   if (o.fault_hold.count() <= 0)
     fail("fault_hold must be positive (got " + std::to_string(o.fault_hold.count()) + " ms)");
   if (o.lease > capacity)
@@ -72,6 +124,16 @@ inline void validate(const redis_bucket_options& o, std::uint64_t capacity) {
   if (o.lease > 0 && o.lease_ttl.count() <= 0)
     fail("lease_ttl must be positive when leasing (got " + std::to_string(o.lease_ttl.count()) +
          " ms)");
+  if (o.mode == redis_bucket_mode::reserve) {
+    if (o.lease > 0)
+      fail("lease needs mode head_only (got lease " + std::to_string(o.lease) +
+           " with mode reserve)");
+    if (o.horizon.count() < 0)
+      fail("horizon must be 0 or positive (got " + std::to_string(o.horizon.count()) + " ms)");
+    if (o.max_in_flight == 0) fail("max_in_flight must be at least 1 (got 0)");
+    if (o.max_batch == 0 || o.max_batch > 4096)
+      fail("max_batch must be 1 to 4096 (got " + std::to_string(o.max_batch) + ")");
+  }
 }
 
 /// Counters of one bucket object (tokens, not requests, unless said otherwise).
@@ -84,6 +146,11 @@ struct redis_bucket_stats {
   std::uint64_t fallback_grants = 0;      // tokens granted by the local fallback bucket
   std::uint64_t faults = 0;               // requests that found Redis unavailable
   std::uint64_t unavailable_replies = 0;  // ... of them, by an error reply meaning "not now"
+  // Reservation mode:
+  std::uint64_t reserved = 0;          // requests reserved in Redis (tokens in redis_tokens)
+  std::uint64_t horizon_refusals = 0;  // requests refused: due beyond the horizon
+  std::uint64_t refund_calls = 0;      // refund requests sent (cancellations, close)
+  std::uint64_t refunded = 0;          // tokens Redis took back (not due yet when refunded)
 };
 
 /// What an error reply from Redis means for a request.

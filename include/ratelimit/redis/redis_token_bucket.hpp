@@ -4,6 +4,7 @@
 #ifndef RATELIMIT_REDIS_REDIS_TOKEN_BUCKET_HPP
 #define RATELIMIT_REDIS_REDIS_TOKEN_BUCKET_HPP
 
+#include <ratelimit/detail/wrapped_handler.hpp>
 #include <ratelimit/error.hpp>
 #include <ratelimit/rate.hpp>
 #include <ratelimit/redis/connection.hpp>
@@ -32,10 +33,24 @@ namespace ratelimit {
 /// server's clock: clients' clocks never enter the decision, only the local
 /// waits. A key expires when the bucket would be full again.
 ///
-/// Waiters in one process queue locally in FIFO order and only the head asks
-/// Redis; a denied head waits on a local timer for the time the script says
-/// its tokens will be there, then asks again. Across processes there is no
-/// queue: whichever asks first when tokens are there gets them.
+/// How requests reach Redis is the `mode` option (redis_bucket_mode):
+/// - `head_only` (the default): waiters of one object queue locally in FIFO
+///   order and only the head asks Redis; a denied head waits on a local timer
+///   for the time the script says its tokens will be there, then asks again.
+///   Across processes there is no line: whichever asks first when tokens are
+///   there gets them. One hot key is bounded by round trips (one request at a
+///   time per object); leasing (`lease`) trades exactness for speed.
+/// - `reserve`: every request goes to Redis at once, requests queued together
+///   in one script call (at most `max_batch`), at most `max_in_flight` calls
+///   out at once. The script *reserves* each request's tokens, the level
+///   going into debt up to `horizon` ahead, and answers with the instant they
+///   are due on the server's clock; the request is granted then (that long
+///   after the reply arrives: never early), without asking again. So the key
+///   keeps one line for all processes, in order of arrival at Redis (fair),
+///   at one round trip per grant, exact, and one hot key is no longer bounded
+///   by round trips. A request that would be due further than `horizon` ahead
+///   fails at once with `exceeds_horizon`, taking nothing. A key is used in one
+///   mode only (the other mode's requests fail with `redis_error`).
 ///
 /// The script never writes to, expires or deletes a key that is not a
 /// bucket: such a key (another type, or a hash with other fields) makes every
@@ -113,18 +128,26 @@ class basic_redis_token_bucket {
   /// "not now" (LOADING, BUSY, READONLY... see classify_redis_error());
   /// `redis_error` when Redis refuses (e.g. the key holds another type, a
   /// hash that is not a bucket, or a bucket of another configuration) and
-  /// `redis_bad_reply` for a reply of the wrong shape. A request for 0 tokens
-  /// completes with success in its turn, without asking Redis.
+  /// `redis_bad_reply` for a reply of the wrong shape; in reservation mode,
+  /// `exceeds_horizon` when its tokens would be due further than `horizon`
+  /// ahead (it took nothing). A request for 0 tokens completes with success
+  /// in its turn (in reservation mode: once the requests before it are
+  /// sent), without asking Redis.
   ///
   /// The handler is never invoked inside this function; it runs on its
   /// associated executor (the connection's by default).
   ///
   /// @par Per-Operation Cancellation
   /// `terminal`, `partial` and `total`: the waiter leaves the local queue and
-  /// completes with `operation_aborted`. If its request was in flight and
-  /// Redis granted it, those tokens are kept for the next waiter only up to
-  /// the lease size (none without leasing): a cancellation may waste tokens,
-  /// never over-grant.
+  /// completes with `operation_aborted`. Head-only mode: if its request was
+  /// in flight and Redis granted it, those tokens are kept for the next
+  /// waiter only up to the lease size (none without leasing). Reservation
+  /// mode: a reservation not due yet is given back to Redis (one more round
+  /// trip, at once, or when its call's reply arrives); a token given back may
+  /// then serve a request that reached Redis later, before the reservations
+  /// made in between come due. Giving back is best effort: if it fails
+  /// (Redis unavailable, out of memory) the tokens are wasted. Either way a
+  /// cancellation may waste tokens, never over-grant.
   ///
   /// @par Thread safety
   /// May be called from any thread.
@@ -162,6 +185,62 @@ class basic_redis_token_bucket {
   requires(!std::is_integral_v<std::remove_cvref_t<Token>>) auto async_try_get_token(
       Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
     return async_try_get_token(1, std::forward<Token>(token));
+  }
+
+  /// Asynchronously waits at most `timeout` (from the initiation, on the
+  /// bucket's clock) for `n` tokens, in line with the other waiters.
+  ///
+  /// @par Completion Signature
+  /// `void(boost::system::error_code ec, bool granted)`: `(success, true)`
+  /// once the tokens are taken; `(success, false)` when they could not be
+  /// granted in time, having taken nothing; errors as async_get_token.
+  /// Reservation mode: the deadline goes into the script, so a request that
+  /// cannot be served in time fails with its reply, at once, and takes
+  /// nothing (one whose reply comes back too late to be in time gives its
+  /// reservation back). Head-only mode: a request learns it is late when it
+  /// reaches the head of this object's queue, or from the head's reply.
+  /// Tokens due exactly at the deadline count. Never invoked inside this
+  /// function.
+  ///
+  /// @par Per-Operation Cancellation
+  /// As async_get_token (`(operation_aborted, false)`).
+  template <typename Rep, typename Period,
+            BOOST_ASIO_COMPLETION_TOKEN_FOR(try_signature)
+                Token = boost::asio::default_completion_token_t<executor_type>>
+  auto async_try_get_token_for(
+      std::chrono::duration<Rep, Period> timeout, std::uint64_t n,
+      Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
+    return boost::asio::async_initiate<Token, try_signature>(
+        initiate_get_for(impl_, executor_), token, n, detail::saturating_ns(timeout));
+  }
+
+  /// Blocks at most `timeout` for `n` tokens, FIFO with the other waiters:
+  /// true when granted, false (nothing taken) when they could not be granted
+  /// in time (see async_try_get_token_for).
+  /// @throws boost::system::system_error as get_token().
+  template <typename Rep, typename Period>
+  bool try_get_token_for(std::chrono::duration<Rep, Period> timeout, std::uint64_t n = 1) {
+    boost::system::error_code ec;
+    const bool granted = try_get_token_for(timeout, n, ec);
+    if (ec)
+      throw boost::system::system_error(ec, "ratelimit::redis_token_bucket::try_get_token_for");
+    return granted;
+  }
+
+  /// As above, reporting errors through `ec` (false with `ec` clear: not in time).
+  template <typename Rep, typename Period>
+  bool try_get_token_for(std::chrono::duration<Rep, Period> timeout, std::uint64_t n,
+                         boost::system::error_code& ec) {
+    if (!impl_) {
+      ec = error::bucket_closed;
+      return false;
+    }
+    impl_->get_blocking(n, ec, impl_type::deadline_after(detail::saturating_ns(timeout)));
+    if (ec == boost::asio::error::timed_out) {
+      ec = {};
+      return false;
+    }
+    return !ec;
   }
 
   /// Blocks the calling thread until `n` tokens are granted, FIFO with the
@@ -231,6 +310,39 @@ class basic_redis_token_bucket {
       else
         detail::post_completion(std::forward<Handler>(handler), ref_.get_executor(),
                                 boost::system::error_code(error::bucket_closed));
+    }
+
+   private:
+    detail::initiation_ref<impl_type, executor_type> ref_;
+  };
+
+  /// A waiter's (ec) as a try's (ec, granted): timed_out is "not in time".
+  struct to_try_result {
+    template <typename Handler>
+    void operator()(Handler& handler, boost::system::error_code ec) {
+      if (ec == boost::asio::error::timed_out)
+        std::move(handler)(boost::system::error_code(), false);
+      else
+        std::move(handler)(ec, !ec);
+    }
+  };
+
+  class initiate_get_for {
+   public:
+    using executor_type = boost::asio::any_io_executor;
+    initiate_get_for(const std::shared_ptr<impl_type>& impl, const executor_type& ex) noexcept
+        : ref_(impl, ex) {}
+    executor_type get_executor() const noexcept { return ref_.get_executor(); }
+    template <typename Handler>
+    void operator()(Handler&& handler, std::uint64_t n, std::int64_t timeout_ns) const {
+      if (impl_type* impl = ref_.get())
+        impl->async_get(
+            detail::wrapped_handler<std::decay_t<Handler>, to_try_result>{
+                std::forward<Handler>(handler), {}},
+            n, impl_type::deadline_after(timeout_ns));
+      else
+        detail::post_completion(std::forward<Handler>(handler), ref_.get_executor(),
+                                boost::system::error_code(error::bucket_closed), false);
     }
 
    private:

@@ -16,6 +16,20 @@
 // (in the pool or on their way) never exceed `lease` at any instant: this is
 // what the documented bound rests on.
 //
+// Reservation mode (redis_bucket_mode::reserve): a waiter goes through three
+// queues. `queue_` holds those not sent yet; up to `max_batch` of them go in
+// one call of the reservation script (reserve_script.hpp), and up to
+// `max_in_flight` calls are out at once. A sent waiter waits in `sent_` for
+// its call's reply, which gives it its due time: it then waits in
+// `reserved_`, ordered by due time, for the timer, and is granted without
+// asking again. Each waiter is a `reservation` (its stage, its number in the
+// calls, its due times). A waiter cancelled while its call is out is missed
+// by the reply, whose reservation for it is refunded; one cancelled while
+// reserved is refunded at once (refund_script, best effort: a refund that
+// fails wastes tokens, never over-grants). A call that finds Redis
+// unavailable puts its waiters back at the front of `queue_` and the fault
+// policy applies to them.
+//
 // Faults: a request that finds Redis unavailable (no connection, a timeout,
 // an error reply meaning "not now", or a request that could not even be
 // sent) applies the bucket's policy to every queued waiter and, for
@@ -36,6 +50,7 @@
 #include <ratelimit/detail/waiter.hpp>
 #include <ratelimit/error.hpp>
 #include <ratelimit/redis/connection.hpp>
+#include <ratelimit/redis/detail/reserve_script.hpp>
 #include <ratelimit/redis/detail/script.hpp>
 #include <ratelimit/redis/options.hpp>
 
@@ -55,9 +70,25 @@ namespace ratelimit::redis_detail {
 using ratelimit::detail::bucket_state;
 using ratelimit::detail::finish_mode;
 using ratelimit::detail::ready_list;
-using ratelimit::detail::sync_waiter;
 using ratelimit::detail::waiter_base;
 using ratelimit::detail::waiter_queue;
+
+/// A Redis bucket's queued request. The fields are reservation mode's,
+/// guarded by the bucket's lock.
+class reservation : public waiter_base {
+ public:
+  enum class stage : std::uint8_t { pending, sent, reserved };
+  stage at = stage::pending;
+  std::uint64_t seq = 0;     // its number among the requests sent
+  std::int64_t due = 0;      // granted then (local clock, ns)
+  std::uint64_t due_us = 0;  // the same in the server's clock (us), for a refund
+  std::int64_t not_after = ratelimit::detail::max_time;  // a deadline: never granted later
+
+ protected:
+  reservation(fn_type fn, std::uint64_t n) noexcept : waiter_base(fn, n) {}
+};
+
+using sync_reservation = ratelimit::detail::basic_sync_waiter<reservation>;
 
 template <typename Clock, typename WaitTraits>
 class redis_bucket_impl
@@ -73,7 +104,11 @@ class redis_bucket_impl
         sr_(make_script_rate(capacity, r)),
         rate_(r),
         opts_((validate(opts, capacity), opts)),
-        sha_(script_sha1()),
+        reserve_(opts_.mode == redis_bucket_mode::reserve),
+        rr_(reserve_ ? make_reserve_rate_ms(capacity, r, opts_.horizon.count())
+                     : reserve_rate{sr_, 0}),
+        sha_(script_sha1(reserve_ ? reserve_script : bucket_script)),
+        refund_sha_(reserve_ ? script_sha1(refund_script) : std::string()),
         executor_(conn.get_executor()),
         fallback_(capacity, ratelimit::detail::reduce(r), now_ns(), capacity) {
     // Made now, not on the first wait: the connection's socket has already
@@ -87,6 +122,11 @@ class redis_bucket_impl
   rate get_rate() const noexcept { return rate_; }
   const redis_bucket_options& options() const noexcept { return opts_; }
 
+  /// The deadline `timeout_ns` (>= 0) from now, saturated.
+  static std::int64_t deadline_after(std::int64_t timeout_ns) noexcept {
+    return add_ns(now_ns(), std::chrono::nanoseconds(std::max<std::int64_t>(0, timeout_ns)));
+  }
+
   static std::int64_t now_ns() noexcept {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
         .count();
@@ -94,10 +134,14 @@ class redis_bucket_impl
 
   // --- requests -------------------------------------------------------------
 
+  /// Queues a request for `n` tokens, granted no later than `not_after`
+  /// (local clock, ns; max_time: no deadline) or failed with timed_out.
   template <typename Handler>
-  void async_get(Handler&& handler, std::uint64_t n) {
-    using op_type = detail::handler_op<waiter_base, std::decay_t<Handler>>;
+  void async_get(Handler&& handler, std::uint64_t n,
+                 std::int64_t not_after = ratelimit::detail::max_time) {
+    using op_type = detail::handler_op<reservation, std::decay_t<Handler>>;
     op_type* op = op_type::create(std::forward<Handler>(handler), executor_, n);
+    op->not_after = not_after;
     try {
       detail::link_cancellation(op->handler(), op, *this);
     } catch (...) {
@@ -155,8 +199,10 @@ class redis_bucket_impl
     op->complete(finish_mode::post, executor_);
   }
 
-  /// Blocks until granted; fails at once when it could wait forever.
-  void get_blocking(std::uint64_t n, boost::system::error_code& ec) {
+  /// Blocks until granted (or `not_after` passes: timed_out); fails at once
+  /// when it could wait forever.
+  void get_blocking(std::uint64_t n, boost::system::error_code& ec,
+                    std::int64_t not_after = ratelimit::detail::max_time) {
     ec = {};
     // Every grant needs the connection's context (a reply, or a timer).
     ec = detail::blocking_wait_error(executor_);
@@ -165,7 +211,8 @@ class redis_bucket_impl
     // another thread may destroy the bucket (completing `w`) while this one
     // is still in step() below, which reads members after unlocking.
     const auto self = this->shared_from_this();
-    sync_waiter w(n);
+    sync_reservation w(n);
+    w.not_after = not_after;
     auto result = w.get_future();
     {
       ready_list ready(executor_, nullptr);
@@ -191,6 +238,11 @@ class redis_bucket_impl
     std::unique_lock lk(mutex_);
     waiter_base* w = link->waiter.load(std::memory_order_relaxed);
     if (!w || !w->queued) return;
+    if (reserve_) {
+      leave(static_cast<reservation*>(w), now_ns());
+      ready.push_back(w, boost::asio::error::operation_aborted);
+      return step(std::move(lk), ready, finish_mode::post);
+    }
     const bool was_head = queue_.front() == w;
     queue_.erase(w);
     if (in_flight_for_ == w) in_flight_for_ = nullptr;
@@ -208,8 +260,8 @@ class redis_bucket_impl
   std::size_t cancel() {
     ready_list ready(executor_, nullptr);
     std::unique_lock lk(mutex_);
-    const std::size_t n = queue_.size();
-    ready.take_all(queue_, boost::asio::error::operation_aborted);
+    const std::size_t n = waiting_locked();
+    take_all(ready, boost::asio::error::operation_aborted);
     in_flight_for_ = nullptr;
     timer_.disarm();
     step(std::move(lk), ready, finish_mode::post);
@@ -225,7 +277,7 @@ class redis_bucket_impl
       std::unique_lock lk(mutex_);
       closed_ = true;
       closed_ec_ = ec;
-      ready.take_all(queue_, ec);
+      take_all(ready, ec);
       tries = take_tries();
       in_flight_for_ = nullptr;
       timer_.disarm();
@@ -241,7 +293,7 @@ class redis_bucket_impl
 
   std::size_t waiting() const {
     std::lock_guard lk(mutex_);
-    return queue_.size();
+    return waiting_locked();
   }
 
   redis_bucket_stats stats() const {
@@ -265,12 +317,18 @@ class redis_bucket_impl
   /// sends the request it decided on. Never throws: a request that cannot
   /// be built or sent is a fault.
   void step(std::unique_lock<std::mutex> lk, ready_list& ready, finish_mode mode) {
+    if (reserve_) return step_reserve(std::move(lk), ready, mode);
     std::optional<std::vector<std::string>> send;
     std::uint64_t need = 0, extra = 0;
     for (;;) {
       const std::int64_t now = now_ns();
       while (!closed_ && !busy() && !queue_.empty()) {
         waiter_base* head = queue_.front();
+        if (as_res(head)->not_after < now) {  // late: it learns it at the head
+          queue_.erase(head);
+          ready.push_back(head, boost::asio::error::timed_out);
+          continue;
+        }
         if (take_pool(now, head->tokens)) {
           grant(head, ready);
           continue;
@@ -358,8 +416,9 @@ class redis_bucket_impl
   }
 
   /// Applies the fault policy to the head; false when the head must wait
-  /// (local fallback without tokens: the timer is armed).
-  bool apply_fault(std::int64_t now, ready_list& ready) {
+  /// (local fallback without tokens: the timer is armed, or, given `wake`,
+  /// the instant is left there for the caller to arm).
+  bool apply_fault(std::int64_t now, ready_list& ready, std::int64_t* wake = nullptr) {
     waiter_base* head = queue_.front();
     switch (opts_.on_fault) {
       case redis_fault_policy::fail_closed:
@@ -376,8 +435,16 @@ class redis_bucket_impl
           grant(head, ready);
           return true;
         }
+        if (fallback_.ready_at(head->tokens) > as_res(head)->not_after) {
+          queue_.erase(head);
+          ready.push_back(head, boost::asio::error::timed_out);
+          return true;
+        }
         // Wait for the local tokens, but no longer than the hold: then ask Redis again.
-        timer_.arm(std::min(fallback_.ready_at(head->tokens), fault_until_), *this);
+        if (wake)
+          *wake = std::min(fallback_.ready_at(head->tokens), fault_until_);
+        else
+          timer_.arm(std::min(fallback_.ready_at(head->tokens), fault_until_), *this);
         return false;
     }
     return false;
@@ -407,12 +474,11 @@ class redis_bucket_impl
     fault_until_ = add_ns(now, opts_.fault_hold);
   }
 
-  /// What a reply means: `ec` clear with `res` filled, or an error; sets
-  /// `resend` for NOSCRIPT and counts replies meaning "not now".
-  boost::system::error_code classify(boost::system::error_code ec, const redis_reply& reply,
-                                     script_result& res, bool& resend) {
+  /// What a reply means, once parsed into `ec`: sets `resend` for NOSCRIPT,
+  /// and turns an error reply meaning "not now" into redis_unavailable.
+  static boost::system::error_code classify(boost::system::error_code ec, const redis_reply& reply,
+                                            bool& resend) {
     resend = false;
-    if (!ec) ec = parse_script_reply(reply, res);
     if (ec == error::redis_error && reply.type == redis_reply::kind::error) {
       switch (classify_redis_error(reply.str)) {
         case redis_error_class::script_missing:
@@ -449,7 +515,8 @@ class redis_bucket_impl
                     std::uint64_t extra, bool eval) {
     script_result res;
     bool resend = false;
-    ec = classify(ec, reply, res, resend);
+    if (!ec) ec = parse_script_reply(reply, res);
+    ec = classify(ec, reply, resend);
     if (resend && !eval) {
       // The server lost the script (restart, SCRIPT FLUSH): send its text.
       bool sent = false;
@@ -487,6 +554,13 @@ class redis_bucket_impl
       stats_.redis_tokens += res.taken;
       add_pool(now, res.taken);
       if (!head) trim_pool();
+    } else if (head && !closed_ &&
+               add_ns(now, std::chrono::microseconds(std::min<std::uint64_t>(
+                               res.wait_us, ratelimit::detail::max_time / 1000))) >
+                   as_res(head)->not_after) {
+      // Not there before its deadline: it takes nothing.
+      queue_.erase(head);
+      ready.push_back(head, boost::asio::error::timed_out);
     } else if (head && !closed_) {
       // Not there yet: wait, locally, for when the script says they will be,
       // plus a little jitter (at most 1/8 of the wait, at most 2 ms), so that
@@ -507,7 +581,7 @@ class redis_bucket_impl
     const std::uint64_t extra = lease_room();
     std::vector<std::string> args;
     try {
-      args = script_args(sha_, key_, sr_, need, extra);
+      args = try_args(sha_, need, extra);
       tries_.push_back(op);
     } catch (...) {
       enter_fault(now_ns());
@@ -543,11 +617,35 @@ class redis_bucket_impl
     }
   }
 
+  /// A try's arguments: the head-only script's, or one reservation that
+  /// accepts no wait.
+  std::vector<std::string> try_args(const std::string& sha, std::uint64_t need,
+                                    std::uint64_t extra) const {
+    if (!reserve_) return script_args(sha, key_, sr_, need, extra);
+    const reserve_request one{need, 0};
+    return reserve_args(sha, key_, rr_, {&one, 1});
+  }
+
+  boost::system::error_code parse_try_reply(const redis_reply& reply, std::uint64_t need,
+                                            script_result& res) const {
+    if (!reserve_) return parse_script_reply(reply, res);
+    std::uint64_t now = 0;
+    std::vector<reservation_result> out;
+    if (auto ec = parse_reserve_reply(reply, 1, now, out)) return ec;
+    const bool reserved = out[0].what == reservation_result::status::reserved;
+    if (reserved && out[0].due_us != now) return error::redis_bad_reply;  // (it accepted no wait)
+    res.granted = reserved;
+    res.taken = reserved ? need : 0;
+    res.wait_us = 0;
+    return {};
+  }
+
   void on_try_reply(boost::system::error_code ec, redis_reply reply, try_result* op,
                     std::uint64_t n, std::uint64_t need, std::uint64_t extra, bool eval) {
     script_result res;
     bool resend = false;
-    ec = classify(ec, reply, res, resend);
+    if (!ec) ec = parse_try_reply(reply, need, res);
+    ec = classify(ec, reply, resend);
     if (resend && !eval) {
       {
         std::lock_guard lk(mutex_);
@@ -555,7 +653,7 @@ class redis_bucket_impl
       }
       bool sent = false;
       try {
-        sent = send_try_request(script_args("", key_, sr_, need, extra), op, n, need, extra, true);
+        sent = send_try_request(try_args("", need, extra), op, n, need, extra, true);
       } catch (...) {
       }
       if (sent) return;
@@ -570,6 +668,7 @@ class redis_bucket_impl
       extras_in_flight_ -= extra;
       if (!ec && res.granted) {
         stats_.redis_tokens += res.taken;
+        if (reserve_) ++stats_.reserved;
         add_pool(now, res.taken);
       }
       // Not in the list: close() completed it (nothing completes as granted
@@ -595,6 +694,317 @@ class redis_bucket_impl
     op->complete(finish_mode::dispatch, executor_);
   }
 
+  // --- reservation mode -----------------------------------------------------
+
+  static reservation* as_res(waiter_base* w) noexcept { return static_cast<reservation*>(w); }
+
+  std::size_t waiting_locked() const noexcept {
+    return queue_.size() + sent_.size() + reserved_.size();
+  }
+
+  /// Moves every waiter into `ready` with `ec`, in the order they would have
+  /// been served, refunding the reservations not due yet.
+  void take_all(ready_list& ready, boost::system::error_code ec) noexcept {
+    const std::int64_t now = now_ns();
+    while (waiter_base* w = reserved_.front()) {
+      leave(as_res(w), now);
+      ready.push_back(w, ec);
+    }
+    ready.take_all(sent_, ec);
+    ready.take_all(queue_, ec);
+  }
+
+  /// Takes `w` out of whichever queue holds it; a reservation not due yet
+  /// is refunded (sent by the next step).
+  void leave(reservation* w, std::int64_t now) noexcept {
+    switch (w->at) {
+      case reservation::stage::pending:
+        queue_.erase(w);
+        return;
+      case reservation::stage::sent:
+        sent_.erase(w);  // the reply will find it gone and refund it
+        return;
+      case reservation::stage::reserved:
+        reserved_.erase(w);
+        if (now < w->due) refund_later(w->tokens, w->due_us);
+        return;
+    }
+  }
+
+  void refund_later(std::uint64_t n, std::uint64_t due_us) noexcept {
+    try {
+      refunds_.push_back({n, due_us});
+    } catch (...) {  // out of memory: the tokens are wasted, never over-granted
+    }
+  }
+
+  /// One reservation call: its requests, numbered first, first + 1, ...
+  struct reserve_call {
+    std::uint64_t first = 0;
+    std::vector<reserve_request> reqs;
+  };
+
+  /// The reservation mode's step(): grants what is due, applies a fault
+  /// hold to the waiters not sent, sends them in calls while the window has
+  /// room, arms the timer for the earliest due time, and sends refunds.
+  void step_reserve(std::unique_lock<std::mutex> lk, ready_list& ready, finish_mode mode) {
+    for (;;) {
+      const std::int64_t now = now_ns();
+      std::optional<reserve_call> call;
+      std::vector<std::string> args;
+      std::optional<std::int64_t> wake;
+      while (reservation* w = as_res(reserved_.front())) {
+        if (w->due > now) break;
+        reserved_.erase(w);
+        stats_.granted += w->tokens;
+        ready.push_back(w, {});
+      }
+      while (!closed_ && !queue_.empty()) {
+        waiter_base* head = queue_.front();
+        if (head->tokens == 0) {  // its turn: every request before it is sent
+          grant(head, ready);
+          continue;
+        }
+        if (now < fault_until_) {
+          std::int64_t at = 0;
+          if (apply_fault(now, ready, &at)) continue;
+          wake = at;
+          break;
+        }
+        if (calls_out_ >= opts_.max_in_flight) break;
+        try {
+          call.emplace();
+          args = make_call(now, *call);
+        } catch (...) {
+          call.reset();  // out of memory for the request: as if Redis were unreachable
+          enter_fault(now);
+          continue;
+        }
+        ++calls_out_;
+        ++stats_.round_trips;
+        break;
+      }
+      if (!reserved_.empty())
+        wake = std::min(wake.value_or(detail::max_time), as_res(reserved_.front())->due);
+      if (wake)
+        timer_.arm(*wake, *this);
+      else
+        timer_.disarm();
+      std::vector<refund_item> refunds = std::exchange(refunds_, {});
+      lk.unlock();
+      send_refunds(std::move(refunds));
+      if (!call) break;
+      const std::uint64_t first = call->first;
+      const std::size_t count = call->reqs.size();
+      const bool sent = send_reserve(std::move(args), std::move(*call), false);
+      lk.lock();
+      if (sent) continue;  // more calls, while the window has room
+      --calls_out_;
+      unsend(first, count);
+      enter_fault(now_ns());
+    }
+    ready.finish_all(mode);
+  }
+
+  /// Builds a call of the waiters at the front of `queue_` (up to a
+  /// zero-token one, at most max_batch), then moves them to `sent_`. Throws
+  /// (bad_alloc) with nothing moved.
+  std::vector<std::string> make_call(std::int64_t now, reserve_call& call) {
+    call.first = next_seq_;
+    call.reqs.reserve(std::min(queue_.size(), opts_.max_batch));
+    for (waiter_base* w = queue_.front(); w && w->tokens > 0 && call.reqs.size() < opts_.max_batch;
+         w = w->next) {
+      const std::int64_t not_after = as_res(w)->not_after;
+      call.reqs.push_back({w->tokens, not_after == detail::max_time
+                                          ? -1
+                                          : std::max<std::int64_t>(0, (not_after - now) / 1000)});
+    }
+    auto args = reserve_args(sha_, key_, rr_, call.reqs);
+    for (std::size_t i = 0; i < call.reqs.size(); ++i) {
+      reservation* w = as_res(queue_.front());
+      queue_.erase_keep_link(w);
+      w->at = reservation::stage::sent;
+      w->seq = next_seq_++;
+      sent_.push_back(w);
+    }
+    return args;
+  }
+
+  /// The first waiter of the call numbered from `first` still in `sent_`
+  /// (replies may come out of order: a call's waiters are contiguous there).
+  waiter_base* first_of_call(std::uint64_t first) const noexcept {
+    waiter_base* w = sent_.front();
+    while (w && as_res(w)->seq < first)
+      w = w->next;
+    return w;
+  }
+
+  /// The waiters of a call that did not reach Redis go back to the front of
+  /// `queue_`, in order, for the fault policy (or the next call).
+  void unsend(std::uint64_t first, std::size_t count) noexcept {
+    waiter_base* w = first_of_call(first);
+    waiter_base* last = nullptr;
+    while (w && as_res(w)->seq < first + count) {
+      last = w;
+      w = w->next;
+    }
+    while (last && as_res(last)->seq >= first) {
+      waiter_base* prev = last->prev;
+      sent_.erase_keep_link(last);
+      as_res(last)->at = reservation::stage::pending;
+      queue_.push_front(last);
+      last = prev;
+    }
+  }
+
+  bool send_reserve(std::vector<std::string> args, reserve_call call, bool eval) noexcept {
+    try {
+      conn_->async_exec(std::move(args),
+                        [weak = this->weak_from_this(), call = std::move(call), eval](
+                            boost::system::error_code ec, redis_reply reply) mutable {
+                          if (auto self = weak.lock())
+                            self->on_reserve_reply(ec, std::move(reply), std::move(call), eval);
+                        });
+      return true;
+    } catch (...) {
+      return false;
+    }
+  }
+
+  void on_reserve_reply(boost::system::error_code ec, redis_reply reply, reserve_call call,
+                        bool eval) {
+    std::uint64_t server_now = 0;
+    std::vector<reservation_result> out;
+    bool resend = false;
+    if (!ec) ec = parse_reserve_reply(reply, call.reqs.size(), server_now, out);
+    ec = classify(ec, reply, resend);
+    if (resend && !eval) {
+      // The server lost the script (restart, SCRIPT FLUSH): send its text.
+      {
+        std::lock_guard lk(mutex_);
+        ++stats_.round_trips;
+      }
+      try {
+        auto args = reserve_args("", key_, rr_, call.reqs);
+        if (send_reserve(std::move(args), call, true)) return;
+      } catch (...) {
+      }
+      ec = error::redis_unavailable;
+    }
+    const std::int64_t now = now_ns();
+    ready_list ready(executor_, nullptr);
+    std::unique_lock lk(mutex_);
+    --calls_out_;
+    if (is_unavailable(ec)) {
+      // It may have been served (a timeout): its tokens are then wasted, never over-granted.
+      if (reply.type == redis_reply::kind::error) ++stats_.unavailable_replies;
+      unsend(call.first, call.reqs.size());
+      if (!closed_) enter_fault(now);
+    } else if (ec) {
+      // Refused (wrong type, foreign state, another configuration) or nonsense: the call's
+      // waiters learn why.
+      waiter_base* w = first_of_call(call.first);
+      while (w && as_res(w)->seq < call.first + call.reqs.size()) {
+        waiter_base* next = w->next;
+        sent_.erase(w);
+        ready.push_back(w, ec);
+        w = next;
+      }
+    } else {
+      waiter_base* w = first_of_call(call.first);
+      for (std::size_t i = 0; i < out.size(); ++i) {
+        reservation* mine = w && as_res(w)->seq == call.first + i ? as_res(w) : nullptr;
+        if (mine) w = w->next;
+        const std::uint64_t n = call.reqs[i].n;
+        const reservation_result& r = out[i];
+        if (r.what == reservation_result::status::reserved) {
+          ++stats_.reserved;
+          stats_.redis_tokens += n;
+          // Due that long after the script ran; we count from the reply's arrival (later):
+          // a grant is never early.
+          const std::uint64_t ahead = r.due_us > server_now ? r.due_us - server_now : 0;
+          const std::int64_t due =
+              add_ns(now, std::chrono::microseconds(static_cast<std::int64_t>(
+                              std::min<std::uint64_t>(ahead, detail::max_time / 1000))));
+          if (!mine) {  // cancelled (or closed) while its call was out
+            if (ahead > 0) refund_later(n, r.due_us);
+            continue;
+          }
+          if (due > mine->not_after) {  // late by the round trip: not in time after all
+            sent_.erase(mine);
+            refund_later(n, r.due_us);
+            ready.push_back(mine, boost::asio::error::timed_out);
+            continue;
+          }
+          sent_.erase_keep_link(mine);
+          mine->at = reservation::stage::reserved;
+          mine->due = due;
+          mine->due_us = r.due_us;
+          insert_reserved(mine);
+        } else if (mine) {
+          sent_.erase(mine);
+          if (r.what == reservation_result::status::refused_horizon) {
+            ++stats_.horizon_refusals;
+            ready.push_back(mine, error::exceeds_horizon);
+          } else {
+            ready.push_back(mine, boost::asio::error::timed_out);
+          }
+        }
+      }
+    }
+    step(std::move(lk), ready, finish_mode::dispatch);
+  }
+
+  /// Into `reserved_`, after every waiter due no later (usually the last).
+  void insert_reserved(reservation* w) noexcept {
+    waiter_base* pos = reserved_.back();
+    while (pos && as_res(pos)->due > w->due)
+      pos = pos->prev;
+    reserved_.insert_after(pos, w);
+  }
+
+  /// Sends refunds (best effort: one that cannot be sent, or fails, leaves
+  /// its tokens wasted, never over-granted). Unlocked.
+  void send_refunds(std::vector<refund_item> items) noexcept {
+    if (items.empty()) return;
+    constexpr std::size_t per_call = 4096;
+    for (std::size_t at = 0; at < items.size(); at += per_call) {
+      try {
+        const auto end =
+            items.begin() + static_cast<std::ptrdiff_t>(std::min(items.size(), at + per_call));
+        send_refund({items.begin() + static_cast<std::ptrdiff_t>(at), end}, false);
+      } catch (...) {
+      }
+    }
+  }
+
+  void send_refund(std::vector<refund_item> items, bool eval) {
+    auto args = refund_args(eval ? std::string() : refund_sha_, key_, rr_, items);
+    {
+      std::lock_guard lk(mutex_);
+      ++stats_.refund_calls;
+    }
+    conn_->async_exec(std::move(args),
+                      [weak = this->weak_from_this(), items = std::move(items), eval](
+                          boost::system::error_code ec, redis_reply reply) mutable {
+                        auto self = weak.lock();
+                        if (!self) return;
+                        bool resend = false;
+                        ec = classify(ec, reply, resend);
+                        if (resend && !eval) {
+                          try {
+                            self->send_refund(std::move(items), true);
+                          } catch (...) {
+                          }
+                          return;
+                        }
+                        if (!ec && reply.type == redis_reply::kind::integer && reply.integer >= 0) {
+                          std::lock_guard lk(self->mutex_);
+                          self->stats_.refunded += static_cast<std::uint64_t>(reply.integer);
+                        }
+                      });
+  }
+
   /// Completes the tries whose request is out (close()); caller holds the lock.
   std::vector<try_result*> take_tries() noexcept { return std::exchange(tries_, {}); }
 
@@ -614,11 +1024,19 @@ class redis_bucket_impl
   script_rate sr_;
   rate rate_;
   redis_bucket_options opts_;
-  std::string sha_;
+  bool reserve_;  // reservation mode
+  reserve_rate rr_;
+  std::string sha_;         // the mode's script
+  std::string refund_sha_;  // reservation mode's refund script
   executor_type executor_;
   detail::timer_driver<Clock, WaitTraits> timer_;
-  waiter_queue queue_;
-  std::vector<try_result*> tries_;  // tries whose request is out
+  waiter_queue queue_;     // waiters not sent (reservation mode), or all of them
+  waiter_queue sent_;      // reservation mode: waiters whose call is out, in order
+  waiter_queue reserved_;  // reservation mode: waiters with a due time, by due time
+  std::size_t calls_out_ = 0;
+  std::uint64_t next_seq_ = 1;
+  std::vector<refund_item> refunds_;  // to send once unlocked
+  std::vector<try_result*> tries_;    // tries whose request is out
   waiter_base* in_flight_for_ = nullptr;
   bool request_out_ = false;
   bool closed_ = false;

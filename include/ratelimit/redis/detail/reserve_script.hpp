@@ -30,8 +30,9 @@
 // this one a head-only bucket's: "configured as ..., not ...").
 //
 // Exactness in Lua's doubles: besides script.hpp's bound, horizon·tok is
-// bounded too: capacity·tick + horizon·tok + tok <= 2^53 (checked by
-// make_reserve_rate).
+// bounded too: capacity·tick + horizon·tok + tok <= 2^53, and due times
+// (now + at most horizon + the time to fill the bucket) stay below 2^53
+// (checked by make_reserve_rate).
 //
 // Refunds carry many reservations per call too (a cancel() of many waiters).
 //
@@ -42,7 +43,9 @@
 
 #include <ratelimit/redis/detail/script.hpp>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <span>
 #include <string>
@@ -183,8 +186,20 @@ struct reserve_rate {
   std::uint64_t horizon_us;
 };
 
+/// Time in us until a bucket of `sr` is full from empty.
+inline std::uint64_t full_us(const script_rate& sr) {
+  return static_cast<std::uint64_t>(
+      (static_cast<ratelimit::detail::uint128>(sr.capacity) * sr.tick + sr.tok - 1) / sr.tok);
+}
+
+/// Due times are server times (about 1.8e15 us today, below 2^52 until
+/// 2112) plus at most horizon + full_us: kept below 2^53 by
+/// horizon + full_us <= 2^52.
+inline constexpr std::uint64_t max_ahead_us = std::uint64_t{1} << 52;
+
 /// Checks that the reservation script's arithmetic stays exact for
-/// `capacity` at `r` with reservations up to `horizon_us` ahead.
+/// `capacity` at `r` with reservations up to `horizon_us` ahead: levels
+/// (capacity·tick + horizon·tok + tok <= 2^53) and due times (see max_ahead_us).
 /// @throws std::invalid_argument saying what is wrong.
 inline reserve_rate make_reserve_rate(std::uint64_t capacity, const rate& r,
                                       std::uint64_t horizon_us) {
@@ -192,13 +207,32 @@ inline reserve_rate make_reserve_rate(std::uint64_t capacity, const rate& r,
   using ratelimit::detail::uint128;
   const uint128 need = static_cast<uint128>(sr.capacity) * sr.tick +
                        static_cast<uint128>(horizon_us) * sr.tok + sr.tok;
-  if (need > max_exact)
+  if (need > max_exact || static_cast<uint128>(horizon_us) + full_us(sr) > max_ahead_us)
     throw std::invalid_argument(
         "ratelimit::redis_token_bucket: a reservation horizon of " + std::to_string(horizon_us) +
         " us at this rate and capacity cannot be computed exactly in Redis (Lua numbers are "
-        "doubles): capacity * tick + horizon * tok + tok must not exceed 2^53; use a shorter "
-        "horizon");
+        "doubles): capacity * tick + horizon * tok + tok must not exceed 2^53, nor horizon plus "
+        "the time to fill the bucket 2^52 us; use a shorter horizon");
   return reserve_rate{sr, horizon_us};
+}
+
+/// The longest horizon (us) make_reserve_rate accepts for `capacity` at `r`
+/// (0 if none is).
+inline std::uint64_t max_exact_horizon_us(std::uint64_t capacity, const rate& r) {
+  const script_rate sr = make_script_rate(capacity, r);
+  const std::uint64_t used = sr.capacity * sr.tick + sr.tok;  // <= max_exact (checked)
+  const std::uint64_t by_level = (max_exact - used) / sr.tok;
+  const std::uint64_t fill = full_us(sr);
+  return std::min(by_level, fill >= max_ahead_us ? 0 : max_ahead_us - fill);
+}
+
+/// A horizon option in ms (milliseconds::max(): as far as stays exact), checked.
+inline reserve_rate make_reserve_rate_ms(std::uint64_t capacity, const rate& r,
+                                         std::int64_t horizon_ms) {
+  if (horizon_ms == std::numeric_limits<std::int64_t>::max())
+    return make_reserve_rate(capacity, r, max_exact_horizon_us(capacity, r));
+  const auto ms = static_cast<std::uint64_t>(horizon_ms);
+  return make_reserve_rate(capacity, r, ms > max_ahead_us / 1000 ? max_ahead_us + 1 : ms * 1000);
 }
 
 /// One request of a reservation call: `n` tokens, waiting at most `within_us`
