@@ -22,7 +22,10 @@
 //   run() returns; a moved-from bucket is a closed one.
 //
 // Timeouts are short (about 100 ms) so that the whole file runs in a few
-// seconds: it runs in the plain, ASan+UBSan and TSan trees.
+// seconds: it runs in the plain, ASan+UBSan and TSan trees. Every test runs
+// in both modes of the bucket: CTest runs this program twice, the second
+// time (test_redis_faults_reserve) with RATELIMIT_TEST_REDIS_MODE=reserve;
+// the tests (or cases) of one mode only say so.
 #include "fake_redis.hpp"
 #include "fault_proxy.hpp"
 #include "redis_server.hpp"
@@ -49,6 +52,32 @@ using namespace std::chrono_literals;
 namespace asio = boost::asio;
 using steady = std::chrono::steady_clock;
 using boost::system::error_code;
+
+namespace {
+
+/// The mode under test (see the header comment).
+bool reserve_mode() {
+  const char* m = std::getenv("RATELIMIT_TEST_REDIS_MODE");
+  return m && std::string_view(m) == "reserve";
+}
+
+/// Every bucket's options here, in the mode under test.
+ratelimit::redis_bucket_options mode_options(ratelimit::redis_bucket_options o = {}) {
+  if (reserve_mode()) o.mode = ratelimit::redis_bucket_mode::reserve;
+  return o;
+}
+
+/// A test of head-only mode (leasing): skipped, and reported as such, in the
+/// reservation mode run.
+struct head_only_test {
+  boost::test_tools::assertion_result operator()(boost::unit_test::test_unit_id) const {
+    boost::test_tools::assertion_result r(!reserve_mode());
+    r.message() << "a test of head-only mode";
+    return r;
+  }
+};
+
+}  // namespace
 
 namespace {
 
@@ -359,7 +388,8 @@ BOOST_AUTO_TEST_CASE(redis_bucket_options_accept_edge_values) {
 // took them: it asked again and again, each time taking 1 + lease tokens
 // from the shared key, starving every other client. Now refused; were it
 // accepted, the harm is measured here.
-BOOST_AUTO_TEST_CASE(lease_ttl_zero_no_longer_drains_the_shared_key) {
+BOOST_AUTO_TEST_CASE(lease_ttl_zero_no_longer_drains_the_shared_key,
+                     *boost::unit_test::precondition(head_only_test())) {
   redis_server server;
   asio::io_context ctx;
   redis_connection conn(ctx, fast_config(server.port())),
@@ -413,7 +443,8 @@ BOOST_AUTO_TEST_CASE(fault_hold_zero_no_longer_busy_loops_on_a_dead_server) {
         o.fault_hold = hold;
         std::unique_ptr<redis_token_bucket> bucket;
         try {
-          bucket = std::make_unique<redis_token_bucket>(conn, "dead", 2, per_second(20), o);
+          bucket = std::make_unique<redis_token_bucket>(conn, "dead", 2, per_second(20),
+                                                        mode_options(o));
         } catch (const std::invalid_argument& e) {
           BOOST_TEST(hold == 0ms);
           BOOST_TEST(std::string(e.what()).find("fault_hold") != std::string::npos, e.what());
@@ -434,8 +465,10 @@ BOOST_AUTO_TEST_CASE(fault_hold_zero_no_longer_busy_loops_on_a_dead_server) {
         BOOST_TEST_MESSAGE(name(policy) << ", hold " << hold.count() << " ms: " << s.round_trips
                                         << " round trips, " << s.faults << " faults, " << done
                                         << "/4 waiters done in " << window << " s");
-        // At most one round trip per hold (plus one), whatever the hold.
-        BOOST_TEST(s.round_trips <= window * 1000 / std::max<long>(hold.count(), 1) + 2);
+        // At most one round trip per hold (plus one), whatever the hold; in
+        // reservation mode one per call in flight (the 4 waiters go at once).
+        const double calls = reserve_mode() ? 4 : 1;
+        BOOST_TEST(s.round_trips <= calls * (window * 1000 / std::max<long>(hold.count(), 1) + 2));
         // Fail-closed fails them all; the local bucket (2 tokens, 20/s) serves them all.
         BOOST_TEST(done == 4);
         for (auto& w : waiters)
@@ -470,7 +503,7 @@ policy_run ask_three_then_try(asio::io_context& ctx, redis_connection& conn, con
   redis_bucket_options o;
   o.on_fault = policy;
   o.fault_hold = 1000ms;
-  redis_token_bucket bucket(conn, key, 3, per_second(1), o);
+  redis_token_bucket bucket(conn, key, 3, per_second(1), mode_options(o));
   policy_run r;
   const auto t0 = steady::now();
   for (int i = 0; i < 3; ++i)
@@ -540,7 +573,7 @@ bool recovers(asio::io_context& ctx, redis_connection& conn, const std::string& 
               std::chrono::milliseconds limit = 3000ms) {
   const auto end = steady::now() + limit;
   while (steady::now() < end) {
-    redis_token_bucket bucket(conn, key, 1000, per_second(1));
+    redis_token_bucket bucket(conn, key, 1000, per_second(1), mode_options());
     auto t = try_request(bucket);
     const bool answered = run_until(
         ctx, [&] { return t->done(); }, 2000ms);
@@ -664,7 +697,9 @@ BOOST_AUTO_TEST_CASE(every_not_now_reply_goes_through_the_policy) {
         const auto r = ask_three_then_try(p.ctx, p.conn, "nn:" + std::to_string(i++), policy);
         p.proxy.stop_replacing();
         expect_policy_applied_on_reply(r, policy);
-        BOOST_TEST(r.stats.round_trips == 1u);  // then the hold: nobody asks again
+        // Then the hold: nobody asks again. (Reservation mode: the 3 waiters
+        // went at once, in 3 calls, each answered so.)
+        BOOST_TEST(r.stats.round_trips == (reserve_mode() ? 3u : 1u));
       }
     }
   }
@@ -1083,7 +1118,7 @@ cycle_result run_through_faults(redis_fault_policy policy, std::uint64_t lease) 
   o.lease_ttl = 200ms;
   cycle_result out;
   const auto t0 = steady::now();
-  redis_token_bucket bucket(p.conn, "cycle", 5, per_second(50), o);
+  redis_token_bucket bucket(p.conn, "cycle", 5, per_second(50), mode_options(o));
   int running = 0;
   bool stop = false;
   auto worker = [&]() -> asio::awaitable<void> {
@@ -1142,7 +1177,7 @@ BOOST_AUTO_TEST_CASE(a_delay_shorter_than_the_timeout_just_works) {
   proxied p({}, 300ms);
   p.proxy.set_delay(direction::to_client, 30ms);
   p.proxy.set_delay(direction::to_server, 10ms);
-  redis_token_bucket bucket(p.conn, "slow", 4, per_second(20));  // 50 ms a token
+  redis_token_bucket bucket(p.conn, "slow", 4, per_second(20), mode_options());  // 50 ms a token
   const auto t0 = steady::now();
   std::vector<std::shared_ptr<outcome>> all;
   for (int i = 0; i < 6; ++i)
@@ -1218,7 +1253,7 @@ BOOST_AUTO_TEST_CASE(a_reset_in_the_middle_of_a_reply) {
       redis_bucket_options o;
       o.on_fault = policy;
       o.fault_hold = 50ms;
-      redis_token_bucket bucket(p.conn, key, 5, per_minute(1), o);
+      redis_token_bucket bucket(p.conn, key, 5, per_minute(1), mode_options(o));
       p.proxy.reset_after(direction::to_client, 5);  // "*3\r\n:" and no more
       auto w = request(bucket);
       BOOST_REQUIRE(run_until(
@@ -1259,7 +1294,7 @@ BOOST_AUTO_TEST_CASE(replies_split_byte_by_byte) {
   BOOST_TEST(exec(p.ctx, p.conn, {"GET", "v"}).reply.str == value);
   // Exactly the capacity (no refill to speak of at one a minute); the first
   // try meets NOSCRIPT and sends the script's text.
-  redis_token_bucket bucket(p.conn, "split", 5, per_minute(1));
+  redis_token_bucket bucket(p.conn, "split", 5, per_minute(1), mode_options());
   int granted = 0;
   for (int i = 0; i < 7; ++i) {
     auto t = try_request(bucket);
@@ -1273,14 +1308,20 @@ BOOST_AUTO_TEST_CASE(replies_split_byte_by_byte) {
   BOOST_TEST(s.faults == 0u);
   BOOST_TEST(s.granted == 5u);
   BOOST_TEST(s.redis_tokens == 5u);
-  // A waiter denied first (a wait in the reply), then granted 50 ms later.
-  redis_token_bucket fast(p.conn, "split:wait", 1, per_second(20));
+  // A waiter denied first (a wait in the reply), then granted 50 ms later;
+  // in reservation mode, reserved 50 ms ahead (a due time in the reply).
+  redis_token_bucket fast(p.conn, "split:wait", 1, per_second(20), mode_options());
+  const auto t0 = steady::now();
   auto first = request(fast), second = request(fast);
   BOOST_REQUIRE(run_until(
       p.ctx, [&] { return second->done(); }, 3000ms));
   BOOST_TEST(first->ok());
   BOOST_TEST(second->ok());
-  BOOST_TEST(fast.stats().round_trips >= 3u);  // granted, denied, granted
+  BOOST_TEST((steady::now() - t0 >= 45ms));
+  if (reserve_mode())
+    BOOST_TEST(fast.stats().reserved == 2u);  // one call each, no asking again
+  else
+    BOOST_TEST(fast.stats().round_trips >= 3u);  // granted, denied, granted
 }
 
 // Accepted and closed at once (a proxy whose backend is gone): every policy.
@@ -1309,6 +1350,7 @@ BOOST_AUTO_TEST_CASE(no_grant_beyond_the_limit_through_every_fault) {
   for (const run& c :
        {run{redis_fault_policy::fail_closed, 0}, run{redis_fault_policy::fail_closed, 2},
         run{redis_fault_policy::fail_open, 0}, run{redis_fault_policy::local_fallback, 0}}) {
+    if (c.lease > 0 && reserve_mode()) continue;  // leasing is head-only mode's
     BOOST_TEST_CONTEXT(name(c.policy) << ", lease " << c.lease) {
       const auto r = run_through_faults(c.policy, c.lease);
       const auto& s = r.stats;
@@ -1418,7 +1460,7 @@ BOOST_AUTO_TEST_CASE(bucket_with_waiters_and_a_deferred_operation) {
       {
         redis_connection conn(ctx, patient_config(server.port()));
         auto bucket = std::make_unique<redis_token_bucket>(conn, std::string("lw:") + name(a), 1,
-                                                           per_minute(1));
+                                                           per_minute(1), mode_options());
         auto first = request(*bucket);
         BOOST_REQUIRE(run_until(ctx, [&] { return first->done(); }));
         BOOST_TEST(first->ok());
@@ -1473,7 +1515,7 @@ BOOST_AUTO_TEST_CASE(bucket_with_a_blocked_thread) {
       asio::io_context ctx;
       auto conn = std::make_unique<redis_connection>(ctx, patient_config(server.port()));
       auto bucket = std::make_unique<redis_token_bucket>(*conn, std::string("lb:") + name(a), 1,
-                                                         per_minute(1));
+                                                         per_minute(1), mode_options());
       runner run(ctx);
       bucket->get_token();  // the only token
       std::promise<error_code> result;
@@ -1504,8 +1546,8 @@ BOOST_AUTO_TEST_CASE(bucket_destroyed_as_a_thread_starts_blocking) {
   auto conn = std::make_unique<redis_connection>(ctx, patient_config(server.port()));
   runner run(ctx);
   for (int i = 0; i < 100; ++i) {
-    auto bucket =
-        std::make_unique<redis_token_bucket>(*conn, "race:" + std::to_string(i), 1, per_minute(1));
+    auto bucket = std::make_unique<redis_token_bucket>(*conn, "race:" + std::to_string(i), 1,
+                                                       per_minute(1), mode_options());
     std::atomic<bool> returned{false};
     error_code ec;
     std::thread caller([&, b = bucket.get()] {
@@ -1536,7 +1578,7 @@ BOOST_AUTO_TEST_CASE(bucket_with_requests_in_flight) {
         redis_connection conn(ctx, patient_config(proxy.port()));
         BOOST_REQUIRE(recovers(ctx, conn, "warm"));
         auto bucket = std::make_unique<redis_token_bucket>(conn, std::string("lf:") + name(a), 10,
-                                                           per_second(1));
+                                                           per_second(1), mode_options());
         proxy.set_delay(direction::to_client, 600ms);  // past the bound
         t = try_request(*bucket);                      // the queue is empty: the try asks Redis
         w = request(*bucket);                          // the head asks Redis too
@@ -1655,7 +1697,7 @@ BOOST_AUTO_TEST_CASE(connection_closed_under_a_blocked_get_token) {
       redis_bucket_options o;
       o.on_fault = policy;
       auto bucket = std::make_unique<redis_token_bucket>(*conn, std::string("lc:") + name(policy),
-                                                         5, per_second(1), o);
+                                                         5, per_second(1), mode_options(o));
       runner run(ctx);
       proxy.set_delay(direction::to_client, 1000ms);
       std::promise<error_code> result;
@@ -1686,7 +1728,7 @@ BOOST_AUTO_TEST_CASE(moved_from_bucket_is_closed) {
   redis_server server;
   asio::io_context ctx;
   redis_connection conn(ctx, patient_config(server.port()));
-  redis_token_bucket a(conn, "mv", 1, per_minute(1));
+  redis_token_bucket a(conn, "mv", 1, per_minute(1), mode_options());
   const auto ex = a.get_executor();
   auto first = request(a);
   BOOST_REQUIRE(run_until(ctx, [&] { return first->done(); }));
@@ -1721,7 +1763,7 @@ BOOST_AUTO_TEST_CASE(moved_from_bucket_is_closed) {
   BOOST_TEST(!queued->done());
 
   // Move assignment: the target's own waiter is aborted, b's moves in.
-  redis_token_bucket c(conn, "mv2", 1, per_minute(1));
+  redis_token_bucket c(conn, "mv2", 1, per_minute(1), mode_options());
   auto c_first = request(c);
   BOOST_REQUIRE(run_until(ctx, [&] { return c_first->done(); }));
   auto c_queued = request(c);
