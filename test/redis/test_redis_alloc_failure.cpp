@@ -22,7 +22,10 @@
 // (recovery: a failed connection is re-made, a fault hold ends).
 //
 // The bucket runs on steady_clock with short waits (a token per 5 ms) and a
-// 20 ms fault hold, so that each run takes a few milliseconds.
+// 20 ms fault hold, so that each run takes a few milliseconds. Every
+// scenario runs in both modes of the bucket ("redis.reserve.*": reservation
+// mode, where a denied head is a reservation due later, and a cancelled
+// reservation sends a refund).
 //
 #include "alloc_harness.hpp"
 #include "redis_server.hpp"
@@ -80,16 +83,18 @@ struct redis_case {
   const char* name;
   void (*script)(redis_case&, env&);
   bool flush_scripts = false;
+  bool reserve = false;
 
   std::optional<redis_connection> conn;
   std::optional<bucket_t> bucket;
 
-  std::string key() const { return std::string("alloc:") + name; }
+  std::string key() const { return std::string("alloc:") + name + (reserve ? ":r" : ""); }
 
   redis_bucket_options options() const {
     redis_bucket_options o;
     o.on_fault = redis_fault_policy::fail_closed;
     o.fault_hold = std::chrono::milliseconds(20);
+    if (reserve) o.mode = redis_bucket_mode::reserve;
     return o;
   }
 
@@ -264,6 +269,23 @@ void close_in_flight(redis_case& c, env& e) {
   AF_CHECK(all_done(e));
 }
 
+/// Reservation mode: a waiter reserved ahead is cancelled before its due
+/// time, which sends a refund (its reply arrives after the run's requests).
+void cancel_refunds(redis_case& c, env& e) {
+  if (!c.make_bucket(e, 1)) return;
+  e.start(get(*c.bucket, 1));
+  e.start(get(*c.bucket, 1));  // reserved 5 ms ahead
+  e.settle(
+      [&] {
+        const auto s = c.bucket->stats();
+        return s.reserved >= 2 || s.faults > 0;
+      },
+      std::chrono::seconds(1));
+  e.call("cancel", [&] { c.bucket->cancel(); });
+  AF_CHECK(all_done(e));
+  e.pump(std::chrono::milliseconds(2));  // the refund's reply
+}
+
 /// Destruction with a request and a try in flight and a waiter queued;
 /// the replies arrive into nothing.
 void destroy_in_flight(redis_case& c, env& e) {
@@ -297,6 +319,7 @@ const scenario scenarios[] = {
      bit(kind::callback) | bit(kind::std_allocator) | bit(kind::counting_allocator)},
     {"redis.destroy_in_flight", destroy_in_flight, false,
      bit(kind::callback) | bit(kind::std_allocator) | bit(kind::counting_allocator)},
+    {"redis.cancel_refunds", cancel_refunds, false, bit(kind::callback) | bit(kind::std_allocator)},
 };
 
 }  // namespace
@@ -328,17 +351,23 @@ int main(int argc, char** argv) {
                              kind::strand,   kind::deferred,      kind::future,
                              kind::awaitable};
   int runs = 0;
-  for (const scenario& s : scenarios) {
-    redis_case c{s.name, s.script, s.flush_scripts, {}, {}};
-    for (kind k : every_kind) {
-      if (!(s.kinds & bit(k))) continue;
-      exhaust(s.name, c, k, place::io_context, opt);
-      ++runs;
-    }
+  for (bool reserve : {false, true}) {
+    for (const scenario& s : scenarios) {
+      // (cancel_refunds is about refunds: reservation mode only)
+      if (!reserve && s.script == cancel_refunds) continue;
+      const std::string name =
+          reserve ? "redis.reserve." + std::string(s.name).substr(6) : std::string(s.name);
+      redis_case c{s.name, s.script, s.flush_scripts, reserve, {}, {}};
+      for (kind k : every_kind) {
+        if (!(s.kinds & bit(k))) continue;
+        exhaust(name.c_str(), c, k, place::io_context, opt);
+        ++runs;
+      }
 #ifdef RATELIMIT_TEST_HAVE_HIREDIS_HOOK
-    exhaust(s.name, c, kind::callback, place::io_context, opt, hiredis_injector);
-    ++runs;
+      exhaust(name.c_str(), c, kind::callback, place::io_context, opt, hiredis_injector);
+      ++runs;
 #endif
+    }
   }
   return summary(runs);
 }

@@ -630,10 +630,10 @@ class redis_bucket_impl
                                             script_result& res) const {
     if (!reserve_) return parse_script_reply(reply, res);
     std::uint64_t now = 0;
-    std::vector<reservation_result> out;
-    if (auto ec = parse_reserve_reply(reply, 1, now, out)) return ec;
-    const bool reserved = out[0].what == reservation_result::status::reserved;
-    if (reserved && out[0].due_us != now) return error::redis_bad_reply;  // (it accepted no wait)
+    if (auto ec = check_reserve_reply(reply, 1, now)) return ec;
+    const reservation_result one = reservation_at(reply, 0);
+    const bool reserved = one.what == reservation_result::status::reserved;
+    if (reserved && one.due_us != now) return error::redis_bad_reply;  // (it accepted no wait)
     res.granted = reserved;
     res.taken = reserved ? need : 0;
     res.wait_us = 0;
@@ -874,9 +874,8 @@ class redis_bucket_impl
   void on_reserve_reply(boost::system::error_code ec, redis_reply reply, reserve_call call,
                         bool eval) {
     std::uint64_t server_now = 0;
-    std::vector<reservation_result> out;
     bool resend = false;
-    if (!ec) ec = parse_reserve_reply(reply, call.reqs.size(), server_now, out);
+    if (!ec) ec = check_reserve_reply(reply, call.reqs.size(), server_now);
     ec = classify(ec, reply, resend);
     if (resend && !eval) {
       // The server lost the script (restart, SCRIPT FLUSH): send its text.
@@ -912,11 +911,11 @@ class redis_bucket_impl
       }
     } else {
       waiter_base* w = first_of_call(call.first);
-      for (std::size_t i = 0; i < out.size(); ++i) {
+      for (std::size_t i = 0; i < call.reqs.size(); ++i) {
         reservation* mine = w && as_res(w)->seq == call.first + i ? as_res(w) : nullptr;
         if (mine) w = w->next;
         const std::uint64_t n = call.reqs[i].n;
-        const reservation_result& r = out[i];
+        const reservation_result r = reservation_at(reply, i);
         if (r.what == reservation_result::status::reserved) {
           ++stats_.reserved;
           stats_.redis_tokens += n;

@@ -305,25 +305,36 @@ struct reservation_result {
 };
 
 /// Checks the reply's shape for `count` requests: an array of 1 + 2·count
-/// non-negative integers, each status 0, 1 or 2. Anything else is
-/// `redis_bad_reply`; an error reply is `redis_error`.
-inline boost::system::error_code parse_reserve_reply(const redis_reply& r, std::size_t count,
-                                                     std::uint64_t& now_us,
-                                                     std::vector<reservation_result>& out) {
+/// non-negative integers, each status 0, 1 or 2, and sets `now_us`.
+/// Anything else is `redis_bad_reply`; an error reply is `redis_error`.
+/// Allocates nothing (a reply handler's step that cannot fail).
+inline boost::system::error_code check_reserve_reply(const redis_reply& r, std::size_t count,
+                                                     std::uint64_t& now_us) noexcept {
   if (r.type == redis_reply::kind::error) return error::redis_error;
   if (r.type != redis_reply::kind::array || r.elements.size() != 1 + 2 * count)
     return error::redis_bad_reply;
   for (const auto& e : r.elements)
     if (e.type != redis_reply::kind::integer || e.integer < 0) return error::redis_bad_reply;
+  for (std::size_t i = 0; i < count; ++i)
+    if (r.elements[1 + 2 * i].integer > 2) return error::redis_bad_reply;
   now_us = static_cast<std::uint64_t>(r.elements[0].integer);
+  return {};
+}
+
+/// Request `i`'s answer in a reply check_reserve_reply accepted.
+inline reservation_result reservation_at(const redis_reply& r, std::size_t i) noexcept {
+  return {static_cast<reservation_result::status>(r.elements[1 + 2 * i].integer),
+          static_cast<std::uint64_t>(r.elements[2 + 2 * i].integer)};
+}
+
+/// check_reserve_reply, and every answer into `out`.
+inline boost::system::error_code parse_reserve_reply(const redis_reply& r, std::size_t count,
+                                                     std::uint64_t& now_us,
+                                                     std::vector<reservation_result>& out) {
+  if (auto ec = check_reserve_reply(r, count, now_us)) return ec;
   out.clear();
-  out.reserve(count);
-  for (std::size_t i = 0; i < count; ++i) {
-    const long long s = r.elements[1 + 2 * i].integer;
-    if (s > 2) return error::redis_bad_reply;
-    out.push_back({static_cast<reservation_result::status>(s),
-                   static_cast<std::uint64_t>(r.elements[2 + 2 * i].integer)});
-  }
+  for (std::size_t i = 0; i < count; ++i)
+    out.push_back(reservation_at(r, i));
   return {};
 }
 
