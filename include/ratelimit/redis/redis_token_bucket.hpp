@@ -190,16 +190,21 @@ class basic_redis_token_bucket {
   /// Asynchronously waits at most `timeout` (from the initiation, on the
   /// bucket's clock) for `n` tokens, in line with the other waiters.
   ///
+  /// The deadline is about when the tokens are due: the request is granted
+  /// if, when it reaches Redis, its tokens are due within what is left of
+  /// `timeout` (nothing left: only if they are there now), and is refused,
+  /// taking nothing, otherwise. Reservation mode: the time left goes into the
+  /// script with the request, so a refusal comes with the reply, at once, and
+  /// needs no second round trip. Head-only mode: the head's reply says when
+  /// its tokens would be there; a request behind the head learns it when it
+  /// gets there. The grant itself arrives with the reply, or at the due time
+  /// (up to a round trip after a due time at the deadline).
+  ///
   /// @par Completion Signature
   /// `void(boost::system::error_code ec, bool granted)`: `(success, true)`
-  /// once the tokens are taken; `(success, false)` when they could not be
-  /// granted in time, having taken nothing; errors as async_get_token.
-  /// Reservation mode: the deadline goes into the script, so a request that
-  /// cannot be served in time fails with its reply, at once, and takes
-  /// nothing (one whose reply comes back too late to be in time gives its
-  /// reservation back). Head-only mode: a request learns it is late when it
-  /// reaches the head of this object's queue, or from the head's reply.
-  /// Tokens due exactly at the deadline count. Never invoked inside this
+  /// once the tokens are taken; `(success, false)` when they would not be
+  /// due in time; errors as async_get_token (a horizon shorter than the
+  /// timeout still gives `exceeds_horizon`). Never invoked inside this
   /// function.
   ///
   /// @par Per-Operation Cancellation

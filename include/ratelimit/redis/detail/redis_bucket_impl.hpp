@@ -82,7 +82,7 @@ class reservation : public waiter_base {
   std::uint64_t seq = 0;     // its number among the requests sent
   std::int64_t due = 0;      // granted then (local clock, ns)
   std::uint64_t due_us = 0;  // the same in the server's clock (us), for a refund
-  std::int64_t not_after = ratelimit::detail::max_time;  // a deadline: never granted later
+  std::int64_t not_after = ratelimit::detail::max_time;  // a deadline form's (local clock, ns)
 
  protected:
   reservation(fn_type fn, std::uint64_t n) noexcept : waiter_base(fn, n) {}
@@ -134,8 +134,10 @@ class redis_bucket_impl
 
   // --- requests -------------------------------------------------------------
 
-  /// Queues a request for `n` tokens, granted no later than `not_after`
-  /// (local clock, ns; max_time: no deadline) or failed with timed_out.
+  /// Queues a request for `n` tokens. With a deadline `not_after` (local
+  /// clock, ns; max_time: none), it completes with timed_out, taking
+  /// nothing, when its tokens would be due after it (as the bucket's
+  /// async_try_get_token_for says).
   template <typename Handler>
   void async_get(Handler&& handler, std::uint64_t n,
                  std::int64_t not_after = ratelimit::detail::max_time) {
@@ -199,8 +201,8 @@ class redis_bucket_impl
     op->complete(finish_mode::post, executor_);
   }
 
-  /// Blocks until granted (or `not_after` passes: timed_out); fails at once
-  /// when it could wait forever.
+  /// Blocks until granted (with a deadline `not_after`: timed_out as
+  /// async_get); fails at once when it could wait forever.
   void get_blocking(std::uint64_t n, boost::system::error_code& ec,
                     std::int64_t not_after = ratelimit::detail::max_time) {
     ec = {};
@@ -324,11 +326,6 @@ class redis_bucket_impl
       const std::int64_t now = now_ns();
       while (!closed_ && !busy() && !queue_.empty()) {
         waiter_base* head = queue_.front();
-        if (as_res(head)->not_after < now) {  // late: it learns it at the head
-          queue_.erase(head);
-          ready.push_back(head, boost::asio::error::timed_out);
-          continue;
-        }
         if (take_pool(now, head->tokens)) {
           grant(head, ready);
           continue;
@@ -927,12 +924,6 @@ class redis_bucket_impl
                               std::min<std::uint64_t>(ahead, detail::max_time / 1000))));
           if (!mine) {  // cancelled (or closed) while its call was out
             if (ahead > 0) refund_later(n, r.due_us);
-            continue;
-          }
-          if (due > mine->not_after) {  // late by the round trip: not in time after all
-            sent_.erase(mine);
-            refund_later(n, r.due_us);
-            ready.push_back(mine, boost::asio::error::timed_out);
             continue;
           }
           sent_.erase_keep_link(mine);
