@@ -1,7 +1,9 @@
 // The Redis workload (see /work/shared/BENCHMARKS.md): grants per second
-// through one connection with many concurrent coroutines, with and without
-// leasing, and redis-benchmark running EVALSHA of the same script on the same
-// server in the same run as the reference point.
+// through one connection with many concurrent coroutines on one key, in
+// head-only mode (with and without leasing) and in reservation mode
+// (coalesced calls, several in flight), and redis-benchmark running EVALSHA
+// of the same scripts on the same server in the same run as the reference
+// points.
 //
 //   bench_redis [--reps N] [--seconds X] [--coroutines N] [--port N]
 //
@@ -11,6 +13,7 @@
 // The bucket never runs dry (1e9 tokens/s), so every figure is the cost of
 // the machinery: script, round trips, queueing. Each result is checked: a
 // request that fails aborts the run.
+#include <ratelimit/redis/detail/reserve_script.hpp>
 #include <ratelimit/redis/detail/script.hpp>
 #include <ratelimit/redis/redis_token_bucket.hpp>
 
@@ -79,7 +82,7 @@ constexpr ratelimit::rate huge_rate = ratelimit::per_second(1'000'000'000);
 
 /// `coroutines` coroutines take one token at a time for `secs`; returns {grants/s, trips/s}.
 std::pair<double, double> run_ours(std::uint16_t port, const std::string& key, int coroutines,
-                                   double secs, std::uint64_t lease) {
+                                   double secs, std::uint64_t lease, bool reserve = false) {
   asio::io_context ctx;
   ratelimit::redis_config cfg;
   cfg.port = port;
@@ -87,6 +90,7 @@ std::pair<double, double> run_ours(std::uint16_t port, const std::string& key, i
   ratelimit::redis_connection conn(ctx, cfg);
   ratelimit::redis_bucket_options opts;
   opts.lease = lease;
+  if (reserve) opts.mode = ratelimit::redis_bucket_mode::reserve;
   ratelimit::redis_token_bucket bucket(conn, key, capacity, huge_rate, opts);
   // Warm up: connected, script loaded.
   bool warm = false;
@@ -128,36 +132,33 @@ std::pair<double, double> run_ours(std::uint16_t port, const std::string& key, i
   return {static_cast<double>(counted) / elapsed, static_cast<double>(trips) / elapsed};
 }
 
-/// redis-benchmark running our script (EVALSHA, never denied) on the same server.
-double run_redis_benchmark(std::uint16_t port, const std::string& sha, int clients, int pipeline,
+/// redis-benchmark running our script (EVALSHA of `sha` with `args` after the
+/// key, never denied) on the same server.
+double run_redis_benchmark(std::uint16_t port, const std::string& sha,
+                           const std::vector<std::string>& args, int clients, int pipeline,
                            int requests) {
   char path[] = "/tmp/bench_redis_XXXXXX";
   const int fd = mkstemp(path);
   if (fd < 0) fail("mkstemp");
   close(fd);
-  const auto sr = rd::make_script_rate(capacity, huge_rate);
-  const pid_t pid = spawn({"redis-benchmark",
-                           "-h",
-                           "127.0.0.1",
-                           "-p",
-                           std::to_string(port),
-                           "-c",
-                           std::to_string(clients),
-                           "-P",
-                           std::to_string(pipeline),
-                           "-n",
-                           std::to_string(requests),
-                           "--csv",
-                           "EVALSHA",
-                           sha,
-                           "1",
-                           "bench:redis-benchmark",
-                           std::to_string(sr.capacity),
-                           std::to_string(sr.tok),
-                           std::to_string(sr.tick),
-                           "1",
-                           "0"},
-                          path);
+  std::vector<std::string> cmd{"redis-benchmark",
+                               "-h",
+                               "127.0.0.1",
+                               "-p",
+                               std::to_string(port),
+                               "-c",
+                               std::to_string(clients),
+                               "-P",
+                               std::to_string(pipeline),
+                               "-n",
+                               std::to_string(requests),
+                               "--csv",
+                               "EVALSHA",
+                               sha,
+                               "1",
+                               "bench:redis-benchmark:" + sha.substr(0, 8)};
+  cmd.insert(cmd.end(), args.begin(), args.end());
+  const pid_t pid = spawn(cmd, path);
   if (wait_for(pid) != 0) fail("redis-benchmark failed");
   FILE* f = std::fopen(path, "r");
   char line[1024];
@@ -207,16 +208,31 @@ int main(int argc, char** argv) {
     }
   }
   const std::string sha = rd::script_sha1();
-  {
-    // Load the script for redis-benchmark's EVALSHA.
+  const std::string reserve_sha = rd::script_sha1(rd::reserve_script);
+  const auto sr = rd::make_script_rate(capacity, huge_rate);
+  // The head-only script's arguments (1 token, no lease), and the
+  // reservation script's (horizon 1 s, one request of 1 token).
+  const std::vector<std::string> head_args{std::to_string(sr.capacity), std::to_string(sr.tok),
+                                           std::to_string(sr.tick), "1", "0"};
+  const std::vector<std::string> reserve_args{std::to_string(sr.capacity),
+                                              std::to_string(sr.tok),
+                                              std::to_string(sr.tick),
+                                              "1000000",
+                                              "1",
+                                              "",
+                                              "1",
+                                              ""};
+  for (const auto& [text, want] :
+       {std::pair{rd::bucket_script, sha}, std::pair{rd::reserve_script, reserve_sha}}) {
+    // Load the scripts for redis-benchmark's EVALSHA.
     asio::io_context ctx;
     ratelimit::redis_config cfg;
     cfg.port = static_cast<std::uint16_t>(port);
     ratelimit::redis_connection conn(ctx, cfg);
     bool done = false;
-    conn.async_exec({"SCRIPT", "LOAD", std::string(rd::bucket_script)},
-                    [&](boost::system::error_code ec, ratelimit::redis_reply r) {
-                      if (ec || r.str != sha) fail("SCRIPT LOAD: " + ec.message() + " " + r.str);
+    conn.async_exec({"SCRIPT", "LOAD", std::string(text)},
+                    [&, want = want](boost::system::error_code ec, ratelimit::redis_reply r) {
+                      if (ec || r.str != want) fail("SCRIPT LOAD: " + ec.message() + " " + r.str);
                       done = true;
                       conn.close();
                     });
@@ -237,9 +253,21 @@ int main(int argc, char** argv) {
           lease ? "_lease16" : "", rep, g, t, coroutines);
       std::fflush(stdout);
     }
-    const double one = run_redis_benchmark(p, sha, 1, 200, 200000);
+    {
+      const auto [g, t] =
+          run_ours(p, "bench:ours:reserve:" + std::to_string(rep), coroutines, secs, 0, true);
+      std::printf(
+          "impl=asio_ratelimit_reserve workload=redis rep=%d grants_per_s=%.0f "
+          "round_trips_per_s=%.0f coroutines=%d\n",
+          rep, g, t, coroutines);
+      std::fflush(stdout);
+    }
+    const double one = run_redis_benchmark(p, sha, head_args, 1, 200, 200000);
     std::printf("impl=redis_benchmark_c1_P200 workload=redis rep=%d grants_per_s=%.0f\n", rep, one);
-    const double many = run_redis_benchmark(p, sha, 50, 1, 100000);
+    const double one_reserve = run_redis_benchmark(p, reserve_sha, reserve_args, 1, 200, 200000);
+    std::printf("impl=redis_benchmark_reserve_c1_P200 workload=redis rep=%d grants_per_s=%.0f\n",
+                rep, one_reserve);
+    const double many = run_redis_benchmark(p, sha, head_args, 50, 1, 100000);
     std::printf("impl=redis_benchmark_c50_P1 workload=redis rep=%d grants_per_s=%.0f\n", rep, many);
     std::fflush(stdout);
   }
