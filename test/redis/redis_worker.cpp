@@ -1,5 +1,6 @@
 // A helper process for test_redis_processes: one redis_token_bucket on a
-// shared key, in mode `head` or `reserve`, `coroutines` coroutines taking one
+// shared key, in mode `head` or `reserve` (with calls of at most `max_batch`
+// requests), `coroutines` coroutines taking one
 // token at a time from `start` (system_clock, ms since the epoch) for
 // `duration` ms. With behaviour `cancel`, each request is cancelled if not
 // granted within 20 ms (then the coroutine asks again). Prints
@@ -22,10 +23,10 @@ namespace asio = boost::asio;
 using namespace std::chrono;
 
 int main(int argc, char** argv) {
-  if (argc != 11) {
+  if (argc != 12) {
     std::fprintf(stderr,
                  "usage: redis_worker port key capacity rate_per_s coroutines duration_ms "
-                 "start_ms lease head|reserve take|cancel\n");
+                 "start_ms lease head|reserve take|cancel max_batch\n");
     return 2;
   }
   ratelimit::redis_config cfg;
@@ -42,6 +43,7 @@ int main(int argc, char** argv) {
   const bool reserve = std::string(argv[9]) == "reserve";
   if (reserve) opts.mode = ratelimit::redis_bucket_mode::reserve;
   const bool cancel = std::string(argv[10]) == "cancel";
+  opts.max_batch = std::stoull(argv[11]);
 
   asio::io_context ctx;
   ratelimit::redis_connection conn(ctx, cfg);

@@ -42,6 +42,7 @@ struct run_config {
   std::vector<std::string> behaviours = {"take", "take", "take", "take"};
   int duration_ms = 2000;
   bool window_lower_bound = true;  // check that 95% of the window's bound was granted
+  std::size_t max_batch = 256;     // reservation mode: requests per call
 };
 
 struct run_result {
@@ -56,7 +57,8 @@ run_result run_processes(const run_config& rc) {
   constexpr int coroutines = 50;
   constexpr std::uint64_t capacity = 20, rate = 200;
   const int duration_ms = rc.duration_ms;
-  const std::string key = "procs:" + std::to_string(lease) + ":" + rc.mode;
+  const std::string key =
+      "procs:" + std::to_string(lease) + ":" + rc.mode + ":" + std::to_string(rc.max_batch);
   // Every process starts at the same instant, once all are surely up.
   const auto start = time_point_cast<milliseconds>(system_clock::now()) + milliseconds(1500);
   std::vector<pid_t> pids;
@@ -72,7 +74,7 @@ run_result run_processes(const run_config& rc) {
                RATELIMIT_REDIS_WORKER, std::to_string(server.port()), key, std::to_string(capacity),
                std::to_string(rate), std::to_string(coroutines), std::to_string(duration_ms),
                std::to_string(start.time_since_epoch().count()), std::to_string(lease), rc.mode,
-               rc.behaviours[p]},
+               rc.behaviours[p], std::to_string(rc.max_batch)},
               false));
   }
   run_result out;
@@ -147,6 +149,13 @@ BOOST_AUTO_TEST_CASE(four_processes_share_one_limit_fairly_with_reservations) {
     // One round trip per grant at most (calls carry many requests).
     BOOST_TEST(w.round_trips <= static_cast<unsigned long long>(w.granted) + 60);
   }
+}
+
+// Reservations one per call (no coalescing): exact too (checked in run_processes).
+BOOST_AUTO_TEST_CASE(four_processes_share_one_limit_with_one_reservation_per_call) {
+  const auto r = run_processes({.mode = "reserve", .max_batch = 1});
+  for (const auto& w : r.workers)
+    BOOST_TEST(w.round_trips >= static_cast<unsigned long long>(w.granted));  // one call each
 }
 
 // A process that cancels every reservation within 20 ms (each is due about
