@@ -159,6 +159,14 @@ struct exec_result {
   redis_reply reply;
 };
 
+/// A server of the test's own, a context and a connection to the server:
+/// the fixture of most Redis tests.
+struct redis_fixture {
+  redis_server server;
+  boost::asio::io_context ctx;
+  redis_connection conn{ctx, server.config()};
+};
+
 /// Runs `ctx` until `done()` or `limit` passes; returns done().
 template <typename Pred>
 bool run_until(boost::asio::io_context& ctx, Pred done,

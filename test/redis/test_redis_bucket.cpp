@@ -29,6 +29,16 @@ bool reserve_mode() {
   return m && std::string_view(m) == "reserve";
 }
 
+/// Every request granted, in the order made.
+void expect_granted_in_order(asio::io_context& ctx,
+                             const std::vector<std::shared_ptr<outcome>>& all) {
+  BOOST_REQUIRE(run_until(ctx, [&] { return all.back()->done(); }));
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    BOOST_TEST(all[i]->ok());
+    if (i) BOOST_TEST(all[i - 1]->order < all[i]->order);
+  }
+}
+
 /// A test of head-only mode (leasing, only the head asking): skipped, and
 /// reported as such, in the reservation mode run.
 struct head_only_test {
@@ -45,11 +55,7 @@ redis_bucket_options mode_options(redis_bucket_options o = {}) {
   return o;
 }
 
-struct fixture {
-  redis_server server;
-  asio::io_context ctx;
-  redis_connection conn{ctx, server.config()};
-};
+using fixture = redis_fixture;
 
 template <typename Bucket>
 std::optional<std::pair<boost::system::error_code, bool>> try_get(asio::io_context& ctx, Bucket& b,
@@ -173,11 +179,7 @@ BOOST_FIXTURE_TEST_CASE(fifo_and_only_the_head_asks, fixture,
   std::vector<std::shared_ptr<outcome>> all;
   for (int i = 0; i < 40; ++i)
     all.push_back(request(bucket, 1 + i % 3));
-  BOOST_REQUIRE(run_until(ctx, [&] { return all.back()->done(); }));
-  for (std::size_t i = 0; i < all.size(); ++i) {
-    BOOST_TEST(all[i]->ok());
-    if (i) BOOST_TEST(all[i - 1]->order < all[i]->order);
-  }
+  expect_granted_in_order(ctx, all);
   // Each waiter costs about one denied and one granted round trip, not a poll loop.
   BOOST_TEST(bucket.stats().round_trips <= 3 * all.size());
 }
@@ -194,11 +196,7 @@ BOOST_FIXTURE_TEST_CASE(fifo_with_one_round_trip_per_grant_at_most, fixture,
   std::vector<std::shared_ptr<outcome>> all;
   for (int i = 0; i < 40; ++i)
     all.push_back(request(bucket, 1 + i % 3));
-  BOOST_REQUIRE(run_until(ctx, [&] { return all.back()->done(); }));
-  for (std::size_t i = 0; i < all.size(); ++i) {
-    BOOST_TEST(all[i]->ok());
-    if (i) BOOST_TEST(all[i - 1]->order < all[i]->order);
-  }
+  expect_granted_in_order(ctx, all);
   // Queued together, they went together: the first calls fill the window
   // (4), the rest go in one call when the first reply arrives.
   const auto st = bucket.stats();

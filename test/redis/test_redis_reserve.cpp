@@ -34,11 +34,7 @@ using steady = std::chrono::steady_clock;
 
 namespace {
 
-struct fixture {
-  redis_server server;
-  asio::io_context ctx;
-  redis_connection conn{ctx, server.config()};
-
+struct fixture : redis_fixture {
   redis_bucket_options reserve(redis_bucket_options o = {}) {
     o.mode = redis_bucket_mode::reserve;
     return o;

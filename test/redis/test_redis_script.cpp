@@ -220,11 +220,7 @@ void reserve_side_by_side(boost::asio::io_context& ctx, redis_connection& conn,
   exec(ctx, conn, {"DEL", key});
 }
 
-struct server_fixture {
-  redis_server server;
-  boost::asio::io_context ctx;
-  redis_connection conn{ctx, server.config()};
-};
+using server_fixture = redis_fixture;
 
 }  // namespace
 

@@ -56,7 +56,9 @@ namespace ratelimit::redis_detail {
 
 namespace lua {
 
-inline constexpr std::string_view reserve_args = R"lua(
+/// Both scripts' arguments: capacity, tok, tick, horizon, then k pairs
+/// (ARGV[5] = k, ARGV[6] the time hook, the pairs from ARGV[7]).
+inline constexpr std::string_view reservation_args = R"lua(
 local cap = tonumber(ARGV[1])
 local tok = tonumber(ARGV[2])
 local tick = tonumber(ARGV[3])
@@ -118,19 +120,6 @@ inline constexpr std::string_view reserve_return = R"lua(
 return out
 )lua";
 
-inline constexpr std::string_view refund_args = R"lua(
-local cap = tonumber(ARGV[1])
-local tok = tonumber(ARGV[2])
-local tick = tonumber(ARGV[3])
-local horizon = tonumber(ARGV[4])
-local count = tonumber(ARGV[5])
-if not (cap and tok and tick and horizon and count) or cap < 1 or tok < 1 or tick < 1 or
-   horizon < 0 or count < 1 or #ARGV ~= 6 + 2 * count then
-  return redis.error_reply('ratelimit: bad script arguments')
-end
-local cfg = 'r:' .. ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3]
-)lua";
-
 /// The tokens of the reservations not due yet (pairs n, due from ARGV[7]).
 inline constexpr std::string_view refund_due = R"lua(
 local give = 0
@@ -167,8 +156,9 @@ return give
 /// `within`; s = 0 refused, due beyond the horizon (d: when it would have
 /// been due). A refused request takes nothing.
 inline constexpr std::string_view reserve_script =
-    lua_join<lua::reserve_args, lua::now, lua::reserve_full, lua::read_state, lua::not_before_last,
-             lua::refill, lua::reserve_each, lua::write_state, lua::reserve_return>::value;
+    lua_join<lua::reservation_args, lua::now, lua::reserve_full, lua::read_state,
+             lua::not_before_last, lua::refill, lua::reserve_each, lua::write_state,
+             lua::reserve_return>::value;
 
 /// KEYS[1]: the bucket. ARGV: capacity, tok, tick, horizon (us), k, now (us;
 /// empty: the server's TIME), then k pairs (n, due): reservations of n tokens
@@ -176,8 +166,8 @@ inline constexpr std::string_view reserve_script =
 /// capacity (a missing key is a full bucket); those already due are the
 /// requests' and stay taken. Returns the tokens given back.
 inline constexpr std::string_view refund_script =
-    lua_join<lua::refund_args, lua::now, lua::reserve_full, lua::read_state, lua::not_before_last,
-             lua::refund_due, lua::refill, lua::refund_give, lua::write_state,
+    lua_join<lua::reservation_args, lua::now, lua::reserve_full, lua::read_state,
+             lua::not_before_last, lua::refund_due, lua::refill, lua::refund_give, lua::write_state,
              lua::refund_return>::value;
 
 /// A reservation bucket's configuration in the script's terms.
