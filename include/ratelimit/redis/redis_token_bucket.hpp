@@ -219,9 +219,13 @@ class basic_redis_token_bucket {
         initiate_get_for(impl_, executor_), token, n, detail::saturating_ns(timeout));
   }
 
-  /// Blocks at most `timeout` for `n` tokens, FIFO with the other waiters:
-  /// true when granted, false (nothing taken) when they could not be granted
-  /// in time (see async_try_get_token_for).
+  /// Blocks until `n` tokens are granted (true), or until it is known that
+  /// they would not be due within `timeout` (false, nothing taken), FIFO
+  /// with the other waiters: the deadline rule of async_try_get_token_for.
+  /// That answer comes with a reply (reservation mode: the request's own,
+  /// sent at once or when the window has room), so the call may return
+  /// false a little after `timeout`; in head-only mode a request behind the
+  /// head learns it only when it reaches the head.
   /// @throws boost::system::system_error as get_token().
   template <typename Rep, typename Period>
   bool try_get_token_for(std::chrono::duration<Rep, Period> timeout, std::uint64_t n = 1) {

@@ -738,6 +738,7 @@ class redis_bucket_impl
   /// One reservation call: its requests, numbered first, first + 1, ...
   struct reserve_call {
     std::uint64_t first = 0;
+    std::int64_t made_at = 0;  // local clock, ns: the `within`s are as of then
     std::vector<reserve_request> reqs;
   };
 
@@ -788,12 +789,21 @@ class redis_bucket_impl
       else
         timer_.disarm();
       std::vector<refund_item> refunds = std::exchange(refunds_, {});
-      lk.unlock();
-      send_refunds(std::move(refunds));
-      if (!call) break;
+      if (!call) {
+        lk.unlock();
+        send_refunds(std::move(refunds));
+        break;
+      }
       const std::uint64_t first = call->first;
       const std::size_t count = call->reqs.size();
+      // Calls leave in the order they were made (their numbers): whoever
+      // made one sends it before releasing the bucket's lock to the next
+      // maker (async_exec never completes inline, nor calls back into us).
+      std::unique_lock send_lk(send_mutex_);
+      lk.unlock();
       const bool sent = send_reserve(std::move(args), std::move(*call), false);
+      send_lk.unlock();
+      send_refunds(std::move(refunds));
       lk.lock();
       if (sent) continue;  // more calls, while the window has room
       --calls_out_;
@@ -808,6 +818,7 @@ class redis_bucket_impl
   /// (bad_alloc) with nothing moved.
   std::vector<std::string> make_call(std::int64_t now, reserve_call& call) {
     call.first = next_seq_;
+    call.made_at = now;
     call.reqs.reserve(std::min(queue_.size(), opts_.max_batch));
     for (waiter_base* w = queue_.front(); w && w->tokens > 0 && call.reqs.size() < opts_.max_batch;
          w = w->next) {
@@ -836,21 +847,22 @@ class redis_bucket_impl
     return w;
   }
 
-  /// The waiters of a call that did not reach Redis go back to the front of
-  /// `queue_`, in order, for the fault policy (or the next call).
+  /// The waiters of a call that did not reach Redis go back to `queue_`, in
+  /// the order they were first sent (before the waiters never sent, after
+  /// those of earlier calls that came back), for the fault policy or the
+  /// next call.
   void unsend(std::uint64_t first, std::size_t count) noexcept {
     waiter_base* w = first_of_call(first);
-    waiter_base* last = nullptr;
+    // Where they go: before the first waiter never sent (seq 0) or sent after them.
+    waiter_base* before = queue_.front();
+    while (before && as_res(before)->seq != 0 && as_res(before)->seq < first)
+      before = before->next;
     while (w && as_res(w)->seq < first + count) {
-      last = w;
-      w = w->next;
-    }
-    while (last && as_res(last)->seq >= first) {
-      waiter_base* prev = last->prev;
-      sent_.erase_keep_link(last);
-      as_res(last)->at = reservation::stage::pending;
-      queue_.push_front(last);
-      last = prev;
+      waiter_base* next = w->next;
+      sent_.erase_keep_link(w);
+      as_res(w)->at = reservation::stage::pending;
+      queue_.insert_after(before ? before->prev : queue_.back(), w);
+      w = next;
     }
   }
 
@@ -881,7 +893,14 @@ class redis_bucket_impl
         ++stats_.round_trips;
       }
       try {
+        // What is left of each wait, as of now (a round trip later).
+        const std::int64_t now = now_ns();
+        const std::int64_t spent_us = std::max<std::int64_t>(0, (now - call.made_at) / 1000);
+        for (reserve_request& q : call.reqs)
+          if (q.within_us >= 0) q.within_us = std::max<std::int64_t>(0, q.within_us - spent_us);
+        call.made_at = now;
         auto args = reserve_args("", key_, rr_, call.reqs);
+        std::lock_guard send_lk(send_mutex_);
         if (send_reserve(std::move(args), call, true)) return;
       } catch (...) {
       }
@@ -1009,6 +1028,7 @@ class redis_bucket_impl
   }
 
   mutable std::mutex mutex_;
+  std::mutex send_mutex_;  // reservation calls leave in order (taken after mutex_, never before)
   redis_connection* conn_;
   std::string key_;
   script_rate sr_;

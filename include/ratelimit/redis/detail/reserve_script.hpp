@@ -25,7 +25,9 @@
 // request's).
 //
 // State: the hash of script.hpp (`l`, `t`, `c`), `l` possibly negative, down
-// to -horizon·tok, and `c` marked "r:" so that a key is used in one mode only
+// to -horizon·tok for the longest horizon of the key's clients (they may
+// differ: a horizon is a client's own limit on waiting, not part of the
+// key's configuration), and `c` marked "r:" so that a key is used in one mode only
 // (the head-only script refuses a reservation bucket's configuration, and
 // this one a head-only bucket's: "configured as ..., not ...").
 //
@@ -73,8 +75,10 @@ local cfg = 'r:' .. ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3]
 
 inline constexpr std::string_view reserve_full = R"lua(
 local full = cap * tick
-local floor = -horizon * tok
-local lowest = floor - full
+-- Clients of one key may use different horizons (each exact down to its own:
+-- make_reserve_rate), so the debt may reach the longest of them: a stored
+-- level is checked against exactness only.
+local lowest = -9007199254740992
 )lua";
 
 /// A time before the last one the key saw is taken as that one: a server
