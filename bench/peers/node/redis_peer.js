@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// The Node.js peer of the Redis workload (../../../../shared/BENCHMARKS.md, "Redis"; README.md here):
+// The Node.js peer of the Redis workload (BENCHMARKS.md, "Redis"; bench/peers/README.md):
 // rate-limiter-flexible's RateLimiterRedis over one ioredis connection, on one hot key.
 //
 //   redis_peer.js --port P [--workload redis|redis_window_edge|all] [--reps N] [--seconds X]
@@ -15,13 +15,16 @@
 //   impl=node_rlflex_window_edge workload=redis_window_edge rep=<i> granted=<n> window_s=<w>
 //       token_bucket_allows=<m>
 //     The inexactness of a fixed window: a limiter of P points per 1 s (--points, 10000). The
-//     first consume opens a window; the consumers start hammering shortly before its end (early
-//     enough, from the measured throughput, to exhaust it) and go on past the edge until the
-//     next window is exhausted too. Every grant's time is taken with process.hrtime.bigint()
-//     when its promise resolves; `granted` is the largest number of grants within any interval
-//     of length `window_s` (--window-s, 0.67), found by sliding the interval over all grant
-//     times; `token_bucket_allows` is what a token bucket of the same rate (P/s) and capacity
-//     (P) allows in such an interval: P + rate * window_s. Refusals are expected here.
+//     first consume opens a window; the consumers hammer it shortly before its end (they start
+//     early and a pacer holds them while they are ahead, so that its last points go just before
+//     the edge) and go on past the edge until the next window is exhausted too. Every call's send and answer times are taken with
+//     process.hrtime.bigint(); as one connection runs calls in order, calls a..b ran at Redis
+//     within [send of a, answer of b]. `granted` is the most grants among such a run of calls
+//     whose span is at most `window_s` (--window-s, 0.67), found by sliding over all calls: a
+//     lower bound of what Redis granted within some interval of that length. `token_bucket_allows`
+//     is what a token bucket of the same rate (P/s) and capacity (P) allows in any such interval:
+//     P + rate * window_s. Refusals are expected here; more than P grants in a window, or a third
+//     window, fail the run.
 //
 // Needs a running redis-server on 127.0.0.1:P. Exit status 0 on success, 1 on a failed check or
 // a Redis error, 2 on a bad command line.
@@ -242,87 +245,168 @@ async function redisWorkload(client, opt) {
 
 // ------------------------------------------------------------------------------ window edge
 
-/// Largest number of times within any closed interval of length `w` ns, and where it starts.
-function maxInInterval(times, w) {
+/// The densest stretch of calls: calls are sent, run by Redis and answered in one order (one
+/// connection: FIFO), so calls a..b certainly ran within [send[a], max recv[a..b]]. Returns the
+/// most grants among calls a..b with that span <= w (a lower bound of the grants Redis made in
+/// some interval of length w), and where that stretch starts and ends.
+function densest(send, recv, granted, w) {
+  const n = send.length;
+  const pre = new Int32Array(n + 1); // grants among calls 0..k-1
+  for (let k = 0; k < n; ++k) pre[k + 1] = pre[k] + (granted[k] ? 1 : 0);
   let best = 0;
-  let at = 0;
-  for (let i = 0, j = 0; j < times.length; ++j) {
-    while (times[j] - times[i] > w) ++i;
-    if (j - i + 1 > best) {
-      best = j - i + 1;
-      at = i;
+  let from = 0;
+  let to = 0;
+  let recvMax = -Infinity; // max recv[0..b] >= max recv[a..b]: conservative
+  for (let a = 0, b = 0; b < n; ++b) {
+    recvMax = Math.max(recvMax, recv[b]);
+    while (a < b && recvMax - send[a] > w) ++a;
+    if (recvMax - send[a] > w) continue; // a single call longer than w
+    if (pre[b + 1] - pre[a] > best) {
+      best = pre[b + 1] - pre[a];
+      from = send[a];
+      to = recvMax;
     }
   }
-  return { best, at };
+  return { best, from, to };
 }
 
-async function windowEdgeRep(client, opt, rep, rate) {
+async function windowEdgeRep(client, opt, rep, calibrate) {
   const P = opt.points;
   const D = 1; // seconds per window
   const limiter = new RateLimiterRedis({ storeClient: client, keyPrefix: KEY_PREFIX, points: P, duration: D });
   const key = `edge:${process.pid}:${rep}`;
   await limiter.delete(key);
 
-  // Open the first window; its end, in our clock, is the reply's time + the key's PTTL (read by
-  // the script just before the reply left: the edge is known to within one round trip).
-  const times = [];
+  // Every call in the order it is made (= the order Redis runs it and answers it): when it was
+  // sent and when its promise settled (s, relative to base; refusals settle a few promise steps
+  // later than grants, so settle order is not quite answer order), and whether it was granted.
+  // Grants per window: a grant's window ends at its answer time + the PTTL in the answer.
+  const base = now();
+  const t = () => Number(now() - base) / 1e9;
+  const send = [];
+  const recv = [];
+  const granted = [];
+  const perWindow = [0, 0, 0]; // the first window, the next, any later one (a failure)
+  let edge;
+  const record = (i, res, ok) => {
+    recv[i] = t();
+    granted[i] = ok;
+    if (ok && edge !== undefined) {
+      const ends = recv[i] + res.msBeforeNext / 1e3; // the true end, or a round trip later
+      ++perWindow[ends < edge + 0.5 * D ? 0 : ends < edge + 1.5 * D ? 1 : 2];
+    }
+  };
+
+  // Open the first window; its end, in our clock, is the answer's time + the key's PTTL (read by
+  // the script just before the answer left: the edge is known to within one round trip).
+  send.push(t());
   const first = await limiter.consume(key, 1).catch((e) => fail(`first consume: ${why(e)}`));
-  times.push(now());
-  const edge = times[0] + BigInt(Math.round(first.msBeforeNext * 1e6));
-  // Start early enough to exhaust the rest of the first window before its end, at the
-  // measured throughput with a margin; never more than 0.9 of the window.
+  record(0, first, true);
+  edge = recv[0] + first.msBeforeNext / 1e3;
+  perWindow[0] = 1;
+  // This client's throughput now (the machine's load drifts): 0.25 s on another key.
+  const rate = await calibrate(0.25);
+  // The first window's last points should all go just before its end: a window used up early
+  // leaves a gap of refusals before the edge, one not used up leaves points unused. The
+  // consumers start early (twice the time the calibrated throughput needs, so that a client
+  // half as fast still makes it), and a pacer holds them whenever they are ahead: when the points
+  // left, at the throughput since they last resumed, would run out more than 25% + 20 ms before
+  // the edge, they wait until they would not. After the edge nobody waits.
   const need = (P - 1) / rate;
-  const lead = Math.min(0.9 * D, 1.5 * need + 0.05);
+  const lead = Math.min(0.9 * D, 2 * need + 0.05);
   if (need > 0.9 * D) {
     log(`warning: at ${rate.toFixed(0)} grants/s, ${P} points take ${need.toFixed(2)} s: ` +
       'no window can be exhausted; --points is too large for this machine');
   }
-  const startAt = edge - BigInt(Math.round(lead * 1e9));
-  await sleep(Number(startAt - now()) / 1e6);
+  if (rate * opt.windowS < 2 * P - 1) {
+    log(`note: at ${rate.toFixed(0)} grants/s this client fits about ${(rate * opt.windowS).toFixed(0)} ` +
+      `grants in ${opt.windowS} s, fewer than the ${2 * P - 1} the fixed window allows there: ` +
+      'granted is bounded by the client, not by the limiter');
+  }
+  await sleep((edge - lead - t()) * 1e3);
+
+  let holdUntil = 0; // the consumers wait until then (s, our clock)
+  let held = 0; // s held in all
+  let runFrom = t(); // since when they run, and how many first-window grants they had then
+  let runGrants = perWindow[0];
+  let holding = false;
+  let live = rate; // grants/s while running
+  const pacer = setInterval(() => {
+    const at = t();
+    if (at >= edge) return clearInterval(pacer);
+    if (at < holdUntil) return;
+    if (holding) { // resumed: count from now (answers that landed in the hold are not a rate)
+      holding = false;
+      runFrom = at;
+      runGrants = perWindow[0];
+      return;
+    }
+    if (at - runFrom >= 0.02) live = (perWindow[0] - runGrants) / (at - runFrom);
+    const left = P - perWindow[0];
+    const slack = edge - at - (1.25 * left) / live - 0.02;
+    if (left > 0 && slack > 0.005) {
+      holdUntil = at + slack;
+      held += slack;
+      holding = true;
+    }
+  }, 2);
 
   // Hammer until the second window is exhausted (its P-th grant), or, at the latest, well
-  // before the third window would open.
-  const deadline = edge + BigInt(Math.round(Math.min(0.9 * D, lead + 0.3) * 1e9));
+  // before a third window would open.
+  const deadline = edge + Math.min(0.8 * D, lead + 0.3);
   let stop = false;
-  let refusals = 0;
   let exhausted = 0; // grants that took a window's last point (the first window's, the second's)
   const worker = async () => {
     while (!stop) {
+      const wait = holdUntil - t();
+      if (wait > 0) await sleep(wait * 1e3);
+      const i = send.length;
+      send.push(t());
       let res;
       try {
         res = await limiter.consume(key, 1);
       } catch (e) {
         if (!(e instanceof RateLimiterRes)) fail(`consume: ${why(e)}`);
-        ++refusals;
-        if (now() > deadline) stop = true;
+        record(i, e, false);
+        if (recv[i] > deadline) stop = true;
         continue;
       }
-      times.push(now());
+      record(i, res, true);
       if (res.consumedPoints === P && ++exhausted === 2) stop = true;
-      if (now() > deadline) stop = true;
+      if (recv[i] > deadline) stop = true;
     }
   };
-  const hammer = now();
+  const hammer = t();
   await Promise.all(Array.from({ length: opt.coroutines }, worker));
+  clearInterval(pacer);
+  const end = t();
   await limiter.delete(key);
 
-  const w = BigInt(Math.round(opt.windowS * 1e9));
-  const { best, at } = maxInInterval(times, w);
+  const { best, from, to } = densest(send, recv, granted, opt.windowS);
   const tb = Math.floor(P + (P / D) * opt.windowS + 1e-9);
-  const rel = (t) => (Number(t - edge) / 1e9).toFixed(3);
-  const before = times.filter((t) => t < edge).length;
-  log(`rep ${rep}: first window exhausted: ${exhausted >= 1}, second: ${exhausted >= 2}; ` +
-    `${times.length} grants (${before} before the edge, ${times.length - before} after, ` +
-    `the edge +- one round trip), ${refusals} refusals, hammering from ${rel(hammer)} s to ` +
-    `${rel(now())} s around the edge; densest ${opt.windowS} s: [${rel(times[at])}, ` +
-    `${(Number(times[at] - edge) / 1e9 + opt.windowS).toFixed(3)}] s`);
-  if (times.length > 2 * P) fail(`${times.length} grants in two windows of ${P} points`);
+  const rel = (x) => (x - edge).toFixed(3);
+  const grants = granted.filter(Boolean).length;
+  log(`rep ${rep}: at ${rate.toFixed(0)} grants/s, started ${lead.toFixed(3)} s before the edge, ` +
+    `held ${held.toFixed(3)} s; ` +
+    `calls from ${rel(hammer)} s to ${rel(end)} s around it: ${send.length} calls, ${grants} grants ` +
+    `(per window: ${perWindow.join(', ')}); the densest stretch: ${best} grants sent and answered ` +
+    `within [${rel(from)}, ${rel(to)}] s`);
+  if (perWindow[2] > 0 || perWindow.some((g) => g > P)) {
+    fail(`grants per window ${perWindow.join(', ')}: expected two windows of at most ${P}`);
+  }
   process.stdout.write(`impl=node_rlflex_window_edge workload=redis_window_edge rep=${rep} ` +
     `granted=${best} window_s=${opt.windowS} token_bucket_allows=${tb}\n`);
 }
 
-async function windowEdgeWorkload(client, opt, rate) {
-  for (let rep = 0; rep < opt.reps; ++rep) await windowEdgeRep(client, opt, rep, rate);
+async function windowEdgeWorkload(client, opt) {
+  // The throughput that sets how early the hammering starts, on a limiter that never refuses.
+  const limiter = new RateLimiterRedis({ storeClient: client, keyPrefix: KEY_PREFIX, points: 1e12, duration: 3600 });
+  const key = `calibrate:${process.pid}`;
+  await limiter.consume(key, 1).catch((e) => fail(`first consume: ${why(e)}`));
+  const calibrate = (secs) => throughput(limiter, key, opt.coroutines, secs);
+  await calibrate(0.2); // warm-up
+  for (let rep = 0; rep < opt.reps; ++rep) await windowEdgeRep(client, opt, rep, calibrate);
+  await limiter.delete(key);
 }
 
 // ------------------------------------------------------------------------------ main
@@ -333,23 +417,8 @@ async function main() {
   log(`node ${process.version}, ioredis ${require('ioredis/package.json').version}, ` +
     `rate-limiter-flexible ${require('rate-limiter-flexible/package.json').version}, ` +
     `redis-server at 127.0.0.1:${opt.port}`);
-  let rate;
-  if (opt.workload !== 'redis_window_edge') {
-    const rates = await redisWorkload(client, opt);
-    rate = rates.sort((a, b) => a - b)[rates.length >> 1];
-  }
-  if (opt.workload !== 'redis') {
-    if (rate === undefined) {
-      // The throughput that sets how early the hammering starts.
-      const limiter = new RateLimiterRedis({ storeClient: client, keyPrefix: KEY_PREFIX, points: 1e12, duration: 3600 });
-      const key = `calibrate:${process.pid}`;
-      await limiter.consume(key, 1).catch((e) => fail(`first consume: ${why(e)}`));
-      rate = await throughput(limiter, key, opt.coroutines, 0.3);
-      await limiter.delete(key);
-      log(`calibration: ${rate.toFixed(0)} grants/s`);
-    }
-    await windowEdgeWorkload(client, opt, rate);
-  }
+  if (opt.workload !== 'redis_window_edge') await redisWorkload(client, opt);
+  if (opt.workload !== 'redis') await windowEdgeWorkload(client, opt);
   await client.quit();
 }
 
