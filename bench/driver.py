@@ -377,6 +377,20 @@ def targets(results, quick):
         info("context: Redis, grants/s through one connection (no target in issue 4)",
              f"{fmt_num(r0)} without leasing, {fmt_num(r16)} with a lease of 16; redis-benchmark "
              f"EVALSHA {fmt_num(rb1)} (1 client, pipeline 200), {fmt_num(rb50)} (50 clients, no pipeline)")
+    # Issue 14: reservations against redis-benchmark pipelining the same script (one request per call).
+    rr, rr1 = med("redis", "asio_ratelimit_reserve", "grants_per_s"), med("redis", "asio_ratelimit_reserve_batch1", "grants_per_s")
+    rbr = med("redis", "redis_benchmark_reserve_c1_P200", "grants_per_s")
+    if rbr:
+        check("redis: reservations, one per call (200 out), >= 0.7x redis-benchmark EVALSHA P200 of the same script",
+              None if rr1 is None else rr1 >= 0.7 * rbr, f"{fmt_num(rr1)} vs {fmt_num(rbr)}"
+              f" ({'-' if rr1 is None else f'{rr1 / rbr:.2f}x'})")
+        check("redis: reservations coalesced >= 2x redis-benchmark EVALSHA P200 of the same script",
+              None if rr is None else rr >= 2 * rbr, f"{fmt_num(rr)} vs {fmt_num(rbr)}"
+              f" ({'-' if rr is None else f'{rr / rbr:.2f}x'})")
+        lat = [(i, med("redis", i, "p50_us"), med("redis", i, "p99_us")) for i in
+               ("asio_ratelimit_reserve", "asio_ratelimit_reserve_batch1", "redis_benchmark_reserve_c1_P200")]
+        info("context: redis grant latency with the tokens there, p50/p99 us",
+             "; ".join(f"{i} {fmt_num(a)}/{fmt_num(b)}" for i, a, b in lat))
     for wl in ("W6", "W6b"):
         h = med(wl, "asio_ratelimit", "handlers")
         cpu, base = med(wl, "asio_ratelimit", "cpu_ms"), med(wl, "asio_ratelimit", "base_cpu_ms")

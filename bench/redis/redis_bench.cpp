@@ -10,6 +10,10 @@
 // Without --port it starts its own redis-server on a free 127.0.0.1 port (and
 // kills it at the end). One line per repetition on stdout:
 //   impl=<impl> workload=redis rep=<i> grants_per_s=<v> round_trips_per_s=<v>
+//       p50_us=<v> p99_us=<v>
+// (the latencies: from a request to its grant, with the tokens there: what
+// a grant costs in round trips and queueing; redis-benchmark's are its own
+// report's, per request of its pipeline).
 // The bucket never runs dry (1e9 tokens/s), so every figure is the cost of
 // the machinery: script, round trips, queueing. Each result is checked: a
 // request that fails aborts the run.
@@ -21,6 +25,7 @@
 
 #include "../../examples/cli.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -80,9 +85,22 @@ void fail(const std::string& what) {
 constexpr std::uint64_t capacity = 1'000'000'000'000;
 constexpr ratelimit::rate huge_rate = ratelimit::per_second(1'000'000'000);
 
-/// `coroutines` coroutines take one token at a time for `secs`; returns {grants/s, trips/s}.
-std::pair<double, double> run_ours(std::uint16_t port, const std::string& key, int coroutines,
-                                   double secs, std::uint64_t lease, bool reserve = false) {
+struct result {
+  double per_s = 0, trips_per_s = 0, p50_us = 0, p99_us = 0;
+};
+
+/// The q-quantile of `v` (sorted in place), in us from ns.
+double quantile_us(std::vector<std::uint64_t>& v, double q) {
+  if (v.empty()) return 0;
+  const auto k = static_cast<std::size_t>(q * static_cast<double>(v.size() - 1));
+  std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(k), v.end());
+  return static_cast<double>(v[k]) / 1000.0;
+}
+
+/// `coroutines` coroutines take one token at a time for `secs`.
+result run_ours(std::uint16_t port, const std::string& key, int coroutines, double secs,
+                std::uint64_t lease, bool reserve = false, std::size_t max_batch = 256,
+                std::size_t max_in_flight = 4) {
   asio::io_context ctx;
   ratelimit::redis_config cfg;
   cfg.port = port;
@@ -91,6 +109,8 @@ std::pair<double, double> run_ours(std::uint16_t port, const std::string& key, i
   ratelimit::redis_bucket_options opts;
   opts.lease = lease;
   if (reserve) opts.mode = ratelimit::redis_bucket_mode::reserve;
+  opts.max_batch = max_batch;
+  opts.max_in_flight = max_in_flight;
   ratelimit::redis_token_bucket bucket(conn, key, capacity, huge_rate, opts);
   // Warm up: connected, script loaded.
   bool warm = false;
@@ -104,12 +124,19 @@ std::pair<double, double> run_ours(std::uint16_t port, const std::string& key, i
   std::uint64_t grants = 0;
   bool stop = false;
   int running = 0;
+  std::vector<std::uint64_t> latencies;  // ns, of the grants counted
+  latencies.reserve(2'000'000);
   auto worker = [&]() -> asio::awaitable<void> {
     ++running;
     while (!stop) {
+      const auto asked = steady_clock::now();
       auto [ec] = co_await bucket.async_get_token(asio::as_tuple(asio::use_awaitable));
       if (ec) fail("grant failed: " + ec.message());
-      ++grants;
+      if (!stop) {
+        ++grants;
+        latencies.push_back(static_cast<std::uint64_t>(
+            duration_cast<nanoseconds>(steady_clock::now() - asked).count()));
+      }
     }
     --running;
   };
@@ -129,12 +156,14 @@ std::pair<double, double> run_ours(std::uint16_t port, const std::string& key, i
     ctx.run_one();
   conn.close();
   ctx.run_for(milliseconds(100));
-  return {static_cast<double>(counted) / elapsed, static_cast<double>(trips) / elapsed};
+  latencies.resize(std::min<std::size_t>(latencies.size(), counted));
+  return {static_cast<double>(counted) / elapsed, static_cast<double>(trips) / elapsed,
+          quantile_us(latencies, 0.5), quantile_us(latencies, 0.99)};
 }
 
 /// redis-benchmark running our script (EVALSHA of `sha` with `args` after the
 /// key, never denied) on the same server.
-double run_redis_benchmark(std::uint16_t port, const std::string& sha,
+result run_redis_benchmark(std::uint16_t port, const std::string& sha,
                            const std::vector<std::string>& args, int clients, int pipeline,
                            int requests) {
   char path[] = "/tmp/bench_redis_XXXXXX";
@@ -162,16 +191,19 @@ double run_redis_benchmark(std::uint16_t port, const std::string& sha,
   if (wait_for(pid) != 0) fail("redis-benchmark failed");
   FILE* f = std::fopen(path, "r");
   char line[1024];
-  double rps = 0;
+  result r;
   while (f && std::fgets(line, sizeof line, f)) {
-    // "EVALSHA ...","<rps>",...
-    const char* p = std::strstr(line, "\",\"");
-    if (p && std::strncmp(line, "\"test\"", 6) != 0) rps = std::atof(p + 3);
+    // "EVALSHA ...","<rps>","<avg>","<min>","<p50>","<p95>","<p99>","<max>" (ms)
+    if (std::strncmp(line, "\"test\"", 6) == 0) continue;
+    std::vector<double> cols;
+    for (const char* p = std::strstr(line, "\",\""); p; p = std::strstr(p + 3, "\",\""))
+      cols.push_back(std::atof(p + 3));
+    if (cols.size() >= 6) r = {cols[0], 0, cols[3] * 1000, cols[5] * 1000};
   }
   if (f) std::fclose(f);
   std::remove(path);
-  if (rps <= 0) fail("could not read redis-benchmark's output");
-  return rps;
+  if (r.per_s <= 0) fail("could not read redis-benchmark's output");
+  return r;
 }
 
 }  // namespace
@@ -241,35 +273,31 @@ int main(int argc, char** argv) {
     ctx.run_for(milliseconds(50));
   }
   const std::uint16_t p = static_cast<std::uint16_t>(port);
+  auto print = [&](const std::string& impl, int rep, const result& r) {
+    std::printf("impl=%s workload=redis rep=%d grants_per_s=%.0f", impl.c_str(), rep, r.per_s);
+    if (r.trips_per_s > 0) std::printf(" round_trips_per_s=%.0f", r.trips_per_s);
+    std::printf(" p50_us=%.1f p99_us=%.1f", r.p50_us, r.p99_us);
+    if (impl.starts_with("asio")) std::printf(" coroutines=%d", coroutines);
+    std::printf("\n");
+    std::fflush(stdout);
+  };
   for (int rep = 0; rep < reps; ++rep) {
     // Interleaved, so drift on this shared machine hits every implementation alike.
     for (std::uint64_t lease : {std::uint64_t{0}, std::uint64_t{16}}) {
-      const auto [g, t] =
-          run_ours(p, "bench:ours:" + std::to_string(lease) + ":" + std::to_string(rep), coroutines,
-                   secs, lease);
-      std::printf(
-          "impl=asio_ratelimit%s workload=redis rep=%d grants_per_s=%.0f "
-          "round_trips_per_s=%.0f coroutines=%d\n",
-          lease ? "_lease16" : "", rep, g, t, coroutines);
-      std::fflush(stdout);
+      print("asio_ratelimit" + std::string(lease ? "_lease16" : ""), rep,
+            run_ours(p, "bench:ours:" + std::to_string(lease) + ":" + std::to_string(rep),
+                     coroutines, secs, lease));
     }
-    {
-      const auto [g, t] =
-          run_ours(p, "bench:ours:reserve:" + std::to_string(rep), coroutines, secs, 0, true);
-      std::printf(
-          "impl=asio_ratelimit_reserve workload=redis rep=%d grants_per_s=%.0f "
-          "round_trips_per_s=%.0f coroutines=%d\n",
-          rep, g, t, coroutines);
-      std::fflush(stdout);
-    }
-    const double one = run_redis_benchmark(p, sha, head_args, 1, 200, 200000);
-    std::printf("impl=redis_benchmark_c1_P200 workload=redis rep=%d grants_per_s=%.0f\n", rep, one);
-    const double one_reserve = run_redis_benchmark(p, reserve_sha, reserve_args, 1, 200, 200000);
-    std::printf("impl=redis_benchmark_reserve_c1_P200 workload=redis rep=%d grants_per_s=%.0f\n",
-                rep, one_reserve);
-    const double many = run_redis_benchmark(p, sha, head_args, 50, 1, 100000);
-    std::printf("impl=redis_benchmark_c50_P1 workload=redis rep=%d grants_per_s=%.0f\n", rep, many);
-    std::fflush(stdout);
+    print("asio_ratelimit_reserve", rep,
+          run_ours(p, "bench:ours:reserve:" + std::to_string(rep), coroutines, secs, 0, true));
+    // Without coalescing: one request per call, as many calls out as redis-benchmark's pipeline.
+    print("asio_ratelimit_reserve_batch1", rep,
+          run_ours(p, "bench:ours:reserve1:" + std::to_string(rep), coroutines, secs, 0, true, 1,
+                   200));
+    print("redis_benchmark_c1_P200", rep, run_redis_benchmark(p, sha, head_args, 1, 200, 200000));
+    print("redis_benchmark_reserve_c1_P200", rep,
+          run_redis_benchmark(p, reserve_sha, reserve_args, 1, 200, 200000));
+    print("redis_benchmark_c50_P1", rep, run_redis_benchmark(p, sha, head_args, 50, 1, 100000));
   }
   if (server > 0) {
     kill(server, SIGKILL);
