@@ -1,9 +1,11 @@
 // The README's Redis example: "4 calls per second to the payment API, burst
 // 2", shared by every process that runs this program against the same Redis.
 // Each process runs three coroutines for 2 seconds and prints its grants.
+// With --fair, the bucket keeps one line for every process in Redis
+// (reservation mode): the processes share the calls evenly.
 //
 //   redis_shared_limit A 6379 & redis_shared_limit B 6379; wait
-//   (or --name A --port 6379 --host 127.0.0.1)
+//   (or --name A --port 6379 --host 127.0.0.1 [--fair])
 #include <ratelimit/redis/redis_token_bucket.hpp>
 
 #include "../cli.hpp"
@@ -19,6 +21,7 @@ using namespace std::chrono;
 
 int main(int argc, char** argv) {
   std::string name = "A";
+  bool fair = false;
   ratelimit::redis_config cfg;  // 127.0.0.1
   cfg.port = 6379;
   cli::parser cli(
@@ -28,6 +31,7 @@ int main(int argc, char** argv) {
   cli.text("name", name, "what this process prints before its lines")
       .text("host", cfg.host, "the Redis server's host name or address")
       .option("port", cfg.port, std::uint16_t(1), std::uint16_t(65535), "the Redis server's port")
+      .flag("fair", fair, "one line for every process, in Redis (reservation mode)")
       .operand("name", "NAME")
       .operand("port", "PORT");
   if (int rc = cli.parse(argc, argv); rc >= 0) return rc;
@@ -35,7 +39,12 @@ int main(int argc, char** argv) {
   try {
     asio::io_context ctx;
     ratelimit::redis_connection redis(ctx, cfg);
-    ratelimit::redis_token_bucket bucket(redis, "example:payment-api", 2, ratelimit::per_second(4));
+    ratelimit::redis_bucket_options opts;
+    if (fair) opts.mode = ratelimit::redis_bucket_mode::reserve;
+    // (A key serves one mode: the fair line has a key of its own.)
+    ratelimit::redis_token_bucket bucket(redis,
+                                         fair ? "example:payment-api:fair" : "example:payment-api",
+                                         2, ratelimit::per_second(4), opts);
 
     const auto t0 = steady_clock::now();
     int granted = 0, running = 0;
