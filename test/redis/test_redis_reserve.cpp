@@ -16,7 +16,9 @@
 #include "redis_server.hpp"
 #include "test_support.hpp"
 
+#include <ratelimit/joint.hpp>
 #include <ratelimit/redis/redis_token_bucket.hpp>
+#include <ratelimit/token_bucket.hpp>
 
 #include <boost/asio.hpp>
 #include <boost/test/unit_test.hpp>
@@ -519,6 +521,53 @@ BOOST_AUTO_TEST_CASE(concurrent_requests_cancellations_and_closes) {
   bucket.reset();
   conn.reset();
   pool.join();
+}
+
+// The bucket as a joint request's remote part (ratelimit/joint.hpp): all
+// or nothing with a local bucket. Granted together once the reservation is
+// due; a local part that fails makes the joint request forget the
+// reservation (refunded); a receipt gives back (refunded too).
+BOOST_FIXTURE_TEST_CASE(a_joint_request_with_a_redis_part_is_all_or_nothing, fixture) {
+  redis_token_bucket shared(conn, "joint", 1, per_second(10), reserve());
+  token_bucket local(ctx, 5, per_second(10));
+  auto first = request(shared);
+  BOOST_REQUIRE(run_until(ctx, [&] { return first->done(); }));
+  // Due 100 ms from now in Redis; the local part is there.
+  const auto t0 = steady::now();
+  std::optional<std::pair<boost::system::error_code, joint_receipt>> got;
+  async_acquire(
+      {part(shared.as_remote(), 1), part(local, 1)},
+      [&](boost::system::error_code ec, joint_receipt r) { got.emplace(ec, std::move(r)); });
+  BOOST_REQUIRE(run_until(ctx, [&] { return got.has_value(); }));
+  BOOST_TEST(!got->first, got->first.message());
+  BOOST_TEST((steady::now() - t0 >= 95ms));
+  BOOST_TEST(shared.stats().granted == 2u);  // the first request and the part
+  BOOST_TEST(local.available() == 4u);
+  // The receipt gives back to both: Redis's token refunded.
+  BOOST_TEST(got->second.give_back_all() == 2u);
+  BOOST_REQUIRE(run_until(ctx, [&] { return shared.stats().refunded == 1; }));
+  // A local part that fails once the reservation is made (its bucket closed
+  // while the joint request waits for the Redis part): it is forgotten,
+  // and given back.
+  const auto before = shared.stats();
+  token_bucket closing(ctx, 5, per_second(10));
+  std::optional<boost::system::error_code> failed;
+  auto third = request(shared);  // in line first: the part is due after it
+  async_acquire({part(shared.as_remote(), 1), part(closing, 1)},
+                [&](boost::system::error_code ec, joint_receipt) { failed = ec; });
+  BOOST_REQUIRE(run_until(ctx, [&] { return shared.stats().reserved == before.reserved + 2; }));
+  BOOST_TEST(!failed.has_value());
+  closing.close();
+  BOOST_REQUIRE(run_until(ctx, [&] { return failed.has_value(); }));
+  BOOST_TEST(*failed == error::make_error_code(error::bucket_closed));
+  BOOST_REQUIRE(run_until(ctx, [&] { return shared.stats().refunded == before.refunded + 1; }));
+  BOOST_REQUIRE(run_until(ctx, [&] { return third->done(); }));
+  BOOST_TEST(third->ok());
+  // A head-only bucket cannot reserve: it says so.
+  redis_token_bucket head(conn, "joint:h", 1, per_second(10));
+  BOOST_CHECK_THROW(head.as_remote(), std::invalid_argument);
+  redis_token_bucket moved(std::move(head));
+  BOOST_CHECK_THROW(head.as_remote(), std::logic_error);
 }
 
 BOOST_AUTO_TEST_CASE(every_reservation_option_is_validated) {

@@ -316,7 +316,7 @@ BOOST_FIXTURE_TEST_CASE(reservations_agree_with_a_fifo_bucket, server_fixture) {
   BOOST_TEST(refused > 200u);
 }
 
-BOOST_FIXTURE_TEST_CASE(a_refund_before_the_due_time_gives_the_tokens_back, server_fixture) {
+BOOST_FIXTURE_TEST_CASE(a_refund_gives_the_tokens_back_up_to_the_capacity, server_fixture) {
   // 10 tokens, 1 a millisecond; all times fixed (the test hook).
   const auto rr = rd::make_reserve_rate(10, per_second(1000), 1'000'000);
   const std::string rs = rd::sha1_hex(rd::reserve_script), fs = rd::sha1_hex(rd::refund_script);
@@ -336,9 +336,8 @@ BOOST_FIXTURE_TEST_CASE(a_refund_before_the_due_time_gives_the_tokens_back, serv
     BOOST_REQUIRE(!rd::parse_reserve_reply(res.reply, ns.size(), at, out));
     return out;
   };
-  auto refund = [&](std::uint64_t n, std::uint64_t due, std::int64_t now) {
-    const rd::refund_item item{n, due};
-    auto res = exec(ctx, conn, rd::refund_args(fs, key, rr, {&item, 1}, now));
+  auto refund = [&](std::uint64_t n, std::int64_t now) {
+    auto res = exec(ctx, conn, rd::refund_args(fs, key, rr, {&n, 1}, now));
     BOOST_REQUIRE_MESSAGE(!res.ec, res.reply.str);
     BOOST_REQUIRE((res.reply.type == redis_reply::kind::integer));
     return res.reply.integer;
@@ -352,32 +351,35 @@ BOOST_FIXTURE_TEST_CASE(a_refund_before_the_due_time_gives_the_tokens_back, serv
   // The first 5 given back before their due time: a request made now is due
   // when the second 5 would have been (a refunded token serves it; the
   // reservation made after the refunded one keeps its time).
-  BOOST_TEST(refund(5, a[1].due_us, t0 + 1000) == 5);
+  BOOST_TEST(refund(5, t0 + 1000) == 5);
   auto b = reserve(t0 + 1000, {5});
   BOOST_TEST((b[0].what == st::reserved && b[0].due_us == std::uint64_t(t0 + 10000)));
-  // A refund at or after the due time does nothing (the tokens were the request's),
-  // also when the clock says earlier than the key's last time (set back).
-  BOOST_TEST(refund(5, a[2].due_us, t0 + 10000) == 0);
+  // A refund after the due time gives back too (a reservation never granted:
+  // a joint request forgot it once it was due): the level is then 5, and a
+  // request is due at once.
+  BOOST_TEST(refund(5, t0 + 10000) == 5);
   auto c = reserve(t0 + 10000, {1});
-  BOOST_TEST((c[0].what == st::reserved && c[0].due_us == std::uint64_t(t0 + 11000)));
-  BOOST_TEST(refund(5, a[2].due_us, t0 + 9000) == 0);
+  BOOST_TEST((c[0].what == st::reserved && c[0].due_us == std::uint64_t(t0 + 10000)));
+  // A clock set back counts as the key's last time: 4 + 5 = 9, due at once still.
+  BOOST_TEST(refund(5, t0 + 9000) == 5);
+  auto c2 = reserve(t0 + 9000, {9});
+  BOOST_TEST((c2[0].what == st::reserved && c2[0].due_us == std::uint64_t(t0 + 10000)));
   // A refund never fills the bucket past its capacity: 20 ms on the bucket
   // is full again; 10 taken, given back twice over, leaves it full (10).
   auto d = reserve(t0 + 40000, {10});
   BOOST_TEST((d[0].what == st::reserved && d[0].due_us == std::uint64_t(t0 + 40000)));
   auto e = reserve(t0 + 40000, {3});
   BOOST_TEST((e[0].what == st::reserved && e[0].due_us == std::uint64_t(t0 + 43000)));
-  BOOST_TEST(refund(3, e[0].due_us, t0 + 40000) == 3);
-  BOOST_TEST(refund(10, e[0].due_us, t0 + 40000) == 10);  // (more than was taken since full)
+  BOOST_TEST(refund(3, t0 + 40000) == 3);
+  BOOST_TEST(refund(10, t0 + 40000) == 10);  // (more than was taken since full)
   auto f = reserve(t0 + 40000, {10, 1});
   BOOST_TEST((f[0].what == st::reserved && f[0].due_us == std::uint64_t(t0 + 40000)));
   BOOST_TEST((f[1].what == st::reserved && f[1].due_us == std::uint64_t(t0 + 41000)));
-  // One call gives back many reservations, only those not yet due: at
-  // t0 + 41000 the 1 of f[1] is due (the request's), 2 and 3 more are not.
+  // One call gives back many reservations: at t0 + 41000 (f paid for), 2 and 3 more.
   auto g = reserve(t0 + 41000, {2, 3});
   BOOST_TEST((g[0].what == st::reserved && g[0].due_us == std::uint64_t(t0 + 43000)));
   BOOST_TEST((g[1].what == st::reserved && g[1].due_us == std::uint64_t(t0 + 46000)));
-  const rd::refund_item items[] = {{1, f[1].due_us}, {2, g[0].due_us}, {3, g[1].due_us}};
+  const std::uint64_t items[] = {2, 3};
   auto back = exec(ctx, conn, rd::refund_args(fs, key, rr, items, t0 + 41000));
   BOOST_TEST(back.reply.integer == 5);
   // As if only f had been taken since full: empty at t0 + 41000.
@@ -514,7 +516,7 @@ BOOST_FIXTURE_TEST_CASE(a_reservation_key_expires_when_its_debt_is_paid_and_it_i
   BOOST_REQUIRE(!rd::parse_reserve_reply(f.reply, 1, now, out));
   BOOST_TEST((out[0].what == rd::reservation_result::status::reserved && out[0].due_us == now));
   // A refund that leaves it full deletes it at once: an idle bucket costs nothing.
-  const rd::refund_item all{10, now + 1'000'000};
+  const std::uint64_t all = 10;
   BOOST_TEST(exec(ctx, conn, rd::refund_args("", "rexp", rr, {&all, 1})).reply.integer == 10);
   BOOST_TEST(exec(ctx, conn, {"EXISTS", "rexp"}).reply.integer == 0);
 }

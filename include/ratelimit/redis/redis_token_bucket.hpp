@@ -10,6 +10,7 @@
 #include <ratelimit/redis/connection.hpp>
 #include <ratelimit/redis/detail/redis_bucket_impl.hpp>
 #include <ratelimit/redis/options.hpp>
+#include <ratelimit/remote_limiter.hpp>
 
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/wait_traits.hpp>
@@ -18,6 +19,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -85,17 +87,23 @@ class basic_redis_token_bucket {
   basic_redis_token_bucket(redis_connection& conn, std::string key, std::uint64_t capacity, rate r,
                            redis_bucket_options options = {})
       : executor_(conn.get_executor()),
-        impl_(std::make_shared<impl_type>(conn, std::move(key), capacity, r, options)) {}
+        impl_(std::make_shared<impl_type>(conn, std::move(key), capacity, r, options)),
+        remote_(options.mode == redis_bucket_mode::reserve
+                    ? std::make_shared<redis_detail::redis_remote<Clock, WaitTraits>>(impl_)
+                    : nullptr) {}
 
   /// Moves the bucket; waiters stay queued. The moved-from bucket keeps its
   /// executor and behaves as a closed one.
   basic_redis_token_bucket(basic_redis_token_bucket&& other) noexcept
-      : executor_(other.executor_), impl_(std::move(other.impl_)) {}
+      : executor_(other.executor_),
+        impl_(std::move(other.impl_)),
+        remote_(std::move(other.remote_)) {}
   basic_redis_token_bucket& operator=(basic_redis_token_bucket&& other) noexcept {
     if (this != &other) {
       shutdown();
       executor_ = other.executor_;
       impl_ = std::move(other.impl_);
+      remote_ = std::move(other.remote_);
     }
     return *this;
   }
@@ -303,6 +311,28 @@ class basic_redis_token_bucket {
   /// Counters of this object.
   redis_bucket_stats stats() const { return impl_ ? impl_->stats() : redis_bucket_stats{}; }
 
+  /// This bucket as a part of joint requests (ratelimit/joint.hpp), all or
+  /// nothing with local buckets and keys, e.g.
+  /// `ratelimit::async_acquire({ratelimit::part(b.as_remote(), 1), ratelimit::part(local, 1)}, t)`.
+  /// The part reserves its tokens in Redis (one round trip, coalesced with
+  /// this object's other requests); the joint request takes them when every
+  /// part is granted, or forgets them (refunded if not due yet: best effort,
+  /// as a cancellation's), and a receipt gives back (refunded, up to the
+  /// capacity). Every call returns the same limiter, which co-owns this
+  /// bucket's machinery: after the bucket object is destroyed or closed, its
+  /// requests fail as the closed bucket's (and a receipt still gives back).
+  /// Reservation mode only.
+  /// @throws std::invalid_argument in head-only mode (a head-only bucket
+  /// cannot reserve), std::logic_error for a moved-from bucket.
+  std::shared_ptr<basic_remote_limiter<Clock>> as_remote() const {
+    if (!impl_)
+      throw std::logic_error("ratelimit::redis_token_bucket::as_remote: a moved-from bucket");
+    if (!remote_)
+      throw std::invalid_argument(
+          "ratelimit::redis_token_bucket::as_remote: a joint part needs mode reserve");
+    return remote_;
+  }
+
  private:
   /// A deferred operation co-owns the impl (detail::initiation_ref), so one
   /// launched after the bucket is gone completes with operation_aborted.
@@ -383,6 +413,7 @@ class basic_redis_token_bucket {
 
   executor_type executor_;
   std::shared_ptr<impl_type> impl_;
+  std::shared_ptr<basic_remote_limiter<Clock>> remote_;  // reservation mode: as_remote()
 };
 
 /// The Redis bucket most programs want: local waits on steady_clock.

@@ -48,11 +48,13 @@
 #include <ratelimit/detail/sync_waiter.hpp>
 #include <ratelimit/detail/timer_driver.hpp>
 #include <ratelimit/detail/waiter.hpp>
+#include <ratelimit/detail/wrapped_handler.hpp>
 #include <ratelimit/error.hpp>
 #include <ratelimit/redis/connection.hpp>
 #include <ratelimit/redis/detail/reserve_script.hpp>
 #include <ratelimit/redis/detail/script.hpp>
 #include <ratelimit/redis/options.hpp>
+#include <ratelimit/remote_limiter.hpp>
 
 #include <boost/asio/error.hpp>
 
@@ -81,14 +83,29 @@ class reservation : public waiter_base {
   stage at = stage::pending;
   std::uint64_t seq = 0;     // its number among the requests sent
   std::int64_t due = 0;      // granted then (local clock, ns)
-  std::uint64_t due_us = 0;  // the same in the server's clock (us), for a refund
-  std::int64_t not_after = ratelimit::detail::max_time;  // a deadline form's (local clock, ns)
+  std::uint64_t due_us = 0;  // the same in the server's clock (us): a remote part's id
+  std::int64_t not_after = ratelimit::detail::max_time;
+  /// A joint request's remote part: fills in its answer, and it completes
+  /// with the reply (see redis_bucket_impl::async_reserve_part).
+  void (*report)(reservation*) noexcept = nullptr;  // a deadline form's (local clock, ns)
 
  protected:
   reservation(fn_type fn, std::uint64_t n) noexcept : waiter_base(fn, n) {}
 };
 
 using sync_reservation = ratelimit::detail::basic_sync_waiter<reservation>;
+
+/// The body of a remote part's handler (detail::wrapped_handler): the
+/// reservation, filled in before completion, goes with the error code.
+template <typename Clock>
+struct remote_report {
+  typename basic_remote_limiter<Clock>::reservation r;
+
+  template <typename Handler>
+  void operator()(Handler& h, boost::system::error_code ec) {
+    std::move(h)(ec, ec ? typename basic_remote_limiter<Clock>::reservation{} : r);
+  }
+};
 
 template <typename Clock, typename WaitTraits>
 class redis_bucket_impl
@@ -144,6 +161,47 @@ class redis_bucket_impl
     using op_type = detail::handler_op<reservation, std::decay_t<Handler>>;
     op_type* op = op_type::create(std::forward<Handler>(handler), executor_, n);
     op->not_after = not_after;
+    start(op, n);
+  }
+
+  /// A joint request's remote part (reservation mode): reserves `n` and
+  /// completes with the reservation at its reply, not at its due time
+  /// (`void(error_code, basic_remote_limiter<Clock>::reservation)`: its id
+  /// is the due time on the server's clock, for a refund).
+  template <typename Handler>
+  void async_reserve_part(Handler&& handler, std::uint64_t n) {
+    using remote_reservation = typename basic_remote_limiter<Clock>::reservation;
+    using wrapped = detail::wrapped_handler<std::decay_t<Handler>, remote_report<Clock>>;
+    using op_type = detail::handler_op<reservation, wrapped>;
+    op_type* op = op_type::create(wrapped{std::forward<Handler>(handler), {}}, executor_, n);
+    op->report = [](reservation* w) noexcept {
+      static_cast<op_type*>(w)->handler().body.r = remote_reservation{
+          w->due_us, w->tokens,
+          typename Clock::time_point(std::chrono::duration_cast<typename Clock::duration>(
+              std::chrono::nanoseconds(w->due)))};
+    };
+    start(op, n);
+  }
+
+  /// A remote part's tokens were taken by its joint request.
+  void took(std::uint64_t n) noexcept {
+    std::lock_guard lk(mutex_);
+    stats_.granted += n;
+  }
+
+  /// Gives `n` tokens back now (a remote part forgotten, or given back by a
+  /// receipt). Best effort.
+  void refund_now(std::uint64_t n) noexcept {
+    try {
+      send_refunds({n});
+    } catch (...) {  // out of memory: wasted, never over-granted
+    }
+  }
+
+ private:
+  /// Queues `op` (a request for `n` tokens), or completes it at once.
+  template <typename Op>
+  void start(Op* op, std::uint64_t n) {
     try {
       detail::link_cancellation(op->handler(), op, *this);
     } catch (...) {
@@ -169,6 +227,7 @@ class redis_bucket_impl
     op->complete(finish_mode::post, executor_);
   }
 
+ public:
   /// One attempt, no queueing: granted now or not.
   template <typename Handler>
   void async_try(Handler&& handler, std::uint64_t n) {
@@ -241,7 +300,7 @@ class redis_bucket_impl
     waiter_base* w = link->waiter.load(std::memory_order_relaxed);
     if (!w || !w->queued) return;
     if (reserve_) {
-      leave(static_cast<reservation*>(w), now_ns());
+      leave(static_cast<reservation*>(w));
       ready.push_back(w, boost::asio::error::operation_aborted);
       return step(std::move(lk), ready, finish_mode::post);
     }
@@ -702,18 +761,17 @@ class redis_bucket_impl
   /// Moves every waiter into `ready` with `ec`, in the order they would have
   /// been served, refunding the reservations not due yet.
   void take_all(ready_list& ready, boost::system::error_code ec) noexcept {
-    const std::int64_t now = now_ns();
     while (waiter_base* w = reserved_.front()) {
-      leave(as_res(w), now);
+      leave(as_res(w));
       ready.push_back(w, ec);
     }
     ready.take_all(sent_, ec);
     ready.take_all(queue_, ec);
   }
 
-  /// Takes `w` out of whichever queue holds it; a reservation not due yet
-  /// is refunded (sent by the next step).
-  void leave(reservation* w, std::int64_t now) noexcept {
+  /// Takes `w` out of whichever queue holds it; its reservation, if it has
+  /// one (never granted), is refunded (sent by the next step).
+  void leave(reservation* w) noexcept {
     switch (w->at) {
       case reservation::stage::pending:
         queue_.erase(w);
@@ -723,14 +781,14 @@ class redis_bucket_impl
         return;
       case reservation::stage::reserved:
         reserved_.erase(w);
-        if (now < w->due) refund_later(w->tokens, w->due_us);
+        refund_later(w->tokens);  // (not granted: still waiting for its due time)
         return;
     }
   }
 
-  void refund_later(std::uint64_t n, std::uint64_t due_us) noexcept {
+  void refund_later(std::uint64_t n) noexcept {
     try {
-      refunds_.push_back({n, due_us});
+      refunds_.push_back(n);
     } catch (...) {  // out of memory: the tokens are wasted, never over-granted
     }
   }
@@ -788,7 +846,7 @@ class redis_bucket_impl
         timer_.arm(*wake, *this);
       else
         timer_.disarm();
-      std::vector<refund_item> refunds = std::exchange(refunds_, {});
+      std::vector<std::uint64_t> refunds = std::exchange(refunds_, {});
       if (!call) {
         lk.unlock();
         send_refunds(std::move(refunds));
@@ -941,14 +999,20 @@ class redis_bucket_impl
           const std::int64_t due =
               add_ns(now, std::chrono::microseconds(static_cast<std::int64_t>(
                               std::min<std::uint64_t>(ahead, detail::max_time / 1000))));
-          if (!mine) {  // cancelled (or closed) while its call was out
-            if (ahead > 0) refund_later(n, r.due_us);
+          if (!mine) {  // cancelled (or closed) while its call was out: never granted
+            refund_later(n);
+            continue;
+          }
+          mine->due = due;
+          mine->due_us = r.due_us;
+          if (mine->report) {  // a remote part: the joint request takes it, or forgets it
+            mine->report(mine);
+            sent_.erase(mine);
+            ready.push_back(mine, {});
             continue;
           }
           sent_.erase_keep_link(mine);
           mine->at = reservation::stage::reserved;
-          mine->due = due;
-          mine->due_us = r.due_us;
           insert_reserved(mine);
         } else if (mine) {
           sent_.erase(mine);
@@ -974,7 +1038,7 @@ class redis_bucket_impl
 
   /// Sends refunds (best effort: one that cannot be sent, or fails, leaves
   /// its tokens wasted, never over-granted). Unlocked.
-  void send_refunds(std::vector<refund_item> items) noexcept {
+  void send_refunds(std::vector<std::uint64_t> items) noexcept {
     if (items.empty()) return;
     constexpr std::size_t per_call = 4096;
     for (std::size_t at = 0; at < items.size(); at += per_call) {
@@ -987,7 +1051,7 @@ class redis_bucket_impl
     }
   }
 
-  void send_refund(std::vector<refund_item> items, bool eval) {
+  void send_refund(std::vector<std::uint64_t> items, bool eval) {
     auto args = refund_args(eval ? std::string() : refund_sha_, key_, rr_, items);
     {
       std::lock_guard lk(mutex_);
@@ -1045,8 +1109,8 @@ class redis_bucket_impl
   waiter_queue reserved_;  // reservation mode: waiters with a due time, by due time
   std::size_t calls_out_ = 0;
   std::uint64_t next_seq_ = 1;
-  std::vector<refund_item> refunds_;  // to send once unlocked
-  std::vector<try_result*> tries_;    // tries whose request is out
+  std::vector<std::uint64_t> refunds_;  // tokens to give back, sent once unlocked
+  std::vector<try_result*> tries_;      // tries whose request is out
   waiter_base* in_flight_for_ = nullptr;
   bool request_out_ = false;
   bool closed_ = false;
@@ -1059,6 +1123,38 @@ class redis_bucket_impl
   redis_bucket_stats stats_;
   std::minstd_rand rng_{static_cast<std::uint_fast32_t>(std::random_device{}() ^
                                                         reinterpret_cast<std::uintptr_t>(this))};
+};
+
+/// A reservation bucket as a joint request's remote part
+/// (basic_redis_token_bucket::as_remote()): co-owns the bucket's machinery,
+/// so a part outlives its bucket object (its requests then fail as the
+/// closed bucket's).
+template <typename Clock, typename WaitTraits>
+class redis_remote final : public basic_remote_limiter<Clock> {
+  using impl_type = redis_bucket_impl<Clock, WaitTraits>;
+  using base = basic_remote_limiter<Clock>;
+
+ public:
+  explicit redis_remote(std::shared_ptr<impl_type> impl) noexcept : impl_(std::move(impl)) {}
+
+  typename base::executor_type get_executor() const override { return impl_->get_executor(); }
+
+  void async_reserve(std::uint64_t n, typename base::reserve_handler handler) override {
+    impl_->async_reserve_part(std::move(handler), n);
+  }
+
+  void take(const typename base::reservation& r, typename base::time_point) noexcept override {
+    impl_->took(r.n);
+  }
+
+  void forget(const typename base::reservation& r) noexcept override { impl_->refund_now(r.n); }
+
+  void give_back(std::uint64_t n) noexcept override {
+    impl_->refund_now(n);  // up to the capacity
+  }
+
+ private:
+  std::shared_ptr<impl_type> impl_;
 };
 
 }  // namespace ratelimit::redis_detail

@@ -15,14 +15,16 @@
 // nothing (later requests of the same call may still fit: a smaller one, or
 // one that accepts a longer wait).
 //
-// A reservation may be refunded before it is due (its request was cancelled):
-// its tokens go back to the level, capped at the capacity. Reservations made
-// after it keep their due times, so a refunded token may serve a request made
-// later still before those come due. Refunding never grants more than the
-// bound: the ledger is then what it would have been had the request never
-// been made, and every other reservation is due no earlier than that ledger
-// allows. A refund at or after the due time does nothing (the tokens are the
-// request's).
+// A reservation that was never granted (its request was cancelled, or a joint
+// request forgot it) is refunded: its tokens go back to the level, capped at
+// the capacity, whenever the refund comes, as a receipt gives tokens back to
+// a local bucket. Reservations made after it keep their due times, so a
+// refunded token may serve a request made later still before those come due.
+// Refunding never grants more than the bound: the tokens were not granted,
+// so the ledger gains back at most what it lent, and every other reservation
+// is due no earlier than the ledger without the refunded one allows. (The
+// client refunds only what it knows was not granted: a reservation still
+// waiting for its due time, or one whose waiter is gone.)
 //
 // State: the hash of script.hpp (`l`, `t`, `c`), `l` possibly negative, down
 // to -horizon·tok for the longest horizon of the key's clients (they may
@@ -58,8 +60,9 @@ namespace ratelimit::redis_detail {
 
 namespace lua {
 
-/// Both scripts' arguments: capacity, tok, tick, horizon, then k pairs
-/// (ARGV[5] = k, ARGV[6] the time hook, the pairs from ARGV[7]).
+/// Both scripts' arguments: capacity, tok, tick, horizon, k (ARGV[5]), the
+/// time hook (ARGV[6]), then the k requests from ARGV[7] (each script
+/// checks how many arguments a request has).
 inline constexpr std::string_view reservation_args = R"lua(
 local cap = tonumber(ARGV[1])
 local tok = tonumber(ARGV[2])
@@ -67,10 +70,20 @@ local tick = tonumber(ARGV[3])
 local horizon = tonumber(ARGV[4])
 local count = tonumber(ARGV[5])
 if not (cap and tok and tick and horizon and count) or cap < 1 or tok < 1 or tick < 1 or
-   horizon < 0 or count < 1 or #ARGV ~= 6 + 2 * count then
+   horizon < 0 or count < 1 then
   return redis.error_reply('ratelimit: bad script arguments')
 end
 local cfg = 'r:' .. ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3]
+)lua";
+
+/// A reservation request is two arguments (n, within).
+inline constexpr std::string_view reserve_arity = R"lua(
+if #ARGV ~= 6 + 2 * count then return redis.error_reply('ratelimit: bad script arguments') end
+)lua";
+
+/// A refund is one argument (n).
+inline constexpr std::string_view refund_arity = R"lua(
+if #ARGV ~= 6 + count then return redis.error_reply('ratelimit: bad script arguments') end
 )lua";
 
 inline constexpr std::string_view reserve_full = R"lua(
@@ -124,18 +137,16 @@ inline constexpr std::string_view reserve_return = R"lua(
 return out
 )lua";
 
-/// The tokens of the reservations not due yet (pairs n, due from ARGV[7]).
-inline constexpr std::string_view refund_due = R"lua(
+/// The tokens given back (ARGV[7] on).
+inline constexpr std::string_view refund_sum = R"lua(
 local give = 0
-for i = 7, #ARGV, 2 do
+for i = 7, #ARGV do
   local n = tonumber(ARGV[i])
-  local due = tonumber(ARGV[i + 1])
-  if not n or not due or n < 1 or n > cap or n ~= math.floor(n) then
+  if not n or n < 1 or n > cap or n ~= math.floor(n) then
     return redis.error_reply('ratelimit: bad script arguments')
   end
-  if now < due then give = give + n end
+  give = give + n
 end
-if give == 0 then return 0 end
 )lua";
 
 inline constexpr std::string_view refund_give = R"lua(
@@ -160,18 +171,18 @@ return give
 /// `within`; s = 0 refused, due beyond the horizon (d: when it would have
 /// been due). A refused request takes nothing.
 inline constexpr std::string_view reserve_script =
-    lua_join<lua::reservation_args, lua::now, lua::reserve_full, lua::read_state,
-             lua::not_before_last, lua::refill, lua::reserve_each, lua::write_state,
-             lua::reserve_return>::value;
+    lua_join<lua::reservation_args, lua::reserve_arity, lua::now, lua::reserve_full,
+             lua::read_state, lua::not_before_last, lua::refill, lua::reserve_each,
+             lua::write_state, lua::reserve_return>::value;
 
 /// KEYS[1]: the bucket. ARGV: capacity, tok, tick, horizon (us), k, now (us;
-/// empty: the server's TIME), then k pairs (n, due): reservations of n tokens
-/// due at `due` (us). Gives back the tokens of those not due yet, up to the
-/// capacity (a missing key is a full bucket); those already due are the
-/// requests' and stay taken. Returns the tokens given back.
+/// empty: the server's TIME), then k token counts: reservations never
+/// granted (cancelled, forgotten by a joint request) or tokens a receipt
+/// gives back. Gives them back to the level now, up to the capacity (a
+/// missing key is a full bucket). Returns the tokens given back.
 inline constexpr std::string_view refund_script =
-    lua_join<lua::reservation_args, lua::now, lua::reserve_full, lua::read_state,
-             lua::not_before_last, lua::refund_due, lua::refill, lua::refund_give, lua::write_state,
+    lua_join<lua::reservation_args, lua::refund_arity, lua::now, lua::reserve_full, lua::read_state,
+             lua::not_before_last, lua::refund_sum, lua::refill, lua::refund_give, lua::write_state,
              lua::refund_return>::value;
 
 /// A reservation bucket's configuration in the script's terms.
@@ -236,12 +247,6 @@ struct reserve_request {
   std::int64_t within_us = -1;
 };
 
-/// One reservation to give back: `n` tokens due at `due_us` (server time).
-struct refund_item {
-  std::uint64_t n;
-  std::uint64_t due_us;
-};
-
 namespace reserve_detail {
 
 inline std::vector<std::string> head(std::string_view script, const std::string& sha,
@@ -278,16 +283,14 @@ inline std::vector<std::string> reserve_args(const std::string& sha, const std::
   return a;
 }
 
-/// EVALSHA (or EVAL) arguments refunding `items` (at least one).
+/// EVALSHA (or EVAL) arguments giving back `ns` (token counts, at least one).
 inline std::vector<std::string> refund_args(const std::string& sha, const std::string& key,
                                             const reserve_rate& rr,
-                                            std::span<const refund_item> items,
+                                            std::span<const std::uint64_t> ns,
                                             std::int64_t now_us = -1) {
-  auto a = reserve_detail::head(refund_script, sha, key, rr, items.size(), now_us);
-  for (const refund_item& r : items) {
-    a.push_back(std::to_string(r.n));
-    a.push_back(std::to_string(r.due_us));
-  }
+  auto a = reserve_detail::head(refund_script, sha, key, rr, ns.size(), now_us);
+  for (std::uint64_t n : ns)
+    a.push_back(std::to_string(n));
   return a;
 }
 
