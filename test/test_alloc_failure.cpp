@@ -63,6 +63,7 @@
 #include "alloc_harness.hpp"
 #include "fake_remote.hpp"
 #include "fake_stream.hpp"
+#include "stream_test_access.hpp"
 
 #include <ratelimit/joint.hpp>
 #include <ratelimit/keyed_limiter.hpp>
@@ -657,19 +658,6 @@ bool make_stream(env& e, std::optional<stream_t>& s, stream_ops& ops, std::size_
 void check_tokens(std::uint64_t taken, std::size_t moved) {
   AF_CHECK(taken == moved);
 }
-
-}  // namespace
-
-namespace ratelimit::detail {
-struct stream_test_access {
-  template <typename Stream>
-  static std::uint64_t read_debt(const Stream& s) {
-    return s.state_->read.debt;
-  }
-};
-}  // namespace ratelimit::detail
-
-namespace {
 
 /// The usual end: every accepted operation completes; what moved is what
 /// the callers got; `debt`: the bytes read and not paid yet.
