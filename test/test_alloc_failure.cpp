@@ -63,6 +63,7 @@
 #include "alloc_harness.hpp"
 #include "fake_remote.hpp"
 #include "fake_stream.hpp"
+#include "stream_test_access.hpp"
 
 #include <ratelimit/joint.hpp>
 #include <ratelimit/keyed_limiter.hpp>
@@ -651,25 +652,31 @@ bool make_stream(env& e, std::optional<stream_t>& s, stream_ops& ops, std::size_
   return true;
 }
 
+/// The usual setting of a stream scenario: a read and a write bucket (1000
+/// tokens a second, capacity `big`, starting with `r` and `w` tokens), the
+/// stream over the fake with `incoming` bytes of the pattern to read, each
+/// direction limited by its bucket. False when one of these steps failed to
+/// allocate (the scenario ends there: the harness checks it left no trace).
+struct stream_setup {
+  std::optional<bucket_t> rb, wb;
+  stream_ops ops;
+  std::optional<stream_t> s;
+
+  bool make(env& e, ratelimit::initial_tokens r, ratelimit::initial_tokens w,
+            std::size_t incoming = 300) {
+    return ::make(e, rb, big, per_second(1000), r) && ::make(e, wb, big, per_second(1000), w) &&
+           make_stream(e, s, ops, incoming) &&
+           e.call("set_read_limits", [&] { s->set_read_limits({stream_part(*rb)}); }) &&
+           e.call("set_write_limits", [&] { s->set_write_limits({stream_part(*wb)}); });
+  }
+};
+
 /// Checks a direction's tokens: `taken` (by each of its buckets, summed
 /// over those it used, plus for reads the stream's debt) against the bytes
 /// moved.
 void check_tokens(std::uint64_t taken, std::size_t moved) {
   AF_CHECK(taken == moved);
 }
-
-}  // namespace
-
-namespace ratelimit::detail {
-struct stream_test_access {
-  template <typename Stream>
-  static std::uint64_t read_debt(const Stream& s) {
-    return s.state_->read.debt;
-  }
-};
-}  // namespace ratelimit::detail
-
-namespace {
 
 /// The usual end: every accepted operation completes; what moved is what
 /// the callers got; `debt`: the bytes read and not paid yet.
@@ -689,14 +696,9 @@ moved_bytes finish(env& e, stream_t& s, const stream_ops& ops) {
 /// initiating call and goes straight to the fake; a read reads, then pays at
 /// once).
 void stream_at_once(env& e) {
-  std::optional<bucket_t> rb, wb;
-  if (!make(e, rb, big, per_second(1000))) return;
-  if (!make(e, wb, big, per_second(1000))) return;
-  stream_ops ops;
-  std::optional<stream_t> s;
-  if (!make_stream(e, s, ops, 300)) return;
-  if (!e.call("set_read_limits", [&] { s->set_read_limits({stream_part(*rb)}); })) return;
-  if (!e.call("set_write_limits", [&] { s->set_write_limits({stream_part(*wb)}); })) return;
+  stream_setup st;
+  if (!st.make(e, ratelimit::initial_tokens{big}, ratelimit::initial_tokens{big})) return;
+  auto& [rb, wb, ops, s] = st;
   ops.write(e, *s, 250);
   ops.read(e, *s, 200);
   const moved_bytes m = finish(e, *s, ops);
@@ -730,14 +732,9 @@ void stream_wait_for_tokens(env& e) {
 /// A slice of 100 bytes: asio::async_write and asio::async_read of 250 bytes
 /// each wait for their slices one by one.
 void stream_sliced(env& e) {
-  std::optional<bucket_t> rb, wb;
-  if (!make(e, rb, big, per_second(1000), read_start())) return;
-  if (!make(e, wb, big, per_second(1000), ratelimit::start_empty)) return;
-  stream_ops ops;
-  std::optional<stream_t> s;
-  if (!make_stream(e, s, ops, 300)) return;
-  if (!e.call("set_read_limits", [&] { s->set_read_limits({stream_part(*rb)}); })) return;
-  if (!e.call("set_write_limits", [&] { s->set_write_limits({stream_part(*wb)}); })) return;
+  stream_setup st;
+  if (!st.make(e, read_start(), ratelimit::start_empty)) return;
+  auto& [rb, wb, ops, s] = st;
   s->set_slice(100);
   ops.write(e, *s, 250, true);
   ops.read(e, *s, 250, true);
@@ -754,14 +751,9 @@ void stream_sliced(env& e) {
 /// read that ends at EOF (the first takes 50 bytes, the next EOF), then a
 /// write and a read the fake fails: nothing taken for them.
 void stream_short_write_eof_error(env& e) {
-  std::optional<bucket_t> rb, wb;
-  if (!make(e, rb, big, per_second(1000))) return;
-  if (!make(e, wb, big, per_second(1000))) return;
-  stream_ops ops;
-  std::optional<stream_t> s;
-  if (!make_stream(e, s, ops, 50)) return;
-  if (!e.call("set_read_limits", [&] { s->set_read_limits({stream_part(*rb)}); })) return;
-  if (!e.call("set_write_limits", [&] { s->set_write_limits({stream_part(*wb)}); })) return;
+  stream_setup st;
+  if (!st.make(e, ratelimit::initial_tokens{big}, ratelimit::initial_tokens{big}, 50)) return;
+  auto& [rb, wb, ops, s] = st;
   s->next_layer().max_write = 120;
   ops.write(e, *s, 400);
   ops.read(e, *s, 100);
@@ -782,14 +774,9 @@ void stream_short_write_eof_error(env& e) {
 /// stays owed; the next read pays it).
 void stream_per_operation_cancellation(env& e) {
   asio::cancellation_signal ws, rs;
-  std::optional<bucket_t> rb, wb;
-  if (!make(e, rb, big, per_second(1000), read_start())) return;
-  if (!make(e, wb, big, per_second(1000), ratelimit::start_empty)) return;
-  stream_ops ops;
-  std::optional<stream_t> s;
-  if (!make_stream(e, s, ops, 300)) return;
-  if (!e.call("set_read_limits", [&] { s->set_read_limits({stream_part(*rb)}); })) return;
-  if (!e.call("set_write_limits", [&] { s->set_write_limits({stream_part(*wb)}); })) return;
+  stream_setup st;
+  if (!st.make(e, read_start(), ratelimit::start_empty)) return;
+  auto& [rb, wb, ops, s] = st;
   ops.write(e, *s, 200, false, ws.slot());
   settle_one(e, ops.read(e, *s, 100));
   ops.read(e, *s, 100, false, rs.slot());
@@ -811,14 +798,9 @@ void stream_per_operation_cancellation(env& e) {
 /// pay the first one's debt, with empty read buckets); then close() with a
 /// write waiting, and a write after close (fails at once).
 void stream_cancel_and_close(env& e) {
-  std::optional<bucket_t> rb, wb;
-  if (!make(e, rb, big, per_second(1000), read_start())) return;
-  if (!make(e, wb, big, per_second(1000), ratelimit::start_empty)) return;
-  stream_ops ops;
-  std::optional<stream_t> s;
-  if (!make_stream(e, s, ops, 300)) return;
-  if (!e.call("set_read_limits", [&] { s->set_read_limits({stream_part(*rb)}); })) return;
-  if (!e.call("set_write_limits", [&] { s->set_write_limits({stream_part(*wb)}); })) return;
+  stream_setup st;
+  if (!st.make(e, read_start(), ratelimit::start_empty)) return;
+  auto& [rb, wb, ops, s] = st;
   ops.write(e, *s, 200);
   settle_one(e, ops.read(e, *s, 100));
   ops.read(e, *s, 100);
@@ -841,14 +823,9 @@ void stream_cancel_and_close(env& e) {
 /// (waiting to pay the first one's debt, with empty read buckets): both
 /// complete (operation_aborted), their tokens never taken or given back.
 void stream_destroy_while_waiting(env& e) {
-  std::optional<bucket_t> rb, wb;
-  if (!make(e, rb, big, per_second(1000), read_start())) return;
-  if (!make(e, wb, big, per_second(1000), ratelimit::start_empty)) return;
-  stream_ops ops;
-  std::optional<stream_t> s;
-  if (!make_stream(e, s, ops, 300)) return;
-  if (!e.call("set_read_limits", [&] { s->set_read_limits({stream_part(*rb)}); })) return;
-  if (!e.call("set_write_limits", [&] { s->set_write_limits({stream_part(*wb)}); })) return;
+  stream_setup st;
+  if (!st.make(e, read_start(), ratelimit::start_empty)) return;
+  auto& [rb, wb, ops, s] = st;
   ops.write(e, *s, 200);
   settle_one(e, ops.read(e, *s, 100));
   ops.read(e, *s, 100);

@@ -996,13 +996,9 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
             bool wait = false)
         : op_base<read_op<Buffers>>(s, st, &st->read), buffers(b), wait_first(wait) {}
 
-    // wait_for found the operation stopped: a debt it was to pay stays owed.
-    void not_waiting() noexcept {
-      if (paying_debt) {
-        this->state->read.debt += owed;
-        owed = 0;
-      }
-    }
+    // wait_for found the operation stopped: a debt it was to pay stays owed
+    // (a read waits only to pay a debt; otherwise `owed` is 0).
+    void not_waiting() noexcept { this->state->read.debt += std::exchange(owed, 0); }
 
     template <typename Self>
     void restart(Self& self) {
@@ -1081,8 +1077,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
       } else {              // read first, pay after
         if (d.debt != 0) {  // an earlier read's unpaid bytes first
           owed = std::exchange(d.debt, 0);
-          paying_debt = true;
-          return pay(self);
+          return pay_debt(self);
         }
         read_first(self, first);
       }
@@ -1173,7 +1168,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
         if (e == error::exceeds_capacity && this->granted > 1 && !this->stopped() &&
             self.cancelled() == boost::asio::cancellation_type::none) {  // pay the rest in halves
           d.cap_hint.store(this->granted / 2, std::memory_order_relaxed);
-          return pay(self);
+          return pay_debt(self);
         }
         if (!e) owed -= std::min<std::uint64_t>(owed, this->granted);
         // Stopped or cancelled while the grant was on its way (what was paid
@@ -1181,7 +1176,7 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
         if (!e && (this->stopped() || self.cancelled() != boost::asio::cancellation_type::none))
           e = boost::asio::error::operation_aborted;
         if (e) return unpaid(self, e);
-        pay(self);
+        pay_debt(self);
       }
     }
 
@@ -1196,60 +1191,65 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
       this->fail(self, e);
     }
 
-    // Pays what a read took (the read-first mode), then completes. An
-    // earlier read's debt (paid before this read reads anything) may wait for
-    // tokens. This read's own bytes, in the caller's buffer already, are paid
-    // only with what the limits hold now: what they do not becomes the
-    // stream's debt, paid by the next read before it reads, and the read
-    // completes with its bytes at once. Nothing here waits or may lose the
-    // bytes once they are read: an allocation that fails while paying them
-    // (copying new limits, a key's first receipt) leaves them owed too.
-    template <typename Self>
-    void pay(Self& self) {
-      direction& d = this->state->read;
-      if (!paying_debt) {
-        try {
-          while (owed != 0 && d.copy_limits(this->cap)) {
-            if (!this->take_now(d, owed)) break;
-            owed -= std::min<std::uint64_t>(owed, this->granted);
-            d.release();  // (paid: nothing of it is given back)
-          }
-        } catch (const std::bad_alloc&) {  // (nothing taken by the failed step)
-          this->ec = {};
-        }
-        // In the next layer's completion: completed directly (nothing that
-        // could fail between the bytes and their caller). The limits failing
-        // (closed) deliver the bytes with their error, owed.
-        if (owed != 0 && d.limited.load(std::memory_order_acquire)) d.debt += owed;
-        owed = 0;
-        return self.complete(this->ec ? this->ec : ec_read, this->done);
+    // Pays as much of `owed` as the limits hold now, in pieces of at most
+    // their capacity (all of a piece or none of it); stops when a piece is
+    // not there or the limits fail (`ec` set) or are removed.
+    void pay_what_is_there(direction& d) {
+      while (owed != 0 && d.copy_limits(this->cap)) {
+        if (!this->take_now(d, owed)) return;
+        owed -= std::min<std::uint64_t>(owed, this->granted);
+        d.release();  // (paid: nothing of it is given back)
       }
-      // An earlier read's debt. Whatever throws here (copying new limits, a
-      // joint take, the wait) leaves what is not paid yet owed; nothing of
-      // this operation's own is delivered yet: any cancellation type.
-      auto st = this->state;
-      std::uint64_t left = owed;  // (what a throw leaves owed)
+    }
+
+    // Pays what a read took (the read-first mode) and completes. Its bytes,
+    // in the caller's buffer already, are paid only with what the limits hold
+    // now: what they do not becomes the stream's debt, paid by the next read
+    // before it reads, and the read completes with its bytes at once. Nothing
+    // here waits or may lose the bytes: an allocation that fails while paying
+    // them (copying new limits, a key's first receipt) leaves them owed too.
+    // In the next layer's completion, so completed directly (nothing that
+    // could fail between the bytes and their caller). Limits that fail
+    // (closed) deliver the bytes with their error, owed.
+    template <typename Self>
+    void pay_own(Self& self) {
+      direction& d = this->state->read;
       try {
-        while (owed != 0) {
-          left = owed;
-          if (!d.copy_limits(this->cap)) break;
-          if (this->take_now(d, owed)) {
-            owed -= std::min<std::uint64_t>(owed, this->granted);
-            d.release();  // (paid: nothing of it is given back)
-            continue;
-          }
-          left = 0;
-          if (this->ec) return unpaid(self, this->ec);
-          left = owed;
-          return this->wait_for(self, d, owed);
-        }
+        pay_what_is_there(d);
+      } catch (const std::bad_alloc&) {  // (nothing taken by the failed step)
+        this->ec = {};
+      }
+      if (owed != 0 && d.limited.load(std::memory_order_acquire)) d.debt += owed;
+      owed = 0;
+      self.complete(this->ec ? this->ec : ec_read, this->done);
+    }
+
+    // Pays an earlier read's debt (`owed`), waiting for tokens if need be,
+    // then reads. Whatever throws (copying new limits, a joint take, the
+    // wait) leaves what is not paid yet owed. Nothing of this operation's own
+    // is delivered yet: any cancellation type.
+    template <typename Self>
+    void pay_debt(Self& self) {
+      direction& d = this->state->read;
+      auto st = this->state;  // (this->state is moved with `self`)
+      try {
+        pay_what_is_there(d);
       } catch (...) {
-        st->read.debt += left;
+        st->read.debt += std::exchange(owed, 0);
         throw;
       }
-      owed = 0;
-      // Paid the earlier read's debt: then this operation's own read.
-      paying_debt = false;
+      if (owed != 0 && d.limited.load(std::memory_order_acquire)) {
+        if (this->ec) return unpaid(self, this->ec);
+        const std::uint64_t left = owed;
+        try {
+          return this->wait_for(self, d, owed);
+        } catch (...) {
+          st->read.debt += left;
+          throw;
+        }
+      }
+      owed = 0;  // (paid, or forgiven: the limits were removed)
+      // Then this operation's own read.
       if (this->stopped() || self.cancelled() != boost::asio::cancellation_type::none)
         return this->fail(self, boost::asio::error::operation_aborted);
       return read_first(self, detail::first_buffer<boost::asio::mutable_buffer>(buffers));
@@ -1265,13 +1265,12 @@ class basic_rate_limited_stream : public detail::lowest_layer_base<NextLayer> {
         this->done = n;
         ec_read = e;
         owed = limited_read ? n : 0;  // (a read the limits did not slice owes nothing)
-        pay(self);
+        pay_own(self);
       }
     }
 
     boost::system::error_code ec_read{};
-    std::uint64_t owed = 0;  // bytes read (or owed from before) not paid yet
-    bool paying_debt = false;
+    std::uint64_t owed = 0;     // bytes read (or owed from before) not paid yet
     bool limited_read = false;  // read_first's read (sliced, to be paid)
     bool wait_first = false;    // the initiation found nothing there: wait for data first
   };

@@ -837,37 +837,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 }
 
 #if defined(RATELIMIT_FUZZ_REPLAY)
-#include <filesystem>
-#include <fstream>
-#include <iterator>
+#include "fuzz_replay.hpp"
 
-// Replays every file given, or every file in every directory given (but *.md).
 int main(int argc, char** argv) {
-  namespace fs = std::filesystem;
-  std::vector<fs::path> files;
-  for (int i = 1; i < argc; ++i) {
-    const fs::path p(argv[i]);
-    if (!fs::exists(p)) {
-      std::fprintf(stderr, "fuzz_keyed_replay: %s does not exist, skipped\n", argv[i]);
-    } else if (fs::is_directory(p)) {
-      for (const auto& e : fs::directory_iterator(p))
-        if (e.is_regular_file() && e.path().extension() != ".md") files.push_back(e.path());
-    } else {
-      files.push_back(p);
-    }
-  }
-  std::sort(files.begin(), files.end());
-  if (files.empty()) {
-    std::fprintf(stderr, "fuzz_keyed_replay: no input files\n");
-    return 1;
-  }
-  for (const fs::path& f : files) {
-    std::ifstream in(f, std::ios::binary);
-    const std::vector<char> bytes((std::istreambuf_iterator<char>(in)),
-                                  std::istreambuf_iterator<char>());
-    LLVMFuzzerTestOneInput(reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size());
-  }
-  std::printf("fuzz_keyed_replay: %zu inputs replayed, all match the model\n", files.size());
+  const int rc = ratelimit::test::fuzz_replay_main("fuzz_keyed_replay", "all match the model", argc,
+                                                   argv, LLVMFuzzerTestOneInput);
+  if (rc != 0) return rc;
   if (std::getenv("RATELIMIT_FUZZ_STATS"))
     std::printf(
         "steps %llu; new keys at the bound: %llu admitted by eviction (%llu with a key held "

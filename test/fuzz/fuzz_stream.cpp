@@ -10,10 +10,12 @@
 //   2  that bucket and a key of a keyed limiter (capacity learned by halving).
 // The first bucket's capacity never binds (2^50) and it starts empty, so it
 // is exact: after each step with no operation in flight it must hold what
-// accrued minus what moved, up to the bytes of reads (a read delivers its
-// bytes at once, paid with what the limits hold then, the rest owed:
-// documented, the next read pays a debt first), and exactly that at the end
-// once a last read has paid. The second bucket and the key may be small:
+// accrued minus what was paid, exactly. A read delivers its bytes at once,
+// paid if the limits hold their tokens then, else owed (documented: the next
+// read pays a debt first); the stream's debt, read through a test-only
+// accessor (support/stream_test_access.hpp), must be at most what the reads
+// delivered and at most a slice, and the rest of what they delivered paid.
+// At the end a last read pays the debt. The second bucket and the key may be small:
 // requests larger than them are sliced (never `exceeds_capacity`), and at the
 // end, idle long enough, they are full again (nothing held, nothing lost).
 // Operations: a write or a read of 0..2500 bytes (with a cancellation slot;
@@ -38,6 +40,7 @@
 
 #include "fake_stream.hpp"
 #include "manual_clock.hpp"
+#include "stream_test_access.hpp"
 
 #include <ratelimit/keyed_limiter.hpp>
 #include <ratelimit/stream.hpp>
@@ -154,6 +157,7 @@ class harness {
     two_.emplace(ctx_, small, ratelimit::rate{2 * per_ms, std::chrono::milliseconds(1)});
     keys_.emplace(ctx_, small, ratelimit::rate{per_ms, std::chrono::milliseconds(1)}, 4);
     slice_ = 1 + in_.upto(700);
+    max_slice_ = std::max<std::uint64_t>(max_slice_, slice_);
     open();
   }
 
@@ -214,6 +218,8 @@ class harness {
       case 7:
         if (!reading()) {  // (a paying read pays in the slices it began with)
           slice_ = 1 + in_.upto(700);
+          max_slice_ = std::max<std::uint64_t>(max_slice_, slice_);
+          max_slice_ = std::max<std::uint64_t>(max_slice_, slice_);
           stream_->set_slice(slice_);
         }
         break;
@@ -339,27 +345,52 @@ class harness {
            (ec == ratelimit::error::exceeds_capacity && mode_ == 1 && two_->capacity() < 2);
   }
 
-  /// The exact bucket holds what accrued minus what was paid: minus some or
-  /// all of the debt (paid by a later read first), and of the debts of
-  /// destroyed or closed streams (`unsure_`: they may have been paid in part).
+  /// With no read in flight, the stream's debt is exact: what the reads
+  /// delivered and did not pay yet. The rest of the model's `debt_` is paid.
+  /// A debt is at most one read's bytes (a read pays the debt before it
+  /// reads), so at most the largest slice used.
+  void settle_debt() {
+    collect();
+    const std::uint64_t owed = ratelimit::detail::stream_test_access::read_debt(*stream_);
+    CHECK(owed <= debt_, "the stream owes more than its reads delivered", owed, debt_);
+    CHECK(owed <= max_slice_, "a debt of more than a slice", owed, max_slice_);
+    paid_ += debt_ - owed;
+    debt_ = owed;
+  }
+
+  /// The exact bucket holds what accrued minus what was paid (a debt is
+  /// not paid yet), up to the debts of streams destroyed with a read in
+  /// flight (`unsure_`: they may have been paid in part).
   void check_exact(bool final) {
+    if (stream_ && !reading()) settle_debt();
     const std::int64_t accrued = static_cast<std::int64_t>(elapsed_ms_ * per_ms_);
     const std::int64_t want = accrued - static_cast<std::int64_t>(paid_);
     const std::int64_t got = static_cast<std::int64_t>(one_->available());
-    const std::int64_t slack = static_cast<std::int64_t>((final ? 0 : debt_) + unsure_);
+    const std::int64_t slack =
+        static_cast<std::int64_t>((final ? 0 : unsure_in_flight()) + unsure_);
     CHECK(got <= want, "the exact bucket lost more than was paid", got, want);
     CHECK(got >= want - slack, "the exact bucket lost more than moved (a token leaked)", got,
           want - slack);
   }
 
+  /// A debt not settled (a read in flight) may be paid in part.
+  std::uint64_t unsure_in_flight() const { return reading() ? debt_ : 0; }
+
   void destroy_stream() {
+    const bool exact = !reading();
+    if (exact) settle_debt();
     stream_.reset();
     settle();
     collect();
     if (w_ || r_) fail("an operation outlived its stream's destruction", 0, 0);
-    // A destroyed stream's debt is nobody's now (it may have been paid in part).
-    unsure_ += debt_;
-    debt_ = 0;
+    // A destroyed stream's debt is nobody's now: never paid when it was
+    // exact; else it may have been paid in part.
+    if (exact) {
+      debt_ = 0;
+    } else {
+      unsure_ += debt_;
+      debt_ = 0;
+    }
   }
 
   /// Moves the clock on (a second at a time: a limit of capacity 1 refills
@@ -382,18 +413,17 @@ class harness {
     // A last read pays any debt, then meets the end of the input.
     // (With a limit that holds less than a byte's tokens, nothing is ever paid.)
     const bool payable = !(mode_ == 1 && two_->capacity() < 2);
+    settle_debt();
     if (!closed_ && debt_ != 0 && payable) {
       next().incoming.clear();
       start_read(100);  // (not empty: a read of nothing pays nothing)
       const bool eof = drain() && last_read_ec_ == asio::error::eof;
       collect();
       CHECK(eof, "the last read did not meet the end of the input", 0, 0);
-      paid_ += debt_;
-      debt_ = 0;
-    } else {
-      unsure_ += debt_;  // closed or unpayable: nothing pays it (as at destruction)
-      debt_ = 0;
+      settle_debt();
+      CHECK(debt_ == 0, "the last read did not pay the debt", debt_, 0);
     }
+    // (Closed or unpayable: nothing pays a debt, exactly; check_exact knows.)
     check_exact(true);
     // The small limits, idle long enough, are full again: nothing held.
     advance(1'000'000);
@@ -414,6 +444,7 @@ class harness {
   int mode_ = 0;
   std::uint64_t per_ms_ = 1;
   std::size_t slice_ = 1;
+  std::uint64_t max_slice_ = 0;  // the largest slice set so far
   std::optional<bucket_type> one_, two_;
   std::optional<keyed_type> keys_;
   std::optional<stream_type> stream_;
@@ -437,36 +468,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 }
 
 #if defined(RATELIMIT_FUZZ_REPLAY)
-#include <filesystem>
-#include <fstream>
-#include <iterator>
+#include "fuzz_replay.hpp"
 
-// Replays every file given, or every file in every directory given (but *.md).
 int main(int argc, char** argv) {
-  namespace fs = std::filesystem;
-  std::vector<fs::path> files;
-  for (int i = 1; i < argc; ++i) {
-    const fs::path p(argv[i]);
-    if (!fs::exists(p)) {
-      std::fprintf(stderr, "fuzz_stream_replay: %s does not exist, skipped\n", argv[i]);
-    } else if (fs::is_directory(p)) {
-      for (const auto& e : fs::directory_iterator(p))
-        if (e.is_regular_file() && e.path().extension() != ".md") files.push_back(e.path());
-    } else {
-      files.push_back(p);
-    }
-  }
-  std::sort(files.begin(), files.end());
-  if (files.empty()) {
-    std::fprintf(stderr, "fuzz_stream_replay: no input files\n");
-    return 1;
-  }
-  for (const fs::path& f : files) {
-    std::ifstream is(f, std::ios::binary);
-    const std::string bytes((std::istreambuf_iterator<char>(is)), std::istreambuf_iterator<char>());
-    LLVMFuzzerTestOneInput(reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size());
-  }
-  std::printf("fuzz_stream_replay: %zu inputs replayed, all kept the promise\n", files.size());
-  return 0;
+  return ratelimit::test::fuzz_replay_main("fuzz_stream_replay", "all kept the promise", argc, argv,
+                                           LLVMFuzzerTestOneInput);
 }
 #endif
