@@ -1,9 +1,9 @@
 // The Redis workload (see /work/shared/BENCHMARKS.md): grants per second
 // through one connection with many concurrent coroutines on one key, in
 // head-only mode (with and without leasing) and in reservation mode
-// (coalesced calls, several in flight), and redis-benchmark running EVALSHA
-// of the same scripts on the same server in the same run as the reference
-// points.
+// (coalesced calls, several in flight), the keyed limiter over 10 000 keys,
+// and redis-benchmark running EVALSHA of the same scripts on the same server
+// in the same run as the reference points.
 //
 //   bench_redis [--reps N] [--seconds X] [--coroutines N] [--port N]
 //
@@ -19,6 +19,7 @@
 // request that fails aborts the run.
 #include <ratelimit/redis/detail/reserve_script.hpp>
 #include <ratelimit/redis/detail/script.hpp>
+#include <ratelimit/redis/redis_keyed_limiter.hpp>
 #include <ratelimit/redis/redis_token_bucket.hpp>
 
 #include <boost/asio.hpp>
@@ -97,15 +98,67 @@ double quantile_us(std::vector<std::uint64_t>& v, double q) {
   return static_cast<double>(v[k]) / 1000.0;
 }
 
-/// `coroutines` coroutines take one token at a time for `secs`.
+/// `coroutines` coroutines take one token at a time for `secs`, each by
+/// `co_await get(i)` (i: the coroutine's request count so far); `trips()`
+/// counts round trips.
+template <typename Get, typename Trips>
+result measure(asio::io_context& ctx, ratelimit::redis_connection& conn, int coroutines,
+               double secs, Get get, Trips trips_now) {
+  const std::uint64_t trips_before = trips_now();
+  std::uint64_t grants = 0;
+  bool stop = false;
+  int running = 0;
+  std::vector<std::uint64_t> latencies;  // ns, of the grants counted
+  latencies.reserve(2'000'000);
+  auto worker = [&](int c) -> asio::awaitable<void> {
+    ++running;
+    for (std::uint64_t i = static_cast<std::uint64_t>(c); !stop;
+         i += static_cast<std::uint64_t>(coroutines)) {
+      const auto asked = steady_clock::now();
+      auto [ec] = co_await get(i);
+      if (ec) fail("grant failed: " + ec.message());
+      if (!stop) {
+        ++grants;
+        latencies.push_back(static_cast<std::uint64_t>(
+            duration_cast<nanoseconds>(steady_clock::now() - asked).count()));
+      }
+    }
+    --running;
+  };
+  const auto t0 = steady_clock::now();
+  for (int i = 0; i < coroutines; ++i)
+    asio::co_spawn(ctx, worker(i), asio::detached);
+  asio::steady_timer stop_timer(ctx, duration_cast<steady_clock::duration>(duration<double>(secs)));
+  double elapsed = 0;
+  std::uint64_t counted = 0, trips = 0;
+  stop_timer.async_wait([&](boost::system::error_code) {
+    elapsed = duration<double>(steady_clock::now() - t0).count();
+    counted = grants;
+    trips = trips_now() - trips_before;
+    stop = true;
+  });
+  while (running > 0 || !stop)
+    ctx.run_one();
+  conn.close();
+  ctx.run_for(milliseconds(100));
+  latencies.resize(std::min<std::size_t>(latencies.size(), counted));
+  return {static_cast<double>(counted) / elapsed, static_cast<double>(trips) / elapsed,
+          quantile_us(latencies, 0.5), quantile_us(latencies, 0.99)};
+}
+
+ratelimit::redis_config config_for(std::uint16_t port) {
+  ratelimit::redis_config cfg;
+  cfg.port = port;
+  cfg.request_timeout = seconds(10);
+  return cfg;
+}
+
+/// One bucket: `coroutines` coroutines take one token at a time for `secs`.
 result run_ours(std::uint16_t port, const std::string& key, int coroutines, double secs,
                 std::uint64_t lease, bool reserve = false, std::size_t max_batch = 256,
                 std::size_t max_in_flight = 4) {
   asio::io_context ctx;
-  ratelimit::redis_config cfg;
-  cfg.port = port;
-  cfg.request_timeout = seconds(10);
-  ratelimit::redis_connection conn(ctx, cfg);
+  ratelimit::redis_connection conn(ctx, config_for(port));
   ratelimit::redis_bucket_options opts;
   opts.lease = lease;
   if (reserve) opts.mode = ratelimit::redis_bucket_mode::reserve;
@@ -120,45 +173,37 @@ result run_ours(std::uint16_t port, const std::string& key, int coroutines, doub
   });
   while (!warm)
     ctx.run_one();
-  const auto before = bucket.stats();
-  std::uint64_t grants = 0;
-  bool stop = false;
-  int running = 0;
-  std::vector<std::uint64_t> latencies;  // ns, of the grants counted
-  latencies.reserve(2'000'000);
-  auto worker = [&]() -> asio::awaitable<void> {
-    ++running;
-    while (!stop) {
-      const auto asked = steady_clock::now();
-      auto [ec] = co_await bucket.async_get_token(asio::as_tuple(asio::use_awaitable));
-      if (ec) fail("grant failed: " + ec.message());
-      if (!stop) {
-        ++grants;
-        latencies.push_back(static_cast<std::uint64_t>(
-            duration_cast<nanoseconds>(steady_clock::now() - asked).count()));
-      }
-    }
-    --running;
-  };
-  const auto t0 = steady_clock::now();
-  for (int i = 0; i < coroutines; ++i)
-    asio::co_spawn(ctx, worker(), asio::detached);
-  asio::steady_timer stop_timer(ctx, duration_cast<steady_clock::duration>(duration<double>(secs)));
-  double elapsed = 0;
-  std::uint64_t counted = 0, trips = 0;
-  stop_timer.async_wait([&](boost::system::error_code) {
-    elapsed = duration<double>(steady_clock::now() - t0).count();
-    counted = grants;
-    trips = bucket.stats().round_trips - before.round_trips;
-    stop = true;
+  return measure(
+      ctx, conn, coroutines, secs,
+      [&](std::uint64_t) { return bucket.async_get_token(asio::as_tuple(asio::use_awaitable)); },
+      [&] { return bucket.stats().round_trips; });
+}
+
+/// The keyed limiter in reservation mode: request i of every coroutine
+/// goes to one of `keys` keys in turn.
+result run_keyed(std::uint16_t port, const std::string& prefix, int coroutines, double secs,
+                 std::uint64_t keys) {
+  asio::io_context ctx;
+  ratelimit::redis_connection conn(ctx, config_for(port));
+  ratelimit::redis_bucket_options opts;
+  opts.mode = ratelimit::redis_bucket_mode::reserve;
+  ratelimit::redis_keyed_limiter limiter(conn, prefix, capacity, huge_rate, opts);
+  bool warm = false;
+  limiter.async_get_token("warm", [&](boost::system::error_code ec) {
+    if (ec) fail("warm-up: " + ec.message());
+    warm = true;
   });
-  while (running > 0 || !stop)
+  while (!warm)
     ctx.run_one();
-  conn.close();
-  ctx.run_for(milliseconds(100));
-  latencies.resize(std::min<std::size_t>(latencies.size(), counted));
-  return {static_cast<double>(counted) / elapsed, static_cast<double>(trips) / elapsed,
-          quantile_us(latencies, 0.5), quantile_us(latencies, 0.99)};
+  std::vector<std::string> names;
+  for (std::uint64_t k = 0; k < keys; ++k)
+    names.push_back("user-" + std::to_string(k));
+  return measure(
+      ctx, conn, coroutines, secs,
+      [&](std::uint64_t i) {
+        return limiter.async_get_token(names[i % keys], asio::as_tuple(asio::use_awaitable));
+      },
+      [&] { return limiter.stats().round_trips; });
 }
 
 /// redis-benchmark running our script (EVALSHA of `sha` with `args` after the
@@ -294,6 +339,9 @@ int main(int argc, char** argv) {
     print("asio_ratelimit_reserve_batch1", rep,
           run_ours(p, "bench:ours:reserve1:" + std::to_string(rep), coroutines, secs, 0, true, 1,
                    200));
+    // 10 000 keys, one request per key at a time (no coalescing across keys).
+    print("asio_ratelimit_keyed_10k", rep,
+          run_keyed(p, "bench:keyed:" + std::to_string(rep) + ":", coroutines, secs, 10'000));
     print("redis_benchmark_c1_P200", rep, run_redis_benchmark(p, sha, head_args, 1, 200, 200000));
     print("redis_benchmark_reserve_c1_P200", rep,
           run_redis_benchmark(p, reserve_sha, reserve_args, 1, 200, 200000));

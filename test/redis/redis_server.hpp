@@ -132,6 +132,15 @@ class redis_server {
 
   bool running() const { return pid_ > 0; }
 
+  /// Stalls the server (SIGSTOP): connections stay open, nothing is answered.
+  void pause() {
+    if (pid_ > 0) ::kill(pid_, SIGSTOP);
+  }
+  /// Lets a stalled server go on (SIGCONT).
+  void resume() {
+    if (pid_ > 0) ::kill(pid_, SIGCONT);
+  }
+
  private:
   bool ping() const {
     try {

@@ -25,11 +25,13 @@
 // 20 ms fault hold, so that each run takes a few milliseconds. Every
 // scenario runs in both modes of the bucket ("redis.reserve.*": reservation
 // mode, where a denied head is a reservation due later, and a cancelled
-// reservation sends a refund).
+// reservation sends a refund). The keyed limiter's scenarios make and drop
+// a key's machinery under injection, and check that none is left behind.
 //
 #include "alloc_harness.hpp"
 #include "redis_server.hpp"
 
+#include <ratelimit/redis/redis_keyed_limiter.hpp>
 #include <ratelimit/redis/redis_token_bucket.hpp>
 #if __has_include(<ratelimit/redis/detail/hooks.hpp>)
 #include <ratelimit/redis/detail/hooks.hpp>
@@ -87,6 +89,7 @@ struct redis_case {
 
   std::optional<redis_connection> conn;
   std::optional<bucket_t> bucket;
+  std::optional<redis_keyed_limiter> keyed;
 
   std::string key() const { return std::string("alloc:") + name + (reserve ? ":r" : ""); }
 
@@ -96,6 +99,12 @@ struct redis_case {
     o.fault_hold = std::chrono::milliseconds(20);
     if (reserve) o.mode = redis_bucket_mode::reserve;
     return o;
+  }
+
+  /// Makes the keyed limiter (keys at key() + ":" + k).
+  bool make_keyed(env& e) {
+    return e.call("keyed limiter constructor",
+                  [&] { keyed.emplace(*conn, key() + ":", 2, per_second(200), options()); });
   }
 
   /// Makes the bucket (a library call like the others: may throw bad_alloc).
@@ -127,7 +136,7 @@ struct redis_case {
     config.reconnect_max = std::chrono::milliseconds(20);     // quick runs
     config.connect_timeout = std::chrono::milliseconds(100);  // (a lost resolve ends there)
     conn.emplace(e.executor(), config);
-    AF_CHECK(command(e, {"DEL", key()}));
+    AF_CHECK(command(e, {"DEL", key(), key() + ":a", key() + ":b"}));
     if (flush_scripts) AF_CHECK(command(e, {"SCRIPT", "FLUSH"}));
   }
 
@@ -161,6 +170,7 @@ struct redis_case {
   }
 
   void finish(env&) {
+    keyed.reset();
     bucket.reset();
     conn.reset();
   }
@@ -298,6 +308,38 @@ void destroy_in_flight(redis_case& c, env& e) {
   e.pump(std::chrono::milliseconds(2));  // the replies
 }
 
+auto get_key(redis_keyed_limiter& l, const char* key) {
+  return [&l, key](auto&& token) {
+    return l.async_get_token(key, 1, std::forward<decltype(token)>(token));
+  };
+}
+
+/// The keyed limiter: requests for two keys (each key's machinery made on
+/// its first request, and dropped once it is done), then again.
+void keyed_requests(redis_case& c, env& e) {
+  if (!c.make_keyed(e)) return;
+  e.start(get_key(*c.keyed, "a"));
+  e.start(get_key(*c.keyed, "b"));
+  e.start(get_key(*c.keyed, "a"));
+  AF_CHECK(all_done(e));
+  // Nothing is kept for a key once its requests are done, whatever failed.
+  AF_CHECK(e.settle([&] { return c.keyed->active_keys() == 0; }, std::chrono::seconds(1)));
+  e.start(get_key(*c.keyed, "b"));
+  AF_CHECK(all_done(e));
+}
+
+/// The keyed limiter destroyed with requests queued and in flight on two keys.
+void keyed_destroy_in_flight(redis_case& c, env& e) {
+  if (!c.make_keyed(e)) return;
+  e.start(get_key(*c.keyed, "a"));
+  e.start(get_key(*c.keyed, "a"));
+  e.start(get_key(*c.keyed, "a"));
+  e.start(get_key(*c.keyed, "b"));
+  c.keyed.reset();
+  AF_CHECK(all_done(e));
+  e.pump(std::chrono::milliseconds(2));  // the replies
+}
+
 struct scenario {
   const char* name;
   void (*script)(redis_case&, env&);
@@ -320,6 +362,10 @@ const scenario scenarios[] = {
     {"redis.destroy_in_flight", destroy_in_flight, false,
      bit(kind::callback) | bit(kind::std_allocator) | bit(kind::counting_allocator)},
     {"redis.cancel_refunds", cancel_refunds, false, bit(kind::callback) | bit(kind::std_allocator)},
+    {"redis.keyed_requests", keyed_requests, false,
+     bit(kind::callback) | bit(kind::std_allocator) | bit(kind::deferred)},
+    {"redis.keyed_destroy_in_flight", keyed_destroy_in_flight, false,
+     bit(kind::callback) | bit(kind::counting_allocator)},
 };
 
 }  // namespace
@@ -357,7 +403,7 @@ int main(int argc, char** argv) {
       if (!reserve && s.script == cancel_refunds) continue;
       const std::string name =
           reserve ? "redis.reserve." + std::string(s.name).substr(6) : std::string(s.name);
-      redis_case c{s.name, s.script, s.flush_scripts, reserve, {}, {}};
+      redis_case c{s.name, s.script, s.flush_scripts, reserve, {}, {}, {}};
       for (kind k : every_kind) {
         if (!(s.kinds & bit(k))) continue;
         exhaust(name.c_str(), c, k, place::io_context, opt);

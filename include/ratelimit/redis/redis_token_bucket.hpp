@@ -252,12 +252,7 @@ class basic_redis_token_bucket {
       ec = error::bucket_closed;
       return false;
     }
-    impl_->get_blocking(n, ec, impl_type::deadline_after(detail::saturating_ns(timeout)));
-    if (ec == boost::asio::error::timed_out) {
-      ec = {};
-      return false;
-    }
-    return !ec;
+    return impl_->get_blocking_for(n, detail::saturating_ns(timeout), ec);
   }
 
   /// Blocks the calling thread until `n` tokens are granted, FIFO with the
@@ -355,17 +350,6 @@ class basic_redis_token_bucket {
     detail::initiation_ref<impl_type, executor_type> ref_;
   };
 
-  /// A waiter's (ec) as a try's (ec, granted): timed_out is "not in time".
-  struct to_try_result {
-    template <typename Handler>
-    void operator()(Handler& handler, boost::system::error_code ec) {
-      if (ec == boost::asio::error::timed_out)
-        std::move(handler)(boost::system::error_code(), false);
-      else
-        std::move(handler)(ec, !ec);
-    }
-  };
-
   class initiate_get_for {
    public:
     using executor_type = boost::asio::any_io_executor;
@@ -376,7 +360,7 @@ class basic_redis_token_bucket {
     void operator()(Handler&& handler, std::uint64_t n, std::int64_t timeout_ns) const {
       if (impl_type* impl = ref_.get())
         impl->async_get(
-            detail::wrapped_handler<std::decay_t<Handler>, to_try_result>{
+            detail::wrapped_handler<std::decay_t<Handler>, redis_detail::to_try_result>{
                 std::forward<Handler>(handler), {}},
             n, impl_type::deadline_after(timeout_ns));
       else

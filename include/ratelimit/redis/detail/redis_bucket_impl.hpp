@@ -59,6 +59,7 @@
 #include <boost/asio/error.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <limits>
 #include <memory>
@@ -95,6 +96,40 @@ class reservation : public waiter_base {
 
 using sync_reservation = ratelimit::detail::basic_sync_waiter<reservation>;
 
+/// The SHA1 of a script, computed once per process (a keyed limiter makes a
+/// bucket machinery per active key).
+template <const std::string_view& Text>
+const std::string& cached_sha1() {
+  static const std::string sha = script_sha1(Text);
+  return sha;
+}
+
+/// A seed for a bucket's retry jitter: one random_device read per process,
+/// not per bucket (a keyed limiter makes one per active key).
+inline std::uint_fast32_t jitter_seed(const void* p) noexcept {
+  static const std::uint_fast32_t base = [] {
+    try {
+      return static_cast<std::uint_fast32_t>(std::random_device{}());
+    } catch (...) {
+      return static_cast<std::uint_fast32_t>(
+          std::chrono::steady_clock::now().time_since_epoch().count());
+    }
+  }();
+  return base ^ static_cast<std::uint_fast32_t>(reinterpret_cast<std::uintptr_t>(p) >> 4);
+}
+
+/// Told when a bucket machinery of a keyed limiter has nothing left to do
+/// (redis_keyed_limiter.hpp), so that it can be dropped. Called unlocked,
+/// from the machinery's own step.
+template <typename Impl>
+class idle_sink {
+ public:
+  virtual void on_idle(Impl& impl) noexcept = 0;
+
+ protected:
+  ~idle_sink() = default;
+};
+
 /// The body of a remote part's handler (detail::wrapped_handler): the
 /// reservation, filled in before completion, goes with the error code.
 template <typename Clock>
@@ -107,6 +142,18 @@ struct remote_report {
   }
 };
 
+/// A waiter's (ec) as a try's (ec, granted), for the deadline forms
+/// (detail::wrapped_handler): timed_out is "not in time".
+struct to_try_result {
+  template <typename Handler>
+  void operator()(Handler& handler, boost::system::error_code ec) {
+    if (ec == boost::asio::error::timed_out)
+      std::move(handler)(boost::system::error_code(), false);
+    else
+      std::move(handler)(ec, !ec);
+  }
+};
+
 template <typename Clock, typename WaitTraits>
 class redis_bucket_impl
     : public std::enable_shared_from_this<redis_bucket_impl<Clock, WaitTraits>> {
@@ -114,8 +161,11 @@ class redis_bucket_impl
   using executor_type = boost::asio::any_io_executor;
   using try_result = detail::completion_base<boost::system::error_code, bool>;
 
+  /// `fault`: a fault hold shared with other machineries (a keyed
+  /// limiter's keys); null: one of its own.
   redis_bucket_impl(redis_connection& conn, std::string key, std::uint64_t capacity, const rate& r,
-                    const redis_bucket_options& opts)
+                    const redis_bucket_options& opts,
+                    std::shared_ptr<std::atomic<std::int64_t>> fault = nullptr)
       : conn_(&conn),
         key_(std::move(key)),
         sr_(make_script_rate(capacity, r)),
@@ -124,10 +174,12 @@ class redis_bucket_impl
         reserve_(opts_.mode == redis_bucket_mode::reserve),
         rr_(reserve_ ? make_reserve_rate_ms(capacity, r, opts_.horizon.count())
                      : reserve_rate{sr_, 0}),
-        sha_(script_sha1(reserve_ ? reserve_script : bucket_script)),
-        refund_sha_(reserve_ ? script_sha1(refund_script) : std::string()),
+        sha_(reserve_ ? cached_sha1<reserve_script>() : cached_sha1<bucket_script>()),
         executor_(conn.get_executor()),
-        fallback_(capacity, ratelimit::detail::reduce(r), now_ns(), capacity) {
+        fallback_(capacity, ratelimit::detail::reduce(r), now_ns(), capacity),
+        fault_(fault ? std::move(fault)
+                     : std::make_shared<std::atomic<std::int64_t>>(
+                           std::numeric_limits<std::int64_t>::min())) {
     // Made now, not on the first wait: the connection's socket has already
     // given the context a reactor, and a bucket without a timer could not wait.
     timer_.make(executor_);
@@ -138,6 +190,54 @@ class redis_bucket_impl
   std::uint64_t capacity() const noexcept { return sr_.capacity; }
   rate get_rate() const noexcept { return rate_; }
   const redis_bucket_options& options() const noexcept { return opts_; }
+
+  /// Makes this machinery one key of a keyed limiter: `sink` is told
+  /// whenever it becomes idle. Before any request.
+  void attach(std::weak_ptr<idle_sink<redis_bucket_impl>> sink) noexcept {
+    sink_ = std::move(sink);
+    has_sink_ = true;
+  }
+
+  /// When this machinery could be dropped and made afresh for its key
+  /// without changing anything: `max_time` while it has a request queued,
+  /// out or waiting for its due time, a refund not sent, or tokens held;
+  /// otherwise now, or (local fallback) when its fallback bucket is full
+  /// again (a fresh one starts full).
+  std::int64_t forgettable_at(std::int64_t now) {
+    std::lock_guard lk(mutex_);
+    return forgettable_at_locked(now);
+  }
+
+  /// Adds this machinery's counters into `into` (a keyed limiter's totals).
+  void add_stats(redis_bucket_stats& into) const {
+    std::lock_guard lk(mutex_);
+    add_into(into, stats_);
+  }
+
+  static void add_into(redis_bucket_stats& into, const redis_bucket_stats& s) noexcept {
+    into.round_trips += s.round_trips;
+    into.redis_tokens += s.redis_tokens;
+    into.granted += s.granted;
+    into.lease_dropped += s.lease_dropped;
+    into.fail_open_grants += s.fail_open_grants;
+    into.fallback_grants += s.fallback_grants;
+    into.faults += s.faults;
+    into.unavailable_replies += s.unavailable_replies;
+    into.reserved += s.reserved;
+    into.horizon_refusals += s.horizon_refusals;
+    into.refund_calls += s.refund_calls;
+    into.refunded += s.refunded;
+  }
+
+  /// Throws std::invalid_argument, as the constructor does, unless a bucket
+  /// of `capacity` tokens at `r` with `opts` can be made.
+  static void check(std::uint64_t capacity, const rate& r, const redis_bucket_options& opts) {
+    validate(opts, capacity);
+    const script_rate sr = make_script_rate(capacity, r);
+    if (opts.mode == redis_bucket_mode::reserve)
+      (void)make_reserve_rate_ms(capacity, r, opts.horizon.count());
+    (void)sr;
+  }
 
   /// The deadline `timeout_ns` (>= 0) from now, saturated.
   static std::int64_t deadline_after(std::int64_t timeout_ns) noexcept {
@@ -248,7 +348,7 @@ class redis_bucket_impl
       } else if (take_pool(now, n)) {
         granted = true;
         stats_.granted += n;
-      } else if (now < fault_until_) {
+      } else if (now < fault_until()) {
         granted = apply_fault_try(now, n, ec);
       } else if (send_try(lk, op, n)) {
         return;  // completes with the reply, or at close()
@@ -258,6 +358,17 @@ class redis_bucket_impl
     }
     op->result = {ec, granted};
     op->complete(finish_mode::post, executor_);
+  }
+
+  /// A deadline form's blocking answer: true when granted, false with `ec`
+  /// clear when not in time (timed_out).
+  bool get_blocking_for(std::uint64_t n, std::int64_t timeout_ns, boost::system::error_code& ec) {
+    get_blocking(n, ec, deadline_after(timeout_ns));
+    if (ec == boost::asio::error::timed_out) {
+      ec = {};
+      return false;
+    }
+    return !ec;
   }
 
   /// Blocks until granted (with a deadline `not_after`: timed_out as
@@ -381,6 +492,7 @@ class redis_bucket_impl
     if (reserve_) return step_reserve(std::move(lk), ready, mode);
     std::optional<std::vector<std::string>> send;
     std::uint64_t need = 0, extra = 0;
+    bool idle = false;
     for (;;) {
       const std::int64_t now = now_ns();
       while (!closed_ && !busy() && !queue_.empty()) {
@@ -389,7 +501,7 @@ class redis_bucket_impl
           grant(head, ready);
           continue;
         }
-        if (now < fault_until_) {
+        if (now < fault_until()) {
           if (!apply_fault(now, ready)) break;  // fallback: the timer is armed
           continue;
         }
@@ -408,6 +520,7 @@ class redis_bucket_impl
         break;
       }
       trim_pool();
+      idle = !send && tell_idle(now);
       lk.unlock();
       if (!send) break;
       if (send_get(std::move(*send), need, extra, false)) break;
@@ -420,9 +533,12 @@ class redis_bucket_impl
       enter_fault(now_ns());
     }
     ready.finish_all(mode);
+    if (idle) notify_idle();
   }
 
   bool busy() const noexcept { return request_out_ || timer_.armed(); }
+
+  std::int64_t fault_until() const noexcept { return fault_->load(std::memory_order_relaxed); }
 
   /// Extra tokens a request may ask for now (see the header comment).
   std::uint64_t lease_room() const noexcept {
@@ -498,9 +614,9 @@ class redis_bucket_impl
         }
         // Wait for the local tokens, but no longer than the hold: then ask Redis again.
         if (wake)
-          *wake = std::min(fallback_.ready_at(head->tokens), fault_until_);
+          *wake = std::min(fallback_.ready_at(head->tokens), fault_until());
         else
-          timer_.arm(std::min(fallback_.ready_at(head->tokens), fault_until_), *this);
+          timer_.arm(std::min(fallback_.ready_at(head->tokens), fault_until()), *this);
         return false;
     }
     return false;
@@ -527,7 +643,7 @@ class redis_bucket_impl
   /// Redis was unavailable: hold the fault for a while.
   void enter_fault(std::int64_t now) {
     ++stats_.faults;
-    fault_until_ = add_ns(now, opts_.fault_hold);
+    fault_->store(add_ns(now, opts_.fault_hold), std::memory_order_relaxed);
   }
 
   /// What a reply means, once parsed into `ec`: sets `resend` for NOSCRIPT,
@@ -758,6 +874,26 @@ class redis_bucket_impl
     return queue_.size() + sent_.size() + reserved_.size();
   }
 
+  std::int64_t forgettable_at_locked(std::int64_t now) noexcept {
+    if (!queue_.empty() || !sent_.empty() || !reserved_.empty() || calls_out_ != 0 ||
+        request_out_ || !tries_.empty() || !refunds_.empty() || refunds_out_ != 0 || pool_ != 0 ||
+        extras_in_flight_ != 0)
+      return detail::max_time;
+    if (opts_.on_fault != redis_fault_policy::local_fallback) return now;
+    fallback_.refill(now);
+    return fallback_.available() >= fallback_.capacity() ? now
+                                                         : fallback_.ready_at(fallback_.capacity());
+  }
+
+  /// Whether to tell the sink, once unlocked, that this machinery may be idle.
+  bool tell_idle(std::int64_t now) noexcept {
+    return has_sink_ && forgettable_at_locked(now) != detail::max_time;
+  }
+
+  void notify_idle() noexcept {
+    if (auto sink = sink_.lock()) sink->on_idle(*this);
+  }
+
   /// Moves every waiter into `ready` with `ec`, in the order they would have
   /// been served, refunding the reservations not due yet.
   void take_all(ready_list& ready, boost::system::error_code ec) noexcept {
@@ -804,6 +940,7 @@ class redis_bucket_impl
   /// hold to the waiters not sent, sends them in calls while the window has
   /// room, arms the timer for the earliest due time, and sends refunds.
   void step_reserve(std::unique_lock<std::mutex> lk, ready_list& ready, finish_mode mode) {
+    bool idle = false;
     for (;;) {
       const std::int64_t now = now_ns();
       std::optional<reserve_call> call;
@@ -821,7 +958,7 @@ class redis_bucket_impl
           grant(head, ready);
           continue;
         }
-        if (now < fault_until_) {
+        if (now < fault_until()) {
           std::int64_t at = 0;
           if (apply_fault(now, ready, &at)) continue;
           wake = at;
@@ -848,6 +985,7 @@ class redis_bucket_impl
         timer_.disarm();
       std::vector<std::uint64_t> refunds = std::exchange(refunds_, {});
       if (!call) {
+        idle = tell_idle(now);
         lk.unlock();
         send_refunds(std::move(refunds));
         break;
@@ -869,6 +1007,7 @@ class redis_bucket_impl
       enter_fault(now_ns());
     }
     ready.finish_all(mode);
+    if (idle) notify_idle();
   }
 
   /// Builds a call of the waiters at the front of `queue_` (up to a
@@ -1045,39 +1184,79 @@ class redis_bucket_impl
       try {
         const auto end =
             items.begin() + static_cast<std::ptrdiff_t>(std::min(items.size(), at + per_call));
-        send_refund({items.begin() + static_cast<std::ptrdiff_t>(at), end}, false);
+        send_refund({items.begin() + static_cast<std::ptrdiff_t>(at), end});
       } catch (...) {
       }
     }
   }
 
-  void send_refund(std::vector<std::uint64_t> items, bool eval) {
-    auto args = refund_args(eval ? std::string() : refund_sha_, key_, rr_, items);
+  /// Sends one refund call; counted out (`refunds_out_`) until its reply,
+  /// so that a keyed limiter keeps this machinery (and its counters) until then.
+  void send_refund(std::vector<std::uint64_t> items) {
     {
       std::lock_guard lk(mutex_);
       ++stats_.refund_calls;
+      ++refunds_out_;
     }
-    conn_->async_exec(std::move(args),
-                      [weak = this->weak_from_this(), items = std::move(items), eval](
-                          boost::system::error_code ec, redis_reply reply) mutable {
-                        auto self = weak.lock();
-                        if (!self) return;
-                        bool resend = false;
-                        ec = classify(ec, reply, resend);
-                        if (resend && !eval) {
-                          try {
-                            self->send_refund(std::move(items), true);
-                          } catch (...) {
-                          }
-                          return;
-                        }
-                        if (!ec && reply.type == redis_reply::kind::integer && reply.integer >= 0) {
-                          std::lock_guard lk(self->mutex_);
-                          self->stats_.refunded += static_cast<std::uint64_t>(reply.integer);
-                        }
-                      });
+    try {
+      send_refund_call(*conn_, key_, rr_, std::move(items), false,
+                       [weak = this->weak_from_this()](std::uint64_t back) noexcept {
+                         if (auto self = weak.lock()) self->refund_done(back);
+                       });
+    } catch (...) {
+      refund_done(0);
+      throw;
+    }
   }
 
+  /// A refund call's reply: `back` tokens were given back.
+  void refund_done(std::uint64_t back) noexcept {
+    std::unique_lock lk(mutex_);
+    stats_.refunded += back;
+    --refunds_out_;
+    const bool idle = tell_idle(now_ns());
+    lk.unlock();
+    if (idle) notify_idle();
+  }
+
+ public:
+  /// Sends a refund of `items` (token counts) to `key` with the refund
+  /// script, then calls `done(tokens given back)` (0 when it failed). Needs
+  /// no bucket machinery: after NOSCRIPT (a fresh or restarted server) it is
+  /// sent again with the script's text from the reply's handler, which runs
+  /// while the connection is alive. Throws what sending throws (bad_alloc).
+  template <typename Done>
+  static void send_refund_call(redis_connection& conn, const std::string& key,
+                               const reserve_rate& rr, std::vector<std::uint64_t> items, bool eval,
+                               Done done) {
+    auto args = refund_args(eval ? std::string() : cached_sha1<refund_script>(), key, rr, items);
+    // (Init-captures: a plain capture of `key` would be a const string,
+    // copied, allocating, each time the handler moves.)
+    conn.async_exec(std::move(args),
+                    [&conn, key = std::string(key), rr = reserve_rate(rr), items = std::move(items),
+                     eval, done](boost::system::error_code ec, redis_reply reply) mutable {
+                      bool resend = false;
+                      ec = classify(ec, reply, resend);
+                      if (resend && !eval) {
+                        try {
+                          send_refund_call(conn, key, rr, std::move(items), true, done);
+                          return;
+                        } catch (...) {
+                        }
+                      }
+                      done(!ec && reply.type == redis_reply::kind::integer && reply.integer >= 0
+                               ? static_cast<std::uint64_t>(reply.integer)
+                               : 0);
+                    });
+  }
+
+  /// The reservation script's rate of a bucket of `capacity` at `r` with `opts`.
+  static reserve_rate reserve_rate_of(std::uint64_t capacity, const rate& r,
+                                      const redis_bucket_options& opts) {
+    return make_reserve_rate_ms(capacity, r, opts.horizon.count());
+  }
+
+ private:
   /// Completes the tries whose request is out (close()); caller holds the lock.
   std::vector<try_result*> take_tries() noexcept { return std::exchange(tries_, {}); }
 
@@ -1100,14 +1279,14 @@ class redis_bucket_impl
   redis_bucket_options opts_;
   bool reserve_;  // reservation mode
   reserve_rate rr_;
-  std::string sha_;         // the mode's script
-  std::string refund_sha_;  // reservation mode's refund script
+  const std::string& sha_;  // the mode's script's (cached_sha1)
   executor_type executor_;
   detail::timer_driver<Clock, WaitTraits> timer_;
   waiter_queue queue_;     // waiters not sent (reservation mode), or all of them
   waiter_queue sent_;      // reservation mode: waiters whose call is out, in order
   waiter_queue reserved_;  // reservation mode: waiters with a due time, by due time
   std::size_t calls_out_ = 0;
+  std::size_t refunds_out_ = 0;  // refund calls whose reply has not come
   std::uint64_t next_seq_ = 1;
   std::vector<std::uint64_t> refunds_;  // tokens to give back, sent once unlocked
   std::vector<try_result*> tries_;      // tries whose request is out
@@ -1118,11 +1297,13 @@ class redis_bucket_impl
   std::uint64_t pool_ = 0;
   std::int64_t pool_expiry_ = 0;
   std::uint64_t extras_in_flight_ = 0;  // extra (lease) tokens asked by requests in flight
-  std::int64_t fault_until_ = std::numeric_limits<std::int64_t>::min();
   bucket_state fallback_;
+  // When a fault hold ends (see enter_fault): shared by the keys of a keyed limiter.
+  std::shared_ptr<std::atomic<std::int64_t>> fault_;
+  std::weak_ptr<idle_sink<redis_bucket_impl>> sink_;  // a keyed limiter's, told when idle
+  bool has_sink_ = false;
   redis_bucket_stats stats_;
-  std::minstd_rand rng_{static_cast<std::uint_fast32_t>(std::random_device{}() ^
-                                                        reinterpret_cast<std::uintptr_t>(this))};
+  std::minstd_rand rng_{jitter_seed(this)};
 };
 
 /// A reservation bucket as a joint request's remote part
