@@ -45,9 +45,9 @@ int main(int argc, char* argv[]) {
   std::vector<std::thread> threads;
   for (int id = 1; id <= workers; ++id) {
     threads.emplace_back([&, id] {
-      bucket.get_token();  // blocks this thread until its token is granted
+      bucket.get_token();       // blocks this thread until its token is granted
+      std::lock_guard lk(out);  // (the time read under the lock: lines come out in time order)
       const auto ms = duration_cast<milliseconds>(steady_clock::now() - t0).count();
-      std::lock_guard lk(out);
       std::printf("%6lld ms  worker %d got its token\n", static_cast<long long>(ms), id);
       std::fflush(stdout);
     });
