@@ -1200,14 +1200,21 @@ class redis_bucket_impl
     }
     try {
       send_refund_call(*conn_, key_, rr_, std::move(items), false,
-                       [weak = this->weak_from_this()](std::uint64_t back) noexcept {
-                         if (auto self = weak.lock()) self->refund_done(back);
-                       });
+                       refund_report{this->weak_from_this()});
     } catch (...) {
       refund_done(0);
       throw;
     }
   }
+
+  /// Where a refund's reply goes: to this machinery, if it still exists.
+  struct refund_report {
+    std::weak_ptr<redis_bucket_impl> owner;
+    bool alive() const noexcept { return !owner.expired(); }
+    void operator()(std::uint64_t back) const noexcept {
+      if (auto self = owner.lock()) self->refund_done(back);
+    }
+  };
 
   /// A refund call's reply: `back` tokens were given back.
   void refund_done(std::uint64_t back) noexcept {
@@ -1221,10 +1228,12 @@ class redis_bucket_impl
 
  public:
   /// Sends a refund of `items` (token counts) to `key` with the refund
-  /// script, then calls `done(tokens given back)` (0 when it failed). Needs
-  /// no bucket machinery: after NOSCRIPT (a fresh or restarted server) it is
-  /// sent again with the script's text from the reply's handler, which runs
-  /// while the connection is alive. Throws what sending throws (bad_alloc).
+  /// script, then calls `done(tokens given back)` (0 when it failed). After
+  /// NOSCRIPT (a fresh or restarted server) it is sent again with the
+  /// script's text, if `done.alive()`: its owner (a bucket machinery, a keyed
+  /// limiter) still exists, so the connection does too (the connection may
+  /// be gone once its users are, while its handlers still complete). Throws
+  /// what sending throws (bad_alloc).
   template <typename Done>
   static void send_refund_call(redis_connection& conn, const std::string& key,
                                const reserve_rate& rr, std::vector<std::uint64_t> items, bool eval,
@@ -1237,7 +1246,7 @@ class redis_bucket_impl
                      eval, done](boost::system::error_code ec, redis_reply reply) mutable {
                       bool resend = false;
                       ec = classify(ec, reply, resend);
-                      if (resend && !eval) {
+                      if (resend && !eval && done.alive()) {
                         try {
                           send_refund_call(conn, key, rr, std::move(items), true, done);
                           return;

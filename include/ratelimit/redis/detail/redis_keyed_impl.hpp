@@ -172,6 +172,18 @@ class redis_keyed_impl final
     extra_.granted += n;
   }
 
+  /// Where a remote part's refund reply goes: this limiter's counters.
+  struct refund_report {
+    std::weak_ptr<redis_keyed_impl> owner;
+    bool alive() const noexcept { return !owner.expired(); }
+    void operator()(std::uint64_t back) const noexcept {
+      if (auto self = owner.lock()) {
+        std::lock_guard lk(self->mutex_);
+        self->extra_.refunded += back;
+      }
+    }
+  };
+
   /// Gives `n` of `key`'s tokens back (a remote part forgotten, or a
   /// receipt's give_back): a refund call, with or without the key's
   /// machinery, also after close(). Best effort.
@@ -185,14 +197,9 @@ class redis_keyed_impl final
         std::lock_guard lk(mutex_);
         ++extra_.refund_calls;
       }
-      bucket_type::send_refund_call(
-          *conn_, full, bucket_type::reserve_rate_of(q.capacity, q.r, opts_), {n}, false,
-          [weak = this->weak_from_this()](std::uint64_t back) noexcept {
-            if (auto self = weak.lock()) {
-              std::lock_guard lk(self->mutex_);
-              self->extra_.refunded += back;
-            }
-          });
+      bucket_type::send_refund_call(*conn_, full,
+                                    bucket_type::reserve_rate_of(q.capacity, q.r, opts_), {n},
+                                    false, refund_report{this->weak_from_this()});
     } catch (...) {  // an impossible quota, out of memory: wasted, never over-granted
     }
   }
