@@ -288,7 +288,8 @@ int main(int argc, char** argv) {
   const std::string reserve_sha = rd::script_sha1(rd::reserve_script);
   const auto sr = rd::make_script_rate(capacity, huge_rate);
   // The head-only script's arguments (1 token, no lease), and the
-  // reservation script's (horizon 1 s, one request of 1 token).
+  // reservation script's (horizon 1 s, now from the server, generation 0, one
+  // request of 1 token).
   const std::vector<std::string> head_args{std::to_string(sr.capacity), std::to_string(sr.tok),
                                            std::to_string(sr.tick), "1", "0"};
   const std::vector<std::string> reserve_args{std::to_string(sr.capacity),
@@ -297,6 +298,7 @@ int main(int argc, char** argv) {
                                               "1000000",
                                               "1",
                                               "",
+                                              "0",
                                               "1",
                                               ""};
   for (const auto& [text, want] :

@@ -3,10 +3,15 @@
 // requests), `coroutines` coroutines taking one
 // token at a time from `start` (system_clock, ms since the epoch) for
 // `duration` ms. With behaviour `cancel`, each request is cancelled if not
-// granted within 20 ms (then the coroutine asks again). Prints
+// granted within 20 ms (then the coroutine asks again). Optional: the
+// configuration's generation (redis_bucket_options::generation), and an
+// instant `split` (system_clock, ms since the epoch). Prints
 //   granted=<n> in_window=<granted by start + duration> last_us=<system_clock us of the
 //   last grant> round_trips=<k> refunded=<tokens given back> errors=<e>
 //   cancelled=<c> in_tail=<granted from start + duration/3 to start + duration>
+//   before=<granted in the window before split> after=<granted in the window from split>
+//   generation=<the bucket's at the end> reconfigurations=<configurations taken on>
+//   rate_per_s=<the bucket's rate at the end>
 #include <ratelimit/redis/redis_token_bucket.hpp>
 
 #include <boost/asio.hpp>
@@ -23,10 +28,10 @@ namespace asio = boost::asio;
 using namespace std::chrono;
 
 int main(int argc, char** argv) {
-  if (argc != 12) {
+  if (argc != 12 && argc != 14) {
     std::fprintf(stderr,
                  "usage: redis_worker port key capacity rate_per_s coroutines duration_ms "
-                 "start_ms lease head|reserve take|cancel max_batch\n");
+                 "start_ms lease head|reserve take|cancel max_batch [generation split_ms]\n");
     return 2;
   }
   ratelimit::redis_config cfg;
@@ -44,11 +49,14 @@ int main(int argc, char** argv) {
   if (reserve) opts.mode = ratelimit::redis_bucket_mode::reserve;
   const bool cancel = std::string(argv[10]) == "cancel";
   opts.max_batch = std::stoull(argv[11]);
+  if (argc == 14) opts.generation = std::stoull(argv[12]);
+  const auto split =
+      argc == 14 ? system_clock::time_point(milliseconds(std::stoll(argv[13]))) : start + duration;
 
   asio::io_context ctx;
   ratelimit::redis_connection conn(ctx, cfg);
   ratelimit::redis_token_bucket bucket(conn, key, capacity, ratelimit::per_second(rate), opts);
-  long granted = 0, in_window = 0, in_tail = 0, errors = 0, cancelled = 0;
+  long granted = 0, in_window = 0, in_tail = 0, errors = 0, cancelled = 0, before = 0, after = 0;
   system_clock::time_point last{};
   int running = 0;
   auto worker = [&]() -> asio::awaitable<void> {
@@ -75,7 +83,10 @@ int main(int argc, char** argv) {
       }
       ++granted;
       last = system_clock::now();
-      if (last <= start + duration) ++in_window;
+      if (last <= start + duration) {
+        ++in_window;
+        ++(last < split ? before : after);
+      }
       if (last >= start + duration / 3 && last <= start + duration) ++in_tail;
     }
     if (--running == 0) {
@@ -105,10 +116,15 @@ int main(int argc, char** argv) {
   const auto st = bucket.stats();
   std::printf(
       "granted=%ld in_window=%ld last_us=%lld round_trips=%llu refunded=%llu errors=%ld "
-      "cancelled=%ld in_tail=%ld\n",
+      "cancelled=%ld in_tail=%ld before=%ld after=%ld generation=%llu reconfigurations=%llu "
+      "rate_per_s=%.3f\n",
       granted, in_window,
       static_cast<long long>(duration_cast<microseconds>(last.time_since_epoch()).count()),
       static_cast<unsigned long long>(st.round_trips), static_cast<unsigned long long>(st.refunded),
-      errors, cancelled, in_tail);
+      errors, cancelled, in_tail, before, after,
+      static_cast<unsigned long long>(bucket.generation()),
+      static_cast<unsigned long long>(st.reconfigurations),
+      static_cast<double>(bucket.get_rate().tokens) * 1e9 /
+          static_cast<double>(bucket.get_rate().period.count()));
   return running == 0 && errors == 0 ? 0 : 1;
 }

@@ -184,4 +184,93 @@ BOOST_AUTO_TEST_CASE(a_process_that_cancels_its_reservations_leaves_them_to_the_
   BOOST_TEST(others >= 0.90 * tail_bound);
 }
 
+// Reconfiguration while traffic flows (reservation mode): process A, made
+// with 200 tokens/s at generation 0, takes tokens alone for 2 s; then
+// process B, made with 1000 tokens/s at generation 1 (a rolling deploy),
+// joins for 2 s. B's first request migrates the key to its configuration
+// and A follows it from its next reply: the granted count follows the old
+// rate, then the new (each bound exact by due time: capacity + rate * T,
+// plus, after the change, what the old configuration had lent ahead), and
+// A reports the generation and rate it now runs with.
+BOOST_AUTO_TEST_CASE(two_processes_on_different_generations_follow_the_old_rate_then_the_new) {
+  redis_server server;
+  constexpr int coroutines = 50;
+  constexpr std::uint64_t capacity = 20, old_rate = 200, new_rate = 1000;
+  constexpr int half_ms = 2000;
+  const std::string key = "procs:generations";
+  const auto start = time_point_cast<milliseconds>(system_clock::now()) + milliseconds(1500);
+  const auto split = start + milliseconds(half_ms);
+  struct proc {
+    std::uint64_t rate;
+    std::uint64_t generation;
+    system_clock::time_point from;
+    int duration_ms;
+  };
+  const proc procs[] = {{old_rate, 0, start, 2 * half_ms}, {new_rate, 1, split, half_ms}};
+  std::vector<pid_t> pids;
+  std::vector<std::string> outs;
+  for (const proc& p : procs) {
+    outs.push_back((std::filesystem::temp_directory_path() /
+                    ("ratelimit-redis-worker-" + std::to_string(::getpid()) + "-gen" +
+                     std::to_string(p.generation)))
+                       .string());
+    pids.push_back(
+        spawn({"/bin/sh", "-c", std::string("exec \"$0\" \"$@\" > ") + outs.back(),
+               RATELIMIT_REDIS_WORKER, std::to_string(server.port()), key, std::to_string(capacity),
+               std::to_string(p.rate), std::to_string(coroutines), std::to_string(p.duration_ms),
+               std::to_string(time_point_cast<milliseconds>(p.from).time_since_epoch().count()),
+               "0", "reserve", "take", "256", std::to_string(p.generation),
+               std::to_string(split.time_since_epoch().count())},
+              false));
+  }
+  struct seen {
+    long granted = 0, before = 0, after = 0;
+    unsigned long long generation = 0, reconfigurations = 0;
+    double rate = 0;
+  };
+  std::vector<seen> got;
+  for (std::size_t i = 0; i < pids.size(); ++i) {
+    int status = 0;
+    BOOST_REQUIRE(::waitpid(pids[i], &status, 0) == pids[i]);
+    BOOST_TEST((WIFEXITED(status) && WEXITSTATUS(status) == 0), "worker " << i << " failed");
+    std::ifstream in(outs[i]);
+    std::string line;
+    std::getline(in, line);
+    std::filesystem::remove(outs[i]);
+    BOOST_TEST_MESSAGE("worker " << i << ": " << line);
+    seen s;
+    const auto at = line.find("before=");
+    BOOST_REQUIRE(at != std::string::npos);
+    BOOST_REQUIRE(std::sscanf(line.c_str() + at,
+                              "before=%ld after=%ld generation=%llu reconfigurations=%llu "
+                              "rate_per_s=%lf",
+                              &s.before, &s.after, &s.generation, &s.reconfigurations,
+                              &s.rate) == 5);
+    got.push_back(s);
+  }
+  const long before = got[0].before + got[1].before;
+  const long after = got[0].after + got[1].after;
+  const double before_bound = capacity + old_rate * half_ms / 1000.0;
+  // After the change: the new rate, plus at most what was there (the key is
+  // in debt while A saturates it) and what the old rate adds before B's
+  // first request reaches Redis (well under a second).
+  const double after_bound = capacity + new_rate * half_ms / 1000.0 + old_rate * 1.0;
+  BOOST_TEST_MESSAGE("before the change " << before << " of " << before_bound << "; after " << after
+                                          << " of " << new_rate * half_ms / 1000.0);
+  BOOST_TEST(got[1].before == 0);
+  BOOST_TEST(before <= before_bound);
+  BOOST_TEST(before >= 0.95 * before_bound);
+  BOOST_TEST(after <= after_bound);
+  BOOST_TEST(after >= 0.90 * (new_rate * half_ms / 1000.0));
+  // A follows B's configuration and says so; B never changed.
+  BOOST_TEST(got[0].generation == 1u);
+  BOOST_TEST(got[0].reconfigurations == 1u);
+  BOOST_TEST(got[0].rate == static_cast<double>(new_rate));
+  BOOST_TEST(got[1].generation == 1u);
+  BOOST_TEST(got[1].reconfigurations == 0u);
+  // Both took part after the change (one line for both, in order of arrival).
+  BOOST_TEST(got[0].after > 100);
+  BOOST_TEST(got[1].after > 100);
+}
+
 BOOST_AUTO_TEST_SUITE_END()

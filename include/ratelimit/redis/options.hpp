@@ -92,6 +92,20 @@ struct redis_bucket_options {
   /// microsecond per request, so this bounds what one call makes the
   /// connection's other requests wait.
   std::size_t max_batch = 256;
+
+  /// The generation of this object's configuration (capacity and rate).
+  /// The configuration stored with a key is authoritative: a request that
+  /// finds a newer generation stored runs with the stored configuration,
+  /// and this object takes it on (capacity(), get_rate(), generation(),
+  /// stats().reconfigurations); one that finds an older generation stored
+  /// replaces it with this object's, migrating the level (whole tokens carry
+  /// over, up to the new capacity; a full bucket stays full); the same
+  /// generation with another configuration is an error (`redis_error`). So a
+  /// rolling deploy that changes a key's configuration bumps this number,
+  /// and old and new processes share one bucket, on the new configuration,
+  /// from the first request of a new one. set_rate() and set_capacity()
+  /// write the next generation. 0 to 2^53 - 2.
+  std::uint64_t generation = 0;
 };
 
 /// Throws std::invalid_argument, naming the option and the value, unless
@@ -124,6 +138,8 @@ inline void validate(const redis_bucket_options& o, std::uint64_t capacity) {
   if (o.lease > 0 && o.lease_ttl.count() <= 0)
     fail("lease_ttl must be positive when leasing (got " + std::to_string(o.lease_ttl.count()) +
          " ms)");
+  if (o.generation >= (std::uint64_t{1} << 53) - 1)
+    fail("generation must be below 2^53 - 1 (got " + std::to_string(o.generation) + ")");
   if (o.mode == redis_bucket_mode::reserve) {
     if (o.lease > 0)
       fail("lease needs mode head_only (got lease " + std::to_string(o.lease) +
@@ -151,6 +167,8 @@ struct redis_bucket_stats {
   std::uint64_t horizon_refusals = 0;  // requests refused: due beyond the horizon
   std::uint64_t refund_calls = 0;      // refund requests sent (cancellations, close)
   std::uint64_t refunded = 0;          // tokens Redis took back (not due yet when refunded)
+  // Reconfiguration:
+  std::uint64_t reconfigurations = 0;  // configurations taken on: told by Redis, or set here
 };
 
 /// What an error reply from Redis means for a request.

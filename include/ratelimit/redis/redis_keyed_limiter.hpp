@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -45,7 +46,18 @@ namespace ratelimit {
 /// where it starts (the initiating function; for a deferred operation, its
 /// launch), as the bucket's constructor would, queuing nothing; what the
 /// function throws propagates likewise. Every process must give a key the
-/// same quota (a key of another configuration fails with `redis_error`).
+/// same quota at the same generation (`redis_bucket_options::generation`:
+/// a key of another configuration at the same generation fails with
+/// `redis_error`; a newer generation wins, as for a bucket).
+///
+/// A key's quota may also be stored in Redis, with the bucket: set_quota(),
+/// set_rate() and set_capacity() write it with the next generation, and
+/// every process's requests for the key run with it (each key's machinery
+/// is told it with its first reply). A stored quota is kept in Redis (its
+/// key no longer expires when full) until the key is deleted. A request
+/// larger than the quota function's capacity still fails at once with
+/// `exceeds_capacity` (a raised stored capacity serves larger requests only
+/// in machinery that has been told it); quota() answers the function's.
 ///
 /// @par Memory
 /// The process keeps state only for keys with requests in flight: a key's
@@ -83,6 +95,7 @@ class basic_redis_keyed_limiter {
  public:
   using executor_type = boost::asio::any_io_executor;
   using try_signature = void(boost::system::error_code, bool);
+  using configure_signature = void(boost::system::error_code, std::uint64_t);
   /// The quota of a key (the key without the prefix).
   using quota_function = std::function<redis_quota(std::string_view key)>;
 
@@ -221,7 +234,70 @@ class basic_redis_keyed_limiter {
     return p && p->get_blocking_for(n, detail::saturating_ns(timeout), ec);
   }
 
-  /// `key`'s quota (what a request for it would use).
+  /// Stores `key`'s quota in Redis, for every process, as
+  /// basic_redis_token_bucket::async_reconfigure does for a bucket (the
+  /// next generation, the level migrated, kept in Redis); the key's
+  /// machinery in this process, if active, takes it on at the reply.
+  ///
+  /// @par Completion Signature
+  /// `void(boost::system::error_code ec, std::uint64_t generation)`, as
+  /// basic_redis_token_bucket::async_reconfigure (`bucket_closed` for a
+  /// closed limiter).
+  /// @throws std::invalid_argument as async_reconfigure, and what the quota
+  /// function throws (its answer is what a key without a stored
+  /// configuration gets for the part not set).
+  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(configure_signature)
+                Token = boost::asio::default_completion_token_t<executor_type>>
+  auto async_set_quota(std::string_view key, std::uint64_t capacity, rate r,
+                       Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
+    return async_configure(key, capacity, r, std::forward<Token>(token));
+  }
+
+  /// As async_set_quota, setting the rate only (the capacity stays the stored one).
+  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(configure_signature)
+                Token = boost::asio::default_completion_token_t<executor_type>>
+  auto async_set_rate(std::string_view key, rate r,
+                      Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
+    return async_configure(key, std::nullopt, r, std::forward<Token>(token));
+  }
+
+  /// As async_set_quota, setting the capacity only (the rate stays the stored one).
+  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(configure_signature)
+                Token = boost::asio::default_completion_token_t<executor_type>>
+  auto async_set_capacity(
+      std::string_view key, std::uint64_t capacity,
+      Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
+    return async_configure(key, capacity, std::nullopt, std::forward<Token>(token));
+  }
+
+  /// Blocking forms: return the generation written (the connection's
+  /// context must run on another thread, as get_token()).
+  /// @throws boost::system::system_error with the errors of the async forms,
+  /// `would_deadlock` or `context_stopped`; std::invalid_argument as above.
+  std::uint64_t set_quota(std::string_view key, std::uint64_t capacity, rate r) {
+    return configure_or_throw(key, capacity, r, "set_quota");
+  }
+  std::uint64_t set_rate(std::string_view key, rate r) {
+    return configure_or_throw(key, std::nullopt, r, "set_rate");
+  }
+  std::uint64_t set_capacity(std::string_view key, std::uint64_t capacity) {
+    return configure_or_throw(key, capacity, std::nullopt, "set_capacity");
+  }
+  /// As above, reporting failure through `ec`.
+  std::uint64_t set_quota(std::string_view key, std::uint64_t capacity, rate r,
+                          boost::system::error_code& ec) {
+    return configure_blocking(key, capacity, r, ec);
+  }
+  std::uint64_t set_rate(std::string_view key, rate r, boost::system::error_code& ec) {
+    return configure_blocking(key, std::nullopt, r, ec);
+  }
+  std::uint64_t set_capacity(std::string_view key, std::uint64_t capacity,
+                             boost::system::error_code& ec) {
+    return configure_blocking(key, capacity, std::nullopt, ec);
+  }
+
+  /// `key`'s quota from this object's configuration (the function's, or the
+  /// fixed one; a quota stored in Redis by set_quota() is not read here).
   redis_quota quota(std::string_view key) const {
     if (!impl_) throw std::logic_error("ratelimit::redis_keyed_limiter: a moved-from limiter");
     return impl_->quota_of(key);
@@ -345,6 +421,60 @@ class basic_redis_keyed_limiter {
    private:
     detail::initiation_ref<impl_type, executor_type> ref_;
   };
+
+  class initiate_configure {
+   public:
+    using executor_type = boost::asio::any_io_executor;
+    initiate_configure(const std::shared_ptr<impl_type>& impl, const executor_type& ex) noexcept
+        : ref_(impl, ex) {}
+    executor_type get_executor() const noexcept { return ref_.get_executor(); }
+    template <typename Handler>
+    void operator()(Handler&& handler, const std::string& key,
+                    std::optional<std::uint64_t> capacity, std::optional<rate> r) const {
+      if (impl_type* impl = ref_.get())
+        impl->async_configure(std::forward<Handler>(handler), key, capacity, r);
+      else
+        detail::post_completion(std::forward<Handler>(handler), ref_.get_executor(),
+                                boost::system::error_code(error::bucket_closed), std::uint64_t{0});
+    }
+
+   private:
+    detail::initiation_ref<impl_type, executor_type> ref_;
+  };
+
+  static void check_configuration(std::optional<std::uint64_t> capacity, std::optional<rate> r) {
+    if (capacity) detail::check_capacity(*capacity);
+    if (r) detail::reduce(*r);
+  }
+
+  template <typename Token>
+  auto async_configure(std::string_view key, std::optional<std::uint64_t> capacity,
+                       std::optional<rate> r, Token&& token) {
+    check_configuration(capacity, r);
+    return boost::asio::async_initiate<Token, configure_signature>(
+        initiate_configure(impl_, executor_), token, std::string(key), capacity, r);
+  }
+
+  std::uint64_t configure_blocking(std::string_view key, std::optional<std::uint64_t> capacity,
+                                   std::optional<rate> r, boost::system::error_code& ec) {
+    check_configuration(capacity, r);
+    if (!impl_) {
+      ec = error::bucket_closed;
+      return 0;
+    }
+    return bucket_type::blocking_configure(executor_, ec, [&](auto handler) {
+      impl_->async_configure(std::move(handler), key, capacity, r);
+    });
+  }
+
+  std::uint64_t configure_or_throw(std::string_view key, std::optional<std::uint64_t> capacity,
+                                   std::optional<rate> r, const char* what) {
+    boost::system::error_code ec;
+    const std::uint64_t g = configure_blocking(key, capacity, r, ec);
+    if (ec)
+      throw boost::system::system_error(ec, std::string("ratelimit::redis_keyed_limiter::") + what);
+    return g;
+  }
 
   void shutdown() noexcept {
     if (impl_) impl_->close(boost::asio::error::operation_aborted);

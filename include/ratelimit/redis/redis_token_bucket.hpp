@@ -19,6 +19,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -27,13 +28,22 @@
 namespace ratelimit {
 
 /// A token bucket whose state lives in one Redis key, shared by every client
-/// (thread, process, host) that uses the same key, capacity and rate.
+/// (thread, process, host) that uses the same key.
+///
+/// The configuration (capacity and rate) stored with the key is
+/// authoritative, and has a generation (redis_bucket_options::generation):
+/// clients made with an older one follow the stored configuration (and
+/// report it: capacity(), get_rate(), generation()); one made with a newer
+/// generation migrates the key to its own; set_rate(), set_capacity() and
+/// reconfigure() write a new one for every client. Clients of the same
+/// generation must agree (another configuration fails with `redis_error`).
 ///
 /// Semantics are the local bucket's: at most `capacity` tokens, refilled
 /// continuously at the rate, exact integer arithmetic, starting full. The
 /// arithmetic runs on the Redis server, atomically, in a Lua script, on the
 /// server's clock: clients' clocks never enter the decision, only the local
-/// waits. A key expires when the bucket would be full again.
+/// waits. A key expires when the bucket would be full again (unless it holds
+/// a configuration written by set_rate(), set_capacity() or reconfigure()).
 ///
 /// How requests reach Redis is the `mode` option (redis_bucket_mode):
 /// - `head_only` (the default): waiters of one object queue locally in FIFO
@@ -78,6 +88,8 @@ class basic_redis_token_bucket {
  public:
   using executor_type = boost::asio::any_io_executor;
   using try_signature = void(boost::system::error_code, bool);
+  /// A reconfiguration's: the generation it wrote.
+  using configure_signature = void(boost::system::error_code, std::uint64_t);
 
   /// A bucket of `capacity` tokens refilling at `r`, stored at `key`.
   /// @throws std::invalid_argument if `capacity` is 0, `r` is not a positive
@@ -294,8 +306,96 @@ class basic_redis_token_bucket {
   /// Requests queued in this object now.
   std::size_t waiting() const { return impl_ ? impl_->waiting() : 0; }
 
+  /// The configuration this object runs with: the one it was made with,
+  /// until a reply tells it the key holds a newer generation (then that
+  /// one: see redis_bucket_options::generation), or its own set_rate(),
+  /// set_capacity() or reconfigure() writes one.
   std::uint64_t capacity() const noexcept { return impl_ ? impl_->capacity() : 0; }
   rate get_rate() const noexcept { return impl_ ? impl_->get_rate() : rate{}; }
+  std::uint64_t generation() const noexcept { return impl_ ? impl_->generation() : 0; }
+
+  /// Writes a new configuration for the key, in Redis, for every process:
+  /// `capacity` tokens refilling at `r`, with the next generation (one above
+  /// both the stored one and this object's), kept in Redis (the key no longer
+  /// expires when full: it holds a configuration other processes may not
+  /// have; delete the key to drop it). The bucket's state is migrated by the
+  /// rule of redis_bucket_options::generation: its level is refilled at the
+  /// old rate up to now, then its whole tokens carry over (a debt of
+  /// reservations stays a debt) up to the new capacity, and a full bucket
+  /// stays full; fractions of a token are dropped (never over-granting).
+  /// Reservations already made keep their due times. This object takes the
+  /// new configuration on at the reply; every other client of the key does
+  /// with its next reply (it is told it: no extra round trip), and runs its
+  /// requests with it from then on.
+  ///
+  /// A request for more tokens than an object's capacity fails at once, as
+  /// before: an object that has not heard of a raised capacity yet fails
+  /// such a request that a told one would serve; a lowered capacity fails
+  /// the requests that ask more than it, when the object is told it (with
+  /// `exceeds_capacity`, taking nothing).
+  ///
+  /// @par Completion Signature
+  /// `void(boost::system::error_code ec, std::uint64_t generation)`: the
+  /// generation written; `bucket_closed` for a closed or moved-from bucket;
+  /// `redis_unavailable` when Redis is unavailable (no fault policy applies:
+  /// nothing changed, or, after a timeout, the change may have been made);
+  /// `redis_error` when Redis refuses (a key that is not a bucket, or one of
+  /// the other mode). It completes with its reply, also if the bucket is
+  /// closed or destroyed meanwhile. Never invoked inside this function.
+  ///
+  /// @par Per-Operation Cancellation
+  /// Not supported (one round trip, bounded by the connection's `request_timeout`).
+  /// @throws std::invalid_argument if `capacity` is 0, `r` is not a positive
+  /// rate, or they cannot be computed exactly in Redis (as the constructor).
+  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(configure_signature)
+                Token = boost::asio::default_completion_token_t<executor_type>>
+  auto async_reconfigure(std::uint64_t capacity, rate r,
+                         Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
+    return async_configure(capacity, r, std::forward<Token>(token));
+  }
+
+  /// As async_reconfigure, setting the rate only: the capacity stays the
+  /// one stored with the key (this object's if none is).
+  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(configure_signature)
+                Token = boost::asio::default_completion_token_t<executor_type>>
+  auto async_set_rate(rate r,
+                      Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
+    return async_configure(std::nullopt, r, std::forward<Token>(token));
+  }
+
+  /// As async_reconfigure, setting the capacity only: the rate stays the
+  /// one stored with the key (this object's if none is).
+  template <BOOST_ASIO_COMPLETION_TOKEN_FOR(configure_signature)
+                Token = boost::asio::default_completion_token_t<executor_type>>
+  auto async_set_capacity(
+      std::uint64_t capacity,
+      Token&& token = boost::asio::default_completion_token_t<executor_type>()) {
+    return async_configure(capacity, std::nullopt, std::forward<Token>(token));
+  }
+
+  /// Blocking forms of async_reconfigure, async_set_rate and
+  /// async_set_capacity: return the generation written. They need the
+  /// connection's context running on another thread (as get_token()).
+  /// @throws boost::system::system_error with the errors of the async
+  /// forms, `would_deadlock` or `context_stopped`; std::invalid_argument as
+  /// async_reconfigure.
+  std::uint64_t reconfigure(std::uint64_t capacity, rate r) {
+    return configure_or_throw(capacity, r, "reconfigure");
+  }
+  std::uint64_t set_rate(rate r) { return configure_or_throw(std::nullopt, r, "set_rate"); }
+  std::uint64_t set_capacity(std::uint64_t capacity) {
+    return configure_or_throw(capacity, std::nullopt, "set_capacity");
+  }
+  /// As above, reporting failure through `ec`.
+  std::uint64_t reconfigure(std::uint64_t capacity, rate r, boost::system::error_code& ec) {
+    return configure_blocking(capacity, r, ec);
+  }
+  std::uint64_t set_rate(rate r, boost::system::error_code& ec) {
+    return configure_blocking(std::nullopt, r, ec);
+  }
+  std::uint64_t set_capacity(std::uint64_t capacity, boost::system::error_code& ec) {
+    return configure_blocking(capacity, std::nullopt, ec);
+  }
   /// The key (empty for a moved-from bucket).
   const std::string& key() const noexcept {
     static const std::string none;
@@ -390,6 +490,60 @@ class basic_redis_token_bucket {
    private:
     detail::initiation_ref<impl_type, executor_type> ref_;
   };
+
+  class initiate_configure {
+   public:
+    using executor_type = boost::asio::any_io_executor;
+    initiate_configure(const std::shared_ptr<impl_type>& impl, const executor_type& ex) noexcept
+        : ref_(impl, ex) {}
+    executor_type get_executor() const noexcept { return ref_.get_executor(); }
+    template <typename Handler>
+    void operator()(Handler&& handler, std::optional<std::uint64_t> capacity,
+                    std::optional<rate> r) const {
+      if (impl_type* impl = ref_.get())
+        impl->async_configure(std::forward<Handler>(handler), capacity, r);
+      else
+        detail::post_completion(std::forward<Handler>(handler), ref_.get_executor(),
+                                boost::system::error_code(error::bucket_closed), std::uint64_t{0});
+    }
+
+   private:
+    detail::initiation_ref<impl_type, executor_type> ref_;
+  };
+
+  template <typename Token>
+  auto async_configure(std::optional<std::uint64_t> capacity, std::optional<rate> r,
+                       Token&& token) {
+    check_configuration(capacity, r);
+    return boost::asio::async_initiate<Token, configure_signature>(
+        initiate_configure(impl_, executor_), token, capacity, r);
+  }
+
+  /// Validates what can be validated without the stored configuration
+  /// (the rest is checked against this object's, then by the script).
+  static void check_configuration(std::optional<std::uint64_t> capacity, std::optional<rate> r) {
+    if (capacity) detail::check_capacity(*capacity);
+    if (r) detail::reduce(*r);
+  }
+
+  std::uint64_t configure_blocking(std::optional<std::uint64_t> capacity, std::optional<rate> r,
+                                   boost::system::error_code& ec) {
+    check_configuration(capacity, r);
+    if (!impl_) {
+      ec = error::bucket_closed;
+      return 0;
+    }
+    return impl_->configure_blocking(capacity, r, ec);
+  }
+
+  std::uint64_t configure_or_throw(std::optional<std::uint64_t> capacity, std::optional<rate> r,
+                                   const char* what) {
+    boost::system::error_code ec;
+    const std::uint64_t g = configure_blocking(capacity, r, ec);
+    if (ec)
+      throw boost::system::system_error(ec, std::string("ratelimit::redis_token_bucket::") + what);
+    return g;
+  }
 
   void shutdown() noexcept {
     if (impl_) impl_->close(boost::asio::error::operation_aborted);

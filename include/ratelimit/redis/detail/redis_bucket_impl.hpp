@@ -61,11 +61,13 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <future>
 #include <limits>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace ratelimit::redis_detail {
@@ -176,6 +178,8 @@ class redis_bucket_impl
                      : reserve_rate{sr_, 0}),
         sha_(reserve_ ? cached_sha1<reserve_script>() : cached_sha1<bucket_script>()),
         executor_(conn.get_executor()),
+        gen_(opts_.generation),
+        lease_(opts_.lease),
         fallback_(capacity, ratelimit::detail::reduce(r), now_ns(), capacity),
         fault_(fault ? std::move(fault)
                      : std::make_shared<std::atomic<std::int64_t>>(
@@ -187,8 +191,20 @@ class redis_bucket_impl
 
   const executor_type& get_executor() const noexcept { return executor_; }
   const std::string& key() const noexcept { return key_; }
-  std::uint64_t capacity() const noexcept { return sr_.capacity; }
-  rate get_rate() const noexcept { return rate_; }
+  /// The configuration this object runs with: its own, or one a reply told
+  /// it (or its own set_rate/set_capacity wrote).
+  std::uint64_t capacity() const noexcept {
+    std::lock_guard lk(mutex_);
+    return sr_.capacity;
+  }
+  rate get_rate() const noexcept {
+    std::lock_guard lk(mutex_);
+    return rate_;
+  }
+  std::uint64_t generation() const noexcept {
+    std::lock_guard lk(mutex_);
+    return gen_;
+  }
   const redis_bucket_options& options() const noexcept { return opts_; }
 
   /// Makes this machinery one key of a keyed limiter: `sink` is told
@@ -227,6 +243,7 @@ class redis_bucket_impl
     into.horizon_refusals += s.horizon_refusals;
     into.refund_calls += s.refund_calls;
     into.refunded += s.refunded;
+    into.reconfigurations += s.reconfigurations;
   }
 
   /// Throws std::invalid_argument, as the constructor does, unless a bucket
@@ -296,6 +313,144 @@ class redis_bucket_impl
       send_refunds({n});
     } catch (...) {  // out of memory: wasted, never over-granted
     }
+  }
+
+  // --- reconfiguration ------------------------------------------------------
+
+  using configure_result = detail::completion_base<boost::system::error_code, std::uint64_t>;
+
+  /// A configuration operation, owned by its reply's handler (a copy of
+  /// this): completed once, with the reply; destroyed unrun with the last
+  /// copy if the reply never comes (its context is destroyed).
+  class pending_configure {
+   public:
+    pending_configure(configure_result* op, executor_type ex) noexcept
+        : state_(std::make_shared<state>(op, std::move(ex))) {}
+    void complete(boost::system::error_code ec, std::uint64_t generation) const {
+      if (configure_result* op = std::exchange(state_->op, nullptr)) {
+        op->result = {ec, generation};
+        op->complete(finish_mode::dispatch, state_->ex);
+      }
+    }
+
+   private:
+    struct state {
+      state(configure_result* o, executor_type e) noexcept : op(o), ex(std::move(e)) {}
+      state(const state&) = delete;
+      state& operator=(const state&) = delete;
+      ~state() {
+        if (op) op->destroy();
+      }
+      configure_result* op;
+      executor_type ex;
+    };
+    std::shared_ptr<state> state_;
+  };
+
+  /// Writes a new configuration of this key (configure_script): `capacity`
+  /// and/or `r` (the other part kept as stored), with the next generation;
+  /// completes with `(ec, generation)` at the reply, having taken it on.
+  /// Throws std::invalid_argument, before anything is sent, for a
+  /// configuration that no bucket can have.
+  template <typename Handler>
+  void async_configure(Handler&& handler, std::optional<std::uint64_t> capacity,
+                       std::optional<rate> r) {
+    using op_type =
+        detail::handler_op<detail::plain_completion<boost::system::error_code, std::uint64_t>,
+                           std::decay_t<Handler>>;
+    std::vector<std::string> args;
+    boost::system::error_code ec;
+    {
+      std::lock_guard lk(mutex_);
+      if (closed_)
+        ec = closed_ec_;
+      else
+        args = configure_call_args(capacity, r);  // throws for a bad configuration
+    }
+    op_type* op = op_type::create(std::forward<Handler>(handler), executor_);
+    if (ec) {
+      op->result = {ec, 0};
+      op->complete(finish_mode::post, executor_);
+      return;
+    }
+    pending_configure pending(op, executor_);  // owns op from here on
+    send_configure_call(*conn_, std::move(args),
+                        configure_report{this->weak_from_this(), reserve_, pending});
+  }
+
+  /// async_configure, blocking (the connection's context runs elsewhere:
+  /// detail::blocking_wait_error); returns the generation written.
+  std::uint64_t configure_blocking(std::optional<std::uint64_t> capacity, std::optional<rate> r,
+                                   boost::system::error_code& ec) {
+    return blocking_configure(
+        executor_, ec, [&](auto handler) { async_configure(std::move(handler), capacity, r); });
+  }
+
+  /// Runs `start(handler)` (an async_configure) and waits for its handler.
+  template <typename Start>
+  static std::uint64_t blocking_configure(const executor_type& ex, boost::system::error_code& ec,
+                                          Start start) {
+    ec = detail::blocking_wait_error(ex);
+    if (ec) return 0;
+    std::promise<std::pair<boost::system::error_code, std::uint64_t>> done;
+    auto result = done.get_future();
+    start([done = std::move(done)](boost::system::error_code e, std::uint64_t g) mutable {
+      done.set_value({e, g});
+    });
+    try {
+      const auto [e, g] = result.get();
+      ec = e;
+      return g;
+    } catch (const std::future_error&) {  // destroyed unrun: its context is gone
+      ec = boost::asio::error::operation_aborted;
+      return 0;
+    }
+  }
+
+  /// configure_script's arguments for this key (the caller holds the lock).
+  std::vector<std::string> configure_call_args(std::optional<std::uint64_t> capacity,
+                                               std::optional<rate> r) const {
+    const script_rate own = make_script_rate(capacity.value_or(sr_.capacity), r.value_or(rate_));
+    const char what = capacity && r ? 'b' : capacity ? 'c' : 'r';
+    return configure_args("", key_, own, what, reserve_, gen_);
+  }
+
+  /// Where a configuration's reply goes: the machinery that asked (if it
+  /// still exists) takes it on, then the operation completes.
+  struct configure_report {
+    std::weak_ptr<redis_bucket_impl> owner;
+    bool reserve;
+    pending_configure pending;
+    void operator()(boost::system::error_code ec, const stored_config& c) const {
+      if (!ec && c.reserve != reserve) ec = error::redis_bad_reply;
+      if (!ec)
+        if (auto self = owner.lock()) self->take_on(c);
+      pending.complete(ec, ec ? 0 : c.generation);
+    }
+  };
+
+  /// Sends configure_script's `args` (EVAL with the script's text: a
+  /// reconfiguration is rare, and needs no second try after NOSCRIPT), then
+  /// calls `done(ec, config)`. Throws what sending throws (bad_alloc).
+  template <typename Done>
+  static void send_configure_call(redis_connection& conn, std::vector<std::string> args,
+                                  Done done) {
+    conn.async_exec(std::move(args),
+                    [done = std::move(done)](boost::system::error_code ec, redis_reply reply) {
+                      stored_config c;
+                      if (!ec) ec = parse_configure_reply(reply, c);
+                      bool resend = false;
+                      done(classify(ec, reply, resend), c);
+                    });
+  }
+
+  /// Takes on `c` (a configuration this key was given), unless this object
+  /// already runs with a newer one.
+  void take_on(const stored_config& c) {
+    ready_list ready(executor_, nullptr);
+    std::unique_lock lk(mutex_);
+    adopt(c, now_ns(), ready);
+    step(std::move(lk), ready, finish_mode::dispatch);
   }
 
  private:
@@ -508,7 +663,7 @@ class redis_bucket_impl
         need = head->tokens - pool_;
         extra = lease_room();
         try {
-          send = script_args(sha_, key_, sr_, need, extra);
+          send = script_args(sha_, key_, sr_, need, extra, -1, gen_);
         } catch (...) {
           enter_fault(now);  // out of memory for the request: as if Redis were unreachable
           continue;
@@ -543,15 +698,14 @@ class redis_bucket_impl
   /// Extra tokens a request may ask for now (see the header comment).
   std::uint64_t lease_room() const noexcept {
     const std::uint64_t held = pool_ + extras_in_flight_;
-    return opts_.lease > held ? opts_.lease - held : 0;
+    return lease_ > held ? lease_ - held : 0;
   }
 
   /// Nobody holds more than `lease` tokens for later, counting those on their
   /// way (none without leasing): what a cancelled head's request brought
   /// beyond that is dropped.
   void trim_pool() noexcept {
-    const std::uint64_t keep =
-        opts_.lease > extras_in_flight_ ? opts_.lease - extras_in_flight_ : 0;
+    const std::uint64_t keep = lease_ > extras_in_flight_ ? lease_ - extras_in_flight_ : 0;
     if (pool_ > keep) {
       stats_.lease_dropped += pool_ - keep;
       pool_ = keep;
@@ -640,6 +794,50 @@ class redis_bucket_impl
     return false;
   }
 
+  /// Runs with `c` from now on, unless this object already runs with a
+  /// newer generation (a reply of a call sent before it took that one on):
+  /// the capacity, rate and generation reported; the horizon cut to what
+  /// stays exact with it; the lease capped at the capacity; the local
+  /// fallback bucket migrated as the key (whole tokens carry over, up to
+  /// the new capacity; full stays full); and every waiter not sent yet that
+  /// asks for more than the capacity fails with exceeds_capacity. Locked.
+  void adopt(const stored_config& c, std::int64_t now, ready_list& ready) noexcept {
+    if (c.generation < gen_ || c.reserve != reserve_) return;
+    const bool same =
+        c.rate.capacity == sr_.capacity && c.rate.tok == sr_.tok && c.rate.tick == sr_.tick;
+    if (c.generation == gen_ && same) return;
+    gen_ = c.generation;
+    ++stats_.reconfigurations;
+    if (same) return;
+    sr_ = c.rate;
+    rate_ = rate_of(c.rate);
+    lease_ = std::min(opts_.lease, sr_.capacity);
+    if (reserve_) {
+      std::uint64_t h = 0;
+      try {
+        h = max_exact_horizon_us(sr_.capacity, rate_);
+      } catch (...) {  // (parse_config accepted only exact configurations)
+      }
+      const auto ms = static_cast<std::uint64_t>(opts_.horizon.count());  // (validated >= 0)
+      if (ms <= h / 1000) h = ms * 1000;  // an explicit horizon, if shorter
+      rr_ = reserve_rate{sr_, h};
+    }
+    fallback_.refill(now);
+    const bool full = fallback_.available() >= fallback_.capacity();
+    fallback_ = bucket_state(sr_.capacity, ratelimit::detail::reduce(rate_), now,
+                             full ? sr_.capacity : std::min(fallback_.available(), sr_.capacity));
+    for (waiter_base* w = queue_.front(); w;) {
+      waiter_base* next = w->next;
+      if (w->tokens > sr_.capacity) {
+        if (in_flight_for_ == w) in_flight_for_ = nullptr;
+        if (!reserve_ && queue_.front() == w) timer_.disarm();  // (its own wait)
+        queue_.erase(w);
+        ready.push_back(w, error::exceeds_capacity);
+      }
+      w = next;
+    }
+  }
+
   /// Redis was unavailable: hold the fault for a while.
   void enter_fault(std::int64_t now) {
     ++stats_.faults;
@@ -693,11 +891,13 @@ class redis_bucket_impl
       // The server lost the script (restart, SCRIPT FLUSH): send its text.
       bool sent = false;
       try {
+        std::vector<std::string> args;
         {
           std::lock_guard lk(mutex_);
           ++stats_.round_trips;
+          args = script_args("", key_, sr_, need, extra, -1, gen_);
         }
-        sent = send_get(script_args("", key_, sr_, need, extra), need, extra, true);
+        sent = send_get(std::move(args), need, extra, true);
       } catch (...) {
       }
       if (sent) return;
@@ -709,6 +909,10 @@ class redis_bucket_impl
     request_out_ = false;
     extras_in_flight_ -= extra;
     waiter_base* head = std::exchange(in_flight_for_, nullptr);
+    if (!ec && res.told) {
+      adopt(*res.told, now, ready);
+      if (head && !head->queued) head = nullptr;  // larger than the capacity it now knows
+    }
     if (is_unavailable(ec)) {
       if (reply.type == redis_reply::kind::error) ++stats_.unavailable_replies;
       if (!closed_) enter_fault(now);
@@ -791,18 +995,19 @@ class redis_bucket_impl
 
   /// A try's arguments: the head-only script's, or one reservation that
   /// accepts no wait.
+  /// (The caller holds the lock.)
   std::vector<std::string> try_args(const std::string& sha, std::uint64_t need,
                                     std::uint64_t extra) const {
-    if (!reserve_) return script_args(sha, key_, sr_, need, extra);
+    if (!reserve_) return script_args(sha, key_, sr_, need, extra, -1, gen_);
     const reserve_request one{need, 0};
-    return reserve_args(sha, key_, rr_, {&one, 1});
+    return reserve_args(sha, key_, rr_, {&one, 1}, -1, gen_);
   }
 
   boost::system::error_code parse_try_reply(const redis_reply& reply, std::uint64_t need,
                                             script_result& res) const {
     if (!reserve_) return parse_script_reply(reply, res);
     std::uint64_t now = 0;
-    if (auto ec = check_reserve_reply(reply, 1, now)) return ec;
+    if (auto ec = check_reserve_reply(reply, 1, now, &res.told)) return ec;
     const reservation_result one = reservation_at(reply, 0);
     const bool reserved = one.what == reservation_result::status::reserved;
     if (reserved && one.due_us != now) return error::redis_bad_reply;  // (it accepted no wait)
@@ -819,13 +1024,15 @@ class redis_bucket_impl
     if (!ec) ec = parse_try_reply(reply, need, res);
     ec = classify(ec, reply, resend);
     if (resend && !eval) {
-      {
-        std::lock_guard lk(mutex_);
-        ++stats_.round_trips;
-      }
       bool sent = false;
       try {
-        sent = send_try_request(try_args("", need, extra), op, n, need, extra, true);
+        std::vector<std::string> args;
+        {
+          std::lock_guard lk(mutex_);
+          ++stats_.round_trips;
+          args = try_args("", need, extra);
+        }
+        sent = send_try_request(std::move(args), op, n, need, extra, true);
       } catch (...) {
       }
       if (sent) return;
@@ -838,6 +1045,7 @@ class redis_bucket_impl
       ready_list ready(executor_, nullptr);
       std::unique_lock lk(mutex_);
       extras_in_flight_ -= extra;
+      if (!ec && res.told) adopt(*res.told, now, ready);
       if (!ec && res.granted) {
         stats_.redis_tokens += res.taken;
         if (reserve_) ++stats_.reserved;
@@ -855,6 +1063,8 @@ class redis_bucket_impl
         } else if (!ec && res.granted) {
           granted = take_pool(now, n);
           if (granted) stats_.granted += n;
+        } else if (!ec && n > sr_.capacity) {
+          ec = error::exceeds_capacity;  // the configuration it was told
         }
       }
       trim_pool();  // what is left is lease, before the queue is served from it
@@ -1024,7 +1234,7 @@ class redis_bucket_impl
                                           ? -1
                                           : std::max<std::int64_t>(0, (not_after - now) / 1000)});
     }
-    auto args = reserve_args(sha_, key_, rr_, call.reqs);
+    auto args = reserve_args(sha_, key_, rr_, call.reqs, -1, gen_);
     for (std::size_t i = 0; i < call.reqs.size(); ++i) {
       reservation* w = as_res(queue_.front());
       queue_.erase_keep_link(w);
@@ -1081,14 +1291,11 @@ class redis_bucket_impl
                         bool eval) {
     std::uint64_t server_now = 0;
     bool resend = false;
-    if (!ec) ec = check_reserve_reply(reply, call.reqs.size(), server_now);
+    std::optional<stored_config> told;
+    if (!ec) ec = check_reserve_reply(reply, call.reqs.size(), server_now, &told);
     ec = classify(ec, reply, resend);
     if (resend && !eval) {
       // The server lost the script (restart, SCRIPT FLUSH): send its text.
-      {
-        std::lock_guard lk(mutex_);
-        ++stats_.round_trips;
-      }
       try {
         // What is left of each wait, as of now (a round trip later).
         const std::int64_t now = now_ns();
@@ -1096,7 +1303,12 @@ class redis_bucket_impl
         for (reserve_request& q : call.reqs)
           if (q.within_us >= 0) q.within_us = std::max<std::int64_t>(0, q.within_us - spent_us);
         call.made_at = now;
-        auto args = reserve_args("", key_, rr_, call.reqs);
+        std::vector<std::string> args;
+        {
+          std::lock_guard lk(mutex_);
+          ++stats_.round_trips;
+          args = reserve_args("", key_, rr_, call.reqs, -1, gen_);
+        }
         std::lock_guard send_lk(send_mutex_);
         if (send_reserve(std::move(args), call, true)) return;
       } catch (...) {
@@ -1107,6 +1319,7 @@ class redis_bucket_impl
     ready_list ready(executor_, nullptr);
     std::unique_lock lk(mutex_);
     --calls_out_;
+    if (!ec && told) adopt(*told, now, ready);
     if (is_unavailable(ec)) {
       // It may have been served (a timeout): its tokens are then wasted, never over-granted.
       if (reply.type == redis_reply::kind::error) ++stats_.unavailable_replies;
@@ -1155,7 +1368,9 @@ class redis_bucket_impl
           insert_reserved(mine);
         } else if (mine) {
           sent_.erase(mine);
-          if (r.what == reservation_result::status::refused_horizon) {
+          if (n > sr_.capacity) {
+            ready.push_back(mine, error::exceeds_capacity);  // the configuration it was told
+          } else if (r.what == reservation_result::status::refused_horizon) {
             ++stats_.horizon_refusals;
             ready.push_back(mine, error::exceeds_horizon);
           } else {
@@ -1193,13 +1408,17 @@ class redis_bucket_impl
   /// Sends one refund call; counted out (`refunds_out_`) until its reply,
   /// so that a keyed limiter keeps this machinery (and its counters) until then.
   void send_refund(std::vector<std::uint64_t> items) {
+    reserve_rate rr;
+    std::uint64_t gen = 0;
     {
       std::lock_guard lk(mutex_);
       ++stats_.refund_calls;
       ++refunds_out_;
+      rr = rr_;
+      gen = gen_;
     }
     try {
-      send_refund_call(*conn_, key_, rr_, std::move(items), false,
+      send_refund_call(*conn_, key_, rr, gen, std::move(items), false,
                        refund_report{this->weak_from_this()});
     } catch (...) {
       refund_done(0);
@@ -1236,27 +1455,28 @@ class redis_bucket_impl
   /// what sending throws (bad_alloc).
   template <typename Done>
   static void send_refund_call(redis_connection& conn, const std::string& key,
-                               const reserve_rate& rr, std::vector<std::uint64_t> items, bool eval,
-                               Done done) {
-    auto args = refund_args(eval ? std::string() : cached_sha1<refund_script>(), key, rr, items);
+                               const reserve_rate& rr, std::uint64_t gen,
+                               std::vector<std::uint64_t> items, bool eval, Done done) {
+    auto args =
+        refund_args(eval ? std::string() : cached_sha1<refund_script>(), key, rr, items, -1, gen);
     // (Init-captures: a plain capture of `key` would be a const string,
     // copied, allocating, each time the handler moves.)
-    conn.async_exec(std::move(args),
-                    [&conn, key = std::string(key), rr = reserve_rate(rr), items = std::move(items),
-                     eval, done](boost::system::error_code ec, redis_reply reply) mutable {
-                      bool resend = false;
-                      ec = classify(ec, reply, resend);
-                      if (resend && !eval && done.alive()) {
-                        try {
-                          send_refund_call(conn, key, rr, std::move(items), true, done);
-                          return;
-                        } catch (...) {
-                        }
-                      }
-                      done(!ec && reply.type == redis_reply::kind::integer && reply.integer >= 0
-                               ? static_cast<std::uint64_t>(reply.integer)
-                               : 0);
-                    });
+    conn.async_exec(std::move(args), [&conn, key = std::string(key), rr = reserve_rate(rr), gen,
+                                      items = std::move(items), eval, done](
+                                         boost::system::error_code ec, redis_reply reply) mutable {
+      bool resend = false;
+      ec = classify(ec, reply, resend);
+      if (resend && !eval && done.alive()) {
+        try {
+          send_refund_call(conn, key, rr, gen, std::move(items), true, done);
+          return;
+        } catch (...) {
+        }
+      }
+      done(!ec && reply.type == redis_reply::kind::integer && reply.integer >= 0
+               ? static_cast<std::uint64_t>(reply.integer)
+               : 0);
+    });
   }
 
   /// The reservation script's rate of a bucket of `capacity` at `r` with `opts`.
@@ -1283,6 +1503,7 @@ class redis_bucket_impl
   std::mutex send_mutex_;  // reservation calls leave in order (taken after mutex_, never before)
   redis_connection* conn_;
   std::string key_;
+  // The configuration (guarded by mutex_: a reply may tell a newer one).
   script_rate sr_;
   rate rate_;
   redis_bucket_options opts_;
@@ -1306,6 +1527,8 @@ class redis_bucket_impl
   std::uint64_t pool_ = 0;
   std::int64_t pool_expiry_ = 0;
   std::uint64_t extras_in_flight_ = 0;  // extra (lease) tokens asked by requests in flight
+  std::uint64_t gen_;                   // the configuration's generation
+  std::uint64_t lease_;                 // opts_.lease, at most the capacity
   bucket_state fallback_;
   // When a fault hold ends (see enter_fault): shared by the keys of a keyed limiter.
   std::shared_ptr<std::atomic<std::int64_t>> fault_;

@@ -197,12 +197,73 @@ class redis_keyed_impl final
         std::lock_guard lk(mutex_);
         ++extra_.refund_calls;
       }
-      bucket_type::send_refund_call(*conn_, full,
-                                    bucket_type::reserve_rate_of(q.capacity, q.r, opts_), {n},
-                                    false, refund_report{this->weak_from_this()});
+      bucket_type::send_refund_call(
+          *conn_, full, bucket_type::reserve_rate_of(q.capacity, q.r, opts_), opts_.generation, {n},
+          false, refund_report{this->weak_from_this()});
     } catch (...) {  // an impossible quota, out of memory: wasted, never over-granted
     }
   }
+
+  /// Writes a new configuration of `key` in Redis (as
+  /// redis_bucket_impl::async_configure: `capacity` and/or `r`, the other
+  /// part kept as stored, or as the key's quota if nothing is stored), kept
+  /// there; the key's machinery, if it is active, takes it on at the reply.
+  /// Throws what quota_of throws and std::invalid_argument for a
+  /// configuration no bucket can have, before anything is sent.
+  template <typename Handler>
+  void async_configure(Handler&& handler, std::string_view key,
+                       std::optional<std::uint64_t> capacity, std::optional<rate> r) {
+    using op_type =
+        detail::handler_op<detail::plain_completion<boost::system::error_code, std::uint64_t>,
+                           std::decay_t<Handler>>;
+    const redis_quota q = quota_of(key);
+    const script_rate own = make_script_rate(capacity.value_or(q.capacity), r.value_or(q.r));
+    std::string full;
+    full.reserve(prefix_.size() + key.size());
+    full.append(prefix_).append(key);
+    auto args = configure_args("", full, own,
+                               capacity && r ? 'b'
+                               : capacity    ? 'c'
+                                             : 'r',
+                               opts_.mode == redis_bucket_mode::reserve, opts_.generation);
+    boost::system::error_code ec;
+    {
+      std::lock_guard lk(mutex_);
+      if (closed_) ec = closed_ec_;
+    }
+    op_type* op = op_type::create(std::forward<Handler>(handler), executor_);
+    if (ec) {
+      op->result = {ec, 0};
+      op->complete(finish_mode::post, executor_);
+      return;
+    }
+    typename bucket_type::pending_configure pending(op, executor_);  // owns op from here on
+    bucket_type::send_configure_call(
+        *conn_, std::move(args),
+        configure_report{this->weak_from_this(), std::move(full),
+                         opts_.mode == redis_bucket_mode::reserve, pending});
+  }
+
+  /// Where a key's configuration reply goes: the key's machinery, if active.
+  struct configure_report {
+    std::weak_ptr<redis_keyed_impl> owner;
+    std::string key;  // prefix + key
+    bool reserve;
+    typename bucket_type::pending_configure pending;
+    void operator()(boost::system::error_code ec, const stored_config& c) const {
+      if (!ec && c.reserve != reserve) ec = error::redis_bad_reply;
+      if (!ec)
+        if (auto self = owner.lock()) {
+          std::shared_ptr<bucket_type> b;
+          {
+            std::lock_guard lk(self->mutex_);
+            if (auto it = self->map_.find(key); it != self->map_.end()) b = it->second.b;
+          }
+          if (b) b->take_on(c);
+        }
+      pending.complete(ec, ec ? 0 : c.generation);
+    }
+  };
 
   /// The machinery of `key` went idle (redis_bucket_impl::notify_idle).
   void on_idle(bucket_type& b) noexcept override {

@@ -61,8 +61,8 @@ namespace ratelimit::redis_detail {
 namespace lua {
 
 /// Both scripts' arguments: capacity, tok, tick, horizon, k (ARGV[5]), the
-/// time hook (ARGV[6]), then the k requests from ARGV[7] (each script
-/// checks how many arguments a request has).
+/// time hook (ARGV[6]), the generation (ARGV[7]), then the k requests from
+/// ARGV[8] (each script checks how many arguments a request has).
 inline constexpr std::string_view reservation_args = R"lua(
 local cap = tonumber(ARGV[1])
 local tok = tonumber(ARGV[2])
@@ -74,24 +74,36 @@ if not (cap and tok and tick and horizon and count) or cap < 1 or tok < 1 or tic
   return redis.error_reply('ratelimit: bad script arguments')
 end
 local cfg = 'r:' .. ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3]
-)lua";
-
-/// A reservation request is two arguments (n, within).
-inline constexpr std::string_view reserve_arity = R"lua(
-if #ARGV ~= 6 + 2 * count then return redis.error_reply('ratelimit: bad script arguments') end
-)lua";
-
-/// A refund is one argument (n).
-inline constexpr std::string_view refund_arity = R"lua(
-if #ARGV ~= 6 + count then return redis.error_reply('ratelimit: bad script arguments') end
-)lua";
-
-inline constexpr std::string_view reserve_full = R"lua(
-local full = cap * tick
+local mode_r = true
+local argcap = cap
 -- Clients of one key may use different horizons (each exact down to its own:
 -- make_reserve_rate), so the debt may reach the longest of them: a stored
 -- level is checked against exactness only.
 local lowest = -9007199254740992
+)lua";
+
+/// A reservation request is two arguments (n, within).
+inline constexpr std::string_view reserve_arity = R"lua(
+if #ARGV ~= 7 + 2 * count then return redis.error_reply('ratelimit: bad script arguments') end
+)lua";
+
+/// A refund is one argument (n).
+inline constexpr std::string_view refund_arity = R"lua(
+if #ARGV ~= 7 + count then return redis.error_reply('ratelimit: bad script arguments') end
+)lua";
+
+/// A client told a configuration it did not have checked its horizon
+/// against its own: the horizon is cut to what stays exact with the stored
+/// one (as make_reserve_rate's bound; the client cuts its own when told).
+inline constexpr std::string_view horizon_cut = R"lua(
+if told then
+  local fill = math.floor(full / tok)
+  if fill * tok < full then fill = fill + 1 end
+  local h = math.floor((9007199254740992 - full - tok) / tok)
+  if h > 4503599627370496 - fill then h = 4503599627370496 - fill end
+  if h < 0 then h = 0 end
+  if horizon > h then horizon = h end
+end
 )lua";
 
 /// A time before the last one the key saw is taken as that one: a server
@@ -102,14 +114,19 @@ if now < last then now = last end
 
 inline constexpr std::string_view reserve_each = R"lua(
 local out = {now}
-for i = 7, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
   local n = tonumber(ARGV[i])
   local within = nil
   if ARGV[i + 1] ~= '' then within = tonumber(ARGV[i + 1]) end
-  if not n or n < 1 or n > cap or n ~= math.floor(n) or
+  if not n or n < 1 or n > argcap or n ~= math.floor(n) or
      (ARGV[i + 1] ~= '' and (not within or within < 0)) then
     return redis.error_reply('ratelimit: bad script arguments')
   end
+  if n > cap then
+    -- more than the stored configuration's capacity: its client, told it, fails the request
+    out[#out + 1] = 0
+    out[#out + 1] = now
+  else
   local after = level - n * tick
   local due = now
   if after < 0 then
@@ -130,19 +147,25 @@ for i = 7, #ARGV, 2 do
     out[#out + 1] = 1
   end
   out[#out + 1] = due
+  end
 end
 )lua";
 
 inline constexpr std::string_view reserve_return = R"lua(
+if told then
+  out[#out + 1] = gen
+  out[#out + 1] = cfg
+end
 return out
 )lua";
 
-/// The tokens given back (ARGV[7] on).
+/// The tokens given back (ARGV[8] on; reserved under any configuration of
+/// the key, so not bounded by this one's capacity).
 inline constexpr std::string_view refund_sum = R"lua(
 local give = 0
-for i = 7, #ARGV do
+for i = 8, #ARGV do
   local n = tonumber(ARGV[i])
-  if not n or n < 1 or n > cap or n ~= math.floor(n) then
+  if not n or n < 1 or n >= 9007199254740992 or n ~= math.floor(n) then
     return redis.error_reply('ratelimit: bad script arguments')
   end
   give = give + n
@@ -150,8 +173,9 @@ end
 )lua";
 
 inline constexpr std::string_view refund_give = R"lua(
-level = level + give * tick
-if level > full then level = full end
+local room = math.floor((full - level) / tick)
+if room * tick < full - level then room = room + 1 end
+if give >= room then level = full else level = level + give * tick end
 )lua";
 
 inline constexpr std::string_view refund_return = R"lua(
@@ -171,9 +195,9 @@ return give
 /// `within`; s = 0 refused, due beyond the horizon (d: when it would have
 /// been due). A refused request takes nothing.
 inline constexpr std::string_view reserve_script =
-    lua_join<lua::reservation_args, lua::reserve_arity, lua::now, lua::reserve_full,
-             lua::read_state, lua::not_before_last, lua::refill, lua::reserve_each,
-             lua::write_state, lua::reserve_return>::value;
+    lua_join<lua::functions, lua::reservation_args, lua::reserve_arity, lua::now, lua::generation,
+             lua::read_state, lua::resolve, lua::not_before_last, lua::horizon_cut, lua::refill,
+             lua::reserve_each, lua::write_state, lua::reserve_return>::value;
 
 /// KEYS[1]: the bucket. ARGV: capacity, tok, tick, horizon (us), k, now (us;
 /// empty: the server's TIME), then k token counts: reservations never
@@ -181,9 +205,9 @@ inline constexpr std::string_view reserve_script =
 /// gives back. Gives them back to the level now, up to the capacity (a
 /// missing key is a full bucket). Returns the tokens given back.
 inline constexpr std::string_view refund_script =
-    lua_join<lua::reservation_args, lua::refund_arity, lua::now, lua::reserve_full, lua::read_state,
-             lua::not_before_last, lua::refund_sum, lua::refill, lua::refund_give, lua::write_state,
-             lua::refund_return>::value;
+    lua_join<lua::functions, lua::reservation_args, lua::refund_arity, lua::now, lua::generation,
+             lua::read_state, lua::resolve, lua::not_before_last, lua::refund_sum, lua::refill,
+             lua::refund_give, lua::write_state, lua::refund_return>::value;
 
 /// A reservation bucket's configuration in the script's terms.
 struct reserve_rate {
@@ -251,9 +275,10 @@ namespace reserve_detail {
 
 inline std::vector<std::string> head(std::string_view script, const std::string& sha,
                                      const std::string& key, const reserve_rate& rr,
-                                     std::size_t count, std::int64_t now_us) {
+                                     std::size_t count, std::int64_t now_us,
+                                     std::uint64_t generation) {
   std::vector<std::string> a;
-  a.reserve(10 + 2 * count);
+  a.reserve(11 + 2 * count);
   a.push_back(sha.empty() ? "EVAL" : "EVALSHA");
   a.push_back(sha.empty() ? std::string(script) : sha);
   a.push_back("1");
@@ -264,6 +289,7 @@ inline std::vector<std::string> head(std::string_view script, const std::string&
   a.push_back(std::to_string(rr.horizon_us));
   a.push_back(std::to_string(count));
   a.push_back(now_us < 0 ? std::string() : std::to_string(now_us));
+  a.push_back(std::to_string(generation));
   return a;
 }
 
@@ -274,8 +300,9 @@ inline std::vector<std::string> head(std::string_view script, const std::string&
 inline std::vector<std::string> reserve_args(const std::string& sha, const std::string& key,
                                              const reserve_rate& rr,
                                              std::span<const reserve_request> reqs,
-                                             std::int64_t now_us = -1) {
-  auto a = reserve_detail::head(reserve_script, sha, key, rr, reqs.size(), now_us);
+                                             std::int64_t now_us = -1,
+                                             std::uint64_t generation = 0) {
+  auto a = reserve_detail::head(reserve_script, sha, key, rr, reqs.size(), now_us, generation);
   for (const reserve_request& r : reqs) {
     a.push_back(std::to_string(r.n));
     a.push_back(r.within_us < 0 ? std::string() : std::to_string(r.within_us));
@@ -287,8 +314,9 @@ inline std::vector<std::string> reserve_args(const std::string& sha, const std::
 inline std::vector<std::string> refund_args(const std::string& sha, const std::string& key,
                                             const reserve_rate& rr,
                                             std::span<const std::uint64_t> ns,
-                                            std::int64_t now_us = -1) {
-  auto a = reserve_detail::head(refund_script, sha, key, rr, ns.size(), now_us);
+                                            std::int64_t now_us = -1,
+                                            std::uint64_t generation = 0) {
+  auto a = reserve_detail::head(refund_script, sha, key, rr, ns.size(), now_us, generation);
   for (std::uint64_t n : ns)
     a.push_back(std::to_string(n));
   return a;
@@ -302,18 +330,30 @@ struct reservation_result {
 };
 
 /// Checks the reply's shape for `count` requests: an array of 1 + 2·count
-/// non-negative integers, each status 0, 1 or 2, and sets `now_us`.
-/// Anything else is `redis_bad_reply`; an error reply is `redis_error`.
-/// Allocates nothing (a reply handler's step that cannot fail).
-inline boost::system::error_code check_reserve_reply(const redis_reply& r, std::size_t count,
-                                                     std::uint64_t& now_us) noexcept {
+/// non-negative integers, each status 0, 1 or 2, possibly followed by a
+/// configuration tail (the key's newer configuration, which the call ran
+/// with: into `told`), and sets `now_us`. Anything else is
+/// `redis_bad_reply`; an error reply is `redis_error`. Allocates nothing (a
+/// reply handler's step that cannot fail).
+inline boost::system::error_code check_reserve_reply(
+    const redis_reply& r, std::size_t count, std::uint64_t& now_us,
+    std::optional<stored_config>* told = nullptr) noexcept {
   if (r.type == redis_reply::kind::error) return error::redis_error;
-  if (r.type != redis_reply::kind::array || r.elements.size() != 1 + 2 * count)
+  const std::size_t size = 1 + 2 * count;
+  if (r.type != redis_reply::kind::array ||
+      (r.elements.size() != size && r.elements.size() != size + 2))
     return error::redis_bad_reply;
-  for (const auto& e : r.elements)
-    if (e.type != redis_reply::kind::integer || e.integer < 0) return error::redis_bad_reply;
+  for (std::size_t i = 0; i < size; ++i)
+    if (r.elements[i].type != redis_reply::kind::integer || r.elements[i].integer < 0)
+      return error::redis_bad_reply;
   for (std::size_t i = 0; i < count; ++i)
     if (r.elements[1 + 2 * i].integer > 2) return error::redis_bad_reply;
+  if (told) told->reset();
+  if (r.elements.size() != size) {
+    stored_config c;
+    if (!parse_config_tail(r, size, c) || !c.reserve) return error::redis_bad_reply;
+    if (told) *told = c;
+  }
   now_us = static_cast<std::uint64_t>(r.elements[0].integer);
   return {};
 }
