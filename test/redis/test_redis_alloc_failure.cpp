@@ -340,6 +340,45 @@ void keyed_destroy_in_flight(redis_case& c, env& e) {
   e.pump(std::chrono::milliseconds(2));  // the replies
 }
 
+auto set_rate(bucket_t& b, rate r) {
+  return
+      [&b, r](auto&& token) { return b.async_set_rate(r, std::forward<decltype(token)>(token)); };
+}
+
+/// Reconfiguration: a set_rate with a request queued (the object takes the
+/// new configuration on at the reply), another object of the old
+/// configuration told it with its first reply, then destroyed with a
+/// set_capacity in flight (which completes with its reply).
+void reconfigure(redis_case& c, env& e) {
+  if (!c.make_bucket(e)) return;
+  e.start(get(*c.bucket, 1));
+  e.start<std::uint64_t>(set_rate(*c.bucket, per_second(400)));
+  AF_CHECK(all_done(e));
+  std::optional<bucket_t> other;
+  if (!e.call("bucket constructor",
+              [&] { other.emplace(*c.conn, c.key(), 2, per_second(200), c.options()); }))
+    return;
+  e.start(get(*other, 1));
+  AF_CHECK(all_done(e));
+  e.start<std::uint64_t>([&b = *other](auto&& token) {
+    return b.async_set_capacity(3, std::forward<decltype(token)>(token));
+  });
+  other.reset();
+  AF_CHECK(all_done(e));
+}
+
+/// The keyed limiter: a key's stored quota, set while the key is active.
+void keyed_set_quota(redis_case& c, env& e) {
+  if (!c.make_keyed(e)) return;
+  e.start(get_key(*c.keyed, "a"));
+  e.start<std::uint64_t>([&l = *c.keyed](auto&& token) {
+    return l.async_set_quota("a", 4, per_second(400), std::forward<decltype(token)>(token));
+  });
+  e.start(get_key(*c.keyed, "a"));
+  AF_CHECK(all_done(e));
+  AF_CHECK(e.settle([&] { return c.keyed->active_keys() == 0; }, std::chrono::seconds(1)));
+}
+
 struct scenario {
   const char* name;
   void (*script)(redis_case&, env&);
@@ -366,6 +405,10 @@ const scenario scenarios[] = {
      bit(kind::callback) | bit(kind::std_allocator) | bit(kind::deferred)},
     {"redis.keyed_destroy_in_flight", keyed_destroy_in_flight, false,
      bit(kind::callback) | bit(kind::counting_allocator)},
+    {"redis.reconfigure", reconfigure, false,
+     bit(kind::callback) | bit(kind::counting_allocator) | bit(kind::deferred) | bit(kind::future)},
+    {"redis.keyed_set_quota", keyed_set_quota, false,
+     bit(kind::callback) | bit(kind::std_allocator)},
 };
 
 }  // namespace

@@ -608,4 +608,90 @@ BOOST_FIXTURE_TEST_CASE(set_quota_stores_a_keys_quota, fixture) {
   }
 }
 
+// Threads: blocking and asynchronous requests on two objects of one key
+// while another thread changes the key's capacity and rate back and forth
+// (the context run by two threads): every request completes once, granted
+// or failed with exceeds_capacity (asked more than a capacity it was told),
+// and both objects end on the last configuration.
+BOOST_FIXTURE_TEST_CASE(reconfigurations_race_with_requests, fixture) {
+  const int changes = sanitized ? 30 : 150;
+  for (const auto mode : both_modes) {
+    BOOST_TEST_CONTEXT(name(mode)) {
+      const std::string key = std::string("race:") + name(mode);
+      redis_token_bucket a(conn, key, 6, per_second(5000), in(mode));
+      redis_token_bucket b(conn, key, 6, per_second(5000), in(mode));
+      auto work = asio::make_work_guard(ctx);
+      std::thread runners[] = {std::thread([&] { ctx.run(); }), std::thread([&] { ctx.run(); })};
+      std::atomic<bool> stop{false};
+      std::atomic<int> granted{0}, too_large{0}, unexpected{0}, async_started{0}, async_done{0};
+      const auto record = [&](boost::system::error_code ec) {
+        if (!ec)
+          ++granted;
+        else if (ec == error::exceeds_capacity)
+          ++too_large;
+        else
+          ++unexpected;
+      };
+      std::thread changer([&] {
+        std::mt19937 rng(7);
+        for (int i = 0; i < changes; ++i) {
+          boost::system::error_code ec;
+          if (i % 2)
+            a.set_capacity(2 + rng() % 5, ec);
+          else
+            a.set_rate(per_second(2000 + rng() % 6000), ec);
+          if (ec) ++unexpected;
+          std::this_thread::sleep_for(1ms);  // (requests flow in between)
+        }
+        stop = true;
+      });
+      std::thread blocking([&] {
+        std::mt19937 rng(8);
+        while (!stop) {
+          boost::system::error_code ec;
+          b.get_token(1 + rng() % 6, ec);
+          record(ec);
+        }
+      });
+      std::thread async([&] {
+        std::mt19937 rng(9);
+        while (!stop) {
+          ++async_started;
+          (rng() % 2 ? a : b).async_get_token(1 + rng() % 6, [&](boost::system::error_code ec) {
+            record(ec);
+            ++async_done;
+          });
+          if (async_started - async_done > 50) std::this_thread::sleep_for(1ms);
+        }
+      });
+      changer.join();
+      blocking.join();
+      async.join();
+      const auto end = std::chrono::steady_clock::now() + 20s;
+      while (async_done < async_started && std::chrono::steady_clock::now() < end)
+        std::this_thread::sleep_for(1ms);
+      // The last configuration reaches b with its next reply.
+      boost::system::error_code ec;
+      const std::uint64_t last = a.set_rate(per_second(1000), ec);
+      BOOST_TEST(!ec);
+      b.get_token(1, ec);
+      BOOST_TEST(!ec);
+      ctx.stop();
+      for (auto& t : runners)
+        t.join();
+      ctx.restart();
+      BOOST_TEST_MESSAGE(name(mode)
+                         << ": " << granted << " granted, " << too_large
+                         << " larger than the capacity, " << async_started << " asynchronous");
+      BOOST_TEST(async_done == async_started);
+      BOOST_TEST(unexpected == 0);
+      BOOST_TEST(granted > changes);
+      BOOST_TEST(a.generation() == last);
+      BOOST_TEST(b.generation() == last);
+      BOOST_TEST(b.capacity() == a.capacity());
+      (void)work;
+    }
+  }
+}
+
 BOOST_AUTO_TEST_SUITE_END()

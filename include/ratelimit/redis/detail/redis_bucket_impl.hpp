@@ -324,8 +324,15 @@ class redis_bucket_impl
   /// copy if the reply never comes (its context is destroyed).
   class pending_configure {
    public:
-    pending_configure(configure_result* op, executor_type ex) noexcept
-        : state_(std::make_shared<state>(op, std::move(ex))) {}
+    /// Owns `op` from here on (destroyed, unrun, if this throws).
+    static pending_configure own(configure_result* op, executor_type ex) {
+      try {
+        return pending_configure(std::make_shared<state>(op, std::move(ex)));
+      } catch (...) {
+        op->destroy();
+        throw;
+      }
+    }
     void complete(boost::system::error_code ec, std::uint64_t generation) const {
       if (configure_result* op = std::exchange(state_->op, nullptr)) {
         op->result = {ec, generation};
@@ -344,6 +351,7 @@ class redis_bucket_impl
       configure_result* op;
       executor_type ex;
     };
+    explicit pending_configure(std::shared_ptr<state> s) noexcept : state_(std::move(s)) {}
     std::shared_ptr<state> state_;
   };
 
@@ -373,9 +381,9 @@ class redis_bucket_impl
       op->complete(finish_mode::post, executor_);
       return;
     }
-    pending_configure pending(op, executor_);  // owns op from here on
-    send_configure_call(*conn_, std::move(args),
-                        configure_report{this->weak_from_this(), reserve_, pending});
+    send_configure_call(
+        *conn_, std::move(args),
+        configure_report{this->weak_from_this(), reserve_, pending_configure::own(op, executor_)});
   }
 
   /// async_configure, blocking (the connection's context runs elsewhere:

@@ -237,11 +237,11 @@ class redis_keyed_impl final
       op->complete(finish_mode::post, executor_);
       return;
     }
-    typename bucket_type::pending_configure pending(op, executor_);  // owns op from here on
     bucket_type::send_configure_call(
         *conn_, std::move(args),
         configure_report{this->weak_from_this(), std::move(full),
-                         opts_.mode == redis_bucket_mode::reserve, pending});
+                         opts_.mode == redis_bucket_mode::reserve,
+                         bucket_type::pending_configure::own(op, executor_)});
   }
 
   /// Where a key's configuration reply goes: the key's machinery, if active.
