@@ -655,6 +655,7 @@ class redis_bucket_impl
     if (reserve_) return step_reserve(std::move(lk), ready, mode);
     std::optional<std::vector<std::string>> send;
     std::uint64_t need = 0, extra = 0;
+    sent_with as;
     bool idle = false;
     for (;;) {
       const std::int64_t now = now_ns();
@@ -670,8 +671,9 @@ class redis_bucket_impl
         }
         need = head->tokens - pool_;
         extra = lease_room();
+        as = sent_as();
         try {
-          send = script_args(sha_, key_, sr_, need, extra, -1, gen_);
+          send = script_args(sha_, key_, as.rr.rate, need, extra, -1, as.gen);
         } catch (...) {
           enter_fault(now);  // out of memory for the request: as if Redis were unreachable
           continue;
@@ -686,7 +688,7 @@ class redis_bucket_impl
       idle = !send && tell_idle(now);
       lk.unlock();
       if (!send) break;
-      if (send_get(std::move(*send), need, extra, false)) break;
+      if (send_get(std::move(*send), need, extra, as, false)) break;
       // Not sent: a fault; decide again.
       send.reset();
       lk.lock();
@@ -875,13 +877,25 @@ class redis_bucket_impl
     return ec == error::redis_unavailable || ec == boost::asio::error::operation_aborted;
   }
 
+  /// The configuration a request is sent with: a resend after NOSCRIPT
+  /// goes with the same (the object may have taken on a smaller capacity
+  /// meanwhile, which the request's tokens may exceed).
+  struct sent_with {
+    reserve_rate rr{};
+    std::uint64_t gen = 0;
+  };
+
+  /// (The caller holds the lock.)
+  sent_with sent_as() const noexcept { return {reserve_ ? rr_ : reserve_rate{sr_, 0}, gen_}; }
+
   /// Sends the head's request; false (nothing sent) when it cannot.
   bool send_get(std::vector<std::string> args, std::uint64_t need, std::uint64_t extra,
-                bool eval) noexcept {
+                sent_with as, bool eval) noexcept {
     try {
-      conn_->async_exec(std::move(args), [weak = this->weak_from_this(), need, extra, eval](
+      conn_->async_exec(std::move(args), [weak = this->weak_from_this(), need, extra, as, eval](
                                              boost::system::error_code ec, redis_reply reply) {
-        if (auto self = weak.lock()) self->on_get_reply(ec, std::move(reply), need, extra, eval);
+        if (auto self = weak.lock())
+          self->on_get_reply(ec, std::move(reply), need, extra, as, eval);
       });
       return true;
     } catch (...) {
@@ -890,7 +904,7 @@ class redis_bucket_impl
   }
 
   void on_get_reply(boost::system::error_code ec, redis_reply reply, std::uint64_t need,
-                    std::uint64_t extra, bool eval) {
+                    std::uint64_t extra, sent_with as, bool eval) {
     script_result res;
     bool resend = false;
     if (!ec) ec = parse_script_reply(reply, res);
@@ -899,13 +913,12 @@ class redis_bucket_impl
       // The server lost the script (restart, SCRIPT FLUSH): send its text.
       bool sent = false;
       try {
-        std::vector<std::string> args;
         {
           std::lock_guard lk(mutex_);
           ++stats_.round_trips;
-          args = script_args("", key_, sr_, need, extra, -1, gen_);
         }
-        sent = send_get(std::move(args), need, extra, true);
+        sent = send_get(script_args("", key_, as.rr.rate, need, extra, -1, as.gen), need, extra, as,
+                        true);
       } catch (...) {
       }
       if (sent) return;
@@ -963,9 +976,10 @@ class redis_bucket_impl
   bool send_try(std::unique_lock<std::mutex>& lk, try_result* op, std::uint64_t n) {
     const std::uint64_t need = n - pool_;
     const std::uint64_t extra = lease_room();
+    const sent_with as = sent_as();
     std::vector<std::string> args;
     try {
-      args = try_args(sha_, need, extra);
+      args = try_args(sha_, need, extra, as);
       tries_.push_back(op);
     } catch (...) {
       enter_fault(now_ns());
@@ -974,7 +988,7 @@ class redis_bucket_impl
     extras_in_flight_ += extra;
     ++stats_.round_trips;
     lk.unlock();
-    const bool sent = send_try_request(std::move(args), op, n, need, extra, false);
+    const bool sent = send_try_request(std::move(args), op, n, need, extra, as, false);
     lk.lock();
     if (!sent) {
       extras_in_flight_ -= extra;
@@ -988,12 +1002,12 @@ class redis_bucket_impl
   /// until the reply or close() completes it, so a handler destroyed unrun,
   /// or a request that cannot be sent, loses nothing.
   bool send_try_request(std::vector<std::string> args, try_result* op, std::uint64_t n,
-                        std::uint64_t need, std::uint64_t extra, bool eval) noexcept {
+                        std::uint64_t need, std::uint64_t extra, sent_with as, bool eval) noexcept {
     try {
-      conn_->async_exec(std::move(args), [weak = this->weak_from_this(), op, n, need, extra, eval](
-                                             boost::system::error_code ec, redis_reply reply) {
+      conn_->async_exec(std::move(args), [weak = this->weak_from_this(), op, n, need, extra, as,
+                                          eval](boost::system::error_code ec, redis_reply reply) {
         if (auto self = weak.lock())
-          self->on_try_reply(ec, std::move(reply), op, n, need, extra, eval);
+          self->on_try_reply(ec, std::move(reply), op, n, need, extra, as, eval);
       });
       return true;
     } catch (...) {
@@ -1003,12 +1017,11 @@ class redis_bucket_impl
 
   /// A try's arguments: the head-only script's, or one reservation that
   /// accepts no wait.
-  /// (The caller holds the lock.)
-  std::vector<std::string> try_args(const std::string& sha, std::uint64_t need,
-                                    std::uint64_t extra) const {
-    if (!reserve_) return script_args(sha, key_, sr_, need, extra, -1, gen_);
+  std::vector<std::string> try_args(const std::string& sha, std::uint64_t need, std::uint64_t extra,
+                                    const sent_with& as) const {
+    if (!reserve_) return script_args(sha, key_, as.rr.rate, need, extra, -1, as.gen);
     const reserve_request one{need, 0};
-    return reserve_args(sha, key_, rr_, {&one, 1}, -1, gen_);
+    return reserve_args(sha, key_, as.rr, {&one, 1}, -1, as.gen);
   }
 
   boost::system::error_code parse_try_reply(const redis_reply& reply, std::uint64_t need,
@@ -1026,7 +1039,8 @@ class redis_bucket_impl
   }
 
   void on_try_reply(boost::system::error_code ec, redis_reply reply, try_result* op,
-                    std::uint64_t n, std::uint64_t need, std::uint64_t extra, bool eval) {
+                    std::uint64_t n, std::uint64_t need, std::uint64_t extra, sent_with as,
+                    bool eval) {
     script_result res;
     bool resend = false;
     if (!ec) ec = parse_try_reply(reply, need, res);
@@ -1034,13 +1048,11 @@ class redis_bucket_impl
     if (resend && !eval) {
       bool sent = false;
       try {
-        std::vector<std::string> args;
         {
           std::lock_guard lk(mutex_);
           ++stats_.round_trips;
-          args = try_args("", need, extra);
         }
-        sent = send_try_request(std::move(args), op, n, need, extra, true);
+        sent = send_try_request(try_args("", need, extra, as), op, n, need, extra, as, true);
       } catch (...) {
       }
       if (sent) return;
@@ -1152,6 +1164,7 @@ class redis_bucket_impl
     std::uint64_t first = 0;
     std::int64_t made_at = 0;  // local clock, ns: the `within`s are as of then
     std::vector<reserve_request> reqs;
+    sent_with as;  // (a resend goes with the same)
   };
 
   /// The reservation mode's step(): grants what is due, applies a fault
@@ -1242,7 +1255,8 @@ class redis_bucket_impl
                                           ? -1
                                           : std::max<std::int64_t>(0, (not_after - now) / 1000)});
     }
-    auto args = reserve_args(sha_, key_, rr_, call.reqs, -1, gen_);
+    call.as = sent_as();
+    auto args = reserve_args(sha_, key_, call.as.rr, call.reqs, -1, call.as.gen);
     for (std::size_t i = 0; i < call.reqs.size(); ++i) {
       reservation* w = as_res(queue_.front());
       queue_.erase_keep_link(w);
@@ -1311,12 +1325,11 @@ class redis_bucket_impl
         for (reserve_request& q : call.reqs)
           if (q.within_us >= 0) q.within_us = std::max<std::int64_t>(0, q.within_us - spent_us);
         call.made_at = now;
-        std::vector<std::string> args;
         {
           std::lock_guard lk(mutex_);
           ++stats_.round_trips;
-          args = reserve_args("", key_, rr_, call.reqs, -1, gen_);
         }
+        auto args = reserve_args("", key_, call.as.rr, call.reqs, -1, call.as.gen);
         std::lock_guard send_lk(send_mutex_);
         if (send_reserve(std::move(args), call, true)) return;
       } catch (...) {
