@@ -115,8 +115,11 @@ struct config_model {
       a.told = stored;
     } else if (stored->gen == gen) {
       if (text(stored->sr) != text(own)) {
-        a.error = true;
-        return a;
+        if (gen == 0) {  // clients without generations must agree
+          a.error = true;
+          return a;
+        }
+        a.told = stored;  // a later generation written twice: the stored one wins
       }
     } else {
       migrate(own, now_us);
@@ -156,9 +159,10 @@ BOOST_AUTO_TEST_SUITE(redis_reconfigure)
 
 // The scripts against config_model: clients of three configurations at
 // generations 0 to 3 make head-only requests and reconfigurations (both
-// parts, the capacity only, the rate only) on one key at random times; every
-// answer (granted or not, the configuration told, an error) and the whole
-// tokens left after each step must agree.
+// parts, the capacity only, the rate only) on one key at random times, and
+// the key is sometimes deleted (so a generation may be written again with
+// another configuration); every answer (granted or not, the configuration
+// told, an error) and the whole tokens left after each step must agree.
 BOOST_FIXTURE_TEST_CASE(scripts_agree_with_the_model_of_generations, fixture) {
   const rd::script_rate configs[] = {
       rd::make_script_rate(10, per_second(3)),
@@ -184,6 +188,11 @@ BOOST_FIXTURE_TEST_CASE(scripts_agree_with_the_model_of_generations, fixture) {
       const std::uint64_t gen = rng() % 4;
       BOOST_TEST_CONTEXT("run " << run << " step " << step << " (client " << text(own) << "@" << gen
                                 << ")") {
+        if (rng() % 40 == 0) {
+          exec(ctx, conn, {"DEL", key});
+          model = config_model{};
+          continue;
+        }
         if (rng() % 6 == 0) {
           const char what = "bcr"[rng() % 3];
           const auto want = model.configure(own, gen, what, now);
@@ -229,7 +238,7 @@ BOOST_FIXTURE_TEST_CASE(scripts_agree_with_the_model_of_generations, fixture) {
                              << configured << " reconfigurations");
   BOOST_TEST(granted > 100u);
   BOOST_TEST(told > 100u);
-  BOOST_TEST(errors > 10u);
+  BOOST_TEST(errors > 5u);
   BOOST_TEST(configured > 100u);
 }
 
@@ -333,6 +342,59 @@ BOOST_FIXTURE_TEST_CASE(stored_configurations_are_kept_and_old_keys_read_as_gene
   BOOST_TEST(inexact.ec == error::make_error_code(error::redis_error));
   BOOST_TEST(inexact.reply.str.find("cannot be computed exactly") != std::string::npos,
              inexact.reply.str);
+}
+
+// A generation written twice (the key deleted, then written again from a
+// client of an older generation): an object that had the generation with
+// another configuration follows the stored one instead of failing; at
+// generation 0, objects of different configurations still fail (they never
+// used generations: they must agree).
+BOOST_FIXTURE_TEST_CASE(a_generation_written_twice_is_followed, fixture) {
+  redis_token_bucket a(conn, "twice", 10, per_second(10));
+  std::optional<boost::system::error_code> r;
+  a.async_set_rate(per_second(20), [&](boost::system::error_code ec, std::uint64_t) { r = ec; });
+  BOOST_REQUIRE(run_until(ctx, [&] { return r.has_value(); }));
+  BOOST_TEST(a.generation() == 1u);
+  exec(ctx, conn, {"DEL", "twice"});
+  redis_token_bucket c(conn, "twice", 7, per_second(10));
+  r.reset();
+  c.async_set_capacity(5, [&](boost::system::error_code ec, std::uint64_t) { r = ec; });
+  BOOST_REQUIRE(run_until(ctx, [&] { return r.has_value(); }));
+  BOOST_TEST(c.generation() == 1u);  // 5 at 10/s, generation 1; a has 10 at 20/s, generation 1
+  auto o = std::make_shared<outcome>();
+  a.async_get_token(1, checked_handler(o));
+  BOOST_REQUIRE(run_until(ctx, [&] { return o->done(); }));
+  BOOST_TEST(o->ok());
+  BOOST_TEST(a.capacity() == 5u);
+  BOOST_TEST(a.get_rate().tokens * 1'000'000'000 / a.get_rate().period.count() == 10);
+  redis_token_bucket x(conn, "zero", 10, per_second(10));
+  redis_token_bucket y(conn, "zero", 11, per_second(10));
+  auto ox = std::make_shared<outcome>(), oy = std::make_shared<outcome>();
+  x.async_get_token(1, checked_handler(ox));
+  BOOST_REQUIRE(run_until(ctx, [&] { return ox->done(); }));
+  y.async_get_token(1, checked_handler(oy));
+  BOOST_REQUIRE(run_until(ctx, [&] { return oy->done(); }));
+  BOOST_TEST(ox->ok());
+  BOOST_TEST(oy->ec == error::make_error_code(error::redis_error));
+}
+
+// Head-only: a head asleep for its tokens under a slow rate wakes when its
+// own object raises the rate (it asks again under the new one), instead of
+// sleeping out the old wait.
+BOOST_FIXTURE_TEST_CASE(a_raised_rate_wakes_a_sleeping_head, fixture) {
+  redis_token_bucket b(conn, "wake", 1, per_hour(1));
+  auto first = std::make_shared<outcome>(), second = std::make_shared<outcome>();
+  b.async_get_token(1, checked_handler(first));
+  BOOST_REQUIRE(run_until(ctx, [&] { return first->done(); }));
+  b.async_get_token(1, checked_handler(second));  // due in an hour
+  run_for(50ms);
+  BOOST_TEST(!second->done());
+  std::optional<boost::system::error_code> r;
+  b.async_set_rate(per_second(1000), [&](boost::system::error_code ec, std::uint64_t) { r = ec; });
+  BOOST_REQUIRE(run_until(
+      ctx, [&] { return second->done(); }, 5s));
+  BOOST_TEST(second->ok());
+  BOOST_TEST((r.has_value() && !*r));
 }
 
 // set_rate on one object changes the key for every object: the others take
@@ -542,7 +604,14 @@ BOOST_FIXTURE_TEST_CASE(a_rolling_deploy_moves_the_key_to_the_new_generation, fi
       BOOST_REQUIRE(run_until(ctx, [&] { return o->done(); }));
       BOOST_TEST(o->ok());
       BOOST_TEST(hget(key, "c").find("@1") != std::string::npos);  // (expires once full)
+      const int before_change = old_granted;
       run_for(200ms);
+      // At 500/s (the new configuration): about 100 in 200 ms; at 50/s it would be 10.
+      const int after_change = old_granted - before_change;
+      BOOST_TEST_MESSAGE(name(mode) << ": the old object got " << after_change
+                                    << " in 200 ms after the change");
+      BOOST_TEST(after_change > 40);
+      BOOST_TEST(after_change <= 20 + 100 + 2);
       stop = true;
       run_for(50ms);
       BOOST_TEST(errors == 0);

@@ -99,12 +99,19 @@ struct redis_bucket_options {
   /// and this object takes it on (capacity(), get_rate(), generation(),
   /// stats().reconfigurations); one that finds an older generation stored
   /// replaces it with this object's, migrating the level (whole tokens carry
-  /// over, up to the new capacity; a full bucket stays full); the same
-  /// generation with another configuration is an error (`redis_error`). So a
-  /// rolling deploy that changes a key's configuration bumps this number,
-  /// and old and new processes share one bucket, on the new configuration,
-  /// from the first request of a new one. set_rate() and set_capacity()
-  /// write the next generation. 0 to 2^53 - 2.
+  /// over, up to the new capacity; a full bucket stays full); at the same
+  /// generation, another configuration is an error (`redis_error`) at
+  /// generation 0 (clients that do not use generations must agree) and is
+  /// followed at a later one (the stored configuration wins: a generation
+  /// may be written twice once a key is deleted). So a rolling deploy that
+  /// changes a key's configuration bumps this number, and old and new
+  /// processes share one bucket, on the new configuration, from the first
+  /// request of a new one; a key written so expires when full, like any, so
+  /// while the deploy lasts an old process that was never told may create it
+  /// again with its configuration (a full bucket), until the next request of
+  /// a new one. set_rate() and set_capacity() write the next generation
+  /// (kept: see there). Every process must run a version that knows
+  /// generations before any writes one. 0 to 2^53 - 2.
   std::uint64_t generation = 0;
 };
 

@@ -318,7 +318,9 @@ class basic_redis_token_bucket {
   /// `capacity` tokens refilling at `r`, with the next generation (one above
   /// both the stored one and this object's), kept in Redis (the key no longer
   /// expires when full: it holds a configuration other processes may not
-  /// have; delete the key to drop it). The bucket's state is migrated by the
+  /// have; after the key is deleted, objects that took the configuration on
+  /// keep running with it, and write it again at their generation, until
+  /// they are made again). The bucket's state is migrated by the
   /// rule of redis_bucket_options::generation: its level is refilled at the
   /// old rate up to now, then its whole tokens carry over (a debt of
   /// reservations stays a debt) up to the new capacity, and a full bucket
@@ -346,7 +348,10 @@ class basic_redis_token_bucket {
   /// @par Per-Operation Cancellation
   /// Not supported (one round trip, bounded by the connection's `request_timeout`).
   /// @throws std::invalid_argument if `capacity` is 0, `r` is not a positive
-  /// rate, or they cannot be computed exactly in Redis (as the constructor).
+  /// rate, or they cannot be computed exactly in Redis (as the constructor;
+  /// for set_rate and set_capacity, with the other part this object has:
+  /// the script checks them again with the stored one, and refuses with
+  /// `redis_error`).
   template <BOOST_ASIO_COMPLETION_TOKEN_FOR(configure_signature)
                 Token = boost::asio::default_completion_token_t<executor_type>>
   auto async_reconfigure(std::uint64_t capacity, rate r,

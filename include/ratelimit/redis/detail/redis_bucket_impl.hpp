@@ -836,11 +836,12 @@ class redis_bucket_impl
     const bool full = fallback_.available() >= fallback_.capacity();
     fallback_ = bucket_state(sr_.capacity, ratelimit::detail::reduce(rate_), now,
                              full ? sr_.capacity : std::min(fallback_.available(), sr_.capacity));
+    // Head-only: a head waiting for its tokens under the old configuration asks again.
+    if (!reserve_) timer_.disarm();
     for (waiter_base* w = queue_.front(); w;) {
       waiter_base* next = w->next;
       if (w->tokens > sr_.capacity) {
         if (in_flight_for_ == w) in_flight_for_ = nullptr;
-        if (!reserve_ && queue_.front() == w) timer_.disarm();  // (its own wait)
         queue_.erase(w);
         ready.push_back(w, error::exceeds_capacity);
       }
@@ -934,6 +935,10 @@ class redis_bucket_impl
       adopt(*res.told, now, ready);
       if (head && !head->queued) head = nullptr;  // larger than the capacity it now knows
     }
+    // A denial under a configuration this object no longer runs with (it
+    // took on another while the request was out): its wait means nothing
+    // now, the head asks again.
+    const bool stale = (res.told ? res.told->generation : as.gen) != gen_;
     if (is_unavailable(ec)) {
       if (reply.type == redis_reply::kind::error) ++stats_.unavailable_replies;
       if (!closed_) enter_fault(now);
@@ -951,6 +956,8 @@ class redis_bucket_impl
       stats_.redis_tokens += res.taken;
       add_pool(now, res.taken);
       if (!head) trim_pool();
+    } else if (stale) {
+      // (asks again: step() below)
     } else if (head && !closed_ &&
                add_ns(now, std::chrono::microseconds(std::min<std::uint64_t>(
                                res.wait_us, ratelimit::detail::max_time / 1000))) >
@@ -1234,7 +1241,7 @@ class redis_bucket_impl
       lk.lock();
       if (sent) continue;  // more calls, while the window has room
       --calls_out_;
-      unsend(first, count);
+      unsend(first, count, ready);
       enter_fault(now_ns());
     }
     ready.finish_all(mode);
@@ -1280,7 +1287,9 @@ class redis_bucket_impl
   /// the order they were first sent (before the waiters never sent, after
   /// those of earlier calls that came back), for the fault policy or the
   /// next call.
-  void unsend(std::uint64_t first, std::size_t count) noexcept {
+  /// One that asks for more than the capacity this object now knows (told
+  /// while its call was out) fails with exceeds_capacity instead.
+  void unsend(std::uint64_t first, std::size_t count, ready_list& ready) noexcept {
     waiter_base* w = first_of_call(first);
     // Where they go: before the first waiter never sent (seq 0) or sent after them.
     waiter_base* before = queue_.front();
@@ -1288,6 +1297,12 @@ class redis_bucket_impl
       before = before->next;
     while (w && as_res(w)->seq < first + count) {
       waiter_base* next = w->next;
+      if (w->tokens > sr_.capacity) {
+        sent_.erase(w);
+        ready.push_back(w, error::exceeds_capacity);
+        w = next;
+        continue;
+      }
       sent_.erase_keep_link(w);
       as_res(w)->at = reservation::stage::pending;
       queue_.insert_after(before ? before->prev : queue_.back(), w);
@@ -1344,7 +1359,7 @@ class redis_bucket_impl
     if (is_unavailable(ec)) {
       // It may have been served (a timeout): its tokens are then wasted, never over-granted.
       if (reply.type == redis_reply::kind::error) ++stats_.unavailable_replies;
-      unsend(call.first, call.reqs.size());
+      unsend(call.first, call.reqs.size(), ready);
       if (!closed_) enter_fault(now);
     } else if (ec) {
       // Refused (wrong type, foreign state, another configuration) or nonsense: the call's
@@ -1388,6 +1403,15 @@ class redis_bucket_impl
           mine->at = reservation::stage::reserved;
           insert_reserved(mine);
         } else if (mine) {
+          const std::uint64_t replied_capacity =
+              told ? told->rate.capacity : call.as.rr.rate.capacity;
+          if (r.what == reservation_result::status::refused_horizon && n > replied_capacity &&
+              n <= sr_.capacity) {
+            // Refused for a capacity this object no longer has (a reply of a call sent
+            // before it took on a larger one): sent again.
+            unsend(mine->seq, 1, ready);
+            continue;
+          }
           sent_.erase(mine);
           if (n > sr_.capacity) {
             ready.push_back(mine, error::exceeds_capacity);  // the configuration it was told

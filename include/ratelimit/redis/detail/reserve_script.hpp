@@ -169,6 +169,7 @@ for i = 8, #ARGV do
     return redis.error_reply('ratelimit: bad script arguments')
   end
   give = give + n
+  if give > 4503599627370496 then give = 4503599627370496 end  -- (more than any bucket holds)
 end
 )lua";
 

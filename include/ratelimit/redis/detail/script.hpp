@@ -112,19 +112,26 @@ local function refilled(level, last, now, full, tok)
   end
   return level, last
 end
-local function migrated(level, ofull, otick, cap, tick)
-  if level >= ofull then return cap * tick end
-  local t
+local function migrated(level, ofull, otick, cap, tok, tick)
+  local full = cap * tick
+  if level >= ofull then return full end
   if level >= 0 then
-    t = math.floor(level / otick)
-  else
-    local q = math.floor(-level / otick)
-    if q * otick < -level then q = q + 1 end
-    if q * tick > 4503599627370496 then return nil end
-    t = -q
+    local t = math.floor(level / otick)
+    if t >= cap then return full end
+    return t * tick
   end
-  if t >= cap then return cap * tick end
-  return t * tick
+  -- a debt of q tokens: exact only within the reservation script's bounds
+  -- (make_reserve_rate with a horizon of the debt's time): levels down to
+  -- -(2^53 - full - tok), due times within 2^52 us of now
+  local q = math.floor(-level / otick)
+  if q * otick < -level then q = q + 1 end
+  if q * tick > 9007199254740992 - full - tok then return nil end
+  local back = math.floor(q * tick / tok)
+  if back * tok < q * tick then back = back + 1 end
+  local fill = math.floor(full / tok)
+  if fill * tok < full then fill = fill + 1 end
+  if back + fill > 4503599627370496 then return nil end
+  return -q * tick
 end
 local function fmt(x) return string.format('%.0f', x) end
 )lua";
@@ -179,19 +186,24 @@ end
 /// Decides the configuration a request runs with, given the client's (`cap`,
 /// `tok`, `tick`, `cfg`, `gen`, `mode_r`) and the stored one (`stored`):
 ///   - none stored: the client's (a missing key is a full bucket);
-///   - a newer generation stored, or the same configuration: the stored one,
-///     and `told` when its generation is newer (the reply tells the client);
+///   - a newer generation stored, or the same one: the stored configuration,
+///     and `told` when it is not the client's (the reply tells the client);
+///     at generation 0 another configuration is an error instead (clients
+///     that never used generations must agree, as before generations); at a
+///     later one the stored configuration wins (a generation may be written
+///     twice with different configurations: a key deleted, then written by
+///     a client of that generation and reconfigured from another);
 ///   - an older generation stored: the client's, the level migrated
 ///     (migrated(): whole tokens carry over, a debt stays, capped at the new
 ///     capacity; a full bucket stays full);
-///   - the same generation, another configuration, or the other mode: an error.
+///   - the other mode: an error.
 /// Then sets `full`, and `kept` (a reconfigured key's mark, kept while its
 /// configuration rules).
 inline constexpr std::string_view resolve = R"lua(
 local kept, told = false, false
 if stored then
   local sbase, sgen, skept, sres, scap, stok, stick = parse_cfg(stored)
-  if not sbase or sres ~= mode_r or (sgen == gen and sbase ~= cfg) then
+  if not sbase or sres ~= mode_r or (sgen == 0 and gen == 0 and sbase ~= cfg) then
     return redis.error_reply('ratelimit: key ' .. KEYS[1] .. ' holds a bucket configured as ' ..
                              stored .. ', not ' .. cfg)
   end
@@ -199,11 +211,11 @@ if stored then
     return redis.error_reply('ratelimit: key ' .. KEYS[1] .. ' does not hold a bucket state')
   end
   if sgen >= gen then
-    told = sgen > gen
+    told = sgen > gen or sbase ~= cfg
     cap, tok, tick, cfg, gen, kept = scap, stok, stick, sbase, sgen, skept
   else
     level, last = refilled(level, last, now, scap * stick, stok)
-    level = migrated(level, scap * stick, stick, cap, tick)
+    level = migrated(level, scap * stick, stick, cap, tok, tick)
     if not level then
       return redis.error_reply('ratelimit: key ' .. KEYS[1] .. ' holds a debt that configuration ' ..
                                cfg .. ' cannot carry exactly')
@@ -342,7 +354,7 @@ if stored then
     return redis.error_reply('ratelimit: capacity ' .. fmt(cap) .. ' at ' .. fmt(tok) .. ' per ' ..
                              fmt(tick) .. ' us cannot be computed exactly in Redis')
   end
-  level = migrated(level, scap * stick, stick, cap, tick)
+  level = migrated(level, scap * stick, stick, cap, tok, tick)
   if not level then
     return redis.error_reply('ratelimit: key ' .. KEYS[1] .. ' holds a debt that the new ' ..
                              'configuration cannot carry exactly')
