@@ -82,7 +82,11 @@ namespace ratelimit {
 /// except the special members.
 ///
 /// @par Lifetime
-/// The connection must outlive the limiter. Destroying the limiter
+/// The connection must outlive the limiter and its remote parts
+/// (as_remote()); once they are all destroyed, nothing reaches the
+/// connection any more, also from a reply being handled on another thread
+/// at that moment (what it would send, a refund, is dropped), so the
+/// connection may be destroyed right after. Destroying the limiter
 /// completes every waiter, and every try whose request is out, with
 /// `operation_aborted`; a script request in flight then completes into
 /// nothing. Requests of a moved-from limiter complete with `bucket_closed`
@@ -107,7 +111,8 @@ class basic_redis_keyed_limiter {
                             rate r, redis_bucket_options options = {})
       : executor_(conn.get_executor()),
         impl_(std::make_shared<impl_type>(conn, std::move(prefix), redis_quota{capacity, r},
-                                          quota_function(), options)) {}
+                                          quota_function(), options)),
+        user_(std::make_shared<redis_detail::conn_user>(impl_->connection())) {}
 
   /// Key `k` gets a bucket of `quota(k)` (see Quotas).
   /// @throws std::invalid_argument for an empty function, an invalid option, or `lease > 0`.
@@ -115,15 +120,17 @@ class basic_redis_keyed_limiter {
                             redis_bucket_options options = {})
       : executor_(conn.get_executor()),
         impl_(std::make_shared<impl_type>(conn, std::move(prefix), std::nullopt, std::move(quota),
-                                          options)) {}
+                                          options)),
+        user_(std::make_shared<redis_detail::conn_user>(impl_->connection())) {}
 
   basic_redis_keyed_limiter(basic_redis_keyed_limiter&& other) noexcept
-      : executor_(other.executor_), impl_(std::move(other.impl_)) {}
+      : executor_(other.executor_), impl_(std::move(other.impl_)), user_(std::move(other.user_)) {}
   basic_redis_keyed_limiter& operator=(basic_redis_keyed_limiter&& other) noexcept {
     if (this != &other) {
       shutdown();
       executor_ = other.executor_;
       impl_ = std::move(other.impl_);
+      user_ = std::move(other.user_);
     }
     return *this;
   }
@@ -351,8 +358,8 @@ class basic_redis_keyed_limiter {
       throw std::invalid_argument(
           "ratelimit::redis_keyed_limiter::as_remote: a joint part needs mode reserve");
     impl_->check_quota(key);
-    return std::make_shared<redis_detail::redis_keyed_remote<Clock, WaitTraits>>(impl_,
-                                                                                 std::string(key));
+    return std::make_shared<redis_detail::redis_keyed_remote<Clock, WaitTraits>>(
+        impl_, std::string(key), user_);
   }
 
  private:
@@ -482,6 +489,9 @@ class basic_redis_keyed_limiter {
 
   executor_type executor_;
   std::shared_ptr<impl_type> impl_;
+  // This object as a user of the connection (each remote part is another):
+  // the last one destroyed detaches the machinery from it (conn_ref).
+  std::shared_ptr<redis_detail::conn_user> user_;
 };
 
 /// The keyed Redis limiter most programs want: local waits on steady_clock.

@@ -120,6 +120,53 @@ inline std::uint_fast32_t jitter_seed(const void* p) noexcept {
   return base ^ static_cast<std::uint_fast32_t>(reinterpret_cast<std::uintptr_t>(p) >> 4);
 }
 
+/// The connection as a machinery's requests reach it. Every send holds its
+/// lock; the last of the objects a user holds (a bucket or keyed limiter,
+/// its remote parts: conn_user) detaches it. A reply handler running on
+/// another thread co-owns the machinery for a moment, and may send (a
+/// refund, the next call) after the user destroyed the object: it must not
+/// reach a connection the user may destroy next ("the connection must
+/// outlive the bucket"). What it would have sent is then not sent (a
+/// refund's tokens wasted, never over-granted).
+class conn_ref {
+ public:
+  explicit conn_ref(redis_connection& c) noexcept : conn_(&c) {}
+  conn_ref(const conn_ref&) = delete;
+  conn_ref& operator=(const conn_ref&) = delete;
+
+  /// Calls `f(connection)` unless detached; false when detached. Throws
+  /// what `f` throws.
+  template <typename F>
+  bool use(F&& f) {
+    std::lock_guard lk(mutex_);
+    if (!conn_) return false;
+    std::forward<F>(f)(*conn_);
+    return true;
+  }
+
+  void detach() noexcept {
+    std::lock_guard lk(mutex_);
+    conn_ = nullptr;
+  }
+
+ private:
+  std::mutex mutex_;
+  redis_connection* conn_;
+};
+
+/// Held by every object a user holds that reaches the connection (a bucket,
+/// a keyed limiter, their remote parts): the last one destroyed detaches it.
+class conn_user {
+ public:
+  explicit conn_user(std::shared_ptr<conn_ref> r) noexcept : ref_(std::move(r)) {}
+  conn_user(const conn_user&) = delete;
+  conn_user& operator=(const conn_user&) = delete;
+  ~conn_user() { ref_->detach(); }
+
+ private:
+  std::shared_ptr<conn_ref> ref_;
+};
+
 /// Told when a bucket machinery of a keyed limiter has nothing left to do
 /// (redis_keyed_limiter.hpp), so that it can be dropped. Called unlocked,
 /// from the machinery's own step.
@@ -164,11 +211,13 @@ class redis_bucket_impl
   using try_result = detail::completion_base<boost::system::error_code, bool>;
 
   /// `fault`: a fault hold shared with other machineries (a keyed
-  /// limiter's keys); null: one of its own.
+  /// limiter's keys); null: one of its own. `ref`: the connection as a
+  /// keyed limiter's machineries share it; null: one of its own.
   redis_bucket_impl(redis_connection& conn, std::string key, std::uint64_t capacity, const rate& r,
                     const redis_bucket_options& opts,
-                    std::shared_ptr<std::atomic<std::int64_t>> fault = nullptr)
-      : conn_(&conn),
+                    std::shared_ptr<std::atomic<std::int64_t>> fault = nullptr,
+                    std::shared_ptr<conn_ref> ref = nullptr)
+      : conn_(ref ? std::move(ref) : std::make_shared<conn_ref>(conn)),
         key_(std::move(key)),
         sr_(make_script_rate(capacity, r)),
         rate_(r),
@@ -191,6 +240,7 @@ class redis_bucket_impl
 
   const executor_type& get_executor() const noexcept { return executor_; }
   const std::string& key() const noexcept { return key_; }
+  const std::shared_ptr<conn_ref>& connection() const noexcept { return conn_; }
   /// The configuration this object runs with: its own, or one a reply told
   /// it (or its own set_rate/set_capacity wrote).
   std::uint64_t capacity() const noexcept {
@@ -382,7 +432,7 @@ class redis_bucket_impl
       return;
     }
     send_configure_call(
-        *conn_, std::move(args),
+        conn_, std::move(args),
         configure_report{this->weak_from_this(), reserve_, pending_configure::own(op, executor_)});
   }
 
@@ -441,15 +491,17 @@ class redis_bucket_impl
   /// reconfiguration is rare, and needs no second try after NOSCRIPT), then
   /// calls `done(ec, config)`. Throws what sending throws (bad_alloc).
   template <typename Done>
-  static void send_configure_call(redis_connection& conn, std::vector<std::string> args,
-                                  Done done) {
-    conn.async_exec(std::move(args),
-                    [done = std::move(done)](boost::system::error_code ec, redis_reply reply) {
-                      stored_config c;
-                      if (!ec) ec = parse_configure_reply(reply, c);
-                      bool resend = false;
-                      done(classify(ec, reply, resend), c);
-                    });
+  static void send_configure_call(const std::shared_ptr<conn_ref>& conn,
+                                  std::vector<std::string> args, Done done) {
+    const bool sent = conn->use([&](redis_connection& c) {
+      c.async_exec(std::move(args), [done = done](boost::system::error_code ec, redis_reply reply) {
+        stored_config sc;
+        if (!ec) ec = parse_configure_reply(reply, sc);
+        bool resend = false;
+        done(classify(ec, reply, resend), sc);
+      });
+    });
+    if (!sent) done(boost::asio::error::operation_aborted, stored_config{});  // (its owner is gone)
   }
 
   /// Takes on `c` (a configuration this key was given), unless this object
@@ -893,12 +945,13 @@ class redis_bucket_impl
   bool send_get(std::vector<std::string> args, std::uint64_t need, std::uint64_t extra,
                 sent_with as, bool eval) noexcept {
     try {
-      conn_->async_exec(std::move(args), [weak = this->weak_from_this(), need, extra, as, eval](
-                                             boost::system::error_code ec, redis_reply reply) {
-        if (auto self = weak.lock())
-          self->on_get_reply(ec, std::move(reply), need, extra, as, eval);
+      return conn_->use([&](redis_connection& c) {
+        c.async_exec(std::move(args), [weak = this->weak_from_this(), need, extra, as, eval](
+                                          boost::system::error_code ec, redis_reply reply) {
+          if (auto self = weak.lock())
+            self->on_get_reply(ec, std::move(reply), need, extra, as, eval);
+        });
       });
-      return true;
     } catch (...) {
       return false;
     }
@@ -1011,12 +1064,13 @@ class redis_bucket_impl
   bool send_try_request(std::vector<std::string> args, try_result* op, std::uint64_t n,
                         std::uint64_t need, std::uint64_t extra, sent_with as, bool eval) noexcept {
     try {
-      conn_->async_exec(std::move(args), [weak = this->weak_from_this(), op, n, need, extra, as,
-                                          eval](boost::system::error_code ec, redis_reply reply) {
-        if (auto self = weak.lock())
-          self->on_try_reply(ec, std::move(reply), op, n, need, extra, as, eval);
+      return conn_->use([&](redis_connection& c) {
+        c.async_exec(std::move(args), [weak = this->weak_from_this(), op, n, need, extra, as, eval](
+                                          boost::system::error_code ec, redis_reply reply) {
+          if (auto self = weak.lock())
+            self->on_try_reply(ec, std::move(reply), op, n, need, extra, as, eval);
+        });
       });
-      return true;
     } catch (...) {
       return false;
     }
@@ -1312,13 +1366,13 @@ class redis_bucket_impl
 
   bool send_reserve(std::vector<std::string> args, reserve_call call, bool eval) noexcept {
     try {
-      conn_->async_exec(std::move(args),
-                        [weak = this->weak_from_this(), call = std::move(call), eval](
-                            boost::system::error_code ec, redis_reply reply) mutable {
-                          if (auto self = weak.lock())
-                            self->on_reserve_reply(ec, std::move(reply), std::move(call), eval);
-                        });
-      return true;
+      return conn_->use([&](redis_connection& c) {
+        c.async_exec(std::move(args), [weak = this->weak_from_this(), call = std::move(call), eval](
+                                          boost::system::error_code ec, redis_reply reply) mutable {
+          if (auto self = weak.lock())
+            self->on_reserve_reply(ec, std::move(reply), std::move(call), eval);
+        });
+      });
     } catch (...) {
       return false;
     }
@@ -1463,7 +1517,7 @@ class redis_bucket_impl
       gen = gen_;
     }
     try {
-      send_refund_call(*conn_, key_, rr, gen, std::move(items), false,
+      send_refund_call(conn_, key_, rr, gen, std::move(items), false,
                        refund_report{this->weak_from_this()});
     } catch (...) {
       refund_done(0);
@@ -1474,7 +1528,6 @@ class redis_bucket_impl
   /// Where a refund's reply goes: to this machinery, if it still exists.
   struct refund_report {
     std::weak_ptr<redis_bucket_impl> owner;
-    bool alive() const noexcept { return !owner.expired(); }
     void operator()(std::uint64_t back) const noexcept {
       if (auto self = owner.lock()) self->refund_done(back);
     }
@@ -1492,36 +1545,38 @@ class redis_bucket_impl
 
  public:
   /// Sends a refund of `items` (token counts) to `key` with the refund
-  /// script, then calls `done(tokens given back)` (0 when it failed). After
+  /// script, then calls `done(tokens given back)` (0 when it failed, or was
+  /// not sent: the connection's users are gone, see conn_ref). After
   /// NOSCRIPT (a fresh or restarted server) it is sent again with the
-  /// script's text, if `done.alive()`: its owner (a bucket machinery, a keyed
-  /// limiter) still exists, so the connection does too (the connection may
-  /// be gone once its users are, while its handlers still complete). Throws
-  /// what sending throws (bad_alloc).
+  /// script's text, likewise. Throws what sending throws (bad_alloc),
+  /// without calling `done`.
   template <typename Done>
-  static void send_refund_call(redis_connection& conn, const std::string& key,
+  static void send_refund_call(const std::shared_ptr<conn_ref>& conn, const std::string& key,
                                const reserve_rate& rr, std::uint64_t gen,
                                std::vector<std::uint64_t> items, bool eval, Done done) {
     auto args =
         refund_args(eval ? std::string() : cached_sha1<refund_script>(), key, rr, items, -1, gen);
-    // (Init-captures: a plain capture of `key` would be a const string,
-    // copied, allocating, each time the handler moves.)
-    conn.async_exec(std::move(args), [&conn, key = std::string(key), rr = reserve_rate(rr), gen,
-                                      items = std::move(items), eval, done](
-                                         boost::system::error_code ec, redis_reply reply) mutable {
-      bool resend = false;
-      ec = classify(ec, reply, resend);
-      if (resend && !eval && done.alive()) {
-        try {
-          send_refund_call(conn, key, rr, gen, std::move(items), true, done);
-          return;
-        } catch (...) {
+    const bool sent = conn->use([&](redis_connection& c) {
+      // (Init-captures: a plain capture of `key` would be a const string,
+      // copied, allocating, each time the handler moves.)
+      c.async_exec(std::move(args), [conn, key = std::string(key), rr = reserve_rate(rr), gen,
+                                     items = std::move(items), eval, done](
+                                        boost::system::error_code ec, redis_reply reply) mutable {
+        bool resend = false;
+        ec = classify(ec, reply, resend);
+        if (resend && !eval) {
+          try {
+            send_refund_call(conn, key, rr, gen, std::move(items), true, done);
+            return;
+          } catch (...) {
+          }
         }
-      }
-      done(!ec && reply.type == redis_reply::kind::integer && reply.integer >= 0
-               ? static_cast<std::uint64_t>(reply.integer)
-               : 0);
+        done(!ec && reply.type == redis_reply::kind::integer && reply.integer >= 0
+                 ? static_cast<std::uint64_t>(reply.integer)
+                 : 0);
+      });
     });
+    if (!sent) done(0);
   }
 
   /// The reservation script's rate of a bucket of `capacity` at `r` with `opts`.
@@ -1546,7 +1601,7 @@ class redis_bucket_impl
 
   mutable std::mutex mutex_;
   std::mutex send_mutex_;  // reservation calls leave in order (taken after mutex_, never before)
-  redis_connection* conn_;
+  std::shared_ptr<conn_ref> conn_;
   std::string key_;
   // The configuration (guarded by mutex_: a reply may tell a newer one).
   script_rate sr_;
@@ -1593,7 +1648,8 @@ class redis_remote final : public basic_remote_limiter<Clock> {
   using base = basic_remote_limiter<Clock>;
 
  public:
-  explicit redis_remote(std::shared_ptr<impl_type> impl) noexcept : impl_(std::move(impl)) {}
+  redis_remote(std::shared_ptr<impl_type> impl, std::shared_ptr<conn_user> user) noexcept
+      : impl_(std::move(impl)), user_(std::move(user)) {}
 
   typename base::executor_type get_executor() const override { return impl_->get_executor(); }
 
@@ -1613,6 +1669,7 @@ class redis_remote final : public basic_remote_limiter<Clock> {
 
  private:
   std::shared_ptr<impl_type> impl_;
+  std::shared_ptr<conn_user> user_;  // (the connection must outlive the part too)
 };
 
 }  // namespace ratelimit::redis_detail

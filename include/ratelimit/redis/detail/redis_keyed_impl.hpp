@@ -62,7 +62,8 @@ class redis_keyed_impl final
 
   redis_keyed_impl(redis_connection& conn, std::string prefix, std::optional<redis_quota> fixed,
                    quota_function quota, const redis_bucket_options& opts)
-      : conn_(&conn),
+      : raw_conn_(&conn),
+        conn_(std::make_shared<conn_ref>(conn)),
         executor_(conn.get_executor()),
         prefix_(std::move(prefix)),
         fixed_(fixed),
@@ -86,6 +87,7 @@ class redis_keyed_impl final
 
   const executor_type& get_executor() const noexcept { return executor_; }
   const std::string& prefix() const noexcept { return prefix_; }
+  const std::shared_ptr<conn_ref>& connection() const noexcept { return conn_; }
   const redis_bucket_options& options() const noexcept { return opts_; }
 
   /// The quota of `key`: the fixed one, or the quota function's answer.
@@ -144,7 +146,7 @@ class redis_keyed_impl final
     }
     // A new key: its machinery is made unlocked (the quota function, a timer).
     const redis_quota q = quota_of(key);
-    auto b = std::make_shared<bucket_type>(*conn_, full, q.capacity, q.r, opts_, fault_);
+    auto b = std::make_shared<bucket_type>(*raw_conn_, full, q.capacity, q.r, opts_, fault_, conn_);
     b->attach(this->weak_from_this());
     std::lock_guard lk(mutex_);
     if (closed_) {
@@ -175,7 +177,7 @@ class redis_keyed_impl final
   /// Where a remote part's refund reply goes: this limiter's counters.
   struct refund_report {
     std::weak_ptr<redis_keyed_impl> owner;
-    bool alive() const noexcept { return !owner.expired(); }
+
     void operator()(std::uint64_t back) const noexcept {
       if (auto self = owner.lock()) {
         std::lock_guard lk(self->mutex_);
@@ -198,7 +200,7 @@ class redis_keyed_impl final
         ++extra_.refund_calls;
       }
       bucket_type::send_refund_call(
-          *conn_, full, bucket_type::reserve_rate_of(q.capacity, q.r, opts_), opts_.generation, {n},
+          conn_, full, bucket_type::reserve_rate_of(q.capacity, q.r, opts_), opts_.generation, {n},
           false, refund_report{this->weak_from_this()});
     } catch (...) {  // an impossible quota, out of memory: wasted, never over-granted
     }
@@ -238,7 +240,7 @@ class redis_keyed_impl final
       return;
     }
     bucket_type::send_configure_call(
-        *conn_, std::move(args),
+        conn_, std::move(args),
         configure_report{this->weak_from_this(), std::move(full),
                          opts_.mode == redis_bucket_mode::reserve,
                          bucket_type::pending_configure::own(op, executor_)});
@@ -397,7 +399,8 @@ class redis_keyed_impl final
   }
 
   mutable std::mutex mutex_;
-  redis_connection* conn_;
+  redis_connection* raw_conn_;  // (for new keys' machinery, made while the limiter is open)
+  std::shared_ptr<conn_ref> conn_;
   executor_type executor_;
   std::string prefix_;
   std::optional<redis_quota> fixed_;
@@ -422,8 +425,9 @@ class redis_keyed_remote final : public basic_remote_limiter<Clock> {
   using base = basic_remote_limiter<Clock>;
 
  public:
-  redis_keyed_remote(std::shared_ptr<impl_type> impl, std::string key) noexcept
-      : impl_(std::move(impl)), key_(std::move(key)) {}
+  redis_keyed_remote(std::shared_ptr<impl_type> impl, std::string key,
+                     std::shared_ptr<conn_user> user) noexcept
+      : impl_(std::move(impl)), key_(std::move(key)), user_(std::move(user)) {}
 
   typename base::executor_type get_executor() const override { return impl_->get_executor(); }
 
@@ -449,6 +453,7 @@ class redis_keyed_remote final : public basic_remote_limiter<Clock> {
  private:
   std::shared_ptr<impl_type> impl_;
   std::string key_;
+  std::shared_ptr<conn_user> user_;  // (the connection must outlive the part too)
 };
 
 }  // namespace ratelimit::redis_detail
