@@ -51,6 +51,7 @@
 #include <ratelimit/detail/wrapped_handler.hpp>
 #include <ratelimit/error.hpp>
 #include <ratelimit/redis/connection.hpp>
+#include <ratelimit/redis/detail/hooks.hpp>
 #include <ratelimit/redis/detail/reserve_script.hpp>
 #include <ratelimit/redis/detail/script.hpp>
 #include <ratelimit/redis/options.hpp>
@@ -470,7 +471,7 @@ class redis_bucket_impl
                                                std::optional<rate> r) const {
     const script_rate own = make_script_rate(capacity.value_or(sr_.capacity), r.value_or(rate_));
     const char what = capacity && r ? 'b' : capacity ? 'c' : 'r';
-    return configure_args("", key_, own, what, reserve_, gen_);
+    return configure_args("", key_, own, what, reserve_, gen_, hooked_server_time());
   }
 
   /// Where a configuration's reply goes: the machinery that asked (if it
@@ -725,7 +726,7 @@ class redis_bucket_impl
         extra = lease_room();
         as = sent_as();
         try {
-          send = script_args(sha_, key_, as.rr.rate, need, extra, -1, as.gen);
+          send = script_args(sha_, key_, as.rr.rate, need, extra, hooked_server_time(), as.gen);
         } catch (...) {
           enter_fault(now);  // out of memory for the request: as if Redis were unreachable
           continue;
@@ -971,8 +972,9 @@ class redis_bucket_impl
           std::lock_guard lk(mutex_);
           ++stats_.round_trips;
         }
-        sent = send_get(script_args("", key_, as.rr.rate, need, extra, -1, as.gen), need, extra, as,
-                        true);
+        sent =
+            send_get(script_args("", key_, as.rr.rate, need, extra, hooked_server_time(), as.gen),
+                     need, extra, as, true);
       } catch (...) {
       }
       if (sent) return;
@@ -1080,9 +1082,10 @@ class redis_bucket_impl
   /// accepts no wait.
   std::vector<std::string> try_args(const std::string& sha, std::uint64_t need, std::uint64_t extra,
                                     const sent_with& as) const {
-    if (!reserve_) return script_args(sha, key_, as.rr.rate, need, extra, -1, as.gen);
+    if (!reserve_)
+      return script_args(sha, key_, as.rr.rate, need, extra, hooked_server_time(), as.gen);
     const reserve_request one{need, 0};
-    return reserve_args(sha, key_, as.rr, {&one, 1}, -1, as.gen);
+    return reserve_args(sha, key_, as.rr, {&one, 1}, hooked_server_time(), as.gen);
   }
 
   boost::system::error_code parse_try_reply(const redis_reply& reply, std::uint64_t need,
@@ -1317,7 +1320,7 @@ class redis_bucket_impl
                                           : std::max<std::int64_t>(0, (not_after - now) / 1000)});
     }
     call.as = sent_as();
-    auto args = reserve_args(sha_, key_, call.as.rr, call.reqs, -1, call.as.gen);
+    auto args = reserve_args(sha_, key_, call.as.rr, call.reqs, hooked_server_time(), call.as.gen);
     for (std::size_t i = 0; i < call.reqs.size(); ++i) {
       reservation* w = as_res(queue_.front());
       queue_.erase_keep_link(w);
@@ -1398,7 +1401,8 @@ class redis_bucket_impl
           std::lock_guard lk(mutex_);
           ++stats_.round_trips;
         }
-        auto args = reserve_args("", key_, call.as.rr, call.reqs, -1, call.as.gen);
+        auto args =
+            reserve_args("", key_, call.as.rr, call.reqs, hooked_server_time(), call.as.gen);
         std::lock_guard send_lk(send_mutex_);
         if (send_reserve(std::move(args), call, true)) return;
       } catch (...) {
@@ -1554,8 +1558,8 @@ class redis_bucket_impl
   static void send_refund_call(const std::shared_ptr<conn_ref>& conn, const std::string& key,
                                const reserve_rate& rr, std::uint64_t gen,
                                std::vector<std::uint64_t> items, bool eval, Done done) {
-    auto args =
-        refund_args(eval ? std::string() : cached_sha1<refund_script>(), key, rr, items, -1, gen);
+    auto args = refund_args(eval ? std::string() : cached_sha1<refund_script>(), key, rr, items,
+                            hooked_server_time(), gen);
     const bool sent = conn->use([&](redis_connection& c) {
       // (Init-captures: a plain capture of `key` would be a const string,
       // copied, allocating, each time the handler moves.)

@@ -227,7 +227,8 @@ class redis_keyed_impl final
                                capacity && r ? 'b'
                                : capacity    ? 'c'
                                              : 'r',
-                               opts_.mode == redis_bucket_mode::reserve, opts_.generation);
+                               opts_.mode == redis_bucket_mode::reserve, opts_.generation,
+                               hooked_server_time());
     boost::system::error_code ec;
     {
       std::lock_guard lk(mutex_);
