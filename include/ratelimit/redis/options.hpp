@@ -1,8 +1,10 @@
 //
-// ratelimit/redis/options.hpp: how a Redis bucket behaves, and how Redis errors are read.
+// ratelimit/redis/options.hpp: how a Redis bucket behaves, key quotas, Redis errors read.
 //
 #ifndef RATELIMIT_REDIS_OPTIONS_HPP
 #define RATELIMIT_REDIS_OPTIONS_HPP
+
+#include <ratelimit/rate.hpp>
 
 #include <chrono>
 #include <cstdint>
@@ -12,6 +14,13 @@
 #include <string_view>
 
 namespace ratelimit {
+
+/// The capacity and rate of one key of a keyed Redis limiter
+/// (basic_redis_keyed_limiter): `capacity` tokens refilling at `r`.
+struct redis_quota {
+  std::uint64_t capacity = 0;
+  rate r{};
+};
 
 /// What a Redis bucket does while Redis is unavailable: unreachable, not
 /// answering within the connection's `request_timeout`, or answering with an

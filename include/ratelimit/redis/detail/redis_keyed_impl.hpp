@@ -39,16 +39,6 @@
 #include <unordered_map>
 #include <vector>
 
-namespace ratelimit {
-
-/// The capacity and rate of one key of a keyed Redis limiter.
-struct redis_quota {
-  std::uint64_t capacity = 0;
-  rate r{};
-};
-
-}  // namespace ratelimit
-
 namespace ratelimit::redis_detail {
 
 template <typename Clock, typename WaitTraits>
