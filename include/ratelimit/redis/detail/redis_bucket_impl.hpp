@@ -1510,18 +1510,23 @@ class redis_bucket_impl
 
   /// Sends one refund call; counted out (`refunds_out_`) until its reply,
   /// so that a keyed limiter keeps this machinery (and its counters) until then.
+  /// The refunds of a bucket being destroyed go with the script's text: after
+  /// NOSCRIPT (a server that never ran it) there may be nobody left to send
+  /// it again (conn_ref), and the tokens would be wasted.
   void send_refund(std::vector<std::uint64_t> items) {
     reserve_rate rr;
     std::uint64_t gen = 0;
+    bool text = false;
     {
       std::lock_guard lk(mutex_);
       ++stats_.refund_calls;
       ++refunds_out_;
       rr = rr_;
       gen = gen_;
+      text = closed_ && closed_ec_ == boost::asio::error::operation_aborted;
     }
     try {
-      send_refund_call(conn_, key_, rr, gen, std::move(items), false,
+      send_refund_call(conn_, key_, rr, gen, std::move(items), text,
                        refund_report{this->weak_from_this()});
     } catch (...) {
       refund_done(0);
