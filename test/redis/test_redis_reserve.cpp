@@ -574,6 +574,45 @@ BOOST_FIXTURE_TEST_CASE(a_joint_request_with_a_redis_part_is_all_or_nothing, fix
   BOOST_CHECK_THROW(head.as_remote(), std::logic_error);
 }
 
+// What a bucket's machinery sends after the user destroyed the bucket and
+// then the connection never reaches them (in the ASan tree, a use after
+// free if it did): the remote part is held by the library, by a joint
+// request waiting for another part and by a receipt; the receipt gives
+// back, the joint request fails and forgets its Redis reservation, both
+// refunds failing with operation_aborted, and the context is destroyed
+// last with what it still holds.
+BOOST_FIXTURE_TEST_CASE(what_is_sent_after_the_connection_is_gone_never_reaches_it, fixture) {
+  auto ctx2 = std::make_unique<asio::io_context>();
+  auto conn2 = std::make_unique<redis_connection>(*ctx2, server.config());
+  auto bucket = std::make_unique<redis_token_bucket>(*conn2, "gone", 5, per_second(10), reserve());
+  auto local = std::make_unique<token_bucket>(*ctx2, 1, rate{1, 100s});
+  std::optional<std::pair<boost::system::error_code, joint_receipt>> got;
+  async_acquire({part(bucket->as_remote(), 1)}, [&](boost::system::error_code ec, joint_receipt r) {
+    got.emplace(ec, std::move(r));
+  });
+  BOOST_REQUIRE(run_until(*ctx2, [&] { return got.has_value(); }));
+  BOOST_REQUIRE(!got->first);
+  // A joint request whose Redis part is granted, waiting for its local part.
+  BOOST_REQUIRE(local->try_get_token());
+  std::optional<boost::system::error_code> waiting;
+  async_acquire({part(bucket->as_remote(), 1), part(*local, 1)},
+                [&](boost::system::error_code ec, joint_receipt) { waiting = ec; });
+  BOOST_REQUIRE(run_until(*ctx2, [&] { return bucket->stats().reserved == 2; }));
+  run_until(
+      *ctx2, [] { return false; }, 50ms);  // (due at once: granted to the joint request)
+  BOOST_REQUIRE(!waiting.has_value());
+  BOOST_REQUIRE(bucket->waiting() == 0u);
+  bucket.reset();
+  conn2.reset();
+  BOOST_TEST(got->second.give_back_all() == 1u);  // (its part lives: the waiting request holds it)
+  local.reset();  // the waiting request fails: its Redis part is forgotten
+  BOOST_REQUIRE(run_until(*ctx2, [&] { return waiting.has_value(); }));
+  BOOST_TEST(*waiting == aborted);
+  ctx2->restart();
+  ctx2->poll();
+  ctx2.reset();
+}
+
 BOOST_AUTO_TEST_CASE(every_reservation_option_is_validated) {
   asio::io_context ctx;
   redis_config cfg;

@@ -29,6 +29,10 @@
 #include <utility>
 #include <vector>
 
+namespace ratelimit::redis_detail {
+class conn_handle;
+}  // namespace ratelimit::redis_detail
+
 namespace ratelimit {
 
 /// Where and how to connect. Every value has a meaning or is refused by the
@@ -178,6 +182,8 @@ class redis_connection {
   class impl;
 
  private:
+  friend class redis_detail::conn_handle;  // (sends as a deferred operation does)
+
   using op_base = detail::completion_base<boost::system::error_code, redis_reply>;
 
   /// Hands `op` (owned from here on: destroyed if this throws) to the

@@ -82,11 +82,14 @@ namespace ratelimit {
 /// except the special members.
 ///
 /// @par Lifetime
-/// The connection must outlive the limiter and its remote parts
-/// (as_remote()); once they are all destroyed, nothing reaches the
-/// connection any more, also from a reply being handled on another thread
-/// at that moment (what it would send, a refund, is dropped), so the
-/// connection may be destroyed right after. Destroying the limiter
+/// The connection must outlive the limiter and the remote parts
+/// (as_remote()) the user holds. Once they are destroyed, the connection may
+/// be destroyed right after: what the limiter's machinery still sends (from
+/// a reply being handled on another thread at that moment, a joint request
+/// destroyed with its context, a receipt giving back) co-owns the
+/// connection's implementation, as a deferred operation does, and fails
+/// with `operation_aborted` once the connection is gone (a refund's tokens
+/// are then wasted, never over-granted). Destroying the limiter
 /// completes every waiter, and every try whose request is out, with
 /// `operation_aborted`; a script request in flight then completes into
 /// nothing. Requests of a moved-from limiter complete with `bucket_closed`
@@ -111,8 +114,7 @@ class basic_redis_keyed_limiter {
                             rate r, redis_bucket_options options = {})
       : executor_(conn.get_executor()),
         impl_(std::make_shared<impl_type>(conn, std::move(prefix), redis_quota{capacity, r},
-                                          quota_function(), options)),
-        user_(std::make_shared<redis_detail::conn_user>(impl_->connection())) {}
+                                          quota_function(), options)) {}
 
   /// Key `k` gets a bucket of `quota(k)` (see Quotas).
   /// @throws std::invalid_argument for an empty function, an invalid option, or `lease > 0`.
@@ -120,17 +122,15 @@ class basic_redis_keyed_limiter {
                             redis_bucket_options options = {})
       : executor_(conn.get_executor()),
         impl_(std::make_shared<impl_type>(conn, std::move(prefix), std::nullopt, std::move(quota),
-                                          options)),
-        user_(std::make_shared<redis_detail::conn_user>(impl_->connection())) {}
+                                          options)) {}
 
   basic_redis_keyed_limiter(basic_redis_keyed_limiter&& other) noexcept
-      : executor_(other.executor_), impl_(std::move(other.impl_)), user_(std::move(other.user_)) {}
+      : executor_(other.executor_), impl_(std::move(other.impl_)) {}
   basic_redis_keyed_limiter& operator=(basic_redis_keyed_limiter&& other) noexcept {
     if (this != &other) {
       shutdown();
       executor_ = other.executor_;
       impl_ = std::move(other.impl_);
-      user_ = std::move(other.user_);
     }
     return *this;
   }
@@ -358,8 +358,8 @@ class basic_redis_keyed_limiter {
       throw std::invalid_argument(
           "ratelimit::redis_keyed_limiter::as_remote: a joint part needs mode reserve");
     impl_->check_quota(key);
-    return std::make_shared<redis_detail::redis_keyed_remote<Clock, WaitTraits>>(
-        impl_, std::string(key), user_);
+    return std::make_shared<redis_detail::redis_keyed_remote<Clock, WaitTraits>>(impl_,
+                                                                                 std::string(key));
   }
 
  private:
@@ -489,9 +489,6 @@ class basic_redis_keyed_limiter {
 
   executor_type executor_;
   std::shared_ptr<impl_type> impl_;
-  // This object as a user of the connection (each remote part is another):
-  // the last one destroyed detaches the machinery from it (conn_ref).
-  std::shared_ptr<redis_detail::conn_user> user_;
 };
 
 /// The keyed Redis limiter most programs want: local waits on steady_clock.

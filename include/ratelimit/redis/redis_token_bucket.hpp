@@ -76,11 +76,14 @@ namespace ratelimit {
 /// from any thread, except the special members.
 ///
 /// @par Lifetime
-/// The connection must outlive the bucket and its remote part
-/// (as_remote()); once both are destroyed, nothing reaches the connection
-/// any more, also from a reply being handled on another thread at that
-/// moment (what it would send, a refund, is dropped), so the connection may
-/// be destroyed right after. Destroying the bucket completes
+/// The connection must outlive the bucket and its remote part (as_remote())
+/// while the user holds it. Once they are destroyed, the connection may be
+/// destroyed right after: what the bucket's machinery still sends (from a
+/// reply being handled on another thread at that moment, a joint request
+/// destroyed with its context, a receipt giving back) co-owns the
+/// connection's implementation, as a deferred operation does, and fails
+/// with `operation_aborted` once the connection is gone (a refund's tokens
+/// are then wasted, never over-granted). Destroying the bucket completes
 /// every waiter, and every try whose request is out, with
 /// `operation_aborted`; a script request in flight then completes into
 /// nothing. A moved-from bucket keeps its executor and behaves as a closed
@@ -103,10 +106,10 @@ class basic_redis_token_bucket {
   basic_redis_token_bucket(redis_connection& conn, std::string key, std::uint64_t capacity, rate r,
                            redis_bucket_options options = {})
       : executor_(conn.get_executor()),
-        impl_(std::make_shared<impl_type>(conn, std::move(key), capacity, r, options)),
-        user_(std::make_shared<redis_detail::conn_user>(impl_->connection())),
+        impl_(std::make_shared<impl_type>(redis_detail::conn_handle(conn), std::move(key), capacity,
+                                          r, options)),
         remote_(options.mode == redis_bucket_mode::reserve
-                    ? std::make_shared<redis_detail::redis_remote<Clock, WaitTraits>>(impl_, user_)
+                    ? std::make_shared<redis_detail::redis_remote<Clock, WaitTraits>>(impl_)
                     : nullptr) {}
 
   /// Moves the bucket; waiters stay queued. The moved-from bucket keeps its
@@ -114,14 +117,12 @@ class basic_redis_token_bucket {
   basic_redis_token_bucket(basic_redis_token_bucket&& other) noexcept
       : executor_(other.executor_),
         impl_(std::move(other.impl_)),
-        user_(std::move(other.user_)),
         remote_(std::move(other.remote_)) {}
   basic_redis_token_bucket& operator=(basic_redis_token_bucket&& other) noexcept {
     if (this != &other) {
       shutdown();
       executor_ = other.executor_;
       impl_ = std::move(other.impl_);
-      user_ = std::move(other.user_);
       remote_ = std::move(other.remote_);
     }
     return *this;
@@ -563,9 +564,6 @@ class basic_redis_token_bucket {
 
   executor_type executor_;
   std::shared_ptr<impl_type> impl_;
-  // This object as a user of the connection (the remote part is another):
-  // the last one destroyed detaches the machinery from it (conn_ref).
-  std::shared_ptr<redis_detail::conn_user> user_;
   std::shared_ptr<basic_remote_limiter<Clock>> remote_;  // reservation mode: as_remote()
 };
 

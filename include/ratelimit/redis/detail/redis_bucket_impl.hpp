@@ -121,51 +121,30 @@ inline std::uint_fast32_t jitter_seed(const void* p) noexcept {
   return base ^ static_cast<std::uint_fast32_t>(reinterpret_cast<std::uintptr_t>(p) >> 4);
 }
 
-/// The connection as a machinery's requests reach it. Every send holds its
-/// lock; the last of the objects a user holds (a bucket or keyed limiter,
-/// its remote parts: conn_user) detaches it. A reply handler running on
-/// another thread co-owns the machinery for a moment, and may send (a
-/// refund, the next call) after the user destroyed the object: it must not
-/// reach a connection the user may destroy next ("the connection must
-/// outlive the bucket"). What it would have sent is then not sent (a
-/// refund's tokens wasted, never over-granted).
-class conn_ref {
+/// The connection as a machinery's requests reach it: co-owns the
+/// connection's implementation, as an operation launched from a deferred
+/// token does. A machinery may send after the user destroyed the bucket
+/// object and then the connection: from a reply handled on another thread
+/// at that moment (a refund, the next call), a joint request holding a
+/// remote part destroyed with its context, a receipt giving back. Such a
+/// request never reaches a destroyed object: it fails with
+/// `operation_aborted` (a refund's tokens wasted, never over-granted).
+class conn_handle {
  public:
-  explicit conn_ref(redis_connection& c) noexcept : conn_(&c) {}
-  conn_ref(const conn_ref&) = delete;
-  conn_ref& operator=(const conn_ref&) = delete;
+  explicit conn_handle(redis_connection& c) noexcept : init_(c.impl_, c.executor_) {}
 
-  /// Calls `f(connection)` unless detached; false when detached. Throws
-  /// what `f` throws.
-  template <typename F>
-  bool use(F&& f) {
-    std::lock_guard lk(mutex_);
-    if (!conn_) return false;
-    std::forward<F>(f)(*conn_);
-    return true;
-  }
+  /// The connection's executor.
+  boost::asio::any_io_executor get_executor() const noexcept { return init_.get_executor(); }
 
-  void detach() noexcept {
-    std::lock_guard lk(mutex_);
-    conn_ = nullptr;
+  /// Sends `args`; `handler(ec, reply)` runs as async_exec's would. Throws
+  /// (bad_alloc) with nothing sent and the handler destroyed.
+  template <typename Handler>
+  void exec(std::vector<std::string> args, Handler&& handler) const {
+    init_(std::forward<Handler>(handler), std::move(args));
   }
 
  private:
-  std::mutex mutex_;
-  redis_connection* conn_;
-};
-
-/// Held by every object a user holds that reaches the connection (a bucket,
-/// a keyed limiter, their remote parts): the last one destroyed detaches it.
-class conn_user {
- public:
-  explicit conn_user(std::shared_ptr<conn_ref> r) noexcept : ref_(std::move(r)) {}
-  conn_user(const conn_user&) = delete;
-  conn_user& operator=(const conn_user&) = delete;
-  ~conn_user() { ref_->detach(); }
-
- private:
-  std::shared_ptr<conn_ref> ref_;
+  redis_connection::initiate_exec init_;
 };
 
 /// Told when a bucket machinery of a keyed limiter has nothing left to do
@@ -212,13 +191,11 @@ class redis_bucket_impl
   using try_result = detail::completion_base<boost::system::error_code, bool>;
 
   /// `fault`: a fault hold shared with other machineries (a keyed
-  /// limiter's keys); null: one of its own. `ref`: the connection as a
-  /// keyed limiter's machineries share it; null: one of its own.
-  redis_bucket_impl(redis_connection& conn, std::string key, std::uint64_t capacity, const rate& r,
+  /// limiter's keys); null: one of its own.
+  redis_bucket_impl(conn_handle conn, std::string key, std::uint64_t capacity, const rate& r,
                     const redis_bucket_options& opts,
-                    std::shared_ptr<std::atomic<std::int64_t>> fault = nullptr,
-                    std::shared_ptr<conn_ref> ref = nullptr)
-      : conn_(ref ? std::move(ref) : std::make_shared<conn_ref>(conn)),
+                    std::shared_ptr<std::atomic<std::int64_t>> fault = nullptr)
+      : conn_(std::move(conn)),
         key_(std::move(key)),
         sr_(make_script_rate(capacity, r)),
         rate_(r),
@@ -227,7 +204,7 @@ class redis_bucket_impl
         rr_(reserve_ ? make_reserve_rate_ms(capacity, r, opts_.horizon.count())
                      : reserve_rate{sr_, 0}),
         sha_(reserve_ ? cached_sha1<reserve_script>() : cached_sha1<bucket_script>()),
-        executor_(conn.get_executor()),
+        executor_(conn_.get_executor()),
         gen_(opts_.generation),
         lease_(opts_.lease),
         fallback_(capacity, ratelimit::detail::reduce(r), now_ns(), capacity),
@@ -241,7 +218,7 @@ class redis_bucket_impl
 
   const executor_type& get_executor() const noexcept { return executor_; }
   const std::string& key() const noexcept { return key_; }
-  const std::shared_ptr<conn_ref>& connection() const noexcept { return conn_; }
+  const conn_handle& connection() const noexcept { return conn_; }
   /// The configuration this object runs with: its own, or one a reply told
   /// it (or its own set_rate/set_capacity wrote).
   std::uint64_t capacity() const noexcept {
@@ -492,17 +469,14 @@ class redis_bucket_impl
   /// reconfiguration is rare, and needs no second try after NOSCRIPT), then
   /// calls `done(ec, config)`. Throws what sending throws (bad_alloc).
   template <typename Done>
-  static void send_configure_call(const std::shared_ptr<conn_ref>& conn,
-                                  std::vector<std::string> args, Done done) {
-    const bool sent = conn->use([&](redis_connection& c) {
-      c.async_exec(std::move(args), [done = done](boost::system::error_code ec, redis_reply reply) {
-        stored_config sc;
-        if (!ec) ec = parse_configure_reply(reply, sc);
-        bool resend = false;
-        done(classify(ec, reply, resend), sc);
-      });
+  static void send_configure_call(const conn_handle& conn, std::vector<std::string> args,
+                                  Done done) {
+    conn.exec(std::move(args), [done = done](boost::system::error_code ec, redis_reply reply) {
+      stored_config sc;
+      if (!ec) ec = parse_configure_reply(reply, sc);
+      bool resend = false;
+      done(classify(ec, reply, resend), sc);
     });
-    if (!sent) done(boost::asio::error::operation_aborted, stored_config{});  // (its owner is gone)
   }
 
   /// Takes on `c` (a configuration this key was given), unless this object
@@ -946,13 +920,12 @@ class redis_bucket_impl
   bool send_get(std::vector<std::string> args, std::uint64_t need, std::uint64_t extra,
                 sent_with as, bool eval) noexcept {
     try {
-      return conn_->use([&](redis_connection& c) {
-        c.async_exec(std::move(args), [weak = this->weak_from_this(), need, extra, as, eval](
-                                          boost::system::error_code ec, redis_reply reply) {
-          if (auto self = weak.lock())
-            self->on_get_reply(ec, std::move(reply), need, extra, as, eval);
-        });
+      conn_.exec(std::move(args), [weak = this->weak_from_this(), need, extra, as, eval](
+                                      boost::system::error_code ec, redis_reply reply) {
+        if (auto self = weak.lock())
+          self->on_get_reply(ec, std::move(reply), need, extra, as, eval);
       });
+      return true;
     } catch (...) {
       return false;
     }
@@ -1066,13 +1039,12 @@ class redis_bucket_impl
   bool send_try_request(std::vector<std::string> args, try_result* op, std::uint64_t n,
                         std::uint64_t need, std::uint64_t extra, sent_with as, bool eval) noexcept {
     try {
-      return conn_->use([&](redis_connection& c) {
-        c.async_exec(std::move(args), [weak = this->weak_from_this(), op, n, need, extra, as, eval](
-                                          boost::system::error_code ec, redis_reply reply) {
-          if (auto self = weak.lock())
-            self->on_try_reply(ec, std::move(reply), op, n, need, extra, as, eval);
-        });
+      conn_.exec(std::move(args), [weak = this->weak_from_this(), op, n, need, extra, as, eval](
+                                      boost::system::error_code ec, redis_reply reply) {
+        if (auto self = weak.lock())
+          self->on_try_reply(ec, std::move(reply), op, n, need, extra, as, eval);
       });
+      return true;
     } catch (...) {
       return false;
     }
@@ -1369,13 +1341,12 @@ class redis_bucket_impl
 
   bool send_reserve(std::vector<std::string> args, reserve_call call, bool eval) noexcept {
     try {
-      return conn_->use([&](redis_connection& c) {
-        c.async_exec(std::move(args), [weak = this->weak_from_this(), call = std::move(call), eval](
-                                          boost::system::error_code ec, redis_reply reply) mutable {
-          if (auto self = weak.lock())
-            self->on_reserve_reply(ec, std::move(reply), std::move(call), eval);
-        });
+      conn_.exec(std::move(args), [weak = this->weak_from_this(), call = std::move(call), eval](
+                                      boost::system::error_code ec, redis_reply reply) mutable {
+        if (auto self = weak.lock())
+          self->on_reserve_reply(ec, std::move(reply), std::move(call), eval);
       });
+      return true;
     } catch (...) {
       return false;
     }
@@ -1510,9 +1481,10 @@ class redis_bucket_impl
 
   /// Sends one refund call; counted out (`refunds_out_`) until its reply,
   /// so that a keyed limiter keeps this machinery (and its counters) until then.
-  /// The refunds of a bucket being destroyed go with the script's text: after
-  /// NOSCRIPT (a server that never ran it) there may be nobody left to send
-  /// it again (conn_ref), and the tokens would be wasted.
+  /// The refunds of a bucket being destroyed go with the script's text, in
+  /// one round trip: the user may destroy the connection next, before a
+  /// second try after NOSCRIPT (a server that never ran the script) could
+  /// be sent, and the tokens would be wasted.
   void send_refund(std::vector<std::uint64_t> items) {
     reserve_rate rr;
     std::uint64_t gen = 0;
@@ -1554,38 +1526,35 @@ class redis_bucket_impl
 
  public:
   /// Sends a refund of `items` (token counts) to `key` with the refund
-  /// script, then calls `done(tokens given back)` (0 when it failed, or was
-  /// not sent: the connection's users are gone, see conn_ref). After
+  /// script, then calls `done(tokens given back)` (0 when it failed, also
+  /// with operation_aborted once the connection is gone: conn_handle). After
   /// NOSCRIPT (a fresh or restarted server) it is sent again with the
   /// script's text, likewise. Throws what sending throws (bad_alloc),
   /// without calling `done`.
   template <typename Done>
-  static void send_refund_call(const std::shared_ptr<conn_ref>& conn, const std::string& key,
+  static void send_refund_call(const conn_handle& conn, const std::string& key,
                                const reserve_rate& rr, std::uint64_t gen,
                                std::vector<std::uint64_t> items, bool eval, Done done) {
     auto args = refund_args(eval ? std::string() : cached_sha1<refund_script>(), key, rr, items,
                             hooked_server_time(), gen);
-    const bool sent = conn->use([&](redis_connection& c) {
-      // (Init-captures: a plain capture of `key` would be a const string,
-      // copied, allocating, each time the handler moves.)
-      c.async_exec(std::move(args), [conn, key = std::string(key), rr = reserve_rate(rr), gen,
-                                     items = std::move(items), eval, done](
-                                        boost::system::error_code ec, redis_reply reply) mutable {
-        bool resend = false;
-        ec = classify(ec, reply, resend);
-        if (resend && !eval) {
-          try {
-            send_refund_call(conn, key, rr, gen, std::move(items), true, done);
-            return;
-          } catch (...) {
-          }
+    // (Init-captures: a plain capture of `key` would be a const string,
+    // copied, allocating, each time the handler moves.)
+    conn.exec(std::move(args), [conn = conn_handle(conn), key = std::string(key),
+                                rr = reserve_rate(rr), gen, items = std::move(items), eval,
+                                done](boost::system::error_code ec, redis_reply reply) mutable {
+      bool resend = false;
+      ec = classify(ec, reply, resend);
+      if (resend && !eval) {
+        try {
+          send_refund_call(conn, key, rr, gen, std::move(items), true, done);
+          return;
+        } catch (...) {
         }
-        done(!ec && reply.type == redis_reply::kind::integer && reply.integer >= 0
-                 ? static_cast<std::uint64_t>(reply.integer)
-                 : 0);
-      });
+      }
+      done(!ec && reply.type == redis_reply::kind::integer && reply.integer >= 0
+               ? static_cast<std::uint64_t>(reply.integer)
+               : 0);
     });
-    if (!sent) done(0);
   }
 
   /// The reservation script's rate of a bucket of `capacity` at `r` with `opts`.
@@ -1610,7 +1579,7 @@ class redis_bucket_impl
 
   mutable std::mutex mutex_;
   std::mutex send_mutex_;  // reservation calls leave in order (taken after mutex_, never before)
-  std::shared_ptr<conn_ref> conn_;
+  conn_handle conn_;
   std::string key_;
   // The configuration (guarded by mutex_: a reply may tell a newer one).
   script_rate sr_;
@@ -1657,8 +1626,7 @@ class redis_remote final : public basic_remote_limiter<Clock> {
   using base = basic_remote_limiter<Clock>;
 
  public:
-  redis_remote(std::shared_ptr<impl_type> impl, std::shared_ptr<conn_user> user) noexcept
-      : impl_(std::move(impl)), user_(std::move(user)) {}
+  explicit redis_remote(std::shared_ptr<impl_type> impl) noexcept : impl_(std::move(impl)) {}
 
   typename base::executor_type get_executor() const override { return impl_->get_executor(); }
 
@@ -1678,7 +1646,6 @@ class redis_remote final : public basic_remote_limiter<Clock> {
 
  private:
   std::shared_ptr<impl_type> impl_;
-  std::shared_ptr<conn_user> user_;  // (the connection must outlive the part too)
 };
 
 }  // namespace ratelimit::redis_detail

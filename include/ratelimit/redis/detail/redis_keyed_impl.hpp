@@ -52,8 +52,7 @@ class redis_keyed_impl final
 
   redis_keyed_impl(redis_connection& conn, std::string prefix, std::optional<redis_quota> fixed,
                    quota_function quota, const redis_bucket_options& opts)
-      : raw_conn_(&conn),
-        conn_(std::make_shared<conn_ref>(conn)),
+      : conn_(conn),
         executor_(conn.get_executor()),
         prefix_(std::move(prefix)),
         fixed_(fixed),
@@ -77,7 +76,7 @@ class redis_keyed_impl final
 
   const executor_type& get_executor() const noexcept { return executor_; }
   const std::string& prefix() const noexcept { return prefix_; }
-  const std::shared_ptr<conn_ref>& connection() const noexcept { return conn_; }
+  const conn_handle& connection() const noexcept { return conn_; }
   const redis_bucket_options& options() const noexcept { return opts_; }
 
   /// The quota of `key`: the fixed one, or the quota function's answer.
@@ -136,7 +135,7 @@ class redis_keyed_impl final
     }
     // A new key: its machinery is made unlocked (the quota function, a timer).
     const redis_quota q = quota_of(key);
-    auto b = std::make_shared<bucket_type>(*raw_conn_, full, q.capacity, q.r, opts_, fault_, conn_);
+    auto b = std::make_shared<bucket_type>(conn_, full, q.capacity, q.r, opts_, fault_);
     b->attach(this->weak_from_this());
     std::lock_guard lk(mutex_);
     if (closed_) {
@@ -390,8 +389,7 @@ class redis_keyed_impl final
   }
 
   mutable std::mutex mutex_;
-  redis_connection* raw_conn_;  // (for new keys' machinery, made while the limiter is open)
-  std::shared_ptr<conn_ref> conn_;
+  conn_handle conn_;
   executor_type executor_;
   std::string prefix_;
   std::optional<redis_quota> fixed_;
@@ -416,9 +414,8 @@ class redis_keyed_remote final : public basic_remote_limiter<Clock> {
   using base = basic_remote_limiter<Clock>;
 
  public:
-  redis_keyed_remote(std::shared_ptr<impl_type> impl, std::string key,
-                     std::shared_ptr<conn_user> user) noexcept
-      : impl_(std::move(impl)), key_(std::move(key)), user_(std::move(user)) {}
+  redis_keyed_remote(std::shared_ptr<impl_type> impl, std::string key) noexcept
+      : impl_(std::move(impl)), key_(std::move(key)) {}
 
   typename base::executor_type get_executor() const override { return impl_->get_executor(); }
 
@@ -444,7 +441,6 @@ class redis_keyed_remote final : public basic_remote_limiter<Clock> {
  private:
   std::shared_ptr<impl_type> impl_;
   std::string key_;
-  std::shared_ptr<conn_user> user_;  // (the connection must outlive the part too)
 };
 
 }  // namespace ratelimit::redis_detail
