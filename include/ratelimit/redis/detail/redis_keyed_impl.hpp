@@ -184,13 +184,15 @@ class redis_keyed_impl final
       std::string full;
       full.reserve(prefix_.size() + key.size());
       full.append(prefix_).append(key);
+      bool text = false;  // (once the limiter is destroyed: as its keys' refunds, see send_refund)
       {
         std::lock_guard lk(mutex_);
         ++extra_.refund_calls;
+        text = closed_ && closed_ec_ == boost::asio::error::operation_aborted;
       }
       bucket_type::send_refund_call(
           conn_, full, bucket_type::reserve_rate_of(q.capacity, q.r, opts_), opts_.generation, {n},
-          false, refund_report{this->weak_from_this()});
+          text, refund_report{this->weak_from_this()});
     } catch (...) {  // an impossible quota, out of memory: wasted, never over-granted
     }
   }
