@@ -120,7 +120,9 @@ struct redis_connection_stats {
 /// close(), fails every outstanding request with `operation_aborted`; an
 /// operation launched later from a deferred token fails the same way. The
 /// connection must be destroyed before its execution context, and outlive
-/// the buckets built on it.
+/// the buckets and keyed limiters built on it and the remote parts of them
+/// the user holds (what their machinery sends later co-owns the
+/// implementation, as a deferred operation does, and fails the same way).
 class redis_connection {
  public:
   using executor_type = boost::asio::any_io_executor;

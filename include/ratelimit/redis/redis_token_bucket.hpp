@@ -79,11 +79,15 @@ namespace ratelimit {
 /// The connection must outlive the bucket and its remote part (as_remote())
 /// while the user holds it. Once they are destroyed, the connection may be
 /// destroyed right after: what the bucket's machinery still sends (from a
-/// reply being handled on another thread at that moment, a joint request
-/// destroyed with its context, a receipt giving back) co-owns the
-/// connection's implementation, as a deferred operation does, and fails
-/// with `operation_aborted` once the connection is gone (a refund's tokens
-/// are then wasted, never over-granted). Destroying the bucket completes
+/// reply being handled on another thread at that moment; a joint request
+/// holding the remote part, failing or destroyed, and a receipt giving back
+/// through it meanwhile) co-owns the connection's implementation, as an
+/// operation launched from a deferred token does, and fails with
+/// `operation_aborted` once the connection is gone, or is destroyed unsent
+/// while its context is destroyed (a refund's tokens are then wasted, never
+/// over-granted). Such a joint request must end, as any operation on the
+/// connection's context, before that context is destroyed (it may run on
+/// another context). Destroying the bucket completes
 /// every waiter, and every try whose request is out, with
 /// `operation_aborted`; a script request in flight then completes into
 /// nothing. A moved-from bucket keeps its executor and behaves as a closed
