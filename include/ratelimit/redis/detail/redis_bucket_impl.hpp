@@ -131,20 +131,45 @@ inline std::uint_fast32_t jitter_seed(const void* p) noexcept {
 /// `operation_aborted` (a refund's tokens wasted, never over-granted).
 class conn_handle {
  public:
-  explicit conn_handle(redis_connection& c) noexcept : init_(c.impl_, c.executor_) {}
+  explicit conn_handle(redis_connection& c) noexcept : impl_(c.impl_), ex_(c.executor_) {}
 
   /// The connection's executor.
-  boost::asio::any_io_executor get_executor() const noexcept { return init_.get_executor(); }
+  boost::asio::any_io_executor get_executor() const noexcept { return ex_; }
 
   /// Sends `args`; `handler(ec, reply)` runs as async_exec's would. Throws
   /// (bad_alloc) with nothing sent and the handler destroyed.
   template <typename Handler>
   void exec(std::vector<std::string> args, Handler&& handler) const {
-    init_(std::forward<Handler>(handler), std::move(args));
+    redis_connection::initiate_exec(impl_, ex_)(std::forward<Handler>(handler), std::move(args));
   }
 
+  /// A reference that does not keep the implementation alive, for a handler
+  /// of one of its requests that sends again (a refund after NOSCRIPT): the
+  /// implementation holds that handler until it completes, and a strong
+  /// reference would be a cycle, never freed when the requests are never
+  /// completed (a context destroyed without running the connection's close).
+  class weak_ref {
+   public:
+    explicit weak_ref(const conn_handle& h) noexcept : impl_(h.impl_), ex_(h.ex_) {}
+
+    /// The handle; none once the implementation is gone.
+    std::optional<conn_handle> lock() const noexcept {
+      auto p = impl_.lock();
+      if (!p) return std::nullopt;
+      return conn_handle(std::move(p), ex_);
+    }
+
+   private:
+    std::weak_ptr<redis_connection::impl> impl_;
+    boost::asio::any_io_executor ex_;
+  };
+
  private:
-  redis_connection::initiate_exec init_;
+  conn_handle(std::shared_ptr<redis_connection::impl> p, boost::asio::any_io_executor ex) noexcept
+      : impl_(std::move(p)), ex_(std::move(ex)) {}
+
+  std::shared_ptr<redis_connection::impl> impl_;
+  boost::asio::any_io_executor ex_;
 };
 
 /// Told when a bucket machinery of a keyed limiter has nothing left to do
@@ -1539,18 +1564,19 @@ class redis_bucket_impl
                             hooked_server_time(), gen);
     // (Init-captures: a plain capture of `key` would be a const string,
     // copied, allocating, each time the handler moves.)
-    conn.exec(std::move(args), [conn = conn_handle(conn), key = std::string(key),
+    conn.exec(std::move(args), [conn = conn_handle::weak_ref(conn), key = std::string(key),
                                 rr = reserve_rate(rr), gen, items = std::move(items), eval,
                                 done](boost::system::error_code ec, redis_reply reply) mutable {
       bool resend = false;
       ec = classify(ec, reply, resend);
-      if (resend && !eval) {
-        try {
-          send_refund_call(conn, key, rr, gen, std::move(items), true, done);
-          return;
-        } catch (...) {
+      if (resend && !eval)
+        if (const auto c = conn.lock()) {
+          try {
+            send_refund_call(*c, key, rr, gen, std::move(items), true, done);
+            return;
+          } catch (...) {
+          }
         }
-      }
       done(!ec && reply.type == redis_reply::kind::integer && reply.integer >= 0
                ? static_cast<std::uint64_t>(reply.integer)
                : 0);
