@@ -134,7 +134,7 @@ def ratio(a, b):
 W8_REPS = 15  # alternating repetitions of each W8 row (see jobs())
 
 
-def jobs(bindir, quick):
+def jobs(bindir, quick, redis_port=0):
     """Every (impl, workload, argv) to run, in order."""
     out = []
     bench = os.path.join(bindir, "bench_ratelimit")
@@ -164,12 +164,14 @@ def jobs(bindir, quick):
         out = [j for j in out if j[1] != "W8"]
         out[at:at] = [(impl, wl, argv + ["--reps", "1"]) for _ in range(W8_REPS)
                       for (impl, wl, argv) in w8]
-    # The Redis bucket (its own program: it starts a redis-server on a free port and runs
-    # redis-benchmark against it, interleaved with ours, in every repetition).
+    # The Redis bucket (its own program: it runs redis-benchmark, interleaved with ours, in
+    # every repetition, against the redis-server at --redis-port, which scripts/bench shares
+    # with the Node peer; without one, it starts its own on a free port).
     redis = os.path.join(bindir, "bench", "redis", "bench_redis")
     if os.path.exists(redis):
         out.append(("asio_ratelimit", "redis",
-                    [redis] + (["--reps", "1", "--seconds", "0.3"] if quick else ["--reps", "3"])))
+                    [redis] + (["--reps", "1", "--seconds", "0.3"] if quick else ["--reps", "3"])
+                    + (["--port", str(redis_port)] if redis_port else [])))
     return out
 
 
@@ -200,7 +202,8 @@ def report_job(res, results, raw, failures):
 
 def run_all(args):
     results, raw, failures = Results(), [], []
-    todo = [j for j in jobs(args.bin, args.quick) if re.search(args.only, f"{j[0]} {j[1]}")]
+    todo = [j for j in jobs(args.bin, args.quick, args.redis_port)
+            if re.search(args.only, f"{j[0]} {j[1]}")]
     timeout = 120 if args.quick else 300
     # W6/W6b measure a process that sleeps: they run side by side (each only reads its own
     # threads' CPU time and context switches), first, before anything else is busy.
@@ -461,6 +464,8 @@ def main():
     ap.add_argument("--trace-dir", help="per-grant traces (W4, W5) go here")
     ap.add_argument("--plots", help="write the PNG plots here")
     ap.add_argument("--only", default=".", help="regex on 'impl workload'")
+    ap.add_argument("--redis-port", type=int, default=0,
+                    help="a running redis-server for bench_redis (0: it starts its own)")
     args = ap.parse_args()
     if args.trace_dir:
         os.makedirs(args.trace_dir, exist_ok=True)

@@ -23,6 +23,7 @@
 // connection that breaks is re-made at once.
 //
 #include <ratelimit/redis/connection.hpp>
+#include <ratelimit/redis/detail/call_window.hpp>
 #include <ratelimit/redis/detail/hooks.hpp>
 #include <ratelimit/redis/options.hpp>
 
@@ -280,6 +281,11 @@ class connection_impl final : public redis_connection::impl,
       pending_.push_back(std::move(r));  // strong guarantee: `r` is intact on failure
     } catch (...) {
       return complete(std::move(r.op), error::redis_unavailable, {});
+    }
+    if (const std::size_t n = pending_.size() + inflight_.size(); n > peak_) {
+      peak_ = n;
+      std::lock_guard lk(info_mutex_);
+      stats_.peak_outstanding = n;
     }
     arm_deadline();
     if (state_ == state::idle) start_connect();
@@ -646,6 +652,8 @@ class connection_impl final : public redis_connection::impl,
   };
   std::unique_ptr<close_memory, release_close_memory> close_memory_{new close_memory};
 
+  std::size_t peak_ = 0;  // stats_.peak_outstanding, read on the strand
+
   mutable std::mutex info_mutex_;
   bool connected_flag_ = false;
   std::string last_error_;
@@ -667,7 +675,10 @@ std::shared_ptr<redis_connection::impl> make_impl(const redis_connection::execut
 }  // namespace
 
 redis_connection::redis_connection(const executor_type& ex, redis_config config)
-    : executor_(ex), impl_((validate(config), make_impl(ex, std::move(config)))) {
+    : executor_(ex),
+      impl_((validate(config), make_impl(ex, std::move(config)))),
+      window_(std::make_shared<redis_detail::call_window>(impl_->config().max_calls_in_flight,
+                                                          executor_)) {
   impl_->start();
 }
 
@@ -696,7 +707,9 @@ std::string redis_connection::last_error() const {
   return impl_->last_error();
 }
 redis_connection_stats redis_connection::stats() const {
-  return impl_->stats();
+  redis_connection_stats s = impl_->stats();
+  s.window_waits = window_->waits();
+  return s;
 }
 void redis_connection::close() {
   impl_->close();

@@ -26,7 +26,8 @@
 // scenario runs in both modes of the bucket ("redis.reserve.*": reservation
 // mode, where a denied head is a reservation due later, and a cancelled
 // reservation sends a refund). The keyed limiter's scenarios make and drop
-// a key's machinery under injection, and check that none is left behind.
+// a key's machinery under injection, and check that none is left behind;
+// one runs on a connection whose window is one call (keys wait for it).
 //
 #include "alloc_harness.hpp"
 #include "redis_server.hpp"
@@ -86,6 +87,7 @@ struct redis_case {
   void (*script)(redis_case&, env&);
   bool flush_scripts = false;
   bool reserve = false;
+  std::size_t window = 64;  // the connection's max_calls_in_flight
 
   std::optional<redis_connection> conn;
   std::optional<bucket_t> bucket;
@@ -135,6 +137,7 @@ struct redis_case {
     redis_config config = server->config();
     config.reconnect_max = std::chrono::milliseconds(20);     // quick runs
     config.connect_timeout = std::chrono::milliseconds(100);  // (a lost resolve ends there)
+    config.max_calls_in_flight = window;
     conn.emplace(e.executor(), config);
     AF_CHECK(command(e, {"DEL", key(), key() + ":a", key() + ":b"}));
     if (flush_scripts) AF_CHECK(command(e, {"SCRIPT", "FLUSH"}));
@@ -328,6 +331,24 @@ void keyed_requests(redis_case& c, env& e) {
   AF_CHECK(all_done(e));
 }
 
+/// The connection's window of one call: keys b and c find it full and wait
+/// (registering for a slot), each handed the slot the one before gives
+/// back; then the limiter is destroyed with keys waiting for the window.
+void keyed_window(redis_case& c, env& e) {
+  if (!c.make_keyed(e)) return;
+  e.start(get_key(*c.keyed, "a"));
+  e.start(get_key(*c.keyed, "b"));
+  e.start(get_key(*c.keyed, "c"));
+  AF_CHECK(all_done(e));
+  AF_CHECK(e.settle([&] { return c.keyed->active_keys() == 0; }, std::chrono::seconds(1)));
+  e.start(get_key(*c.keyed, "a"));
+  e.start(get_key(*c.keyed, "b"));
+  e.start(get_key(*c.keyed, "c"));
+  c.keyed.reset();
+  AF_CHECK(all_done(e));
+  e.pump(std::chrono::milliseconds(2));  // the replies, the handovers
+}
+
 /// The keyed limiter destroyed with requests queued and in flight on two keys.
 void keyed_destroy_in_flight(redis_case& c, env& e) {
   if (!c.make_keyed(e)) return;
@@ -384,6 +405,7 @@ struct scenario {
   void (*script)(redis_case&, env&);
   bool flush_scripts;
   unsigned kinds;
+  std::size_t window = 64;
 };
 
 const scenario scenarios[] = {
@@ -405,6 +427,8 @@ const scenario scenarios[] = {
      bit(kind::callback) | bit(kind::std_allocator) | bit(kind::deferred)},
     {"redis.keyed_destroy_in_flight", keyed_destroy_in_flight, false,
      bit(kind::callback) | bit(kind::counting_allocator)},
+    {"redis.keyed_window", keyed_window, false, bit(kind::callback) | bit(kind::counting_allocator),
+     1},
     {"redis.reconfigure", reconfigure, false,
      bit(kind::callback) | bit(kind::counting_allocator) | bit(kind::deferred) | bit(kind::future)},
     {"redis.keyed_set_quota", keyed_set_quota, false,
@@ -446,7 +470,7 @@ int main(int argc, char** argv) {
       if (!reserve && s.script == cancel_refunds) continue;
       const std::string name =
           reserve ? "redis.reserve." + std::string(s.name).substr(6) : std::string(s.name);
-      redis_case c{s.name, s.script, s.flush_scripts, reserve, {}, {}, {}};
+      redis_case c{s.name, s.script, s.flush_scripts, reserve, s.window, {}, {}, {}};
       for (kind k : every_kind) {
         if (!(s.kinds & bit(k))) continue;
         exhaust(name.c_str(), c, k, place::io_context, opt);

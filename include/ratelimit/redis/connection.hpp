@@ -31,6 +31,7 @@
 
 namespace ratelimit::redis_detail {
 class conn_handle;
+class call_window;
 }  // namespace ratelimit::redis_detail
 
 namespace ratelimit {
@@ -65,6 +66,21 @@ struct redis_config {
   /// protocol error: the request fails with `redis_bad_reply` and the
   /// connection is re-made. Must be positive.
   std::size_t max_reply_bytes = 16 * 1024 * 1024;
+  /// The window of the buckets and keyed limiters built on this connection:
+  /// the most script calls they keep out at once, all keys together (a
+  /// reservation call, or head-only mode's request for its head; not tries,
+  /// refunds or reconfigurations, which are few). Requests beyond it wait in
+  /// their limiter's queue, where no timeout runs and a key's requests
+  /// coalesce into its next call, instead of in the connection's queue,
+  /// where every request's `request_timeout` runs from the start: so a burst
+  /// on many keys cannot time out for queueing alone. A call runs on the
+  /// server for about a microsecond per request it carries (at most
+  /// `redis_bucket_options::max_batch`), so with the defaults (64 calls of at
+  /// most 256 requests) what our calls put on the server ahead of a new one
+  /// is about 16 ms at worst, against the default `request_timeout` of 1 s:
+  /// keep `max_calls_in_flight · max_batch` microseconds well under it. Limiters waiting for the
+  /// window are served in the order they found it full. At least 1.
+  std::size_t max_calls_in_flight = 64;
 };
 
 /// Throws std::invalid_argument, naming the option and the value, unless `c` is valid.
@@ -88,6 +104,7 @@ inline void validate(const redis_config& c) {
     fail("reconnect_max (" + ms(c.reconnect_max) + ") must not be below reconnect_min (" +
          ms(c.reconnect_min) + ")");
   if (c.max_reply_bytes == 0) fail("max_reply_bytes must be positive (got 0)");
+  if (c.max_calls_in_flight == 0) fail("max_calls_in_flight must be at least 1 (got 0)");
 }
 
 /// A parsed reply (RESP2).
@@ -106,6 +123,13 @@ struct redis_connection_stats {
   std::uint64_t requests = 0;         // requests written
   std::uint64_t timeouts = 0;         // requests that timed out
   std::uint64_t writes = 0;           // socket writes (a write carries a pipelined batch)
+  /// The most requests this connection held at once (queued or written,
+  /// not answered yet), every caller's together (and AUTH and SELECT).
+  std::uint64_t peak_outstanding = 0;
+  /// How often a bucket or key found the window (`max_calls_in_flight`)
+  /// full and waited for a slot: a window that binds often is a sign of
+  /// more busy keys than it lets out at once.
+  std::uint64_t window_waits = 0;
 };
 
 /// One Redis connection shared by many callers.
@@ -218,6 +242,7 @@ class redis_connection {
 
   executor_type executor_;
   std::shared_ptr<impl> impl_;
+  std::shared_ptr<redis_detail::call_window> window_;  // (max_calls_in_flight)
 };
 
 }  // namespace ratelimit

@@ -75,7 +75,10 @@ namespace ratelimit {
 /// key shares one fault hold: after a fault, every key applies the policy
 /// for `fault_hold` without asking Redis. In reservation mode, requests for
 /// one key queued together go in one script call, and each key keeps up to
-/// `max_in_flight` calls out.
+/// `max_in_flight` calls out. However many keys are busy, the keys (and
+/// buckets) on one connection keep at most its
+/// `redis_config::max_calls_in_flight` calls out together; the others wait
+/// in their own queues, served in the order they found the window full.
 ///
 /// @par Thread safety
 /// Every member function may be called concurrently from any thread,

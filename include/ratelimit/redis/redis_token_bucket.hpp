@@ -54,15 +54,17 @@ namespace ratelimit {
 ///   time per object); leasing (`lease`) trades exactness for speed.
 /// - `reserve`: every request goes to Redis at once, requests queued together
 ///   in one script call (at most `max_batch`), at most `max_in_flight` calls
-///   out at once. The script *reserves* each request's tokens, the level
-///   going into debt up to `horizon` ahead, and answers with the instant they
-///   are due on the server's clock; the request is granted then (that long
-///   after the reply arrives: never early), without asking again. So the key
-///   keeps one line for all processes, in order of arrival at Redis (fair),
-///   at one round trip per grant, exact, and one hot key is no longer bounded
-///   by round trips. A request that would be due further than `horizon` ahead
-///   fails at once with `exceeds_horizon`, taking nothing. A key is used in one
-///   mode only (the other mode's requests fail with `redis_error`).
+///   out at once (and all the buckets and keys of the connection together at
+///   most its `redis_config::max_calls_in_flight`). The script *reserves* each
+///   request's tokens, the level going into debt up to `horizon` ahead, and
+///   answers with the instant they are due on the server's clock; the request
+///   is granted then (that long after the reply arrives: never early), without
+///   asking again. So the key keeps one line for all processes, in order of
+///   arrival at Redis (fair), at one round trip per grant, exact, and one hot
+///   key is no longer bounded by round trips. A request that would be due
+///   further than `horizon` ahead fails at once with `exceeds_horizon`, taking
+///   nothing. A key is used in one mode only (the other mode's requests fail
+///   with `redis_error`).
 ///
 /// The script never writes to, expires or deletes a key that is not a
 /// bucket: such a key (another type, or a hash with other fields) makes every

@@ -51,6 +51,7 @@
 #include <ratelimit/detail/wrapped_handler.hpp>
 #include <ratelimit/error.hpp>
 #include <ratelimit/redis/connection.hpp>
+#include <ratelimit/redis/detail/call_window.hpp>
 #include <ratelimit/redis/detail/hooks.hpp>
 #include <ratelimit/redis/detail/reserve_script.hpp>
 #include <ratelimit/redis/detail/script.hpp>
@@ -129,12 +130,17 @@ inline std::uint_fast32_t jitter_seed(const void* p) noexcept {
 /// remote part destroyed with its context, a receipt giving back. Such a
 /// request never reaches a destroyed object: it fails with
 /// `operation_aborted` (a refund's tokens wasted, never over-granted).
+/// It also reaches the connection's window (call_window.hpp).
 class conn_handle {
  public:
-  explicit conn_handle(redis_connection& c) noexcept : impl_(c.impl_), ex_(c.executor_) {}
+  explicit conn_handle(redis_connection& c) noexcept
+      : impl_(c.impl_), ex_(c.executor_), window_(c.window_) {}
 
   /// The connection's executor.
   boost::asio::any_io_executor get_executor() const noexcept { return ex_; }
+
+  /// The window of script calls of the connection's limiters.
+  call_window& window() const noexcept { return *window_; }
 
   /// Sends `args`; `handler(ec, reply)` runs as async_exec's would. Throws
   /// (bad_alloc) with nothing sent and the handler destroyed.
@@ -150,26 +156,30 @@ class conn_handle {
   /// completed (a context destroyed without running the connection's close).
   class weak_ref {
    public:
-    explicit weak_ref(const conn_handle& h) noexcept : impl_(h.impl_), ex_(h.ex_) {}
+    explicit weak_ref(const conn_handle& h) noexcept
+        : impl_(h.impl_), ex_(h.ex_), window_(h.window_) {}
 
     /// The handle; none once the implementation is gone.
     std::optional<conn_handle> lock() const noexcept {
       auto p = impl_.lock();
       if (!p) return std::nullopt;
-      return conn_handle(std::move(p), ex_);
+      return conn_handle(std::move(p), ex_, window_);
     }
 
    private:
     std::weak_ptr<redis_connection::impl> impl_;
     boost::asio::any_io_executor ex_;
+    std::shared_ptr<call_window> window_;  // (holds nothing of ours: no cycle)
   };
 
  private:
-  conn_handle(std::shared_ptr<redis_connection::impl> p, boost::asio::any_io_executor ex) noexcept
-      : impl_(std::move(p)), ex_(std::move(ex)) {}
+  conn_handle(std::shared_ptr<redis_connection::impl> p, boost::asio::any_io_executor ex,
+              std::shared_ptr<call_window> w) noexcept
+      : impl_(std::move(p)), ex_(std::move(ex)), window_(std::move(w)) {}
 
   std::shared_ptr<redis_connection::impl> impl_;
   boost::asio::any_io_executor ex_;
+  std::shared_ptr<call_window> window_;
 };
 
 /// Told when a bucket machinery of a keyed limiter has nothing left to do
@@ -209,8 +219,8 @@ struct to_try_result {
 };
 
 template <typename Clock, typename WaitTraits>
-class redis_bucket_impl
-    : public std::enable_shared_from_this<redis_bucket_impl<Clock, WaitTraits>> {
+class redis_bucket_impl : public std::enable_shared_from_this<redis_bucket_impl<Clock, WaitTraits>>,
+                          public window_user {
  public:
   using executor_type = boost::asio::any_io_executor;
   using try_result = detail::completion_base<boost::system::error_code, bool>;
@@ -696,6 +706,17 @@ class redis_bucket_impl
     step(std::move(lk), ready, finish_mode::dispatch);
   }
 
+  /// A slot of the connection's window, handed to this machinery after it
+  /// found the window full (call_window.hpp): the next step's call uses it,
+  /// or gives it back.
+  void take_slot(window_slot slot) noexcept override {
+    ready_list ready(executor_, nullptr);
+    std::unique_lock lk(mutex_);
+    slot_wanted_ = false;
+    spare_ = std::move(slot);
+    step(std::move(lk), ready, finish_mode::dispatch);
+  }
+
  private:
   // --- the driver -----------------------------------------------------------
 
@@ -708,6 +729,7 @@ class redis_bucket_impl
     std::optional<std::vector<std::string>> send;
     std::uint64_t need = 0, extra = 0;
     sent_with as;
+    window_slot slot;
     bool idle = false;
     for (;;) {
       const std::int64_t now = now_ns();
@@ -721,6 +743,13 @@ class redis_bucket_impl
           if (!apply_fault(now, ready)) break;  // fallback: the timer is armed
           continue;
         }
+        try {
+          slot = take_window_slot();
+        } catch (...) {
+          enter_fault(now);  // out of memory to wait for the window: as if Redis were unreachable
+          continue;
+        }
+        if (!slot) break;  // the window is full: take_slot() comes with the next slot
         need = head->tokens - pool_;
         extra = lease_room();
         as = sent_as();
@@ -737,10 +766,12 @@ class redis_bucket_impl
         break;
       }
       trim_pool();
+      if (!send) slot.reset();
+      spare_.reset();  // (handed over, not needed now: passed on)
       idle = !send && tell_idle(now);
       lk.unlock();
       if (!send) break;
-      if (send_get(std::move(*send), need, extra, as, false)) break;
+      if (send_get(std::move(*send), need, extra, as, std::move(slot), false)) break;
       // Not sent: a fault; decide again.
       send.reset();
       lk.lock();
@@ -941,15 +972,17 @@ class redis_bucket_impl
   /// (The caller holds the lock.)
   sent_with sent_as() const noexcept { return {reserve_ ? rr_ : reserve_rate{sr_, 0}, gen_}; }
 
-  /// Sends the head's request; false (nothing sent) when it cannot.
+  /// Sends the head's request; false (nothing sent) when it cannot. `slot`
+  /// goes with it, given back with the reply (or when it is dropped).
   bool send_get(std::vector<std::string> args, std::uint64_t need, std::uint64_t extra,
-                sent_with as, bool eval) noexcept {
+                sent_with as, window_slot slot, bool eval) noexcept {
     try {
-      conn_.exec(std::move(args), [weak = this->weak_from_this(), need, extra, as, eval](
-                                      boost::system::error_code ec, redis_reply reply) {
-        if (auto self = weak.lock())
-          self->on_get_reply(ec, std::move(reply), need, extra, as, eval);
-      });
+      conn_.exec(
+          std::move(args), [weak = this->weak_from_this(), need, extra, as, slot = std::move(slot),
+                            eval](boost::system::error_code ec, redis_reply reply) mutable {
+            if (auto self = weak.lock())
+              self->on_get_reply(ec, std::move(reply), need, extra, as, std::move(slot), eval);
+          });
       return true;
     } catch (...) {
       return false;
@@ -957,7 +990,7 @@ class redis_bucket_impl
   }
 
   void on_get_reply(boost::system::error_code ec, redis_reply reply, std::uint64_t need,
-                    std::uint64_t extra, sent_with as, bool eval) {
+                    std::uint64_t extra, sent_with as, window_slot slot, bool eval) {
     script_result res;
     bool resend = false;
     if (!ec) ec = parse_script_reply(reply, res);
@@ -972,12 +1005,13 @@ class redis_bucket_impl
         }
         sent =
             send_get(script_args("", key_, as.rr.rate, need, extra, hooked_server_time(), as.gen),
-                     need, extra, as, true);
+                     need, extra, as, std::move(slot), true);
       } catch (...) {
       }
       if (sent) return;
       ec = error::redis_unavailable;
     }
+    slot.reset();  // (before the next step takes one)
     const std::int64_t now = now_ns();
     ready_list ready(executor_, nullptr);
     std::unique_lock lk(mutex_);
@@ -1225,7 +1259,8 @@ class redis_bucket_impl
     std::uint64_t first = 0;
     std::int64_t made_at = 0;  // local clock, ns: the `within`s are as of then
     std::vector<reserve_request> reqs;
-    sent_with as;  // (a resend goes with the same)
+    sent_with as;      // (a resend goes with the same)
+    window_slot slot;  // given back with the reply (or when the call is dropped)
   };
 
   /// The reservation mode's step(): grants what is due, applies a fault
@@ -1257,7 +1292,10 @@ class redis_bucket_impl
           break;
         }
         if (calls_out_ >= opts_.max_in_flight) break;
+        window_slot slot;
         try {
+          slot = take_window_slot();
+          if (!slot) break;  // the window is full: take_slot() comes with the next slot
           call.emplace();
           args = make_call(now, *call);
         } catch (...) {
@@ -1265,6 +1303,7 @@ class redis_bucket_impl
           enter_fault(now);
           continue;
         }
+        call->slot = std::move(slot);
         ++calls_out_;
         ++stats_.round_trips;
         break;
@@ -1276,6 +1315,7 @@ class redis_bucket_impl
       else
         timer_.disarm();
       std::vector<std::uint64_t> refunds = std::exchange(refunds_, {});
+      spare_.reset();  // (handed over, not needed now: passed on)
       if (!call) {
         idle = tell_idle(now);
         lk.unlock();
@@ -1379,10 +1419,12 @@ class redis_bucket_impl
 
   void on_reserve_reply(boost::system::error_code ec, redis_reply reply, reserve_call call,
                         bool eval) {
+    const std::uint64_t first = call.first;
+    const std::size_t count = call.reqs.size();
     std::uint64_t server_now = 0;
     bool resend = false;
     std::optional<stored_config> told;
-    if (!ec) ec = check_reserve_reply(reply, call.reqs.size(), server_now, &told);
+    if (!ec) ec = check_reserve_reply(reply, count, server_now, &told);
     ec = classify(ec, reply, resend);
     if (resend && !eval) {
       // The server lost the script (restart, SCRIPT FLUSH): send its text.
@@ -1400,11 +1442,13 @@ class redis_bucket_impl
         auto args =
             reserve_args("", key_, call.as.rr, call.reqs, hooked_server_time(), call.as.gen);
         std::lock_guard send_lk(send_mutex_);
-        if (send_reserve(std::move(args), call, true)) return;
+        // (`call` goes with it; not sent, it is gone with its slot: only `first`, `count` remain)
+        if (send_reserve(std::move(args), std::move(call), true)) return;
       } catch (...) {
       }
       ec = error::redis_unavailable;
     }
+    call.slot.reset();  // (before the next step takes one)
     const std::int64_t now = now_ns();
     ready_list ready(executor_, nullptr);
     std::unique_lock lk(mutex_);
@@ -1413,7 +1457,7 @@ class redis_bucket_impl
     if (is_unavailable(ec)) {
       // It may have been served (a timeout): its tokens are then wasted, never over-granted.
       if (reply.type == redis_reply::kind::error) ++stats_.unavailable_replies;
-      unsend(call.first, call.reqs.size(), ready);
+      unsend(first, count, ready);
       if (!closed_) enter_fault(now);
     } else if (ec) {
       // Refused (wrong type, foreign state, another configuration) or nonsense: the call's
@@ -1593,6 +1637,19 @@ class redis_bucket_impl
   /// Completes the tries whose request is out (close()); caller holds the lock.
   std::vector<try_result*> take_tries() noexcept { return std::exchange(tries_, {}); }
 
+  /// A slot of the connection's window for the next call (locked): the one
+  /// handed to this machinery, or a free one; none when the window is full,
+  /// and then this machinery is handed the next slot given back
+  /// (take_slot()), once however often it asks meanwhile. Throws
+  /// (std::bad_alloc) with nothing taken, and then nothing will be handed.
+  window_slot take_window_slot() {
+    if (spare_) return std::move(spare_);
+    if (slot_wanted_) return {};
+    window_slot s = conn_.window().acquire_or_wait(this->weak_from_this());
+    if (!s) slot_wanted_ = true;
+    return s;
+  }
+
   void complete_tries(std::vector<try_result*> tries, boost::system::error_code ec) noexcept {
     for (try_result* op : tries) {
       op->result = {ec, false};
@@ -1620,6 +1677,8 @@ class redis_bucket_impl
   waiter_queue sent_;      // reservation mode: waiters whose call is out, in order
   waiter_queue reserved_;  // reservation mode: waiters with a due time, by due time
   std::size_t calls_out_ = 0;
+  window_slot spare_;            // a slot handed over (take_slot), used by the step it runs
+  bool slot_wanted_ = false;     // waiting for the window: a slot will be handed over
   std::size_t refunds_out_ = 0;  // refund calls whose reply has not come
   std::uint64_t next_seq_ = 1;
   std::vector<std::uint64_t> refunds_;  // tokens to give back, sent once unlocked
