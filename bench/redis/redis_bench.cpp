@@ -5,7 +5,7 @@
 // and redis-benchmark running EVALSHA of the same scripts on the same server
 // in the same run as the reference points.
 //
-//   bench_redis [--reps N] [--seconds X] [--coroutines N] [--port N]
+//   bench_redis [--reps N] [--seconds X] [--coroutines N] [--port N] [--window N]
 //
 // Without --port it starts its own redis-server on a free 127.0.0.1 port (and
 // kills it at the end). One line per repetition on stdout:
@@ -146,10 +146,15 @@ result measure(asio::io_context& ctx, ratelimit::redis_connection& conn, int cor
           quantile_us(latencies, 0.5), quantile_us(latencies, 0.99)};
 }
 
-ratelimit::redis_config config_for(std::uint16_t port) {
+/// The connection's window (redis_config::max_calls_in_flight) of every
+/// row but the one that sets its own: the library's default unless --window.
+std::size_t window = ratelimit::redis_config{}.max_calls_in_flight;
+
+ratelimit::redis_config config_for(std::uint16_t port, std::size_t calls = window) {
   ratelimit::redis_config cfg;
   cfg.port = port;
   cfg.request_timeout = seconds(10);
+  cfg.max_calls_in_flight = calls;
   return cfg;
 }
 
@@ -158,7 +163,8 @@ result run_ours(std::uint16_t port, const std::string& key, int coroutines, doub
                 std::uint64_t lease, bool reserve = false, std::size_t max_batch = 256,
                 std::size_t max_in_flight = 4) {
   asio::io_context ctx;
-  ratelimit::redis_connection conn(ctx, config_for(port));
+  // (a window at least as wide as this bucket's own: the row without coalescing keeps 200 out)
+  ratelimit::redis_connection conn(ctx, config_for(port, std::max(window, max_in_flight)));
   ratelimit::redis_bucket_options opts;
   opts.lease = lease;
   if (reserve) opts.mode = ratelimit::redis_bucket_mode::reserve;
@@ -263,7 +269,9 @@ int main(int argc, char** argv) {
   cli.option("reps", reps, 1, 1000, "measured repetitions")
       .option("seconds", secs, 0.01, 3600.0, "seconds each repetition lasts")
       .option("coroutines", coroutines, 1, 100000, "coroutines asking at once")
-      .option("port", port, 0, 65535, "a running redis-server's port (0: start one)");
+      .option("port", port, 0, 65535, "a running redis-server's port (0: start one)")
+      .option("window", window, std::size_t{1}, std::size_t{1} << 20,
+              "the connection's max_calls_in_flight (the library's default unless given)");
   if (int rc = cli.parse(argc, argv); rc >= 0) return rc;
   pid_t server = -1;
   if (port == 0) {

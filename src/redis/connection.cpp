@@ -282,7 +282,7 @@ class connection_impl final : public redis_connection::impl,
     } catch (...) {
       return complete(std::move(r.op), error::redis_unavailable, {});
     }
-    if (const std::size_t n = pending_.size() + inflight_.size(); n > peak_) {
+    if (const std::size_t n = callers_outstanding(); n > peak_) {
       peak_ = n;
       std::lock_guard lk(info_mutex_);
       stats_.peak_outstanding = n;
@@ -290,6 +290,16 @@ class connection_impl final : public redis_connection::impl,
     arm_deadline();
     if (state_ == state::idle) start_connect();
     flush();
+  }
+
+  /// Requests of callers queued or written (AUTH and SELECT, at most one of
+  /// each, are at the front of one of the queues).
+  std::size_t callers_outstanding() const noexcept {
+    std::size_t n = pending_.size() + inflight_.size();
+    for (const std::deque<request>* q : {&inflight_, &pending_})
+      for (std::size_t i = 0; i < q->size() && i < 2; ++i)
+        if ((*q)[i].k == kind::handshake) --n;
+    return n;
   }
 
   /// Completes `op` through its handler's executor; allocates nothing.
@@ -709,6 +719,7 @@ std::string redis_connection::last_error() const {
 redis_connection_stats redis_connection::stats() const {
   redis_connection_stats s = impl_->stats();
   s.window_waits = window_->waits();
+  s.calls_in_flight = window_->out();
   return s;
 }
 void redis_connection::close() {

@@ -87,7 +87,7 @@ struct redis_case {
   void (*script)(redis_case&, env&);
   bool flush_scripts = false;
   bool reserve = false;
-  std::size_t window = 64;  // the connection's max_calls_in_flight
+  std::size_t window = redis_config{}.max_calls_in_flight;  // the connection's window
 
   std::optional<redis_connection> conn;
   std::optional<bucket_t> bucket;
@@ -341,12 +341,14 @@ void keyed_window(redis_case& c, env& e) {
   e.start(get_key(*c.keyed, "c"));
   AF_CHECK(all_done(e));
   AF_CHECK(e.settle([&] { return c.keyed->active_keys() == 0; }, std::chrono::seconds(1)));
+  AF_CHECK(e.settle([&] { return c.conn->stats().calls_in_flight == 0; }, std::chrono::seconds(1)));
   e.start(get_key(*c.keyed, "a"));
   e.start(get_key(*c.keyed, "b"));
   e.start(get_key(*c.keyed, "c"));
   c.keyed.reset();
   AF_CHECK(all_done(e));
-  e.pump(std::chrono::milliseconds(2));  // the replies, the handovers
+  // Every slot of the window given back (the calls' replies, the handovers).
+  AF_CHECK(e.settle([&] { return c.conn->stats().calls_in_flight == 0; }, std::chrono::seconds(2)));
 }
 
 /// The keyed limiter destroyed with requests queued and in flight on two keys.
@@ -405,7 +407,7 @@ struct scenario {
   void (*script)(redis_case&, env&);
   bool flush_scripts;
   unsigned kinds;
-  std::size_t window = 64;
+  std::size_t window = redis_config{}.max_calls_in_flight;
 };
 
 const scenario scenarios[] = {

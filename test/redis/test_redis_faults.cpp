@@ -40,6 +40,7 @@
 
 #include <atomic>
 #include <future>
+#include <limits>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -296,6 +297,7 @@ BOOST_AUTO_TEST_CASE(redis_config_refuses_every_invalid_value) {
       {"reconnect_max", [](redis_config& c) { c.reconnect_max = 19ms; }},  // below min (20)
       {"reconnect_max", [](redis_config& c) { c.reconnect_max = 0ms; }},
       {"max_reply_bytes", [](redis_config& c) { c.max_reply_bytes = 0; }},
+      {"max_calls_in_flight", [](redis_config& c) { c.max_calls_in_flight = 0; }},
   };
   for (const auto& b : cases) {
     redis_config c;
@@ -323,6 +325,8 @@ BOOST_AUTO_TEST_CASE(redis_config_accepts_edge_values) {
         c.reconnect_max = 1ms;  // min == max: a fixed interval
       },
       [](redis_config& c) { c.max_reply_bytes = 1; },
+      [](redis_config& c) { c.max_calls_in_flight = 1; },
+      [](redis_config& c) { c.max_calls_in_flight = std::numeric_limits<std::size_t>::max(); },
   };
   for (auto change : edges) {
     redis_config c;

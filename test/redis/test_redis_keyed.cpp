@@ -570,6 +570,7 @@ BOOST_FIXTURE_TEST_CASE(keys_waiting_for_the_window_are_served_in_the_order_they
           if (k > 0) BOOST_TEST(out[k]->order > out[k - 1]->order);
         }
       }
+      BOOST_TEST(run_until(ctx, [&] { return one.stats().calls_in_flight == 0; }));  // none leaked
       const auto s = one.stats();
       BOOST_TEST(s.peak_outstanding == 1u);
       BOOST_TEST(s.window_waits == 9u);  // every key but the first found it full, once
@@ -632,7 +633,10 @@ BOOST_FIXTURE_TEST_CASE(many_hot_keys_keep_no_more_calls_out_than_the_window, fi
     while (l.active_keys() != 0 && steady::now() < end)
       std::this_thread::sleep_for(1ms);
     BOOST_TEST(l.active_keys() == 0u);
+    while (c.stats().calls_in_flight != 0 && steady::now() < end)
+      std::this_thread::sleep_for(1ms);
     const auto s = c.stats();
+    BOOST_TEST(s.calls_in_flight == 0u);  // every slot given back
     BOOST_TEST_MESSAGE(name(m) << ", window " << window << ": " << ok.load() << " granted, "
                                << cancelled.load() << " cancelled, peak " << s.peak_outstanding
                                << " requests outstanding, " << s.window_waits

@@ -14,8 +14,12 @@
 // A limiter that finds the window full registers (weakly) and is handed the
 // next slot given back: a slot freed while limiters wait is never counted
 // free, it goes to the first of them, whose take_slot() is posted to the
-// connection's executor, as an operation (detail::handler_op) made when it
-// registered, so that handing a slot over allocates nothing. So limiters get slots in the order
+// execution context behind the connection's executor, as an operation
+// (detail::handler_op) made when it registered, so that handing a slot over
+// allocates nothing (io_context and thread_pool, also through strands). With
+// an executor the library does not know, that post may throw: the slot is
+// passed on and the limiter told (handover_lost), and it registers again at
+// its next step. So limiters get slots in the order
 // they asked (no barging), and none is forgotten: taking a slot or registering is one step under
 // the window's lock, and every slot given back is either counted free or handed on. A slot is a
 // move-only value (window_slot) that gives itself back when destroyed, so a call whose reply never
@@ -73,10 +77,17 @@ class window_slot {
 /// What waits for a slot: a bucket or key machinery.
 class window_user {
  public:
-  /// Handed a slot the user registered for (posted to the connection's
-  /// executor; no lock of ours held). Must not throw: it uses the slot, or
-  /// lets it go (destroying it passes it on).
-  virtual void take_slot(window_slot slot) noexcept = 0;
+  /// Handed a slot the user registered for (posted to the execution context
+  /// behind the connection's executor, not to a strand of it; no lock of
+  /// ours held). It uses the slot, or lets it go (destroying it passes it
+  /// on). What it throws (a handler it completes inline) leaves run().
+  virtual void take_slot(window_slot slot) = 0;
+
+  /// The slot the user registered for could not be handed over (an
+  /// executor the library does not know, whose post threw): it was passed
+  /// on, and the user must register again at its next step. Called from a
+  /// destructor, possibly under another user's lock: must only set a flag.
+  virtual void handover_lost() noexcept = 0;
 
  protected:
   ~window_user() = default;
@@ -84,8 +95,11 @@ class window_user {
 
 class call_window : public std::enable_shared_from_this<call_window> {
  public:
-  call_window(std::size_t limit, boost::asio::any_io_executor ex) noexcept
-      : limit_(limit), ex_(std::move(ex)) {}
+  /// Handovers run on the execution context behind `ex` (an io_context's or
+  /// a thread_pool's, also through strands: detail::with_context_executor),
+  /// where posting them allocates nothing.
+  call_window(std::size_t limit, const boost::asio::any_io_executor& ex)
+      : limit_(limit), ex_(context_of(ex)) {}
 
   call_window(const call_window&) = delete;
   call_window& operator=(const call_window&) = delete;
@@ -111,7 +125,8 @@ class call_window : public std::enable_shared_from_this<call_window> {
     // library completes on without allocating.
     handover_op* op = handover_op::create(handover{std::move(user)}, ex_);
     std::lock_guard lk(mutex_);
-    if (out_ < limit_) {  // one came back meanwhile
+    if (out_ < limit_) {         // one came back meanwhile
+      op->handler().ran = true;  // (not lost: never needed)
       op->destroy();
       ++out_;
       return window_slot(this->shared_from_this());
@@ -119,6 +134,7 @@ class call_window : public std::enable_shared_from_this<call_window> {
     try {
       waiting_.push_back(op);
     } catch (...) {
+      op->handler().ran = true;  // (the caller learns it from the exception)
       op->destroy();
       throw;
     }
@@ -147,10 +163,19 @@ class call_window : public std::enable_shared_from_this<call_window> {
   /// run; given back (passed on) with the operation when the limiter is
   /// gone, or when the operation is destroyed unrun.
   struct handover {
-    std::weak_ptr<window_user> user;
+    explicit handover(std::weak_ptr<window_user> u) noexcept : user(std::move(u)) {}
+    handover(handover&& o) noexcept : user(std::move(o.user)), ran(o.ran) { o.ran = true; }
+    handover& operator=(handover&&) = delete;
+    ~handover() {
+      if (!ran)
+        if (auto u = user.lock()) u->handover_lost();
+    }
     void operator()(window_slot slot) {
+      ran = true;
       if (auto u = user.lock()) u->take_slot(std::move(slot));
     }
+    std::weak_ptr<window_user> user;
+    bool ran = false;  // (or moved from); unrun: destroyed with its context, or never posted
   };
   using handover_op =
       ratelimit::detail::handler_op<ratelimit::detail::plain_completion<window_slot>, handover>;
@@ -174,6 +199,13 @@ class call_window : public std::enable_shared_from_this<call_window> {
       next->complete(ratelimit::detail::finish_mode::post, ex_);
     } catch (...) {  // destroyed unrun: its slot was given back with it
     }
+  }
+
+  static boost::asio::any_io_executor context_of(const boost::asio::any_io_executor& ex) {
+    boost::asio::any_io_executor out;
+    ratelimit::detail::with_context_executor(
+        ex, [&](const auto& e) { out = boost::asio::any_io_executor(e); });
+    return out;
   }
 
   mutable std::mutex mutex_;

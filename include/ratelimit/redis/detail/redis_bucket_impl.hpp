@@ -708,14 +708,20 @@ class redis_bucket_impl : public std::enable_shared_from_this<redis_bucket_impl<
 
   /// A slot of the connection's window, handed to this machinery after it
   /// found the window full (call_window.hpp): the next step's call uses it,
-  /// or gives it back.
-  void take_slot(window_slot slot) noexcept override {
+  /// or gives it back. (Run on the context, maybe outside the executor's
+  /// strand: completions are posted.)
+  void take_slot(window_slot slot) override {
     ready_list ready(executor_, nullptr);
     std::unique_lock lk(mutex_);
     slot_wanted_ = false;
+    handover_lost_.store(false, std::memory_order_relaxed);
     spare_ = std::move(slot);
-    step(std::move(lk), ready, finish_mode::dispatch);
+    step(std::move(lk), ready, finish_mode::post);
   }
+
+  /// The slot this machinery waits for could not be handed over: its next
+  /// step registers again.
+  void handover_lost() noexcept override { handover_lost_.store(true, std::memory_order_release); }
 
  private:
   // --- the driver -----------------------------------------------------------
@@ -1644,7 +1650,10 @@ class redis_bucket_impl : public std::enable_shared_from_this<redis_bucket_impl<
   /// (std::bad_alloc) with nothing taken, and then nothing will be handed.
   window_slot take_window_slot() {
     if (spare_) return std::move(spare_);
-    if (slot_wanted_) return {};
+    if (slot_wanted_) {
+      if (!handover_lost_.exchange(false, std::memory_order_acquire)) return {};
+      slot_wanted_ = false;  // (registers again)
+    }
     window_slot s = conn_.window().acquire_or_wait(this->weak_from_this());
     if (!s) slot_wanted_ = true;
     return s;
@@ -1677,9 +1686,10 @@ class redis_bucket_impl : public std::enable_shared_from_this<redis_bucket_impl<
   waiter_queue sent_;      // reservation mode: waiters whose call is out, in order
   waiter_queue reserved_;  // reservation mode: waiters with a due time, by due time
   std::size_t calls_out_ = 0;
-  window_slot spare_;            // a slot handed over (take_slot), used by the step it runs
-  bool slot_wanted_ = false;     // waiting for the window: a slot will be handed over
-  std::size_t refunds_out_ = 0;  // refund calls whose reply has not come
+  window_slot spare_;         // a slot handed over (take_slot), used by the step it runs
+  bool slot_wanted_ = false;  // waiting for the window: a slot will be handed over
+  std::atomic<bool> handover_lost_{false};  // ... or it could not be: register again
+  std::size_t refunds_out_ = 0;             // refund calls whose reply has not come
   std::uint64_t next_seq_ = 1;
   std::vector<std::uint64_t> refunds_;  // tokens to give back, sent once unlocked
   std::vector<try_result*> tries_;      // tries whose request is out
