@@ -553,32 +553,41 @@ BOOST_FIXTURE_TEST_CASE(keys_waiting_for_the_window_are_served_in_the_order_they
                         fixture) {
   // A window of one call: ten keys, one request each, go to Redis one after
   // the other, in the order they asked, each the moment the one before
-  // replied; the tenth is not forgotten.
-  for (redis_bucket_mode m : both_modes) {
-    BOOST_TEST_CONTEXT(name(m)) {
-      redis_config cfg = server.config();
-      cfg.max_calls_in_flight = 1;
-      redis_connection one(ctx, cfg);
-      redis_keyed_limiter l(one, std::string("w1:") + name(m) + ":", 5, per_second(10), in(m));
-      std::vector<std::shared_ptr<outcome>> out;
-      for (int k = 0; k < 10; ++k)
-        out.push_back(request(l, "k" + std::to_string(k)));
-      BOOST_REQUIRE(run_until(ctx, [&] { return out.back()->done(); }));
-      for (int k = 0; k < 10; ++k) {
-        BOOST_TEST_CONTEXT("key " << k) {
-          BOOST_TEST(out[k]->ok());
-          if (k > 0) BOOST_TEST(out[k]->order > out[k - 1]->order);
+  // replied; the tenth is not forgotten. Also on a strand over an
+  // any_io_executor (whose posts allocate: the handovers go to the context
+  // behind it).
+  for (const bool on_strand : {false, true})
+    for (redis_bucket_mode m : both_modes) {
+      BOOST_TEST_CONTEXT(name(m) << (on_strand ? ", on a strand" : "")) {
+        redis_config cfg = server.config();
+        cfg.max_calls_in_flight = 1;
+        const asio::any_io_executor ex = on_strand ? asio::any_io_executor(asio::make_strand(
+                                                         asio::any_io_executor(ctx.get_executor())))
+                                                   : asio::any_io_executor(ctx.get_executor());
+        redis_connection one(ex, cfg);
+        redis_keyed_limiter l(one, std::string("w1:") + name(m) + (on_strand ? ":s:" : ":"), 5,
+                              per_second(10), in(m));
+        std::vector<std::shared_ptr<outcome>> out;
+        for (int k = 0; k < 10; ++k)
+          out.push_back(request(l, "k" + std::to_string(k)));
+        BOOST_REQUIRE(run_until(ctx, [&] { return out.back()->done(); }));
+        for (int k = 0; k < 10; ++k) {
+          BOOST_TEST_CONTEXT("key " << k) {
+            BOOST_TEST(out[k]->ok());
+            if (k > 0) BOOST_TEST(out[k]->order > out[k - 1]->order);
+          }
         }
+        BOOST_TEST(
+            run_until(ctx, [&] { return one.stats().calls_in_flight == 0; }));  // none leaked
+        const auto s = one.stats();
+        BOOST_TEST(s.peak_outstanding == 1u);
+        BOOST_TEST(s.window_waits == 9u);  // every key but the first found it full, once
+        // 10 calls; the first of each mode sent again with the script's text
+        // (NOSCRIPT: each test's server is new)
+        BOOST_TEST(s.requests == (on_strand ? 10u : 11u));
+        BOOST_TEST(l.active_keys() == 0u);
       }
-      BOOST_TEST(run_until(ctx, [&] { return one.stats().calls_in_flight == 0; }));  // none leaked
-      const auto s = one.stats();
-      BOOST_TEST(s.peak_outstanding == 1u);
-      BOOST_TEST(s.window_waits == 9u);  // every key but the first found it full, once
-      BOOST_TEST(s.requests == 11u);     // 10 calls; the first sent again with the script's text
-                                         // (NOSCRIPT: each test's server is new)
-      BOOST_TEST(l.active_keys() == 0u);
     }
-  }
 }
 
 BOOST_FIXTURE_TEST_CASE(many_hot_keys_keep_no_more_calls_out_than_the_window, fixture) {
