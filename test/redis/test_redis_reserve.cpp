@@ -670,6 +670,10 @@ BOOST_AUTO_TEST_CASE(every_reservation_option_is_validated) {
   head.max_in_flight = 0;
   head.horizon = -1ms;
   BOOST_CHECK_NO_THROW(redis_token_bucket(conn, "k", 10, per_second(1), head));
+  BOOST_CHECK_NO_THROW(validate(head, 10));
+  auto reserving = head;
+  reserving.mode = redis_bucket_mode::reserve;
+  BOOST_CHECK_THROW(validate(reserving, 10), std::invalid_argument);
 }
 
 BOOST_AUTO_TEST_SUITE_END()
