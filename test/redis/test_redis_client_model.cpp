@@ -535,41 +535,42 @@ void report(const char* what, const totals& t) {
                           << " closed");
 }
 
-}  // namespace
-
-BOOST_AUTO_TEST_SUITE(redis_client_model)
-
-BOOST_FIXTURE_TEST_CASE(a_bucket_agrees_with_the_model, fixture) {
+/// `runs` runs of fuzz(), each over the subject `make(run, rng, horizon_us)`
+/// gives (seeded `seed + run`); every kind of outcome must have occurred.
+template <typename Make>
+void campaign(fixture& f, const char* what, std::uint64_t seed, Make make) {
   totals total;
   for (int run = 0; run < runs; ++run) {
-    std::mt19937_64 rng(1000 + run);
-    const std::pair<std::uint64_t, rate> configs[] = {
-        {1, per_second(10)}, {4, rate{3, 1s}}, {10, per_second(50)}, {2, rate{1, 333ms}}};
-    const auto [cap, r] = configs[run % 4];
+    std::mt19937_64 rng(seed + run);
     std::int64_t horizon_us = -1;
-    bucket_subject s{conn, "model" + std::to_string(run), cap, r, options(rng, horizon_us), {}};
+    auto s = make(run, rng, horizon_us);
     s.make();
-    fuzz(*this, s, horizon_us, rng, total);
+    fuzz(f, s, horizon_us, rng, total);
   }
-  report("bucket", total);
+  report(what, total);
   BOOST_TEST(total.granted > 0u);
   BOOST_TEST(total.refused > 0u);
   BOOST_TEST(total.cancelled > 0u);
 }
 
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(redis_client_model)
+
+BOOST_FIXTURE_TEST_CASE(a_bucket_agrees_with_the_model, fixture) {
+  campaign(*this, "bucket", 1000, [&](int run, std::mt19937_64& rng, std::int64_t& horizon_us) {
+    const std::pair<std::uint64_t, rate> configs[] = {
+        {1, per_second(10)}, {4, rate{3, 1s}}, {10, per_second(50)}, {2, rate{1, 333ms}}};
+    const auto [cap, r] = configs[run % 4];
+    return bucket_subject{conn, "model" + std::to_string(run), cap,
+                          r,    options(rng, horizon_us),      {}};
+  });
+}
+
 BOOST_FIXTURE_TEST_CASE(a_keyed_limiter_agrees_with_the_model, fixture) {
-  totals total;
-  for (int run = 0; run < runs; ++run) {
-    std::mt19937_64 rng(2000 + run);
-    std::int64_t horizon_us = -1;
-    keyed_subject s{conn, "km" + std::to_string(run) + ":", options(rng, horizon_us), {}};
-    s.make();
-    fuzz(*this, s, horizon_us, rng, total);
-  }
-  report("keyed", total);
-  BOOST_TEST(total.granted > 0u);
-  BOOST_TEST(total.refused > 0u);
-  BOOST_TEST(total.cancelled > 0u);
+  campaign(*this, "keyed", 2000, [&](int run, std::mt19937_64& rng, std::int64_t& horizon_us) {
+    return keyed_subject{conn, "km" + std::to_string(run) + ":", options(rng, horizon_us), {}};
+  });
 }
 
 BOOST_AUTO_TEST_SUITE_END()

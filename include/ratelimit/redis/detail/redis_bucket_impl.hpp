@@ -1570,7 +1570,7 @@ class redis_bucket_impl : public std::enable_shared_from_this<redis_bucket_impl<
       ++refunds_out_;
       rr = rr_;
       gen = gen_;
-      text = closed_ && closed_ec_ == boost::asio::error::operation_aborted;
+      text = refunds_with_text(closed_, closed_ec_);
     }
     try {
       send_refund_call(conn_, key_, rr, gen, std::move(items), text,
@@ -1600,6 +1600,13 @@ class redis_bucket_impl : public std::enable_shared_from_this<redis_bucket_impl<
   }
 
  public:
+  /// Whether the refunds of an object closed with `ec` go with the script's
+  /// text, in one round trip: those of one being destroyed (see send_refund;
+  /// a keyed limiter's own refunds follow the same rule).
+  static bool refunds_with_text(bool closed, const boost::system::error_code& ec) noexcept {
+    return closed && ec == boost::asio::error::operation_aborted;
+  }
+
   /// Sends a refund of `items` (token counts) to `key` with the refund
   /// script, then calls `done(tokens given back)` (0 when it failed, also
   /// with operation_aborted once the connection is gone: conn_handle). After

@@ -184,11 +184,11 @@ class redis_keyed_impl final
       std::string full;
       full.reserve(prefix_.size() + key.size());
       full.append(prefix_).append(key);
-      bool text = false;  // (once the limiter is destroyed: as its keys' refunds, see send_refund)
+      bool text = false;
       {
         std::lock_guard lk(mutex_);
         ++extra_.refund_calls;
-        text = closed_ && closed_ec_ == boost::asio::error::operation_aborted;
+        text = bucket_type::refunds_with_text(closed_, closed_ec_);
       }
       bucket_type::send_refund_call(
           conn_, full, bucket_type::reserve_rate_of(q.capacity, q.r, opts_), opts_.generation, {n},
