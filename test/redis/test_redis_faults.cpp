@@ -38,6 +38,7 @@
 #include <boost/asio.hpp>
 #include <boost/test/unit_test.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <future>
 #include <limits>
@@ -1466,6 +1467,94 @@ fault_window_result grants_in_a_fault(std::chrono::milliseconds horizon) {
 }
 
 }  // namespace
+
+// Cancelling reservations while Redis cannot be reached (a black hole) or
+// answers late: the cancelled requests complete at once (operation_aborted),
+// their refund is best effort (lost in the black hole: the tokens wasted;
+// late: applied when it arrives), nothing hangs, and afterwards nothing has
+// been granted beyond capacity + rate × elapsed.
+BOOST_AUTO_TEST_CASE(cancelling_reservations_in_a_fault_wastes_tokens_never_over_grants,
+                     *boost::unit_test::precondition(reserve_only_test())) {
+  for (const bool black_hole : {true, false}) {
+    BOOST_TEST_CONTEXT((black_hole ? "black hole" : "replies 60 ms late")) {
+      proxied p;
+      redis_bucket_options o;
+      o.mode = redis_bucket_mode::reserve;
+      o.on_fault = redis_fault_policy::fail_closed;
+      o.fault_hold = 50ms;
+      redis_token_bucket bucket(p.conn, black_hole ? "cancel-fault:hole" : "cancel-fault:late", 5,
+                                per_second(50), o);
+      const auto t0 = steady::now();
+      std::vector<std::shared_ptr<outcome>> first;
+      for (int i = 0; i < 20; ++i) {
+        first.push_back(std::make_shared<outcome>());
+        bucket.async_get_token(checked_handler(first.back()));
+      }
+      // 5 granted at once, 15 reserved up to 300 ms ahead.
+      BOOST_REQUIRE(run_until(
+          p.ctx, [&] { return bucket.stats().reserved == 20u; }, 2000ms));
+      if (black_hole)
+        p.proxy.drop(direction::to_server, true);
+      else
+        p.proxy.set_delay(direction::to_client, 60ms);
+      const std::size_t cancelled = bucket.cancel();
+      BOOST_REQUIRE(run_until(
+          p.ctx,
+          [&] {
+            return std::all_of(first.begin(), first.end(), [](auto& x) { return x->done(); });
+          },
+          1000ms));
+      int aborted_n = 0, granted_n = 0;
+      for (const auto& x : first) {
+        BOOST_TEST(x->calls == 1);
+        BOOST_TEST(!x->destroyed_uncalled);
+        aborted_n += x->ec == aborted;
+        granted_n += x->ok();
+      }
+      BOOST_TEST(aborted_n == int(cancelled));
+      BOOST_TEST(aborted_n + granted_n == 20);
+      BOOST_TEST(aborted_n >= 10);  // (the last of them due 300 ms ahead)
+      idle(p.ctx, 300ms);           // the refund: lost (a timeout) or late
+      p.proxy.clear_faults();
+      const auto s = bucket.stats();
+      BOOST_TEST(s.refund_calls >= 1u);
+      if (black_hole)
+        BOOST_TEST(s.refunded == 0u);  // wasted, never sent again
+      else
+        BOOST_TEST(s.refunded > 0u);
+      // Then 10 coroutines take what they can for 400 ms.
+      int running = 0;
+      bool stop = false;
+      auto worker = [&]() -> asio::awaitable<void> {
+        ++running;
+        asio::steady_timer pause(p.ctx);
+        while (!stop) {
+          auto [ec] = co_await bucket.async_get_token(asio::as_tuple(asio::use_awaitable));
+          if (ec == closed) break;
+          if (ec) {  // a fault hold's last moments
+            pause.expires_after(5ms);
+            co_await pause.async_wait(asio::as_tuple(asio::use_awaitable));
+          }
+        }
+        --running;
+      };
+      for (int i = 0; i < 10; ++i)
+        asio::co_spawn(p.ctx, worker(), asio::detached);
+      idle(p.ctx, 400ms);
+      stop = true;
+      bucket.close();
+      BOOST_TEST(run_until(
+          p.ctx, [&] { return running == 0; }, 2000ms));
+      const double elapsed = seconds(steady::now() - t0);
+      const auto granted = bucket.stats().granted;
+      BOOST_TEST_MESSAGE((black_hole ? "black hole" : "late")
+                         << ": " << cancelled << " cancelled, " << s.refunded << " refunded, "
+                         << granted << " granted in " << elapsed << " s");
+      BOOST_TEST(granted > std::uint64_t(granted_n));  // the key serves again
+      BOOST_TEST(granted <= 5 + 50 * elapsed + 1);
+    }
+  }
+}
 
 // The local fallback's bound in reservation mode (README, "fault policies"):
 // in a fault of d seconds a process grants at most capacity + rate × d by

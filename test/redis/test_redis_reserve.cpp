@@ -245,11 +245,14 @@ BOOST_FIXTURE_TEST_CASE(the_deadline_forms_take_nothing_when_not_in_time, fixtur
       auto first = request(bucket);
       BOOST_REQUIRE(run_until(ctx, [&] { return first->done(); }));
       // Due at 100 ms: not within 50 ms, said at once, nothing taken.
+      const auto trips0 = bucket.stats().round_trips;
       auto late = try_for(bucket, 50ms);
       BOOST_REQUIRE(run_until(ctx, [&] { return late->result.has_value(); }));
       BOOST_TEST(!late->result->first);
       BOOST_TEST(!late->result->second);
       BOOST_TEST((late->at - t0 < 50ms));
+      // (reservation mode: the script itself refused it, in its one round trip)
+      if (reserving) BOOST_TEST(bucket.stats().round_trips == trips0 + 1);
       // Within 150 ms: granted at 100 ms (it would be 200 had the late one taken).
       auto in_time = try_for(bucket, 150ms);
       BOOST_REQUIRE(run_until(ctx, [&] { return in_time->result.has_value(); }));
@@ -257,6 +260,8 @@ BOOST_FIXTURE_TEST_CASE(the_deadline_forms_take_nothing_when_not_in_time, fixtur
       BOOST_TEST(in_time->result->second);
       BOOST_TEST((in_time->at - t0 >= 95ms));
       BOOST_TEST((in_time->at - t0 < 180ms));
+      // (reserved in one round trip, granted at its due time without asking again)
+      if (reserving) BOOST_TEST(bucket.stats().round_trips == trips0 + 2);
       // Blocking, from another thread (a second object on the key, on its own
       // context): the same answers.
       {
