@@ -576,6 +576,21 @@ BOOST_FIXTURE_TEST_CASE(a_joint_request_with_a_redis_part_is_all_or_nothing, fix
   BOOST_REQUIRE(run_until(ctx, [&] { return shared.stats().refunded == before.refunded + 1; }));
   BOOST_REQUIRE(run_until(ctx, [&] { return third->done(); }));
   BOOST_TEST(third->ok());
+  // A Redis part refused (its wait would pass a horizon of 0): the joint
+  // request fails with the part's error, and the local part keeps its tokens.
+  auto h0 = reserve();
+  h0.horizon = 0ms;
+  redis_token_bucket strict(conn, "joint:h0", 1, per_second(10), h0);
+  auto take = request(strict);  // its one token
+  BOOST_REQUIRE(run_until(ctx, [&] { return take->done(); }));
+  token_bucket kept(ctx, 5, per_second(10));
+  std::optional<boost::system::error_code> refused;
+  async_acquire({part(strict.as_remote(), 1), part(kept, 1)},
+                [&](boost::system::error_code ec, joint_receipt) { refused = ec; });
+  BOOST_REQUIRE(run_until(ctx, [&] { return refused.has_value(); }));
+  BOOST_TEST(*refused == error::make_error_code(error::exceeds_horizon));
+  BOOST_TEST(kept.available() == 5u);
+  BOOST_TEST(strict.stats().granted == 1u);
   // A head-only bucket cannot reserve: it says so.
   redis_token_bucket head(conn, "joint:h", 1, per_second(10));
   BOOST_CHECK_THROW(head.as_remote(), std::invalid_argument);
