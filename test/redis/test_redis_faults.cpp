@@ -1402,6 +1402,33 @@ BOOST_AUTO_TEST_CASE(no_grant_beyond_the_limit_through_every_fault) {
 
 namespace {
 
+/// Takes one token at a time from `bucket` until `stop` (or the bucket is
+/// closed), pausing `pause_after_error` after an error; `running` counts it
+/// while it runs. (A function, not a lambda: its frame holds its arguments.)
+asio::awaitable<void> take_until_stopped(asio::io_context& ctx, redis_token_bucket& bucket,
+                                         const bool& stop, int& running,
+                                         std::chrono::milliseconds pause_after_error) {
+  ++running;
+  asio::steady_timer pause(ctx);
+  while (!stop) {
+    auto [ec] = co_await bucket.async_get_token(asio::as_tuple(asio::use_awaitable));
+    if (ec == closed) break;
+    if (ec) {
+      pause.expires_after(pause_after_error);
+      co_await pause.async_wait(asio::as_tuple(asio::use_awaitable));
+    }
+  }
+  --running;
+}
+
+/// `n` coroutines of take_until_stopped().
+void spawn_takers(asio::io_context& ctx, redis_token_bucket& bucket, int n, const bool& stop,
+                  int& running, std::chrono::milliseconds pause_after_error) {
+  for (int i = 0; i < n; ++i)
+    asio::co_spawn(ctx, take_until_stopped(ctx, bucket, stop, running, pause_after_error),
+                   asio::detached);
+}
+
 struct fault_window_result {
   double d = 0;                   // s: how long the fault lasted (between the two snapshots)
   std::uint64_t before = 0;       // granted in it on reservations Redis made before it
@@ -1425,21 +1452,8 @@ fault_window_result grants_in_a_fault(std::chrono::milliseconds horizon) {
                             per_second(100), o);
   int running = 0;
   bool stop = false;
-  auto worker = [&]() -> asio::awaitable<void> {
-    ++running;
-    asio::steady_timer pause(p.ctx);
-    while (!stop) {
-      auto [ec] = co_await bucket.async_get_token(asio::as_tuple(asio::use_awaitable));
-      if (ec == closed) break;
-      if (ec) {  // exceeds_horizon: the line is as long as the horizon lets it be
-        pause.expires_after(10ms);
-        co_await pause.async_wait(asio::as_tuple(asio::use_awaitable));
-      }
-    }
-    --running;
-  };
-  for (int i = 0; i < 40; ++i)
-    asio::co_spawn(p.ctx, worker(), asio::detached);
+  // (an error is exceeds_horizon: the line is as long as the horizon lets it be)
+  spawn_takers(p.ctx, bucket, 40, stop, running, 10ms);
   idle(p.ctx, 300ms);
   const auto from_redis = [](const redis_bucket_stats& s) { return s.granted - s.fallback_grants; };
   const redis_bucket_stats s0 = bucket.stats();
@@ -1525,21 +1539,8 @@ BOOST_AUTO_TEST_CASE(cancelling_reservations_in_a_fault_wastes_tokens_never_over
       // Then 10 coroutines take what they can for 400 ms.
       int running = 0;
       bool stop = false;
-      auto worker = [&]() -> asio::awaitable<void> {
-        ++running;
-        asio::steady_timer pause(p.ctx);
-        while (!stop) {
-          auto [ec] = co_await bucket.async_get_token(asio::as_tuple(asio::use_awaitable));
-          if (ec == closed) break;
-          if (ec) {  // a fault hold's last moments
-            pause.expires_after(5ms);
-            co_await pause.async_wait(asio::as_tuple(asio::use_awaitable));
-          }
-        }
-        --running;
-      };
-      for (int i = 0; i < 10; ++i)
-        asio::co_spawn(p.ctx, worker(), asio::detached);
+      spawn_takers(p.ctx, bucket, 10, stop, running,
+                   5ms);  // (an error: a fault hold's last moments)
       idle(p.ctx, 400ms);
       stop = true;
       bucket.close();
