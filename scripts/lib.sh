@@ -75,10 +75,13 @@ ensure_packages() {
 jobs() { nproc 2>/dev/null || echo 2; }
 
 # configure_tree DIR [cmake args...]: configures a build tree once (re-runs are cheap).
+# Line tables only (-g1) instead of RelWithDebInfo's -g: a failing test's backtrace keeps its
+# file:line frames, and the plain tree builds in about three quarters of the time (CI's budget).
 configure_tree() {
   local dir=$1
   shift
-  cmake -S "$RATELIMIT_ROOT" -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo "$@" >"$dir.configure.log" 2>&1 ||
+  cmake -S "$RATELIMIT_ROOT" -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O2 -g1 -DNDEBUG" "$@" >"$dir.configure.log" 2>&1 ||
     { cat "$dir.configure.log"; return 1; }
 }
 
