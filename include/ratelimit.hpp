@@ -7,6 +7,8 @@
 #include <ratelimit/error.hpp>
 #include <ratelimit/joint.hpp>
 #include <ratelimit/keyed_limiter.hpp>
+#include <ratelimit/metrics.hpp>
+#include <ratelimit/prometheus.hpp>
 #include <ratelimit/rate.hpp>
 #include <ratelimit/receipt.hpp>
 #include <ratelimit/remote_limiter.hpp>
