@@ -1124,13 +1124,15 @@ struct cycle_result {
 /// Six coroutines take tokens from one bucket (5 tokens, 50 per second)
 /// while the proxy goes through every fault in turn, with a clean interval
 /// after each.
-cycle_result run_through_faults(redis_fault_policy policy, std::uint64_t lease) {
+cycle_result run_through_faults(redis_fault_policy policy, std::uint64_t lease,
+                                std::size_t max_batch) {
   proxied p;
   redis_bucket_options o;
   o.on_fault = policy;
   o.fault_hold = 50ms;
   o.lease = lease;
   o.lease_ttl = 200ms;
+  if (max_batch > 0) o.max_batch = max_batch;
   cycle_result out;
   const auto t0 = steady::now();
   redis_token_bucket bucket(p.conn, "cycle", 5, per_second(50), mode_options(o));
@@ -1361,22 +1363,27 @@ BOOST_AUTO_TEST_CASE(no_grant_beyond_the_limit_through_every_fault) {
   struct run {
     redis_fault_policy policy;
     std::uint64_t lease;
+    std::size_t max_batch;  // 0: the default (coalesced)
   };
-  for (const run& c :
-       {run{redis_fault_policy::fail_closed, 0}, run{redis_fault_policy::fail_closed, 2},
-        run{redis_fault_policy::fail_open, 0}, run{redis_fault_policy::local_fallback, 0}}) {
-    if (c.lease > 0 && reserve_mode()) continue;  // leasing is head-only mode's
-    BOOST_TEST_CONTEXT(name(c.policy) << ", lease " << c.lease) {
-      const auto r = run_through_faults(c.policy, c.lease);
+  using enum redis_fault_policy;
+  // Every policy with and without a lease (head-only mode), coalesced and
+  // one request per call (reservation mode).
+  for (const run& c : {run{fail_closed, 0, 0}, run{fail_closed, 2, 0}, run{fail_open, 0, 0},
+                       run{fail_open, 2, 0}, run{local_fallback, 0, 0}, run{local_fallback, 2, 0},
+                       run{fail_closed, 0, 1}, run{fail_open, 0, 1}, run{local_fallback, 0, 1}}) {
+    if (c.lease > 0 && reserve_mode()) continue;       // leasing is head-only mode's
+    if (c.max_batch > 0 && !reserve_mode()) continue;  // batches are reservation mode's
+    BOOST_TEST_CONTEXT(name(c.policy) << ", lease " << c.lease << ", max_batch " << c.max_batch) {
+      const auto r = run_through_faults(c.policy, c.lease, c.max_batch);
       const auto& s = r.stats;
       // capacity + rate * elapsed (+ lease: one bucket object)
       const double bound = 5 + 50 * r.elapsed + static_cast<double>(c.lease);
       const std::uint64_t by_policy = s.fail_open_grants + s.fallback_grants;
       BOOST_TEST_MESSAGE(name(c.policy)
-                         << ", lease " << c.lease << ": " << s.granted << " granted (" << by_policy
-                         << " by the policy) in " << r.elapsed << " s, bound " << bound << "; "
-                         << s.faults << " faults, " << r.errors << " errors, longest wait "
-                         << seconds(r.longest) << " s");
+                         << ", lease " << c.lease << ", max_batch " << c.max_batch << ": "
+                         << s.granted << " granted (" << by_policy << " by the policy) in "
+                         << r.elapsed << " s, bound " << bound << "; " << s.faults << " faults, "
+                         << r.errors << " errors, longest wait " << seconds(r.longest) << " s");
       BOOST_TEST(s.faults >= 1u);
       BOOST_TEST(s.granted - by_policy <= bound);
       BOOST_TEST(s.granted - by_policy >= 10u);  // Redis did grant, between the faults
