@@ -89,8 +89,9 @@ constexpr std::string_view error_kind_name(std::size_t i) noexcept {
       "context_stopped", "exceeds_horizon"};
   return i < error_kinds ? names[i] : names[0];
 }
-static_assert(error::exceeds_horizon + 1 == error_kinds,
-              "a new ratelimit::error code needs its name in error_kind_name");
+// The names cover the codes up to exceeds_horizon; test_metrics fails when a
+// code is added after it without a name here.
+static_assert(error::exceeds_horizon + 1 == error_kinds);
 
 /// The error index of `ec` (0 for an error of another category).
 inline std::size_t error_kind_of(const boost::system::error_code& ec) noexcept {
@@ -136,8 +137,10 @@ struct limiter_metrics {
   /// a grant at once): `wait_counts[b]` granted requests waited within bucket
   /// `b` of `wait_histogram_layout` (not cumulative).
   std::array<std::uint64_t, wait_histogram_layout::buckets> wait_counts{};
-  /// The sum of those waits, in nanoseconds.
-  std::uint64_t wait_sum_ns = 0;
+  /// The sum of those waits, in microseconds (each wait rounded down to a
+  /// microsecond: 10 000 grants a second that each waited a second take 58
+  /// years to wrap it).
+  std::uint64_t wait_sum_us = 0;
 
   /// The number of granted requests in the histogram (the sum of
   /// `wait_counts`).
@@ -148,8 +151,10 @@ struct limiter_metrics {
     return n;
   }
 
-  /// Adds `other`'s counts to these (gauges too): the totals of several
-  /// limiters, e.g. of every key of a keyed limiter.
+  /// Adds `other`'s numbers to these, the gauges too: the totals of several
+  /// limiters, e.g. of every key of a keyed limiter (whose keys' queues and
+  /// tokens add up). To keep totals of limiters that are gone, add their
+  /// last snapshot with its gauges set to 0.
   limiter_metrics& operator+=(const limiter_metrics& other) noexcept {
     requests += other.requests;
     grants += other.grants;
@@ -164,7 +169,7 @@ struct limiter_metrics {
     tokens_available += other.tokens_available;
     for (std::size_t b = 0; b < wait_histogram_layout::buckets; ++b)
       wait_counts[b] += other.wait_counts[b];
-    wait_sum_ns += other.wait_sum_ns;
+    wait_sum_us += other.wait_sum_us;
     return *this;
   }
 

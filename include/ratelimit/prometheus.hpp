@@ -41,13 +41,50 @@ inline bool is_name_char(char c) noexcept {
   return is_name_start(c) || (c >= '0' && c <= '9');
 }
 
+// Metric names may hold colons, but they are for recording rules (promtool
+// lints them): a prefix is a plain name.
 inline void check_prefix(std::string_view prefix) {
-  bool ok = !prefix.empty() && (is_name_start(prefix[0]) || prefix[0] == ':');
+  bool ok = !prefix.empty() && is_name_start(prefix[0]);
   for (char c : prefix)
-    ok = ok && (is_name_char(c) || c == ':');
+    ok = ok && is_name_char(c);
   if (!ok)
     throw std::invalid_argument("prometheus: metric name prefix '" + std::string(prefix) +
-                                "' is not a metric name ([a-zA-Z_:][a-zA-Z0-9_:]*)");
+                                "' is not a name ([a-zA-Z_][a-zA-Z0-9_]*)");
+}
+
+// Whether `text` is well-formed UTF-8 (no overlong forms, no surrogates,
+// nothing above U+10FFFF): Prometheus refuses a whole scrape for one label
+// value that is not.
+inline bool is_utf8(std::string_view text) noexcept {
+  std::size_t i = 0;
+  while (i < text.size()) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    std::size_t n;
+    std::uint32_t cp;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if (c >= 0xc2 && c <= 0xdf) {
+      n = 1, cp = c & 0x1f;
+    } else if (c >= 0xe0 && c <= 0xef) {
+      n = 2, cp = c & 0x0f;
+    } else if (c >= 0xf0 && c <= 0xf4) {
+      n = 3, cp = c & 0x07;
+    } else {
+      return false;
+    }
+    if (text.size() - i <= n) return false;
+    for (std::size_t k = 1; k <= n; ++k) {
+      const auto d = static_cast<unsigned char>(text[i + k]);
+      if ((d & 0xc0) != 0x80) return false;
+      cp = (cp << 6) | (d & 0x3f);
+    }
+    if ((n == 2 && cp < 0x800) || (n == 3 && (cp < 0x10000 || cp > 0x10ffff)) ||
+        (cp >= 0xd800 && cp <= 0xdfff))
+      return false;
+    i += n + 1;
+  }
+  return true;
 }
 
 inline void check_labels(const std::vector<label>& labels) {
@@ -62,22 +99,26 @@ inline void check_labels(const std::vector<label>& labels) {
     if (n.starts_with("__"))
       throw std::invalid_argument("prometheus: label name '" + n +
                                   "' starts with '__', which Prometheus reserves");
-    if (n == "le" || n == "code")
+    if (n == "le" || n == "error")
       throw std::invalid_argument("prometheus: label name '" + n +
-                                  "' is one the exposition uses itself (le, code)");
+                                  "' is one the exposition uses itself (le, error)");
+    if (!is_utf8(labels[i].value))
+      throw std::invalid_argument("prometheus: the value of label '" + n +
+                                  "' is not UTF-8, which Prometheus requires");
     for (std::size_t j = 0; j < i; ++j)
       if (labels[j].name == n)
         throw std::invalid_argument("prometheus: label name '" + n + "' given twice");
   }
 }
 
-// The labels as a set, for telling two limiters' series apart.
+// The labels as a set, for telling two limiters' series apart (an empty
+// value is no label, to Prometheus as here).
 inline std::vector<std::pair<std::string_view, std::string_view>> label_set(
     const std::vector<label>& labels) {
   std::vector<std::pair<std::string_view, std::string_view>> set;
   set.reserve(labels.size());
   for (const label& l : labels)
-    set.emplace_back(l.name, l.value);
+    if (!l.value.empty()) set.emplace_back(l.name, l.value);
   std::sort(set.begin(), set.end());
   return set;
 }
@@ -114,10 +155,14 @@ void append_sample(std::string& out, std::string_view prefix, std::string_view n
                    std::string_view extra_value, Value value) {
   out += prefix;
   out += name;
-  if (!labels.empty() || !extra_name.empty()) {
+  bool any = !extra_name.empty();
+  for (const label& l : labels)
+    any = any || !l.value.empty();
+  if (any) {
     out += '{';
     bool first = true;
     for (const label& l : labels) {
+      if (l.value.empty()) continue;  // no label, to Prometheus
       if (!first) out += ',';
       first = false;
       out += l.name;
@@ -168,21 +213,26 @@ inline void append_family(std::string& out, std::string_view prefix, std::string
 /// | `refusals_total` | counter | `refusals` |
 /// | `cancellations_total` | counter | `cancellations` |
 /// | `deadline_expiries_total` | counter | `deadline_expiries` |
-/// | `errors_total{code}` | counter | `errors`, a series per `error_kind_name` |
-/// | `tokens_granted_total` | counter | `tokens_granted` |
-/// | `tokens_given_back_total` | counter | `tokens_given_back` |
+/// | `errors_total{error}` | counter | `errors`, a series per `error_kind_name` |
+/// | `granted_tokens_total` | counter | `tokens_granted` |
+/// | `given_back_tokens_total` | counter | `tokens_given_back` |
 /// | `queued_requests` | gauge | `queued_requests` |
-/// | `tokens_available` | gauge | `tokens_available` |
-/// | `wait_seconds` | histogram | `wait_counts` (as cumulative buckets), `wait_sum_ns` |
+/// | `available_tokens` | gauge | `tokens_available` |
+/// | `wait_seconds` | histogram | `wait_counts` (as cumulative buckets), `wait_sum_us` |
 ///
 /// Every series is written, zeros too, so that rates and ratios exist from
-/// the first scrape. Label values are written as given, escaped (`\\`,
-/// `\"`, `\n`); Prometheus wants them in UTF-8.
+/// the first scrape. Label values are written escaped (`\\`, `\"`, `\n`); a
+/// label with an empty value is left out, as Prometheus would.
+///
+/// Pass every limiter of one exposition in one call: a second call with the
+/// same prefix into the same document repeats the families, which the text
+/// format forbids.
 ///
 /// @throws std::invalid_argument, with nothing appended, if `prefix` is not a
-/// metric name, a label name is not a label name, starts with `__`, is `le`
-/// or `code` (the exposition's own), or is given twice for one limiter, or
-/// two limiters have the same labels (their series would be one).
+/// name (`[a-zA-Z_][a-zA-Z0-9_]*`), a label name is not a name, starts with
+/// `__`, is `le` or `error` (the exposition's own), or is given twice for one
+/// limiter, a label value is not UTF-8, or two limiters have the same labels
+/// (their series would be one).
 inline void write_text(std::string& out, std::span<const labelled_metrics> limiters,
                        std::string_view prefix = "ratelimit") {
   detail::check_prefix(prefix);
@@ -221,12 +271,12 @@ inline void write_text(std::string& out, std::span<const labelled_metrics> limit
        &limiter_metrics::deadline_expiries},
   };
   static constexpr counter tokens[] = {
-      {"tokens_granted_total", "counter", "Tokens granted.", &limiter_metrics::tokens_granted},
-      {"tokens_given_back_total", "counter", "Tokens given back (receipts, refunds).",
+      {"granted_tokens_total", "counter", "Tokens granted.", &limiter_metrics::tokens_granted},
+      {"given_back_tokens_total", "counter", "Tokens given back (receipts, refunds).",
        &limiter_metrics::tokens_given_back},
       {"queued_requests", "gauge", "Requests waiting for their tokens now.",
        &limiter_metrics::queued_requests},
-      {"tokens_available", "gauge", "Whole tokens in the bucket now.",
+      {"available_tokens", "gauge", "Whole tokens in the bucket now.",
        &limiter_metrics::tokens_available},
   };
   auto write_plain = [&](const counter& c) {
@@ -239,7 +289,7 @@ inline void write_text(std::string& out, std::span<const labelled_metrics> limit
   detail::append_family(text, p, "errors_total", "counter", "Requests that failed, by error code.");
   for (const labelled_metrics& l : limiters)
     for (std::size_t i = 0; i < error_kinds; ++i)
-      detail::append_sample(text, p, "errors_total", l.labels, "code", error_kind_name(i),
+      detail::append_sample(text, p, "errors_total", l.labels, "error", error_kind_name(i),
                             l.metrics.errors[i]);
   for (const counter& c : tokens)
     write_plain(c);
@@ -255,7 +305,7 @@ inline void write_text(std::string& out, std::span<const labelled_metrics> limit
     cumulative += l.metrics.wait_counts[wait_histogram_layout::bounds];
     detail::append_sample(text, p, "wait_seconds_bucket", l.labels, "le", "+Inf", cumulative);
     detail::append_sample(text, p, "wait_seconds_sum", l.labels, {}, {},
-                          static_cast<double>(l.metrics.wait_sum_ns) / 1e9);
+                          static_cast<double>(l.metrics.wait_sum_us) / 1e6);
     detail::append_sample(text, p, "wait_seconds_count", l.labels, {}, {}, cumulative);
   }
   out += text;
