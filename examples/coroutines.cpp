@@ -1,6 +1,7 @@
 // A bucket in C++20 coroutines: several coroutines sharing it, a request for
 // several tokens at once, a wait with a deadline (awaitable operators), and
-// try_get_token() to shed load instead of queueing it.
+// try_get_token() to shed load instead of queueing it; and what the bucket
+// counted meanwhile (metrics()).
 #include <ratelimit.hpp>
 
 #include <boost/asio.hpp>
@@ -77,6 +78,13 @@ asio::awaitable<void> demo(asio::io_context& ctx) {
   for (int i = 0; i < 10; ++i)
     (bucket.try_get_token() ? served : shed)++;
   say("   served " + std::to_string(served) + ", shed " + std::to_string(shed));
+
+  say("5. what the bucket counted (metrics(): a snapshot for dashboards and alerts)");
+  const ratelimit::limiter_metrics m = bucket.metrics();
+  say("   " + std::to_string(m.requests) + " requests: " + std::to_string(m.grants) + " granted (" +
+      std::to_string(m.wait_counts[0]) + " at once), " + std::to_string(m.refusals) + " refused, " +
+      std::to_string(m.cancellations) + " cancelled; " + std::to_string(m.tokens_granted) +
+      " tokens");
 }
 
 }  // namespace

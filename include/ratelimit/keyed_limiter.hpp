@@ -57,11 +57,13 @@
 #define RATELIMIT_KEYED_LIMITER_HPP
 
 #include <ratelimit/detail/bucket_impl.hpp>
+#include <ratelimit/detail/metrics_counts.hpp>
 #include <ratelimit/detail/operation.hpp>
 #include <ratelimit/detail/part_source.hpp>
 #include <ratelimit/detail/receipt_handler.hpp>
 #include <ratelimit/detail/waiter.hpp>
 #include <ratelimit/error.hpp>
+#include <ratelimit/metrics.hpp>
 #include <ratelimit/rate.hpp>
 #include <ratelimit/receipt.hpp>
 
@@ -292,7 +294,10 @@ class keyed_impl
   void return_tokens(const Key& key, std::uint64_t n) {
     std::lock_guard lk(mutex_);
     auto it = map_.find(key);
-    if (it == map_.end()) return;
+    if (it == map_.end()) {  // evicted: full, so it has no room; still counted
+      own_.gave_back(n);
+      return;
+    }
     it->second.bucket->return_tokens(n);
     reindex(&it->second);  // fuller: full sooner
   }
@@ -359,6 +364,18 @@ class keyed_impl
     return map_.size();
   }
 
+  /// The totals over every key: the requests that failed before reaching a
+  /// bucket, the evicted buckets' counts, and each live bucket's (with its
+  /// gauges). Under our lock: no key comes or goes meanwhile.
+  limiter_metrics metrics() const {
+    std::lock_guard lk(mutex_);
+    limiter_metrics m = own_.snapshot(0, 0);
+    m += retired_;
+    for (const auto& [key, nd] : map_)
+      m += nd.bucket->metrics();
+    return m;
+  }
+
  private:
   /// A part of a joint request: this limiter's bucket of one key (joint.hpp).
   class key_part final : public part_source<Clock, WaitTraits> {
@@ -370,7 +387,9 @@ class keyed_impl
 
     std::shared_ptr<bucket_type> resolve(std::uint64_t n, boost::system::error_code& ec,
                                          void*& cookie) override {
-      node* nd = limiter_->acquire(key_, n, bucket_type::now_ns(), ec);
+      // (Not counted when refused here: this resolves a joint request's key,
+      // or answers a question about one, retry_after.)
+      node* nd = limiter_->acquire(key_, n, bucket_type::now_ns(), ec, true, false);
       if (!nd) return nullptr;
       ++nd->pins;  // not evicted while another part of the request is resolved
       cookie = nd;
@@ -398,7 +417,15 @@ class keyed_impl
   /// submit() fails the request then, in its place in the bucket's order of
   /// completions. Caller holds the lock.
   node* acquire(const Key& key, std::uint64_t n, std::int64_t now, boost::system::error_code& ec,
-                bool check_existing = true) {
+                bool check_existing = true, bool counted = true) {
+    node* nd = find_or_make(key, n, now, ec, check_existing);
+    // A request that failed before reaching a bucket: counted here (metrics()).
+    if (!nd && counted) own_.ended_as(bucket_type::how_ended(ec));
+    return nd;
+  }
+
+  node* find_or_make(const Key& key, std::uint64_t n, std::int64_t now,
+                     boost::system::error_code& ec, bool check_existing) {
     if (closed_) {
       ec = closed_ec_;
       return nullptr;
@@ -502,6 +529,11 @@ class keyed_impl
           (t <= now || t <= bucket_type::now_ns())) {
         // Nobody else can reach this bucket now: every path to it takes our
         // lock, and it has no waiter for its timer or a cancellation to serve.
+        // What it counted stays in the totals (its gauges are gone with it).
+        limiter_metrics last = b.metrics();
+        last.queued_requests = 0;
+        last.tokens_available = 0;
+        retired_ += last;
         index_.erase(nd->pos);
         map_.erase(*nd->key);
         return true;
@@ -521,7 +553,9 @@ class keyed_impl
   boost::system::error_code closed_ec_;
   map_type map_;
   index_type index_;
-  quota_map quotas_;  // keys' own settings: configuration, kept across eviction
+  quota_map quotas_;         // keys' own settings: configuration, kept across eviction
+  metrics_counts own_;       // requests that failed before reaching a bucket
+  limiter_metrics retired_;  // what the evicted buckets counted
 };
 
 }  // namespace detail
@@ -850,6 +884,21 @@ class basic_keyed_limiter {
 
   /// Keys with a bucket now (at most max_keys()).
   std::size_t size() const { return impl_ ? impl_->size() : 0; }
+
+  /// What the limiter has counted over all its keys (`limiter_metrics`, as
+  /// basic_token_bucket::metrics() counts each bucket): every key's bucket,
+  /// also those evicted since, and the requests that failed before reaching
+  /// a bucket (`too_many_keys`, over a new key's capacity, closed; a joint
+  /// request refused at a key is not counted, there or on its other parts).
+  /// Tokens a receipt gives back to a key evicted meanwhile count too. The
+  /// gauges are the sums over the keys with a bucket now. No counters are
+  /// kept per key beyond its bucket's, so memory stays bounded by
+  /// max_keys(). One snapshot, taken under the limiter's lock: it visits
+  /// every key's bucket (about 50 ns each), so call it per scrape, not per
+  /// request. A moved-from limiter reports zeros.
+  /// @par Thread safety
+  /// May be called from any thread.
+  limiter_metrics metrics() const { return impl_ ? impl_->metrics() : limiter_metrics{}; }
 
   std::size_t max_keys() const noexcept { return impl_ ? impl_->max_keys() : 0; }
 

@@ -7,6 +7,7 @@
 #include <ratelimit/detail/bucket_impl.hpp>
 #include <ratelimit/detail/receipt_handler.hpp>
 #include <ratelimit/error.hpp>
+#include <ratelimit/metrics.hpp>
 #include <ratelimit/rate.hpp>
 #include <ratelimit/receipt.hpp>
 
@@ -365,6 +366,39 @@ class basic_token_bucket {
 
   /// Requests queued now (asynchronous and blocking).
   std::size_t waiting() const { return impl_ ? impl_->waiting() : 0; }
+
+  /// What the bucket has counted since it was made (`limiter_metrics`): its
+  /// requests by how they ended, the tokens granted and given back, the wait
+  /// of every grant; and as gauges, waiting() and available() now (0 while
+  /// requests wait: those tokens are owed to them). One
+  /// consistent snapshot, taken under the bucket's lock: every request made
+  /// is either waiting or counted once by how it ended. Counting is on
+  /// (it costs a store or two under a lock the request takes anyway) unless
+  /// every translation unit is built with `RATELIMIT_NO_METRICS`, which
+  /// compiles it out (the benchmarks' "metrics off" rows).
+  ///
+  /// - A try (`try_get_token`) is a grant or a refusal, or an error when
+  ///   it fails at once (closed, over the capacity).
+  /// - A joint request counts on every bucket it names, as its requester
+  ///   saw it end (granted, with its wait; or failed, refused, cancelled).
+  /// - A request cancelled or failed counts no tokens; tokens a receipt
+  ///   gives back count in `tokens_given_back`.
+  /// - A blocking request whose deadline comes before its tokens (known at
+  ///   once, or when its thread wakes) is a deadline expiry; one that cannot
+  ///   block (`would_deadlock`) is an error.
+  /// - Destroying the bucket cancels its waiters (counted, though nobody can
+  ///   read them); close() fails them with `bucket_closed` (errors).
+  /// - With an executor whose post allocates and throws, a grant at once
+  ///   whose completion cannot be posted is counted as granted and its
+  ///   tokens as given back (the call throws and takes nothing).
+  /// - A rate_limited_stream's takes are tries on its buckets, as counted
+  ///   here: one refused take may count as two refusals, and a take past the
+  ///   capacity as an error per halving (streams will get counts of their own).
+  ///
+  /// A moved-from bucket reports zeros.
+  /// @par Thread safety
+  /// May be called from any thread.
+  limiter_metrics metrics() const { return impl_ ? impl_->metrics() : limiter_metrics{}; }
 
   std::uint64_t capacity() const { return impl_ ? impl_->capacity() : 0; }
 

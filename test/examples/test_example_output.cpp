@@ -90,6 +90,8 @@ BOOST_AUTO_TEST_CASE(coroutines_shows_each_feature) {
       {700, "   within 500 ms: sent"},
       {700, "4. load shedding: 10 requests arrive at once, try_get_token() serves what it can"},
       {1100, "   served 4, shed 6"},
+      {1100, "5. what the bucket counted (metrics(): a snapshot for dashboards and alerts)"},
+      {1100, "   19 requests: 12 granted (8 at once), 6 refused, 1 cancelled; 15 tokens"},
   };
   const auto lines = lines_of(out);
   BOOST_REQUIRE_EQUAL(lines.size(), expected.size());
@@ -120,16 +122,18 @@ BOOST_AUTO_TEST_CASE(http_download_demo_keeps_to_its_byte_rates) {
   BOOST_REQUIRE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
   const auto lines = lines_of(out);
   BOOST_REQUIRE(lines.size() >= 5);
-  BOOST_TEST(std::regex_match(
-      lines[0],
-      std::regex("2 clients download 196608 bytes from http://127\\.0\\.0\\.1:[0-9]+/, 0\\.5 s apart")),
+  BOOST_TEST(
+      std::regex_match(lines[0], std::regex("2 clients download 196608 bytes from "
+                                            "http://127\\.0\\.0\\.1:[0-9]+/, 0\\.5 s apart")),
       lines[0]);
   BOOST_TEST(lines[1] ==
              "limits: 195.3 KiB/s per connection, 293.0 KiB/s for the server (burst 16384 bytes)");
   const std::regex progress(" *([0-9.]+) s  client ([12]): +([0-9]+) bytes  ([0-9.]+) KiB/s");
-  const std::regex done("client ([12]): 196608 bytes in ([0-9.]+) s \\(([0-9.]+) KiB/s\\), "
-                        "complete and intact");
-  const std::regex all("all: 393216 bytes in ([0-9.]+) s \\(([0-9.]+) KiB/s; limit 293\\.0 KiB/s\\)");
+  const std::regex done(
+      "client ([12]): 196608 bytes in ([0-9.]+) s \\(([0-9.]+) KiB/s\\), "
+      "complete and intact");
+  const std::regex all(
+      "all: 393216 bytes in ([0-9.]+) s \\(([0-9.]+) KiB/s; limit 293\\.0 KiB/s\\)");
   int finished = 0;
   bool summed = false;
   for (std::size_t i = 2; i < lines.size(); ++i) {

@@ -9,8 +9,8 @@
 // step the harness lets the io_context run until it is quiet and compares the
 // bucket with test/model/token_bucket_model.hpp: which requests completed, in
 // what order, with which error; available(), waiting(), capacity(), the rate,
-// is_open(). At the end the bucket is destroyed and every request must have
-// completed exactly once.
+// is_open(), metrics() (what the model counted). At the end the bucket is destroyed and every
+// request must have completed exactly once.
 //
 // Timers without real time: the bucket's clock is the manual clock, and the
 // wait traits return zero, so the reactor never sleeps; this file is built
@@ -30,6 +30,7 @@
 #include "../model/token_bucket_model.hpp"
 #include "manual_clock.hpp"
 
+#include <ratelimit/metrics.hpp>
 #include <ratelimit/token_bucket.hpp>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
@@ -37,6 +38,7 @@
 #include <boost/asio/io_context.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -493,6 +495,44 @@ class harness {
     CHECK_EQ(bucket_->get_rate().tokens, model_->rate().tokens, "get_rate().tokens");
     CHECK_EQ(bucket_->get_rate().period.count(), model_->rate().period, "get_rate().period");
     CHECK_EQ(bucket_->is_open(), model_->is_open(), "is_open()");
+    check_metrics();
+  }
+
+  /// metrics() against what the model counted (every request made and how it
+  /// ended, each grant's wait), with the gauges as the model has them now.
+  void check_metrics() {
+    const ratelimit::limiter_metrics m = bucket_->metrics();
+    const model::token_bucket_model::counts& c = model_->counted();
+    namespace rerr = ratelimit::error;
+    CHECK_EQ(m.requests, c.requests, "metrics: requests");
+    CHECK_EQ(m.grants, c.waits.size(), "metrics: grants");
+    CHECK_EQ(m.refusals, c.refusals, "metrics: refusals");
+    CHECK_EQ(m.cancellations, c.cancellations, "metrics: cancellations");
+    CHECK_EQ(m.deadline_expiries, 0u, "metrics: deadline expiries");
+    CHECK_EQ(m.errors[rerr::bucket_closed], c.closed, "metrics: bucket_closed errors");
+    CHECK_EQ(m.errors[rerr::exceeds_capacity], c.over_capacity, "metrics: exceeds_capacity errors");
+    std::uint64_t errors = 0;
+    for (std::uint64_t e : m.errors)
+      errors += e;
+    CHECK_EQ(errors, c.closed + c.over_capacity, "metrics: errors of other kinds");
+    // Modulo 2^64, as the counters wrap (capacities near 2^64 add up past it).
+    CHECK_EQ(m.tokens_granted, static_cast<std::uint64_t>(model_->granted_tokens()),
+             "metrics: tokens granted");
+    CHECK_EQ(m.tokens_given_back, static_cast<std::uint64_t>(model_->given_back_tokens()),
+             "metrics: tokens given back");
+    std::array<std::uint64_t, ratelimit::wait_histogram_layout::buckets> hist{};
+    std::uint64_t sum_us = 0;
+    for (const std::uint64_t w : c.waits) {  // (a wait past INT64_MAX ns: the last bucket)
+      ++hist[ratelimit::wait_histogram_layout::bucket_of(
+          static_cast<std::int64_t>(std::min<std::uint64_t>(w, max_time)))];
+      sum_us += w / 1000;
+    }
+    for (std::size_t b = 0; b < hist.size(); ++b)
+      CHECK_EQ(m.wait_counts[b], hist[b], "metrics: a wait histogram bucket");
+    CHECK_EQ(m.wait_sum_us, sum_us, "metrics: the sum of the waits");
+    CHECK_EQ(m.queued_requests, model_->waiting(), "metrics: queued requests");
+    CHECK_EQ(m.tokens_available, model_->waiting() == 0 ? model_->available(now()) : 0,
+             "metrics: available tokens (none while requests wait)");
   }
 
   /// Runs the io_context until it has nothing to run (every due timer has

@@ -39,6 +39,11 @@
 // (A change to the same rate in lowest terms changes nothing: the level is
 // then a multiple of 1/(u * 2^64) already.)
 //
+// What the bucket counts (metrics(), as token_bucket.hpp documents it) is
+// kept from the same events: every request made (tries too) and how it ended
+// (granted, with its wait from its arrival to the instant of its grant;
+// refused; cancelled; failed closed or over the capacity), in `counted()`.
+//
 // The order of completions within one call, where several complete at once:
 // - close(), cancel_all(), destroy(): the queued waiters, front to back.
 // - set_capacity(): those now over the capacity (front to back), then the grants.
@@ -113,6 +118,7 @@ class token_bucket_model {
   /// async_get_token(n) at `now`; the request gets the next id (0, 1, 2...).
   std::uint64_t request(std::uint64_t n, std::int64_t now) {
     const std::uint64_t id = next_id_++;
+    ++counted_.requests;
     if (closed_) {
       complete(id, result::closed);
     } else if (n > capacity_) {
@@ -121,6 +127,7 @@ class token_bucket_model {
       see(now);
       if (has(n)) {
         take(n);
+        counted_.waits.push_back(0);
         complete(id, result::granted);
       } else {
         queue_.push_back({id, n, now});
@@ -132,10 +139,26 @@ class token_bucket_model {
   }
 
   bool try_get(std::uint64_t n, std::int64_t now) {
-    if (closed_ || !queue_.empty() || n > capacity_) return false;
+    ++counted_.requests;
+    if (closed_) {
+      ++counted_.closed;
+      return false;
+    }
+    if (n > capacity_) {
+      ++counted_.over_capacity;
+      return false;
+    }
+    if (!queue_.empty()) {  // (not served here: the queue waits for its timer)
+      ++counted_.refusals;
+      return false;
+    }
     see(now);
-    if (!has(n)) return false;
+    if (!has(n)) {
+      ++counted_.refusals;
+      return false;
+    }
     take(n);
+    counted_.waits.push_back(0);
     return true;
   }
 
@@ -167,7 +190,7 @@ class token_bucket_model {
   /// retry_after(n) (nothing when the request can never be granted).
   bool try_get_or_wait(std::uint64_t n, std::int64_t now, std::optional<std::int64_t>& wait) {
     wait.reset();
-    if (closed_ || n > capacity_) return false;
+    if (closed_ || n > capacity_) return try_get(n, now);  // (counts the failure)
     serve(now);
     if (try_get(n, now)) {
       wait = 0;
@@ -313,6 +336,17 @@ class token_bucket_model {
   /// Total tokens given back so far (before the cap).
   u128 given_back_tokens() const { return given_back_; }
 
+  /// What the bucket is to count: every request made and how it ended.
+  struct counts {
+    std::uint64_t requests = 0;  // made: tries, asynchronous requests
+    std::uint64_t refusals = 0;  // tries that found the tokens not there (or a queue)
+    std::uint64_t cancellations = 0;
+    std::uint64_t closed = 0;          // failed: bucket_closed
+    std::uint64_t over_capacity = 0;   // failed: exceeds_capacity
+    std::vector<std::uint64_t> waits;  // per grant, from the request to the grant (ns)
+  };
+  const counts& counted() const { return counted_; }
+
  private:
   struct waiter {
     std::uint64_t id;
@@ -380,6 +414,9 @@ class token_bucket_model {
       see(at);
       if (!has(w.n)) break;  // due after the end of representable time: never
       take(w.n);
+      // (In exact arithmetic: from before the clock's epoch to the end of time
+      // the wait exceeds INT64_MAX ns.)
+      counted_.waits.push_back((integer(at) - w.queued_at).convert_to<std::uint64_t>());
       complete(w.id, result::granted);
       queue_.pop_front();
     }
@@ -394,13 +431,19 @@ class token_bucket_model {
     return n;
   }
 
-  void complete(std::uint64_t id, result how) { completions_.push_back({id, how}); }
+  void complete(std::uint64_t id, result how) {
+    completions_.push_back({id, how});
+    if (how == result::aborted) ++counted_.cancellations;
+    if (how == result::closed) ++counted_.closed;
+    if (how == result::exceeds_capacity) ++counted_.over_capacity;
+  }
 
   std::uint64_t capacity_;
   model_rate rate_;
   std::int64_t now_;
   rational level_;  // tokens
   u128 given_back_ = 0;
+  counts counted_;
   bool closed_ = false;
   std::list<waiter> queue_;
   std::uint64_t next_id_ = 0;

@@ -17,6 +17,10 @@
 // (except the timer, made once, on the first wait): waiters leaving the queue
 // are collected in a ready_list and completed after unlocking.
 //
+// Metrics: every request is counted where it is decided, under the lock that
+// decides it (metrics_counts.hpp): counts_ while solo, the scheduler's while
+// in the joint group (it moves there and back with the state).
+//
 // Exception safety: everything that can throw happens before a request is
 // queued or takes tokens (the operation's allocation, the cancellation
 // handler, the timer), and a request that throws there leaves no trace.
@@ -28,6 +32,7 @@
 
 #include <ratelimit/detail/bucket_state.hpp>
 #include <ratelimit/detail/joint_group.hpp>
+#include <ratelimit/detail/metrics_counts.hpp>
 #include <ratelimit/detail/operation.hpp>
 #include <ratelimit/detail/receipt_target.hpp>
 #include <ratelimit/detail/spin_mutex.hpp>
@@ -84,14 +89,27 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     return t > max_time - d ? max_time : t + d;
   }
 
+  /// How a request that ends with `ec` is counted (metrics_counts::ended_as).
+  /// (Also for the layers above, which fail requests before a bucket.)
+  static std::size_t how_ended(const boost::system::error_code& ec) noexcept {
+    if (ec == boost::asio::error::operation_aborted) return ended_cancelled;
+    if (ec == boost::asio::error::timed_out) return ended_expired;
+    return error_kind_of(ec);
+  }
+
   // --- requests -----------------------------------------------------------
 
   bool try_get(std::uint64_t n) {
     const std::int64_t now = now_ns();
     return route(
         [&] {
-          if (closed_ || !queue_.empty() || n > state_.capacity()) return false;
-          return state_.try_take(now, n);
+          if (closed_ || n > state_.capacity()) return fails_at_once();
+          if (queue_.empty() && state_.try_take(now, n)) {
+            counts_.granted(n);
+            return true;
+          }
+          counts_.refused();
+          return false;
         },
         [&](std::size_t s) { return sched().try_get(one(s, n), now) == joint_outcome::granted; });
   }
@@ -121,12 +139,14 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     wait.reset();
     return route(
         [&] {
-          if (closed_ || n > state_.capacity()) return false;
+          if (closed_ || n > state_.capacity()) return fails_at_once();
           serve(now, ready);
           if (queue_.empty() && state_.try_take(now, n)) {
+            counts_.granted(n);
             wait = 0;
             return true;
           }
+          counts_.refused();
           wait = wait_from(now, n);
           return false;
         },
@@ -168,11 +188,15 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
           [&] {
             if (closed_) {
               ec = closed_ec_;
+              counts_.ended_as(how_ended(ec));
             } else if (n > state_.capacity()) {
               ec = error::exceeds_capacity;
+              counts_.ended_as(error::exceeds_capacity);
             } else if (!(queue_.empty() && state_.try_take(now, n))) {
               enqueue(w, now);  // (leaves no trace if it throws)
               return true;
+            } else {
+              counts_.granted(n);
             }
             w->unlink();  // never queued: nothing to cancel
             posted_ = true;
@@ -217,7 +241,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
         lk.unlock();
         if (!checked) {
           ec = blocking_wait_error(executor_);
-          if (ec) return false;
+          if (ec) return count_ended(how_ended(ec));
           checked = true;
         }
         if (!w) w.emplace(n, deadline);
@@ -232,25 +256,31 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
       }
       if (closed_) {
         ec = closed_ec_;
-        return false;
+        return fails_at_once();
       }
       if (n > state_.capacity()) {
         ec = error::exceeds_capacity;
-        return false;
+        return fails_at_once();
       }
       // Due requests first (as the timer would grant them): a head whose
       // tokens are there is no reason to wait.
       serve(now, ready);
-      if (queue_.empty() && state_.try_take(now, n)) return true;
+      if (queue_.empty() && state_.try_take(now, n)) {
+        counts_.granted(n);
+        return true;
+      }
       // Known at once: the request would be granted after the deadline (the
       // queue served as serve() will serve it: see wait_from).
-      if (deadline != max_time && add_ns(now, wait_from(now, n)) > deadline) return false;
+      if (deadline != max_time && add_ns(now, wait_from(now, n)) > deadline) {
+        counts_.ended_as(ended_expired);
+        return false;
+      }
       if (!checked) {
         // Asked outside the lock (it may consult thread-local state of the
         // context), then everything is decided again.
         lk.unlock();
         ec = blocking_wait_error(executor_);
-        if (ec) return false;
+        if (ec) return count_ended(how_ended(ec));
         checked = true;
         continue;
       }
@@ -297,6 +327,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
         [&] {
           serve(now, ready);
           state_.give_back(n);
+          counts_.gave_back(n);
           tail_.reset();
           serve(now, ready);
           return true;
@@ -339,6 +370,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
           if (!w || !w->queued) return true;
           const bool was_head = queue_.front() == w;
           dequeue(w);
+          counts_.ended_as(ended_cancelled);
           if (was_head) serve(now, ready);  // the waiters behind, as if it had never been
           ready.push_back(w, boost::asio::error::operation_aborted);
           return true;
@@ -410,7 +442,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
             closed_ec_ = ec;
           }
           group().closing(ec);
-          sched().close(s, now);
+          sched().close(s, now, how_ended(ec));
           return true;
         });
   }
@@ -437,6 +469,22 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
           return state_.available();
         },
         [&](std::size_t s) { return sched().available(s, now); });
+  }
+
+  /// What the bucket has counted (metrics_counts.hpp), with the gauges as of
+  /// now: the queued requests and available(), after serving the due ones.
+  limiter_metrics metrics() {
+    const std::int64_t now = now_ns();
+    ready_list ready(executor_, &posted_);
+    return route(
+        [&] {
+          serve(now, ready);
+          return counts_.snapshot(queue_.size(), state_.available());
+        },
+        [&](std::size_t s) {
+          const std::uint64_t tokens = sched().available(s, now);
+          return sched().counts(s).snapshot(sched().queued_on(s), tokens);
+        });
   }
 
   /// The requests queued on this bucket (in a joint group: naming it).
@@ -512,6 +560,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
             waiter_base* next = w->next;
             if (w->tokens > capacity) {
               dequeue(w);
+              counts_.ended_as(error::exceeds_capacity);
               ready.push_back(w, error::exceeds_capacity);
             }
             w = next;
@@ -558,6 +607,28 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
       throw std::invalid_argument("ratelimit: initial tokens (" + std::to_string(initial) +
                                   ") exceed the capacity (" + std::to_string(capacity) + ")");
     return initial;
+  }
+
+  /// Counts a request failing at once on a solo bucket
+  /// (closed, or over the capacity; under the lock); returns false.
+  bool fails_at_once() noexcept {
+    counts_.ended_as(closed_ ? how_ended(closed_ec_) : std::size_t{error::exceeds_capacity});
+    return false;
+  }
+
+  /// Counts a request that ended as `how` outside the lock
+  /// that decides it (e.g. for want of a thread to block); returns false.
+  bool count_ended(std::size_t how) {
+    route(
+        [&] {
+          counts_.ended_as(how);
+          return true;
+        },
+        [&](std::size_t s) {
+          sched().count_ended_on(s, how);
+          return true;
+        });
+    return false;
   }
 
   /// Takes `w` out of the queue other than by granting it as the head.
@@ -648,6 +719,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
       const std::int64_t at = std::max(state_.ready_at(w->tokens), w->queued_at);
       if (w->timed && at > static_cast<sync_waiter*>(w)->deadline) {
         dequeue(w);
+        counts_.ended_as(ended_expired);
         ready.push_back(w, boost::asio::error::timed_out);
         continue;
       }
@@ -655,6 +727,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
       state_.refill(at);
       if (!state_.has(w->tokens)) break;  // only at the saturated end of time
       state_.take(w->tokens);
+      counts_.granted(w->tokens, w->queued_at, at);
       pop_granted(w);
       ready.push_back(w, {});
     }
@@ -666,6 +739,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   }
 
   void drain(ready_list& ready, boost::system::error_code ec) {
+    counts_.ended_as(how_ended(ec), queue_.size());
     ready.take_all(queue_, ec);
     queued_tokens_ = 0;
     tail_.reset();
@@ -687,6 +761,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
           if (!w->queued) return false;
           const bool was_head = queue_.front() == w;
           dequeue(w);
+          counts_.ended_as(ended_expired);
           if (was_head) serve(now, ready);
           return true;
         }
@@ -750,7 +825,7 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
   blocked block_grouped(sync_waiter& w, std::size_t s, std::int64_t now, std::int64_t deadline,
                         std::future<boost::system::error_code>& result,
                         boost::system::error_code& ec) {
-    const auto r = sched().try_get(one(s, w.tokens), now);
+    const auto r = sched().try_get(one(s, w.tokens), now, false);
     if (r == joint_outcome::granted) return blocked::granted;
     if (r == joint_outcome::closed) {
       std::lock_guard lk(mutex_);
@@ -763,7 +838,10 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     }
     if (deadline != max_time) {
       const auto wait = sched().retry_after(one(s, w.tokens), now);
-      if (!wait || add_ns(now, *wait) > deadline) return blocked::failed;
+      if (!wait || add_ns(now, *wait) > deadline) {
+        sched().count_ended_on(s, ended_expired);
+        return blocked::failed;
+      }
     }
     result = w.get_future();
     submit_grouped(&w, s, now);
@@ -810,18 +888,22 @@ class bucket_impl : public std::enable_shared_from_this<bucket_impl<Clock, WaitT
     }
   };
 
+  // What a try or a grant at once touches comes first, together (the lock,
+  // where the bucket is, the state, the queue's head, the hot counters):
+  // two threads trying the same bucket bounce as few cache lines as can be.
   mutable spin_mutex mutex_;
+  bool closed_ = false;
+  bool posted_ = false;                  // a completion was posted since on_timer() last ran
+  std::size_t slot_ = group_type::solo;  // in the joint group: its number there
   bucket_state state_;
+  waiter_queue queue_;
+  metrics_counts counts_;             // while solo (in the group: the scheduler's)
   mutable std::optional<tail> tail_;  // when valid (see wait_from)
   ratelimit::rate rate_;
-  waiter_queue queue_;
   uint128 queued_tokens_ = 0;  // sum of the queued requests
   executor_type executor_;
   timer_driver<Clock, WaitTraits> timer_;
-  bool closed_ = false;
   boost::system::error_code closed_ec_;  // what requests get once closed
-  std::size_t slot_ = group_type::solo;  // in the joint group: its number there
-  bool posted_ = false;                  // a completion was posted since on_timer() last ran
   std::weak_ptr<void> self_;             // set by make(), for receipts
 };
 

@@ -172,6 +172,7 @@ class joint_group {
       if (deadline != max_time) {
         const auto wait = x_->retry_after(ps, now);
         if (wait && bucket_type::add_ns(now, *wait) > deadline) {
+          x_->count_ended(ps, ended_expired);
           settle(done);
           return false;
         }
@@ -194,13 +195,13 @@ class joint_group {
   /// would wait (joint_scheduler::retry_after), when not granted.
   std::optional<joint_outcome> try_get(std::span<const part_type> parts, std::int64_t now,
                                        std::optional<std::int64_t>* wait,
-                                       boost::system::error_code& closed) {
+                                       boost::system::error_code& closed, bool is_try) {
     group_batch done;
     std::lock_guard lk(mutex_);
     std::optional<joint_outcome> r;
     try {
       std::vector<joint_part> ps = join_all(parts, now);
-      r = x_->try_get(ps, now);
+      r = x_->try_get(ps, now, is_try);
       if (r == joint_outcome::closed) closed = closed_ec_;
       if (wait)
         *wait = r ? (*r == joint_outcome::granted ? std::optional<std::int64_t>(0) : std::nullopt)
@@ -249,7 +250,7 @@ class joint_group {
     solo_answer a;
     try {
       lock_all lk(parts);  // (may throw std::bad_alloc before locking anything)
-      a = decide_solo(parts, now, true, false);
+      a = decide_solo(parts, now, true, false, counting::outcome);
       if (!a.decided || !(a.granted || a.ec)) {
         a.decided = false;
       } else {
@@ -286,11 +287,12 @@ class joint_group {
   /// refused; `wait`, when given, says how long a request made now would
   /// wait (0 when granted; nothing when it fails).
   static bool try_take(std::span<const part_type> parts, std::optional<std::int64_t>* wait,
-                       boost::system::error_code& ec) {
+                       boost::system::error_code& ec, bool is_try = true) {
     const std::int64_t now = bucket_type::now_ns();
     {
       lock_all lk(parts);
-      const solo_answer a = decide_solo(parts, now, true, wait != nullptr);
+      const solo_answer a = decide_solo(parts, now, true, wait != nullptr,
+                                        is_try ? counting::try_ : counting::outcome);
       if (a.decided) {
         ec = a.ec;
         if (wait) *wait = a.ec ? std::nullopt : a.wait;
@@ -298,7 +300,7 @@ class joint_group {
       }
     }
     boost::system::error_code closed;
-    const auto r = instance().try_get(parts, now, wait, closed);
+    const auto r = instance().try_get(parts, now, wait, closed, is_try);
     ec = outcome_error(r, closed);
     return r == joint_outcome::granted;
   }
@@ -310,7 +312,7 @@ class joint_group {
     const std::int64_t now = bucket_type::now_ns();
     {
       lock_all lk(parts);
-      const solo_answer a = decide_solo(parts, now, false, true);
+      const solo_answer a = decide_solo(parts, now, false, true, counting::none);
       if (a.decided) {
         ec = a.ec;
         return a.ec ? std::nullopt : a.wait;
@@ -333,11 +335,17 @@ class joint_group {
     const std::int64_t deadline =
         timeout == max_time ? max_time : bucket_type::add_ns(now, timeout);
     std::optional<std::int64_t> wait;
-    if (try_take(parts, &wait, ec)) return true;
+    if (try_take(parts, &wait, ec, false)) return true;
     if (ec) return false;
-    if (!wait || (deadline != max_time && bucket_type::add_ns(now, *wait) > deadline)) return false;
+    if (!wait || (deadline != max_time && bucket_type::add_ns(now, *wait) > deadline)) {
+      instance().count_each(parts, ended_expired);
+      return false;
+    }
     ec = blocking_wait_error(parts.front().bucket->get_executor());
-    if (ec) return false;
+    if (ec) {
+      instance().count_each(parts, bucket_type::how_ended(ec));
+      return false;
+    }
     sync_waiter w(0, deadline);
     std::future<boost::system::error_code> result = w.get_future();
     if (!instance().submit(parts, &w, now, deadline)) return false;  // (requests came ahead)
@@ -414,6 +422,24 @@ class joint_group {
     boost::container::small_vector<bucket_type*, 4> locked_;  // (a few: no allocation)
   };
 
+  /// Counts a request of `parts` that ended as `how` (metrics_counts) on
+  /// each bucket, where it is (solo, or in the group), e.g. one known at
+  /// once to be granted only after its deadline.
+  void count_each(std::span<const part_type> parts, std::size_t how) {
+    std::lock_guard lk(mutex_);
+    for (const part_type& p : parts) {
+      std::lock_guard blk(p.bucket->mutex_);  // (`slot_` changes only under both)
+      if (p.bucket->slot_ == solo)
+        p.bucket->counts_.ended_as(how);
+      else
+        x_->count_ended_on(p.bucket->slot_, how);
+    }
+  }
+
+  /// What decide_solo counts: nothing (a question), how the request ended
+  /// when it did (granted, failed), or that and a refusal (a try).
+  enum class counting { none, outcome, try_ };
+
   struct solo_answer {
     bool decided = false;  // false: a bucket is in the group or has a queue (the group decides)
     bool granted = false;
@@ -427,19 +453,26 @@ class joint_group {
   /// taken), else refused, with the wait when asked for: the latest of the
   /// buckets' (each, with nobody queued, keeps its part once it has it).
   static solo_answer decide_solo(std::span<const part_type> parts, std::int64_t now, bool take,
-                                 bool want_wait) {
+                                 bool want_wait, counting count) {
     solo_answer a;
     for (const part_type& p : parts)
       if (p.bucket->slot_ != solo) return a;
     a.decided = true;
+    auto count_ended = [&](std::size_t how) {
+      if (count != counting::none)
+        for (const part_type& p : parts)
+          p.bucket->counts_.ended_as(how);
+    };
     for (const part_type& p : parts)
       if (p.bucket->closed_) {
         a.ec = p.bucket->closed_ec_;
+        count_ended(bucket_type::how_ended(a.ec));
         return a;
       }
     for (const part_type& p : parts)
       if (p.n > p.bucket->state_.capacity()) {
         a.ec = error::exceeds_capacity;
+        count_ended(error::exceeds_capacity);
         return a;
       }
     for (const part_type& p : parts)
@@ -455,12 +488,17 @@ class joint_group {
     }
     if (all) {
       if (take)
-        for (const part_type& p : parts)
+        for (const part_type& p : parts) {
           p.bucket->state_.try_take(now, p.n);
+          if (count != counting::none) p.bucket->counts_.granted(p.n);
+        }
       a.granted = true;
       a.wait = 0;
       return a;
     }
+    if (count == counting::try_)
+      for (const part_type& p : parts)
+        p.bucket->counts_.refused();
     if (want_wait) {
       std::int64_t w = 0;
       for (const part_type& p : parts)
@@ -499,7 +537,7 @@ class joint_group {
       members_.clear();
     }
     x_->reserve_completions(b.queue_.size() + 1);
-    const std::size_t s = x_->add_bucket(b.state_, now);
+    const std::size_t s = x_->add_bucket(b.state_, now, b.counts_);
     // Its queue moves in, in order, each request made when it came; if one
     // cannot (std::bad_alloc), those moved go back and the bucket stays solo.
     std::vector<std::uint64_t> moved;
@@ -531,8 +569,8 @@ class joint_group {
     b.queued_tokens_ = 0;
     b.tail_.reset();
     b.timer_.disarm();
-    if (b.closed_) x_->close(s, now);  // (its queue is empty)
-    x_->serve_due(now);                // what moved in and is due
+    if (b.closed_) x_->close(s, now, bucket_type::how_ended(b.closed_ec_));  // (its queue is empty)
+    x_->serve_due(now);  // what moved in and is due
     return s;
   }
 
@@ -588,6 +626,7 @@ class joint_group {
       return;
     }
     std::lock_guard lk(b.mutex_);
+    b.counts_ = x_->counts(s);
     b.state_ = x_->remove_bucket(s);  // (no request names it now)
     b.slot_ = solo;
     // The group posted its completions: the bucket's timer must not dispatch

@@ -13,11 +13,16 @@
 // re-plan and grant what becomes due, as of now. Completions are appended to
 // a list the caller drains.
 //
+// Each bucket's counts (metrics_counts.hpp) live here while it is a member:
+// every request naming it is counted on it where it is decided (a joint
+// request on each of its buckets), and the counts go back with the bucket.
+//
 #ifndef RATELIMIT_DETAIL_JOINT_SCHEDULER_HPP
 #define RATELIMIT_DETAIL_JOINT_SCHEDULER_HPP
 
 #include <ratelimit/detail/bucket_state.hpp>
 #include <ratelimit/detail/joint_plan.hpp>
+#include <ratelimit/detail/metrics_counts.hpp>
 
 #include <boost/container/small_vector.hpp>
 #include <boost/intrusive/set.hpp>
@@ -70,15 +75,19 @@ class joint_scheduler {
   }
 
   /// A bucket in state `s` (as a bucket that had its own queue leaves it:
-  /// refilled to now here); returns its number, reusing the number of a
-  /// removed bucket. Throws std::bad_alloc with nothing added.
-  std::size_t add_bucket(const bucket_state& s, std::int64_t now) {
+  /// refilled to now here), having counted `counts` so far; returns its
+  /// number, reusing the number of a removed bucket. Throws std::bad_alloc
+  /// with nothing added.
+  std::size_t add_bucket(const bucket_state& s, std::int64_t now,
+                         const metrics_counts& counts = {}) {
     serve(now);
     std::size_t b;
     if (!free_.empty()) {
       b = free_.back();
       states_[b] = s;
+      counts_[b] = counts;
       closed_[b] = false;
+      closed_as_[b] = error::bucket_closed;
       parts_[b] = 0;
       tokens_[b] = 0;
       multi_[b] = 0;
@@ -86,13 +95,17 @@ class joint_scheduler {
     } else {
       free_.reserve(states_.size() + 1);  // so that remove_bucket() never allocates
       states_.reserve(states_.size() + 1);
+      counts_.reserve(counts_.size() + 1);
       closed_.reserve(closed_.size() + 1);
+      closed_as_.reserve(closed_as_.size() + 1);
       parts_.reserve(parts_.size() + 1);
       tokens_.reserve(tokens_.size() + 1);
       multi_.reserve(multi_.size() + 1);
       b = states_.size();
       states_.push_back(s);
+      counts_.push_back(counts);
       closed_.push_back(false);
+      closed_as_.push_back(error::bucket_closed);
       parts_.push_back(0);
       tokens_.push_back(0);
       multi_.push_back(0);
@@ -127,6 +140,7 @@ class joint_scheduler {
     serve(now);
     const std::uint64_t id = next_id_++;
     if (const auto fail = fails_at_once(parts)) {
+      count_failed(parts, *fail);
       complete(id, *fail, tag);
     } else {
       auto it =
@@ -169,18 +183,30 @@ class joint_scheduler {
 
   /// Grants now (`granted`) exactly when a request made now would be placed
   /// at now; nothing when refused for want of tokens; or the at-once failure.
-  /// Takes no id and changes no queued request's T.
-  std::optional<joint_outcome> try_get(std::span<const joint_part> parts, std::int64_t now) {
+  /// Takes no id and changes no queued request's T. Counts the grant or the
+  /// failure on each part's bucket, and the refusal too when `is_try` (not
+  /// when the caller goes on to queue the request).
+  std::optional<joint_outcome> try_get(std::span<const joint_part> parts, std::int64_t now,
+                                       bool is_try = true) {
     check_parts(parts);
     serve(now);
-    if (const auto fail = fails_at_once(parts)) return fail;
+    if (const auto fail = fails_at_once(parts)) {
+      count_failed(parts, *fail);
+      return fail;
+    }
     const auto t = planner().place(parts, now_);
-    if (!t || *t != now_) return std::nullopt;
+    if (!t || *t != now_) {
+      if (is_try)
+        for (const joint_part& q : parts)
+          counts_[q.bucket].refused();
+      return std::nullopt;
+    }
     // Taken at now, after every planned take at now: no queued request's T
     // moves (joint_model.hpp), so the plan stands.
     for (const joint_part& q : parts) {
       states_[q.bucket].take(q.n);
       plan_->refresh(q.bucket);
+      counts_[q.bucket].granted(q.n);
     }
     return joint_outcome::granted;
   }
@@ -199,12 +225,15 @@ class joint_scheduler {
 
   void serve_due(std::int64_t now) { serve(now); }
 
-  void cancel(std::uint64_t id, std::int64_t now) { cancel_at(id, now, now); }
+  void cancel(std::uint64_t id, std::int64_t now) { cancel_at(id, now, now, ended_cancelled); }
 
   /// A deadline passed at `until` (<= now): grants what was due by then,
   /// then cancels `id` if it is still queued (true), then grants what is due
   /// at `now`. So a request whose T is after its deadline is never granted.
-  bool cancel_at(std::uint64_t id, std::int64_t until, std::int64_t now) {
+  /// Counted as `how` (metrics_counts::ended_as) on its buckets: by default
+  /// as a deadline's expiry.
+  bool cancel_at(std::uint64_t id, std::int64_t until, std::int64_t now,
+                 std::size_t how = ended_expired) {
     serve(std::min(until, now));
     const auto it = queued_.find(id);
     if (it == queued_.end()) {
@@ -212,6 +241,7 @@ class joint_scheduler {
       return false;
     }
     void* tag = it->second.tag;
+    count_ended(it->second.parts, how);
     forget(it);
     invalidate();
     serve(std::max(now, now_));  // (as of the latest time seen: the clock may have gone back)
@@ -229,16 +259,20 @@ class joint_scheduler {
   void cancel_on(std::size_t b, std::int64_t now) {
     check_bucket(b);
     serve(now);
-    fail_queued_on(b, joint_outcome::aborted, std::nullopt);
+    fail_queued_on(b, joint_outcome::aborted, std::nullopt, ended_cancelled);
     invalidate();
     serve(now_);
   }
 
-  void close(std::size_t b, std::int64_t now) {
+  /// Closes bucket `b`: its queued requests, and later requests naming it,
+  /// fail `closed`, counted as `closed_as` (an error index, or
+  /// ended_cancelled when the bucket is being destroyed).
+  void close(std::size_t b, std::int64_t now, std::size_t closed_as = error::bucket_closed) {
     check_bucket(b);
     serve(now);
     closed_[b] = true;
-    fail_queued_on(b, joint_outcome::closed, std::nullopt);
+    closed_as_[b] = closed_as;
+    fail_queued_on(b, joint_outcome::closed, std::nullopt, closed_as);
     invalidate();
     serve(now_);
   }
@@ -251,7 +285,7 @@ class joint_scheduler {
     check_capacity(c);
     serve(now);
     states_[b].set_capacity(c, full_stays_full);
-    fail_queued_on(b, joint_outcome::exceeds_capacity, c);
+    fail_queued_on(b, joint_outcome::exceeds_capacity, c, error::exceeds_capacity);
     invalidate();
     serve(now_);
   }
@@ -277,6 +311,7 @@ class joint_scheduler {
       const std::uint64_t g = std::min(k, h.held);
       h.held -= g;
       states_[h.bucket].give_back(g);
+      counts_[h.bucket].gave_back(g);
       given.push_back(g);
     }
     invalidate();
@@ -290,6 +325,7 @@ class joint_scheduler {
     check_bucket(b);
     serve(now);
     states_[b].give_back(n);
+    counts_[b].gave_back(n);
     invalidate();
     serve(now_);
   }
@@ -297,6 +333,15 @@ class joint_scheduler {
   // --- observers --------------------------------------------------------------
 
   bool is_closed(std::size_t b) const { return closed_[b]; }
+  /// What bucket `b` has counted (metrics_counts.hpp) while it was here.
+  const metrics_counts& counts(std::size_t b) const { return counts_[b]; }
+  /// Counts on each of `parts`' buckets a request that ended as `how`
+  /// without reaching the scheduler (e.g. refused for its deadline at once).
+  void count_ended(std::span<const joint_part> parts, std::size_t how) noexcept {
+    for (const joint_part& q : parts)
+      counts_[q.bucket].ended_as(how);
+  }
+  void count_ended_on(std::size_t b, std::size_t how) noexcept { counts_[b].ended_as(how); }
   std::uint64_t capacity(std::size_t b) const { return states_[b].capacity(); }
   const bucket_state& state(std::size_t b) const { return states_[b]; }
   /// How many queued requests name `b`, and the tokens they ask of it.
@@ -540,6 +585,7 @@ class joint_scheduler {
       if (late == deadlines_.end()) return;
       const std::uint64_t id = late->id;
       void* tag = late->tag;
+      count_ended(late->parts, ended_expired);
       forget(queued_.find(id));
       invalidate();
       complete(id, joint_outcome::timed_out, tag);
@@ -569,8 +615,11 @@ class joint_scheduler {
           held.push_back({q.bucket, q.n});
         held_[id] = std::move(held);
       }
-      for (const joint_part& q : parts)
-        states_[q.bucket].take(q.n);
+      const std::int64_t made_at = q.made_at;
+      for (const joint_part& p : parts) {
+        states_[p.bucket].take(p.n);
+        counts_[p.bucket].granted(p.n, made_at, t);
+      }
       void* tag = q.tag;
       forget(queued_.find(id));
       complete(id, joint_outcome::granted, tag);
@@ -578,12 +627,26 @@ class joint_scheduler {
     see(now);
   }
 
-  void fail_queued_on(std::size_t b, joint_outcome how, std::optional<std::uint64_t> over) {
+  /// Counts a request of `parts` failing at once as `how` (fails_at_once).
+  void count_failed(std::span<const joint_part> parts, joint_outcome how) noexcept {
+    std::size_t as = error::exceeds_capacity;
+    if (how == joint_outcome::closed)
+      for (const joint_part& q : parts)
+        if (closed_[q.bucket]) {
+          as = closed_as_[q.bucket];
+          break;
+        }
+    count_ended(parts, as);
+  }
+
+  void fail_queued_on(std::size_t b, joint_outcome how, std::optional<std::uint64_t> over,
+                      std::size_t counted_as) {
     for (auto it = queued_.begin(); it != queued_.end();) {
       bool hit = false;
       for (const joint_part& q : it->second.parts)
         hit = hit || (q.bucket == b && (!over || q.n > *over));
       if (hit) {
+        count_ended(it->second.parts, counted_as);
         complete(it->first, how, it->second.tag);
         it = forget(it);
       } else {
@@ -612,11 +675,13 @@ class joint_scheduler {
   std::int64_t now_;
   bool keep_held_;
   std::vector<bucket_state> states_;
+  std::vector<metrics_counts> counts_;  // per bucket: what it counted while here
   std::vector<bool> closed_;
-  std::vector<std::size_t> parts_;  // per bucket: queued requests naming it
-  std::vector<uint128> tokens_;     // per bucket: the tokens they ask of it
-  std::vector<std::size_t> multi_;  // per bucket: queued requests naming it and another
-  std::vector<std::size_t> free_;   // numbers of removed buckets
+  std::vector<std::size_t> closed_as_;  // per closed bucket: how its failures count
+  std::vector<std::size_t> parts_;      // per bucket: queued requests naming it
+  std::vector<uint128> tokens_;         // per bucket: the tokens they ask of it
+  std::vector<std::size_t> multi_;      // per bucket: queued requests naming it and another
+  std::vector<std::size_t> free_;       // numbers of removed buckets
   std::map<std::uint64_t, queued> queued_;
   std::optional<joint_planner> plan_;  // when valid
   // The requests placed by plan_ in (T, id) order: all, and per owner.
