@@ -132,6 +132,12 @@ def ratio(a, b):
 # ------------------------------------------------------------------------------- running
 
 W8_REPS = 15  # alternating repetitions of each W8 row (see jobs())
+# The rows measured with the limiters' counting on and compiled out (bench_ratelimit_nometrics:
+# the impl with METRICS_OFF appended), in alternating repetitions as W8's.
+METRICS_ROWS = {("W1", "asio_ratelimit_try"), ("W2", "asio_ratelimit_try"),
+                ("W3", "asio_ratelimit_callback"), ("W3", "asio_ratelimit_awaitable")}
+METRICS_REPS = 15
+METRICS_OFF = "_metrics_off"
 
 
 def jobs(bindir, quick, redis_port=0):
@@ -164,6 +170,28 @@ def jobs(bindir, quick, redis_port=0):
         out = [j for j in out if j[1] != "W8"]
         out[at:at] = [(impl, wl, argv + ["--reps", "1"]) for _ in range(W8_REPS)
                       for (impl, wl, argv) in w8]
+    # Metrics on and off: what counting costs is a nanosecond or two, below the drift between
+    # runs minutes apart; so each row's repetitions alternate with the same row built without
+    # counting, one per process.
+    off_bench = os.path.join(bindir, "bench_ratelimit_nometrics")
+    if os.path.exists(off_bench):
+        reps = 1 if quick else METRICS_REPS
+        for key in sorted(METRICS_ROWS):
+            # W2's two threads fall into contention regimes (25, 50, 130 ns on a 2-core VM) that
+            # last for a whole process: each of its processes keeps all its repetitions, and the
+            # median is of them all, pooled.
+            rep_argv = [] if quick or key[0] == "W2" else ["--reps", "1"]
+            rows = [j for j in out if (j[1], j[0]) == key]
+            if not rows:
+                continue
+            impl, wl, argv = rows[0]
+            at = out.index(rows[0])
+            out.remove(rows[0])
+            pairs = []
+            for _ in range(reps):
+                pairs.append((impl, wl, argv + rep_argv))
+                pairs.append((impl + METRICS_OFF, wl, [off_bench] + argv[1:] + rep_argv))
+            out[at:at] = pairs
     # The Redis bucket (its own program: it runs redis-benchmark, interleaved with ours, in
     # every repetition, against the redis-server at --redis-port, which scripts/bench shares
     # with the Node peer; without one, it starts its own on a free port).
@@ -191,6 +219,8 @@ def report_job(res, results, raw, failures):
         line = line.strip()
         if not line.startswith("impl="):
             continue
+        if impl.endswith(METRICS_OFF):  # the same program without counting: its own row
+            line = line.replace(f"impl={impl[:-len(METRICS_OFF)]} ", f"impl={impl} ", 1)
         print(line, flush=True)
         raw.append(line)
         results.add(line)
@@ -299,6 +329,12 @@ def targets(results, quick):
     a, cp = med("W3", "asio_ratelimit_awaitable", "ns_per_op"), med("W3", "floor_co_post", "ns_per_op")
     check("W3 use_awaitable <= 1.15x co_await post", le(a, cp, 1.15),
           f"{fmt_num(a)} vs {fmt_num(cp)} ns ({ratio(a, cp)})")
+    for wl, impl in sorted(METRICS_ROWS):
+        on, off = med(wl, impl, "ns_per_op"), med(wl, impl + METRICS_OFF, "ns_per_op")
+        check(f"{wl} {impl} with metrics <= 1.05x without", le(on, off, 1.05),
+              f"{fmt_num(on)} vs {fmt_num(off)} ns ({ratio(on, off)}; medians of "
+              f"{1 if quick else METRICS_REPS} alternating runs"
+              f"{', all their repetitions' if wl == 'W2' else ''})")
     b, ga = med("W3", "asio_ratelimit_blocking", "ns_per_op"), med("W3", "java_guava", "ns_per_op")
     check("W3 get_token faster than Guava acquire", lt(b, ga), f"{fmt_num(b)} vs {fmt_num(ga)} ns ({ratio(b, ga)})")
     n4 = 200 if quick else 2000
